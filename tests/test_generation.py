@@ -1,0 +1,70 @@
+"""Batched generation against independent references: TransformerLens' own generate, and itself
+run one prompt at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from tlextract.generation import generate_batch, left_pad, stop_token_ids
+from tlextract.traits import GenerationSettings
+
+# Very different lengths, so left padding is heavy for the short ones.
+TEXTS = [
+    "Hi",
+    "What is the capital of France? Please answer briefly and clearly, thanks.",
+    "Tell me a story about a cat who lived in a lighthouse by the sea and loved fish.",
+    "2+2?",
+]
+
+
+def _ids(model, texts):
+    return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_left_pad_puts_real_tokens_flush_right() -> None:
+    tokens, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_greedy_batch_equals_transformerlens_generate_one_by_one(tiny_model) -> None:
+    settings = GenerationSettings(max_new_tokens=12, do_sample=False)
+    ids = _ids(tiny_model, TEXTS)
+    batched = generate_batch(tiny_model, ids, settings, seeds=[0] * len(ids))
+    stops = set(stop_token_ids(tiny_model))
+    for prompt, got in zip(ids, batched, strict=True):
+        ref = tiny_model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, stop_at_eos=True,
+            eos_token_id=sorted(stops), verbose=False, return_type="tokens",
+        )[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
+        assert got.response_ids == ref[:cut]
+        assert got.stopped == (cut < len(ref))
+
+
+def test_sampling_depends_only_on_the_example_seed(tiny_model) -> None:
+    settings = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=1.0)
+    ids = _ids(tiny_model, TEXTS)
+    together = generate_batch(tiny_model, ids, settings, seeds=[11, 12, 13, 14])
+    alone = [generate_batch(tiny_model, [p], settings, seeds=[s])[0]
+             for p, s in zip(ids, [11, 12, 13, 14], strict=True)]
+    assert [g.response_ids for g in together] == [g.response_ids for g in alone]
+    reordered = generate_batch(tiny_model, ids[::-1], settings, seeds=[14, 13, 12, 11])
+    assert [g.response_ids for g in reordered[::-1]] == [g.response_ids for g in together]
+
+
+def test_different_seeds_give_different_samples(tiny_model) -> None:
+    settings = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=2.0)
+    prompt = _ids(tiny_model, TEXTS[:1])
+    outs = {tuple(generate_batch(tiny_model, prompt, settings, seeds=[s])[0].response_ids)
+            for s in range(5)}
+    assert len(outs) > 1
+
+
+def test_stop_tokens_end_a_row_and_are_not_part_of_the_response(tiny_model) -> None:
+    settings = GenerationSettings(max_new_tokens=30, do_sample=True, temperature=3.0)
+    stops = set(stop_token_ids(tiny_model))
+    gens = generate_batch(tiny_model, _ids(tiny_model, TEXTS) * 4, settings, seeds=range(16))
+    for g in gens:
+        assert not stops & set(g.response_ids)
+        assert g.stopped or len(g.response_ids) == 30

@@ -1,0 +1,161 @@
+"""End to end on the tiny model: outputs, resume after an interruption, skipping, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_from_disk
+
+import tlextract.pipeline as pipeline
+from tlextract.cli import main
+from tlextract.pipeline import load_activations, run_trait, settings_for
+from tlextract.traits import load_experiment
+from tlextract.vectors import TraitVectors
+
+
+def _run(experiments: Path, trait: str = "alpha", get_model=None, **overrides) -> TraitVectors:
+    run = settings_for(load_experiment("tiny", experiments), trait, **overrides)
+    vectors = run_trait(run, get_model=get_model)
+    assert vectors is not None
+    return vectors
+
+
+def test_cli_run_writes_every_stage_for_every_layer(experiments: Path, tiny_model, capsys) -> None:
+    code = main(["run", "--experiment", "tiny", "--experiments-dir", str(experiments),
+                 "--traits", "alpha", "--batch_size", "3", "--n_examples", "4"])
+    assert code == 0
+    out = experiments / "tiny" / "alpha" / "extraction"
+    assert f"results in {out}" in capsys.readouterr().out
+    responses = load_from_disk(str(out / "responses" / "dataset"))
+    assert sorted(responses["polarity"]) == ["neg"] * 4 + ["pos"] * 4
+    vectors = TraitVectors.load(out / "vectors" / "mean_diff.pt")
+    assert vectors.layers == tuple(range(tiny_model.cfg.n_layers))
+    assert vectors.vectors.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.d_model)
+    assert vectors.vectors.dtype == torch.float32
+    meta = json.loads((out / "vectors" / "meta.json").read_text())
+    assert meta["hook_names"][1] == "blocks.1.hook_resid_post"
+    assert meta["model"] == "tiny-random" and "every generated response is kept" in meta["judge"]
+    assert not list(out.rglob("shards-*")) and not list(out.rglob(".*tmp"))
+
+
+def test_saved_vector_equals_recomputation_from_saved_activations(experiments: Path) -> None:
+    vectors = _run(experiments)
+    run = settings_for(load_experiment("tiny", experiments), "alpha")
+    acts = load_activations(run)
+    ref = acts.pos.double().mean(0) - acts.neg.double().mean(0)
+    torch.testing.assert_close(vectors.vectors.double(), ref, rtol=1e-6, atol=1e-6)
+    assert vectors.metadata["n_pos"] == acts.pos.shape[0] == len(acts.pos_index)
+
+
+def test_pos_and_neg_examples_are_matched_by_question(experiments: Path) -> None:
+    _run(experiments)
+    out = experiments / "tiny" / "alpha" / "extraction" / "responses" / "dataset"
+    rows = load_from_disk(str(out))
+    pos = {r["index"]: r for r in rows if r["polarity"] == "pos"}
+    neg = {r["index"]: r for r in rows if r["polarity"] == "neg"}
+    assert pos.keys() == neg.keys()
+    for i in pos:
+        assert pos[i]["question"] == neg[i]["question"]
+        assert pos[i]["instruction"] != neg[i]["instruction"]
+        assert pos[i]["instruction"] in pos[i]["prompt"] and pos[i]["question"] in pos[i]["prompt"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, name: str, calls: int) -> None:
+    real = getattr(pipeline, name)
+    count = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        if count["n"] == calls:
+            raise Interrupt
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, name, flaky)
+
+
+@pytest.mark.parametrize("stage_fn", ["generate_batch", "pooled_activations"])
+def test_interrupted_run_resumes_without_redoing_work_and_matches(
+    experiments: Path, tmp_path: Path, monkeypatch, stage_fn: str
+) -> None:
+    clean_root = tmp_path / "clean"
+    shutil.copytree(experiments, clean_root)
+    reference = _run(clean_root, batch_size=2)
+
+    _interrupt_after(monkeypatch, stage_fn, calls=2)
+    with pytest.raises(Interrupt):
+        _run(experiments, batch_size=2)
+    out = experiments / "tiny" / "alpha" / "extraction"
+    assert not (out / "vectors").exists()
+
+    done_batches = len(list(out.rglob("shards-*/batch_*.pt")))
+    assert done_batches == 2
+    monkeypatch.undo()
+    calls = {"n": 0}
+    real = getattr(pipeline, stage_fn)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, stage_fn, counting)
+    resumed = _run(experiments, batch_size=2)
+    assert calls["n"] == 6 - 2  # 12 examples in batches of 2; two were finished before
+    assert torch.equal(resumed.vectors, reference.vectors)
+
+
+def test_finished_run_is_skipped_without_loading_the_model(experiments: Path) -> None:
+    first = _run(experiments)
+
+    def no_model():
+        raise AssertionError("the model was loaded although nothing was left to do")
+
+    again = _run(experiments, get_model=no_model)
+    assert torch.equal(first.vectors, again.vectors)
+
+
+def test_changed_layers_recompute_activations_but_not_responses(experiments: Path) -> None:
+    _run(experiments)
+    stage = experiments / "tiny" / "alpha" / "extraction" / "responses" / "meta.json"
+    before = stage.stat().st_mtime_ns
+    vectors = _run(experiments, layers=[1])
+    assert vectors.layers == (1,)
+    assert stage.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--traits", "gamma"], "unknown trait 'gamma'"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--n-examples", "0"], "--n-examples must be at least 1"),
+        (["--layers", "7"], "layers [7] do not exist"),
+        (["--experiment", "nope"], "unknown experiment 'nope'"),
+        (["--model", "no-such-model-anywhere"], "no-such-model-anywhere"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(
+    experiments: Path, capsys, argv: list[str], message: str
+) -> None:
+    before = sorted(p for p in experiments.rglob("*"))
+    code = main(["run", "--experiment", "tiny", "--experiments-dir", str(experiments), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0]
+    created = [p for p in experiments.rglob("*") if p not in before and p.is_file()]
+    assert created == []
+
+
+def test_activations_stage_alone_asks_for_responses_first(experiments: Path, capsys) -> None:
+    code = main(["activations", "--experiment", "tiny", "--experiments-dir", str(experiments),
+                 "--traits", "alpha"])
+    assert code == 2
+    assert "Run the 'generate' stage first" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""tlextract: trait vectors from contrastive prompts with TransformerLens.
+
+Notebook use::
+
+    import tlextract as tx
+    exp = tx.load_experiment("smollm2_cognitive")
+    run = tx.settings_for(exp, "local_global", n_examples=8)
+    vectors = tx.run_trait(run)          # generate -> activations -> mean_diff vectors
+    vectors[16], vectors.hook_name(16)   # direction at block 16, "blocks.16.hook_resid_post"
+"""
+
+from .activations import hook_name, pooled_activations
+from .errors import TLExtractError
+from .generation import generate_batch
+from .models import load_model
+from .pipeline import (
+    Activations,
+    RunSettings,
+    extract_activations,
+    extract_vectors,
+    generate_responses,
+    load_activations,
+    load_responses,
+    model_loader,
+    run_trait,
+    settings_for,
+)
+from .traits import Experiment, Trait, load_experiment, load_trait
+from .vectors import TraitVectors
+
+__all__ = [
+    "Activations",
+    "Experiment",
+    "RunSettings",
+    "TLExtractError",
+    "Trait",
+    "TraitVectors",
+    "extract_activations",
+    "extract_vectors",
+    "generate_batch",
+    "generate_responses",
+    "hook_name",
+    "load_activations",
+    "load_experiment",
+    "load_model",
+    "load_responses",
+    "load_trait",
+    "model_loader",
+    "pooled_activations",
+    "run_trait",
+    "settings_for",
+]

@@ -1,0 +1,90 @@
+"""Teacher-forced residual activations, pooled over response tokens only.
+
+Layer convention: layer ``l`` is TransformerLens block ``l`` (0-based) and the hook is
+``blocks.{l}.hook_resid_post``, the block's output. That equals transformers'
+``hidden_states[l + 1]``; ``hidden_states[0]`` is the embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import einops
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from .errors import TLExtractError
+from .generation import left_pad
+
+HOOKS = ("resid_pre", "resid_mid", "resid_post")
+
+
+def hook_name(hook: str, layer: int) -> str:
+    return f"blocks.{layer}.hook_{hook}"
+
+
+def resolve_layers(spec: Sequence[int] | Literal["all"], n_layers: int) -> tuple[int, ...]:
+    """'all' or block indices, checked against the model."""
+    if spec == "all":
+        return tuple(range(n_layers))
+    bad = [layer for layer in spec if not 0 <= layer < n_layers]
+    if bad:
+        raise TLExtractError(
+            f"layers {bad} do not exist: this model has blocks 0..{n_layers - 1} "
+            "(TransformerLens block indices, 0-based). Fix 'layers' or --layers."
+        )
+    return tuple(sorted(set(spec)))
+
+
+def pack(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """Left-padded prompt+response tokens, the attention mask, and a mask of response positions."""
+    full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    tokens, attn = left_pad(full, pad_id, device)
+    width = tokens.shape[1]
+    n_resp = torch.tensor([len(r) for r in response_ids], device=device)
+    positions = torch.arange(width, device=device)
+    response = positions[None, :] >= (width - n_resp)[:, None]
+    return tokens, attn, response
+
+
+def masked_mean(
+    resid: Float[Tensor, "batch layer pos d_model"], mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, "batch layer d_model"]:
+    """Mean over the masked positions, in float32; padding and prompt never enter the sum."""
+    weights = mask.float()
+    counts = weights.sum(dim=1)
+    if (counts == 0).any():
+        raise ValueError("masked_mean: a row has no response token to pool over")
+    total = einops.einsum(resid.float(), weights, "b l p d, b p -> b l d")
+    return total / counts[:, None, None]
+
+
+@torch.inference_mode()
+def pooled_activations(
+    model: HookedTransformer,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    hook: str = "resid_post",
+) -> Float[Tensor, "batch layer d_model"]:
+    """One teacher-forced pass; the hook's output at each response token, averaged per example."""
+    tokens, attn, response = pack(prompt_ids, response_ids, model.tokenizer.pad_token_id,
+                                  model.cfg.device)
+    names = [hook_name(hook, layer) for layer in layers]
+    _, cache = model.run_with_cache(
+        tokens,
+        attention_mask=attn,
+        names_filter=names,
+        return_type=None,
+        stop_at_layer=max(layers) + 1,  # later blocks cannot change these activations
+    )
+    resid = torch.stack([cache[n] for n in names], dim=1)
+    return masked_mean(resid, response).cpu()

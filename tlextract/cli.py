@@ -1,0 +1,80 @@
+"""``python -m tlextract <stage>``: one subcommand per stage, plus ``run`` for all of them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import TLExtractError
+from .pipeline import STAGES, model_loader, run_trait, settings_for
+from .traits import experiments_root, load_experiment
+
+COMMANDS = {"generate": ("generate",), "activations": ("activations",),
+            "vectors": ("vectors",), "run": STAGES}
+DEFAULT_EXPERIMENT = "smollm2_cognitive"
+
+
+def parse_layers(text: str) -> list[int] | str:
+    """'all', '16', '0,4,8' or '10-20' (inclusive)."""
+    if text == "all":
+        return "all"
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            layers.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers {text!r}: use 'all', a block index, a list '0,4,8' or a range '10-20'"
+        ) from None
+    return layers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlextract", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=f"run the {name} stage" if name != "run" else "run all stages")
+        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+        p.add_argument("--traits", "--trait", default="all",
+                       help="comma-separated trait names, or 'all' (default)")
+        p.add_argument("--experiments-dir", type=Path, default=None,
+                       help="where experiments live (default: $TLEXTRACT_EXPERIMENTS or ./experiments)")
+        p.add_argument("--model", default=None, help="override the experiment's model")
+        p.add_argument("--n-examples", "--n_examples", type=int, default=None,
+                       help="responses per polarity")
+        p.add_argument("--batch-size", "--batch_size", type=int, default=None)
+        p.add_argument("--layers", type=parse_layers, default=None,
+                       help="'all', '16', '0,4,8' or '10-20' (TransformerLens block indices)")
+        p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="model weights; pooling and vectors are always float32")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        experiment = load_experiment(args.experiment, args.experiments_dir or experiments_root())
+        traits = experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
+        runs = [
+            settings_for(experiment, t, model=args.model, n_examples=args.n_examples,
+                         batch_size=args.batch_size, layers=args.layers, device=args.device,
+                         dtype=args.dtype)
+            for t in traits
+        ]
+        get_model = model_loader(runs[0])  # one model for all traits of this command
+        for run in runs:
+            start = time.perf_counter()
+            run_trait(run, COMMANDS[args.command], get_model)
+            print(f"[{run.trait.name}] done in {time.perf_counter() - start:.0f} s; "
+                  f"results in {run.out_dir}")
+    except TLExtractError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,133 @@
+"""Batched generation on a HookedTransformer with left padding and a KV cache.
+
+TransformerLens' own ``generate`` samples every row from the global RNG and keeps finished rows in
+the batch. This loop drives the same forward pass and ``TransformerLensKeyValueCache`` but gives
+each example its own seeded generator, so a sample does not depend on its batch partners or on
+where an interrupted run resumed, and drops finished rows from the batch. Responses are kept as
+token ids after the prompt, so slicing never depends on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from .traits import GenerationSettings
+
+# End-of-turn markers of chat templates; generation stops at these as well as at eos.
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+
+def stop_token_ids(model: HookedTransformer) -> list[int]:
+    tok = model.tokenizer
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    vocab = tok.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
+    return sorted(ids)
+
+
+def tokenize(model: HookedTransformer, texts: Sequence[str], style: str) -> list[list[int]]:
+    """Chat-template text already holds its special tokens; completion text gets the tokenizer's
+    own (e.g. BOS)."""
+    enc = model.tokenizer(list(texts), add_special_tokens=(style == "completion"))
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Tokens padded on the left, and the attention mask (1 = real token)."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            tokens[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def next_token_logits(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Int[Tensor, "batch pos"],
+    cache: TransformerLensKeyValueCache,
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at the last position only: unembedding every prompt position is wasted work."""
+    resid = model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+    logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0, :].float()
+    cap = model.cfg.output_logits_soft_cap
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def sample(
+    logits: Float[Tensor, "batch vocab"],
+    settings: GenerationSettings,
+    generators: Sequence[torch.Generator],
+) -> Int[Tensor, " batch"]:
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= settings.top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    return torch.cat(rows)
+
+
+def _keep_rows(cache: TransformerLensKeyValueCache, keep: Int[Tensor, " kept"]) -> None:
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys[keep]
+        entry.past_values = entry.past_values[keep]
+    cache.previous_attention_mask = cache.previous_attention_mask[keep]
+
+
+@dataclass(frozen=True)
+class Generation:
+    response_ids: list[int]
+    stopped: bool  # True when an end-of-turn/eos token ended it (not included in response_ids)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: HookedTransformer,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    seeds: Sequence[int],
+) -> list[Generation]:
+    """Generate a response for each prompt; ``seeds[i]`` alone decides prompt i's samples."""
+    device = model.cfg.device
+    stops = torch.tensor(stop_token_ids(model), device=device)
+    tokens, mask = left_pad(prompt_ids, model.tokenizer.pad_token_id, device)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompt_ids))
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    stopped = [False] * len(prompt_ids)
+    for _ in range(settings.max_new_tokens):
+        logits = next_token_logits(model, tokens, mask, cache)
+        new = sample(logits, settings, [generators[r] for r in rows])
+        done = torch.isin(new, stops)
+        for j, r in enumerate(rows):
+            if done[j]:
+                stopped[r] = True
+            else:
+                out[r].append(int(new[j]))
+        if done.all():
+            break
+        if done.any():
+            keep = (~done).nonzero().squeeze(-1)
+            _keep_rows(cache, keep)
+            rows = [rows[int(k)] for k in keep]
+            new = new[keep]
+        tokens = new[:, None]
+        mask = torch.ones_like(tokens)
+    return [Generation(ids, s) for ids, s in zip(out, stopped, strict=True)]

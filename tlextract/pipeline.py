@@ -1,0 +1,392 @@
+"""The stages of one trait run, wired together: generate -> activations -> vectors.
+
+Each stage writes into ``experiments/<exp>/<trait>/extraction/<stage>/`` and finishes by writing
+``meta.json`` with a fingerprint of everything its output depends on. A rerun with the same
+settings skips the stage; a changed setting recomputes that stage and the ones after it. While a
+stage runs, each batch is saved as a shard, so an interrupted run resumes at the first missing
+batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset, load_from_disk
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from . import methods
+from .activations import hook_name, pooled_activations, resolve_layers
+from .errors import TLExtractError
+from .generation import generate_batch, tokenize
+from .models import load_model
+from .store import (
+    META,
+    atomic_dir,
+    clear_other_shards,
+    fingerprint,
+    load_tensors,
+    read_json,
+    save_tensors,
+    shard_dir,
+    stage_done,
+    write_json,
+)
+from .traits import POLARITIES, Experiment, Trait, build_examples
+from .vectors import TraitVectors
+
+log = logging.getLogger(__name__)
+STAGES = ("generate", "activations", "vectors")
+JUDGE_NOTE = "none: every generated response is kept (no judge configured)"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one trait run depends on, after command-line overrides."""
+
+    experiment: Experiment
+    trait: Trait
+    model: str
+    n_examples: int
+    batch_size: int
+    layers: tuple[int, ...] | Literal["all"]
+    device: str | None = None
+    dtype: str = "float32"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.experiment.output_dir(self.trait.name, self.model)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out_dir / {"generate": "responses"}.get(stage, stage)
+
+
+def settings_for(
+    experiment: Experiment,
+    trait: str,
+    *,
+    model: str | None = None,
+    n_examples: int | None = None,
+    batch_size: int | None = None,
+    layers: Sequence[int] | Literal["all"] | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> RunSettings:
+    for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise TLExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+    return RunSettings(
+        experiment=experiment,
+        trait=experiment.trait(trait),
+        model=model or experiment.model,
+        n_examples=n_examples or experiment.n_examples,
+        batch_size=batch_size or experiment.batch_size,
+        layers=experiment.layers if layers is None else (
+            "all" if layers == "all" else tuple(sorted(set(layers)))),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def model_loader(run: RunSettings) -> Callable[[], HookedTransformer]:
+    """Load the model on first use only, so a run with nothing left to do starts instantly."""
+    return cache(lambda: load_model(run.model, device=run.device, dtype=run.dtype))
+
+
+def _versions() -> dict[str, str]:
+    pkgs = ("tlextract", "torch", "transformer-lens", "transformers")
+    return {p: importlib.metadata.version(p) for p in pkgs}
+
+
+def _example_seed(seed: int, trait: str, polarity: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{trait}:{polarity}:{index}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def _stage_meta(stage: str, key: str, run: RunSettings, **extra: Any) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "fingerprint": key,
+        "experiment": run.experiment.name,
+        "trait": run.trait.name,
+        "model": run.model,
+        "dtype": run.dtype,
+        "versions": _versions(),
+        **extra,
+    }
+
+
+# --- stage 1: responses -------------------------------------------------------------------------
+
+
+def responses_key(run: RunSettings) -> str:
+    exp, trait = run.experiment, run.trait
+    return fingerprint({
+        "model": run.model,
+        "dtype": run.dtype,
+        "instructions": [asdict(p) for p in trait.instructions],
+        "questions": trait.questions,
+        "prompt_style": exp.prompt_style,
+        "n_examples": run.n_examples,
+        "seed": exp.seed,
+        "generation": asdict(exp.generation),
+    })
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by prompt length (longest first) so rows in a batch pad little."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Dataset:
+    """Stage 1: n responses per polarity, batched, sampled with one seed per example."""
+    stage, key = run.stage_dir("generate"), responses_key(run)
+    if stage_done(stage, key):
+        print(f"[{run.trait.name}] responses: up to date, skipped ({stage})")
+        return load_from_disk(str(stage / "dataset"))
+    model = get_model()
+    examples = build_examples(run.trait, run.n_examples, model.tokenizer,
+                              run.experiment.prompt_style)
+    prompt_ids = tokenize(model, [e.prompt for e in examples], run.experiment.prompt_style)
+    shards = shard_dir(stage, fingerprint([key, run.batch_size]))
+    clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
+    shards.mkdir(parents=True, exist_ok=True)
+    batches = _batches([len(p) for p in prompt_ids], run.batch_size)
+    bar = tqdm(batches, desc=f"[{run.trait.name}] generate", unit="batch")
+    for b, idx in enumerate(bar):
+        path = shards / f"batch_{b:05d}.pt"
+        if path.exists():
+            continue  # finished before an interruption
+        gens = generate_batch(
+            model,
+            [prompt_ids[i] for i in idx],
+            run.experiment.generation,
+            [_example_seed(run.experiment.seed, run.trait.name, examples[i].polarity,
+                           examples[i].index) for i in idx],
+        )
+        records = [
+            {
+                **asdict(examples[i]),
+                "prompt_ids": prompt_ids[i],
+                "response_ids": g.response_ids,
+                "response": model.tokenizer.decode(g.response_ids, skip_special_tokens=True),
+                "n_prompt_tokens": len(prompt_ids[i]),
+                "n_response_tokens": len(g.response_ids),
+                "stopped": g.stopped,
+            }
+            for i, g in zip(idx, gens, strict=True)
+        ]
+        save_tensors(path, records)
+    records = [r for p in sorted(shards.glob("batch_*.pt")) for r in load_tensors(p)]
+    records.sort(key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))
+    dataset = Dataset.from_list(records)
+    with atomic_dir(stage / "dataset") as tmp:
+        dataset.save_to_disk(str(tmp))
+    n_tokens = sum(r["n_response_tokens"] for r in records)
+    write_json(stage / META, _stage_meta(
+        "responses", key, run,
+        n_examples_per_polarity=run.n_examples,
+        counts={p: sum(r["polarity"] == p for r in records) for p in POLARITIES},
+        n_generated_tokens=n_tokens,
+        n_empty_responses=sum(r["n_response_tokens"] == 0 for r in records),
+        prompt_style=run.experiment.prompt_style,
+        generation=asdict(run.experiment.generation),
+        seed=run.experiment.seed,
+        batch_size=run.batch_size,
+        judge=JUDGE_NOTE,
+    ))
+    clear_other_shards(stage)
+    print(f"[{run.trait.name}] responses: {len(records)} ({n_tokens} tokens) -> {stage}")
+    return load_from_disk(str(stage / "dataset"))
+
+
+def load_responses(run: RunSettings) -> tuple[Dataset, str]:
+    stage = run.stage_dir("generate")
+    key = responses_key(run)
+    if not stage_done(stage, key):
+        raise TLExtractError(
+            f"{stage}: no responses for these settings yet. Run the 'generate' stage first "
+            f"(python -m tlextract generate --experiment {run.experiment.name} "
+            f"--traits {run.trait.name})."
+        )
+    return load_from_disk(str(stage / "dataset")), key
+
+
+# --- stage 2: activations -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Pooled activations per polarity; ``index[p][i]`` is the example index of row i."""
+
+    pos: Float[Tensor, "n_pos layer d_model"]
+    neg: Float[Tensor, "n_neg layer d_model"]
+    pos_index: list[int]
+    neg_index: list[int]
+    layers: tuple[int, ...]
+    hook: str
+    key: str
+
+
+def activations_key(run: RunSettings, responses_fp: str) -> str:
+    return fingerprint({
+        "responses": responses_fp,
+        "layers": run.layers,
+        "hook": run.experiment.hook,
+        "pooling": "response_mean",
+        "dtype": run.dtype,
+    })
+
+
+def _load_activations(stage: Path, key: str) -> Activations:
+    meta = read_json(stage / META)
+    data = {p: load_tensors(stage / f"{p}.pt") for p in POLARITIES}
+    return Activations(
+        pos=data["pos"]["acts"], neg=data["neg"]["acts"],
+        pos_index=data["pos"]["index"], neg_index=data["neg"]["index"],
+        layers=tuple(meta["layers"]), hook=meta["hook"], key=key,
+    )
+
+
+def extract_activations(
+    run: RunSettings, get_model: Callable[[], HookedTransformer]
+) -> Activations:
+    """Stage 2: a teacher-forced pass over prompt+response, hook outputs averaged over the
+    response tokens (never the prompt or padding), float32."""
+    responses, responses_fp = load_responses(run)
+    stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
+    if stage_done(stage, key):
+        print(f"[{run.trait.name}] activations: up to date, skipped ({stage})")
+        return _load_activations(stage, key)
+    model = get_model()
+    layers = resolve_layers(run.layers, model.cfg.n_layers)
+    shards = shard_dir(stage, fingerprint([key, run.batch_size]))
+    clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
+    shards.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in responses if r["n_response_tokens"] > 0]
+    n_empty = len(responses) - len(rows)
+    if n_empty:
+        log.warning("%d empty responses have no tokens to pool over and are left out", n_empty)
+    total = [len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows]
+    batches = _batches(total, run.batch_size)
+    for b, idx in enumerate(tqdm(batches, desc=f"[{run.trait.name}] activations", unit="batch")):
+        path = shards / f"batch_{b:05d}.pt"
+        if path.exists():
+            continue
+        acts = pooled_activations(model, [rows[i]["prompt_ids"] for i in idx],
+                                  [rows[i]["response_ids"] for i in idx], layers,
+                                  run.experiment.hook)
+        save_tensors(path, {"rows": idx, "acts": acts})
+    pooled: dict[int, Tensor] = {}
+    for p in sorted(shards.glob("batch_*.pt")):
+        shard = load_tensors(p)
+        pooled.update(zip(shard["rows"], shard["acts"], strict=True))
+    counts = {}
+    for pol in POLARITIES:
+        mine = sorted((rows[i]["index"], i) for i in pooled if rows[i]["polarity"] == pol)
+        if not mine:
+            raise TLExtractError(
+                f"{run.trait.name}: no {pol} response has any token, so there is nothing to "
+                "average. Raise generation.max_new_tokens or check the prompts."
+            )
+        save_tensors(stage / f"{pol}.pt", {
+            "acts": torch.stack([pooled[i] for _, i in mine]),
+            "index": [ix for ix, _ in mine],
+        })
+        counts[pol] = len(mine)
+    write_json(stage / META, _stage_meta(
+        "activations", key, run,
+        layers=list(layers), hook=run.experiment.hook,
+        hook_names=[hook_name(run.experiment.hook, layer) for layer in layers],
+        pooling="mean over response tokens (the residual at each response token position)",
+        counts=counts, n_empty_responses_left_out=n_empty, d_model=model.cfg.d_model,
+    ))
+    clear_other_shards(stage)
+    print(f"[{run.trait.name}] activations: {counts} x {len(layers)} layers -> {stage}")
+    return _load_activations(stage, key)
+
+
+def load_activations(run: RunSettings) -> Activations:
+    _, responses_fp = load_responses(run)
+    stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
+    if not stage_done(stage, key):
+        raise TLExtractError(
+            f"{stage}: no activations for these settings yet. Run the 'activations' stage first."
+        )
+    return _load_activations(stage, key)
+
+
+# --- stage 3: vectors ---------------------------------------------------------------------------
+
+
+def extract_vectors(run: RunSettings, acts: Activations, method: str = "mean_diff") -> TraitVectors:
+    """Stage 3: one direction per layer from the pooled activations."""
+    stage = run.stage_dir("vectors")
+    key = fingerprint({"activations": acts.key, "method": method})
+    path = stage / f"{method}.pt"
+    if stage_done(stage, key) and path.exists():
+        print(f"[{run.trait.name}] vectors: up to date, skipped ({path})")
+        return TraitVectors.load(path)
+    vecs = methods.get_method(method)(acts.pos, acts.neg)
+    tv = TraitVectors(
+        trait=run.trait.name,
+        method=method,
+        model=run.model,
+        hook=acts.hook,
+        layers=acts.layers,
+        vectors=vecs,
+        metadata={
+            "experiment": run.experiment.name,
+            "n_pos": acts.pos.shape[0],
+            "n_neg": acts.neg.shape[0],
+            "norms": [round(float(n), 6) for n in vecs.norm(dim=-1)],
+            "activations_fingerprint": acts.key,
+            "judge": JUDGE_NOTE,
+        },
+    )
+    tv.save(path)
+    write_json(stage / META, _stage_meta(
+        "vectors", key, run, method=method, layers=list(acts.layers), hook=acts.hook,
+        hook_names=[tv.hook_name(layer) for layer in acts.layers],
+        counts={"pos": acts.pos.shape[0], "neg": acts.neg.shape[0]},
+        norms=tv.metadata["norms"], judge=JUDGE_NOTE,
+    ))
+    print(f"[{run.trait.name}] vectors: {method} for {len(acts.layers)} layers -> {path}")
+    return tv
+
+
+def run_trait(
+    run: RunSettings,
+    stages: Sequence[str] = STAGES,
+    get_model: Callable[[], HookedTransformer] | None = None,
+) -> TraitVectors | None:
+    """Run the given stages of one trait in order; returns the vectors when that stage ran."""
+    get_model = get_model or model_loader(run)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise TLExtractError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}.")
+    if "activations" in stages and run.layers != "all":
+        # Fail on impossible layers before any stage writes a file.
+        if not stage_done(run.stage_dir("activations"), activations_key(run, responses_key(run))):
+            resolve_layers(run.layers, get_model().cfg.n_layers)
+    acts: Activations | None = None
+    vectors = None
+    if "generate" in stages:
+        generate_responses(run, get_model)
+    if "activations" in stages:
+        acts = extract_activations(run, get_model)
+    if "vectors" in stages:
+        vectors = extract_vectors(run, acts or load_activations(run))
+    return vectors
+
