@@ -68,3 +68,22 @@ def test_stop_tokens_end_a_row_and_are_not_part_of_the_response(tiny_model) -> N
     for g in gens:
         assert not stops & set(g.response_ids)
         assert g.stopped or len(g.response_ids) == 30
+
+
+def test_activations_captured_while_generating_equal_a_teacher_forced_pass(tiny_model) -> None:
+    from tlextract.activations import hook_name, pooled_activations
+
+    layers = list(range(tiny_model.cfg.n_layers))
+    names = [hook_name("resid_post", layer) for layer in layers]
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=2.0)
+    ids = _ids(tiny_model, TEXTS) * 2
+    gens = generate_batch(tiny_model, ids, settings, seeds=range(8), capture=names)
+    kept = [i for i, g in enumerate(gens) if g.response_ids]
+    assert any(len(gens[i].response_ids) == 8 for i in kept)  # the extra last-token pass ran
+    teacher = pooled_activations(tiny_model, [ids[i] for i in kept],
+                                 [gens[i].response_ids for i in kept], layers)
+    for row, i in enumerate(kept):
+        torch.testing.assert_close(gens[i].pooled, teacher[row], rtol=1e-4, atol=1e-4)
+    # capture must not change what is generated
+    plain = generate_batch(tiny_model, ids, settings, seeds=range(8))
+    assert [g.response_ids for g in plain] == [g.response_ids for g in gens]

@@ -159,3 +159,17 @@ def test_activations_stage_alone_asks_for_responses_first(experiments: Path, cap
                  "--traits", "alpha"])
     assert code == 2
     assert "Run the 'generate' stage first" in capsys.readouterr().err
+
+
+def test_combined_mode_equals_two_stage(experiments: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(experiments, other)
+    two_stage = _run(experiments, mode="two-stage")
+    combined = _run(other, mode="combined")
+    run = settings_for(load_experiment("tiny", experiments), "alpha")
+    responses = lambda root: load_from_disk(  # noqa: E731
+        str(root / "tiny" / "alpha" / "extraction" / "responses" / "dataset"))["response_ids"]
+    assert responses(experiments) == responses(other)
+    assert combined.layers == two_stage.layers
+    torch.testing.assert_close(combined.vectors, two_stage.vectors, rtol=1e-4, atol=1e-4)
+    assert load_activations(run).pos.shape[0] == 6

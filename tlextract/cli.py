@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import TLExtractError
-from .pipeline import STAGES, model_loader, run_trait, settings_for
+from .pipeline import MODES, STAGES, model_loader, run_trait, settings_for
 from .traits import experiments_root, load_experiment
 
 COMMANDS = {"generate": ("generate",), "activations": ("activations",),
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", "--batch_size", type=int, default=None)
         p.add_argument("--layers", type=parse_layers, default=None,
                        help="'all', '16', '0,4,8' or '10-20' (TransformerLens block indices)")
+        p.add_argument("--mode", default="two-stage", choices=MODES,
+                       help="two-stage: a teacher-forced pass after generation; combined: record "
+                       "activations while generating (no second pass)")
         p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="model weights; pooling and vectors are always float32")
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [
             settings_for(experiment, t, model=args.model, n_examples=args.n_examples,
                          batch_size=args.batch_size, layers=args.layers, device=args.device,
-                         dtype=args.dtype)
+                         dtype=args.dtype, mode=args.mode)
             for t in traits
         ]
         get_model = model_loader(runs[0])  # one model for all traits of this command

@@ -9,7 +9,7 @@ token ids after the prompt, so slicing never depends on padding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,31 @@ def _keep_rows(cache: TransformerLensKeyValueCache, keep: Int[Tensor, " kept"]) 
 class Generation:
     response_ids: list[int]
     stopped: bool  # True when an end-of-turn/eos token ended it (not included in response_ids)
+    # Combined mode: the captured hooks averaged over the response tokens, [hook, d_model].
+    pooled: Float[Tensor, "hook d_model"] | None = None
+
+
+class _Capture:
+    """Forward hooks that add each response token's activation to a per-row running sum.
+
+    A response token is the input of the decode step after it was sampled, so only decode steps
+    are recorded (``recording`` is off during the prompt pass)."""
+
+    def __init__(self, names: Sequence[str], n_rows: int, d_model: int):
+        self.names = list(names)
+        self.sums = torch.zeros(n_rows, len(names), d_model, dtype=torch.float32)
+        self.rows: list[int] = list(range(n_rows))
+        self.recording = False
+
+    def hooks(self) -> list[tuple[str, Callable[..., None]]]:
+        def record(j: int) -> Callable[..., None]:
+            def hook(act: Tensor, hook: object) -> None:
+                if self.recording:
+                    self.sums[self.rows, j] += act[:, -1, :].float().cpu()
+
+            return hook
+
+        return [(name, record(j)) for j, name in enumerate(self.names)]
 
 
 @torch.inference_mode()
@@ -102,8 +127,31 @@ def generate_batch(
     prompt_ids: Sequence[Sequence[int]],
     settings: GenerationSettings,
     seeds: Sequence[int],
+    capture: Sequence[str] = (),
 ) -> list[Generation]:
-    """Generate a response for each prompt; ``seeds[i]`` alone decides prompt i's samples."""
+    """Generate a response for each prompt; ``seeds[i]`` alone decides prompt i's samples.
+
+    ``capture`` names hooks (e.g. ``blocks.3.hook_resid_post``) to average over each response's
+    tokens while generating, so no second forward pass is needed."""
+    recorder = _Capture(capture, len(prompt_ids), model.cfg.d_model)
+    with model.hooks(fwd_hooks=recorder.hooks()):
+        gens = _generate(model, prompt_ids, settings, seeds, recorder)
+    if not capture:
+        return gens
+    return [
+        Generation(g.response_ids, g.stopped, recorder.sums[i] / len(g.response_ids))
+        if g.response_ids else g
+        for i, g in enumerate(gens)
+    ]
+
+
+def _generate(
+    model: HookedTransformer,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    seeds: Sequence[int],
+    recorder: _Capture,
+) -> list[Generation]:
     device = model.cfg.device
     stops = torch.tensor(stop_token_ids(model), device=device)
     tokens, mask = left_pad(prompt_ids, model.tokenizer.pad_token_id, device)
@@ -112,7 +160,8 @@ def generate_batch(
     rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
     out: list[list[int]] = [[] for _ in prompt_ids]
     stopped = [False] * len(prompt_ids)
-    for _ in range(settings.max_new_tokens):
+    for step in range(settings.max_new_tokens):
+        recorder.recording, recorder.rows = step > 0, rows
         logits = next_token_logits(model, tokens, mask, cache)
         new = sample(logits, settings, [generators[r] for r in rows])
         done = torch.isin(new, stops)
@@ -130,4 +179,10 @@ def generate_batch(
             new = new[keep]
         tokens = new[:, None]
         mask = torch.ones_like(tokens)
+    else:
+        if recorder.names:
+            # Rows that ran out of budget still have their last token to record.
+            recorder.recording, recorder.rows = True, rows
+            last = max(int(n.split(".")[1]) for n in recorder.names)
+            model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=last + 1)
     return [Generation(ids, s) for ids, s in zip(out, stopped, strict=True)]

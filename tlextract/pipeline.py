@@ -47,6 +47,8 @@ from .vectors import TraitVectors
 
 log = logging.getLogger(__name__)
 STAGES = ("generate", "activations", "vectors")
+MODES = ("two-stage", "combined")
+Mode = Literal["two-stage", "combined"]
 JUDGE_NOTE = "none: every generated response is kept (no judge configured)"
 
 
@@ -62,6 +64,7 @@ class RunSettings:
     layers: tuple[int, ...] | Literal["all"]
     device: str | None = None
     dtype: str = "float32"
+    mode: Mode = "two-stage"
 
     @property
     def out_dir(self) -> Path:
@@ -81,10 +84,13 @@ def settings_for(
     layers: Sequence[int] | Literal["all"] | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    mode: Mode = "two-stage",
 ) -> RunSettings:
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
         if value is not None and value < 1:
             raise TLExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+    if mode not in MODES:
+        raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
     return RunSettings(
         experiment=experiment,
         trait=experiment.trait(trait),
@@ -95,6 +101,7 @@ def settings_for(
             "all" if layers == "all" else tuple(sorted(set(layers)))),
         device=device,
         dtype=dtype,
+        mode=mode,
     )
 
 
@@ -140,6 +147,8 @@ def responses_key(run: RunSettings) -> str:
         "n_examples": run.n_examples,
         "seed": exp.seed,
         "generation": asdict(exp.generation),
+        # Combined mode records activations while generating, so its responses stage owns them.
+        "capture": [run.layers, exp.hook] if run.mode == "combined" else None,
     })
 
 
@@ -159,6 +168,9 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     examples = build_examples(run.trait, run.n_examples, model.tokenizer,
                               run.experiment.prompt_style)
     prompt_ids = tokenize(model, [e.prompt for e in examples], run.experiment.prompt_style)
+    layers = resolve_layers(run.layers, model.cfg.n_layers)
+    capture = ([hook_name(run.experiment.hook, layer) for layer in layers]
+               if run.mode == "combined" else [])
     shards = shard_dir(stage, fingerprint([key, run.batch_size]))
     clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
     shards.mkdir(parents=True, exist_ok=True)
@@ -174,6 +186,7 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
             run.experiment.generation,
             [_example_seed(run.experiment.seed, run.trait.name, examples[i].polarity,
                            examples[i].index) for i in idx],
+            capture=capture,
         )
         records = [
             {
@@ -184,15 +197,20 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
                 "n_prompt_tokens": len(prompt_ids[i]),
                 "n_response_tokens": len(g.response_ids),
                 "stopped": g.stopped,
+                "acts": g.pooled,
             }
             for i, g in zip(idx, gens, strict=True)
         ]
         save_tensors(path, records)
     records = [r for p in sorted(shards.glob("batch_*.pt")) for r in load_tensors(p)]
     records.sort(key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))
+    pooled = {(r["polarity"], r["index"]): r.pop("acts") for r in records}
     dataset = Dataset.from_list(records)
     with atomic_dir(stage / "dataset") as tmp:
         dataset.save_to_disk(str(tmp))
+    if capture:  # before the responses meta, so "responses done" implies "activations done"
+        _write_activations(run, activations_key(run, key), layers, model.cfg.d_model,
+                           {k: v for k, v in pooled.items() if v is not None})
     n_tokens = sum(r["n_response_tokens"] for r in records)
     write_json(stage / META, _stage_meta(
         "responses", key, run,
@@ -204,6 +222,7 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
         generation=asdict(run.experiment.generation),
         seed=run.experiment.seed,
         batch_size=run.batch_size,
+        mode=run.mode,
         judge=JUDGE_NOTE,
     ))
     clear_other_shards(stage)
@@ -246,6 +265,7 @@ def activations_key(run: RunSettings, responses_fp: str) -> str:
         "hook": run.experiment.hook,
         "pooling": "response_mean",
         "dtype": run.dtype,
+        "mode": run.mode,
     })
 
 
@@ -269,15 +289,17 @@ def extract_activations(
     if stage_done(stage, key):
         print(f"[{run.trait.name}] activations: up to date, skipped ({stage})")
         return _load_activations(stage, key)
+    if run.mode == "combined":
+        raise TLExtractError(
+            f"{stage}: combined mode records activations during 'generate'; run that stage "
+            "(or 'run') with --mode combined, or use --mode two-stage."
+        )
     model = get_model()
     layers = resolve_layers(run.layers, model.cfg.n_layers)
     shards = shard_dir(stage, fingerprint([key, run.batch_size]))
     clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
     shards.mkdir(parents=True, exist_ok=True)
     rows = [r for r in responses if r["n_response_tokens"] > 0]
-    n_empty = len(responses) - len(rows)
-    if n_empty:
-        log.warning("%d empty responses have no tokens to pool over and are left out", n_empty)
     total = [len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows]
     batches = _batches(total, run.batch_size)
     for b, idx in enumerate(tqdm(batches, desc=f"[{run.trait.name}] activations", unit="batch")):
@@ -288,32 +310,50 @@ def extract_activations(
                                   [rows[i]["response_ids"] for i in idx], layers,
                                   run.experiment.hook)
         save_tensors(path, {"rows": idx, "acts": acts})
-    pooled: dict[int, Tensor] = {}
+    pooled: dict[tuple[str, int], Tensor] = {}
     for p in sorted(shards.glob("batch_*.pt")):
         shard = load_tensors(p)
-        pooled.update(zip(shard["rows"], shard["acts"], strict=True))
+        for i, acts in zip(shard["rows"], shard["acts"], strict=True):
+            pooled[(rows[i]["polarity"], rows[i]["index"])] = acts
+    result = _write_activations(run, key, layers, model.cfg.d_model, pooled)
+    clear_other_shards(stage)
+    return result
+
+
+def _write_activations(
+    run: RunSettings,
+    key: str,
+    layers: tuple[int, ...],
+    d_model: int,
+    pooled: dict[tuple[str, int], Tensor],
+) -> Activations:
+    """Save pooled activations per polarity (rows ordered by example index) and the stage meta."""
+    stage = run.stage_dir("activations")
     counts = {}
     for pol in POLARITIES:
-        mine = sorted((rows[i]["index"], i) for i in pooled if rows[i]["polarity"] == pol)
-        if not mine:
+        index = sorted(i for p, i in pooled if p == pol)
+        if not index:
             raise TLExtractError(
                 f"{run.trait.name}: no {pol} response has any token, so there is nothing to "
                 "average. Raise generation.max_new_tokens or check the prompts."
             )
         save_tensors(stage / f"{pol}.pt", {
-            "acts": torch.stack([pooled[i] for _, i in mine]),
-            "index": [ix for ix, _ in mine],
+            "acts": torch.stack([pooled[(pol, i)] for i in index]),
+            "index": index,
         })
-        counts[pol] = len(mine)
+        counts[pol] = len(index)
+    n_empty = 2 * run.n_examples - len(pooled)
+    if n_empty:
+        log.warning("%d empty responses have no tokens to pool over and are left out", n_empty)
     write_json(stage / META, _stage_meta(
         "activations", key, run,
-        layers=list(layers), hook=run.experiment.hook,
+        mode=run.mode, layers=list(layers), hook=run.experiment.hook,
         hook_names=[hook_name(run.experiment.hook, layer) for layer in layers],
         pooling="mean over response tokens (the residual at each response token position)",
-        counts=counts, n_empty_responses_left_out=n_empty, d_model=model.cfg.d_model,
+        counts=counts, n_empty_responses_left_out=n_empty, d_model=d_model,
     ))
-    clear_other_shards(stage)
-    print(f"[{run.trait.name}] activations: {counts} x {len(layers)} layers -> {stage}")
+    print(f"[{run.trait.name}] activations ({run.mode}): {counts} x {len(layers)} layers "
+          f"-> {stage}")
     return _load_activations(stage, key)
 
 
