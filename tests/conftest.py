@@ -15,12 +15,19 @@ PAIRS = [{"pos": f"Answer with detail style {i}.", "neg": f"Answer broadly, styl
 EVAL_PROMPT = "Rate the answer.\nQuestion: {question}\nAnswer: {answer}\nNumber 0-100:"
 
 
-def write_trait(root: Path, name: str, **overrides: object) -> Path:
+NATURAL = {"pos": [f"What exactly is fact number {i}?" for i in range(24)],
+           "neg": [f"Invent a story about idea number {i}." for i in range(24)]}
+
+
+def write_trait(root: Path, name: str, natural: bool = True, **overrides: object) -> Path:
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     data = {"description": "test trait", "instruction": PAIRS, "questions": QUESTIONS,
             "eval_prompt": EVAL_PROMPT, **overrides}
     (d / "trait_definition.json").write_text(json.dumps(data))
+    if natural:
+        for pol, lines in NATURAL.items():
+            (d / f"natural_{pol}.txt").write_text("\n".join(lines) + "\n")
     return d
 
 

@@ -12,6 +12,7 @@ from datasets import load_from_disk
 
 import tlextract.pipeline as pipeline
 from tlextract.cli import main
+from tlextract.errors import TLExtractError
 from tlextract.pipeline import load_activations, run_trait, settings_for
 from tlextract.traits import load_experiment
 from tlextract.vectors import TraitVectors
@@ -173,3 +174,26 @@ def test_combined_mode_equals_two_stage(experiments: Path, tmp_path: Path) -> No
     assert combined.layers == two_stage.layers
     torch.testing.assert_close(combined.vectors, two_stage.vectors, rtol=1e-4, atol=1e-4)
     assert load_activations(run).pos.shape[0] == 6
+
+
+def test_variants_write_to_separate_places_and_record_the_variant(experiments: Path) -> None:
+    instruction = _run(experiments, variant="instruction")
+    natural = _run(experiments, variant="natural")
+    base = experiments / "tiny" / "alpha"
+    for variant, out in (("instruction", base / "extraction"),
+                         ("natural", base / "extraction-natural")):
+        metas = [json.loads(m.read_text()) for m in out.glob("*/meta.json")]
+        assert len(metas) == 3 and {m["variant"] for m in metas} == {variant}
+    assert instruction.metadata["variant"] == "instruction"
+    assert natural.metadata["variant"] == "natural"
+    rows = load_from_disk(str(base / "extraction-natural" / "responses" / "dataset"))
+    assert all(r["instruction"] == "" for r in rows)
+    assert rows[0]["question"] in rows[0]["prompt"]
+    assert not torch.equal(instruction.vectors, natural.vectors)
+
+
+def test_natural_variant_without_prompt_files_is_a_clear_error(experiments: Path) -> None:
+    for side in ("pos", "neg"):
+        (experiments / "tiny" / "beta" / f"natural_{side}.txt").unlink()
+    with pytest.raises(TLExtractError, match="has no natural prompts"):
+        _run(experiments, trait="beta", variant="natural")

@@ -122,3 +122,43 @@ def test_shipped_experiments_load() -> None:
         for t in exp.traits:
             exp.trait(t)
     assert json.loads((root / "smollm2_cognitive" / "experiment.json").read_text())["traits"]
+
+
+BROKEN_NATURAL = [
+    ("pos", "\n", "line 1 is empty"),
+    ("pos", "A\n\nB\n", "line 2 is empty"),
+    ("neg", " padded\n", "line 1 has leading or trailing spaces"),
+    ("pos", "".join(f"q{i}\n" for i in range(5)), "5 prompts; natural elicitation needs at least 20"),
+    ("neg", "".join(f"q{i % 21}\n" for i in range(22)), "line 22 repeats line 1"),
+]
+
+
+@pytest.mark.parametrize(("side", "text", "message"), BROKEN_NATURAL)
+def test_broken_natural_prompts_are_rejected_with_file_and_line(
+    tmp_path: Path, side: str, text: str, message: str
+) -> None:
+    d = write_trait(tmp_path, "t")
+    (d / f"natural_{side}.txt").write_text(text)
+    with pytest.raises(TLExtractError) as err:
+        load_trait(d)
+    assert str(d / f"natural_{side}.txt") in str(err.value) and message in str(err.value)
+
+
+def test_natural_prompt_on_both_sides_is_rejected(tmp_path: Path) -> None:
+    d = write_trait(tmp_path, "t")
+    lines = [f"shared {i}" for i in range(20)]
+    (d / "natural_pos.txt").write_text("\n".join(lines) + "\n")
+    (d / "natural_neg.txt").write_text("\n".join([*lines[:1], *(f"x{i}" for i in range(20))]))
+    with pytest.raises(TLExtractError, match="also appear in natural_pos.txt, e.g. 'shared 0'"):
+        load_trait(d)
+
+
+def test_natural_prompts_need_both_sides(tmp_path: Path) -> None:
+    d = write_trait(tmp_path, "t")
+    (d / "natural_neg.txt").unlink()
+    with pytest.raises(TLExtractError, match="natural_neg.txt: file not found; natural prompts"):
+        load_trait(d)
+
+
+def test_trait_without_natural_files_has_none(tmp_path: Path) -> None:
+    assert load_trait(write_trait(tmp_path, "t", natural=False)).natural is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import TLExtractError
 from .pipeline import MODES, STAGES, model_loader, run_trait, settings_for
-from .traits import experiments_root, load_experiment
+from .traits import VARIANTS, experiments_root, load_experiment
 
 COMMANDS = {"generate": ("generate",), "activations": ("activations",),
             "vectors": ("vectors",), "run": STAGES}
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", default="two-stage", choices=MODES,
                        help="two-stage: a teacher-forced pass after generation; combined: record "
                        "activations while generating (no second pass)")
+        p.add_argument("--variant", default="instruction", choices=VARIANTS,
+                       help="instruction: system-message instruction pairs; natural: prompts that "
+                       "elicit each pole with no instruction (natural_pos.txt / natural_neg.txt)")
         p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                        help="model weights; pooling and vectors are always float32")
@@ -68,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [
             settings_for(experiment, t, model=args.model, n_examples=args.n_examples,
                          batch_size=args.batch_size, layers=args.layers, device=args.device,
-                         dtype=args.dtype, mode=args.mode)
+                         dtype=args.dtype, mode=args.mode,
+                         variant=args.variant)
             for t in traits
         ]
         get_model = model_loader(runs[0])  # one model for all traits of this command

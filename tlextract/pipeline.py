@@ -42,7 +42,7 @@ from .store import (
     stage_done,
     write_json,
 )
-from .traits import POLARITIES, Experiment, Trait, build_examples
+from .traits import POLARITIES, VARIANTS, Experiment, Trait, Variant, build_examples
 from .vectors import TraitVectors
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,11 @@ class RunSettings:
     device: str | None = None
     dtype: str = "float32"
     mode: Mode = "two-stage"
+    variant: Variant = "instruction"
 
     @property
     def out_dir(self) -> Path:
-        return self.experiment.output_dir(self.trait.name, self.model)
+        return self.experiment.output_dir(self.trait.name, self.model, self.variant)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / {"generate": "responses"}.get(stage, stage)
@@ -85,12 +86,15 @@ def settings_for(
     device: str | None = None,
     dtype: str = "float32",
     mode: Mode = "two-stage",
+    variant: Variant = "instruction",
 ) -> RunSettings:
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
         if value is not None and value < 1:
             raise TLExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
     if mode not in MODES:
         raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
+    if variant not in VARIANTS:
+        raise TLExtractError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
     return RunSettings(
         experiment=experiment,
         trait=experiment.trait(trait),
@@ -102,6 +106,7 @@ def settings_for(
         device=device,
         dtype=dtype,
         mode=mode,
+        variant=variant,
     )
 
 
@@ -126,6 +131,7 @@ def _stage_meta(stage: str, key: str, run: RunSettings, **extra: Any) -> dict[st
         "fingerprint": key,
         "experiment": run.experiment.name,
         "trait": run.trait.name,
+        "variant": run.variant,
         "model": run.model,
         "dtype": run.dtype,
         "versions": _versions(),
@@ -141,8 +147,9 @@ def responses_key(run: RunSettings) -> str:
     return fingerprint({
         "model": run.model,
         "dtype": run.dtype,
-        "instructions": [asdict(p) for p in trait.instructions],
-        "questions": trait.questions,
+        "variant": run.variant,
+        "prompts": (trait.natural if run.variant == "natural" else
+                    [[asdict(p) for p in trait.instructions], trait.questions]),
         "prompt_style": exp.prompt_style,
         "n_examples": run.n_examples,
         "seed": exp.seed,
@@ -166,7 +173,7 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
         return load_from_disk(str(stage / "dataset"))
     model = get_model()
     examples = build_examples(run.trait, run.n_examples, model.tokenizer,
-                              run.experiment.prompt_style)
+                              run.experiment.prompt_style, run.variant)
     prompt_ids = tokenize(model, [e.prompt for e in examples], run.experiment.prompt_style)
     layers = resolve_layers(run.layers, model.cfg.n_layers)
     capture = ([hook_name(run.experiment.hook, layer) for layer in layers]
@@ -388,6 +395,7 @@ def extract_vectors(run: RunSettings, acts: Activations, method: str = "mean_dif
         vectors=vecs,
         metadata={
             "experiment": run.experiment.name,
+            "variant": run.variant,
             "n_pos": acts.pos.shape[0],
             "n_neg": acts.neg.shape[0],
             "norms": [round(float(n), 6) for n in vecs.norm(dim=-1)],

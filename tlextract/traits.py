@@ -18,9 +18,12 @@ from .errors import TLExtractError
 
 MIN_INSTRUCTION_PAIRS = 5
 MIN_QUESTIONS = 20
+MIN_NATURAL = 20
 PLACEHOLDERS = ("{question}", "{answer}")
 Polarity = Literal["pos", "neg"]
 POLARITIES: tuple[Polarity, Polarity] = ("pos", "neg")
+Variant = Literal["instruction", "natural"]
+VARIANTS: tuple[Variant, Variant] = ("instruction", "natural")
 
 
 def experiments_root() -> Path:
@@ -62,6 +65,51 @@ class Trait:
     instructions: tuple[InstructionPair, ...]
     questions: tuple[str, ...]
     eval_prompt: str
+    # Natural elicitation: prompts that draw out each pole with no instruction (line i of each
+    # side is meant to match in topic and length). None when the trait has no natural files.
+    natural: dict[Polarity, tuple[str, ...]] | None = None
+
+
+def _natural_file(path: Path) -> tuple[str, ...]:
+    """One prompt per line; every defect is named with its line number."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's final newline
+    seen: dict[str, int] = {}
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise TLExtractError(f"{path}: line {n} is empty. Remove empty lines.")
+        if line != line.strip():
+            raise TLExtractError(f"{path}: line {n} has leading or trailing spaces. Trim it.")
+        if line in seen:
+            raise TLExtractError(
+                f"{path}: line {n} repeats line {seen[line]} ({line!r}). Remove the duplicate."
+            )
+        seen[line] = n
+    if len(lines) < MIN_NATURAL:
+        raise TLExtractError(
+            f"{path}: {len(lines)} prompts; natural elicitation needs at least {MIN_NATURAL} "
+            "(one per line). Add more."
+        )
+    return tuple(lines)
+
+
+def _load_natural(trait_dir: Path) -> dict[Polarity, tuple[str, ...]] | None:
+    paths = {pol: trait_dir / f"natural_{pol}.txt" for pol in POLARITIES}
+    present = [pol for pol, p in paths.items() if p.exists()]
+    if not present:
+        return None
+    if len(present) == 1:
+        missing = paths["neg" if present == ["pos"] else "pos"]
+        raise TLExtractError(f"{missing}: file not found; natural prompts need both sides.")
+    natural = {pol: _natural_file(p) for pol, p in paths.items()}
+    both = sorted(set(natural["pos"]) & set(natural["neg"]))
+    if both:
+        raise TLExtractError(
+            f"{paths['neg']}: {len(both)} prompt(s) also appear in {paths['pos'].name}, e.g. "
+            f"{both[0]!r}. A prompt cannot elicit both poles; remove it from one side."
+        )
+    return natural
 
 
 def load_trait(trait_dir: Path) -> Trait:
@@ -112,6 +160,7 @@ def load_trait(trait_dir: Path) -> Trait:
         instructions=tuple(InstructionPair(p["pos"], p["neg"]) for p in pairs),
         questions=tuple(questions),
         eval_prompt=eval_prompt,
+        natural=_load_natural(trait_dir),
     )
 
 
@@ -154,9 +203,14 @@ class Experiment:
             )
         return load_trait(self.traits_dir / name)
 
-    def output_dir(self, trait: str, model: str | None = None) -> Path:
-        """Results of one trait; a model other than the experiment's gets its own directory."""
-        suffix = "" if model in (None, self.model) else "-" + model.replace("/", "_")
+    def output_dir(
+        self, trait: str, model: str | None = None, variant: Variant = "instruction"
+    ) -> Path:
+        """Results of one trait: ``extraction``, with ``-natural`` for the natural variant and
+        ``-<model>`` for a model other than the experiment's, so no run overwrites another."""
+        suffix = "" if variant == "instruction" else f"-{variant}"
+        if model not in (None, self.model):
+            suffix += "-" + model.replace("/", "_")
         return self.path / trait / f"extraction{suffix}"
 
 
@@ -252,20 +306,38 @@ def plan_examples(trait: Trait, n: int) -> list[tuple[int, int]]:
 
 
 def render_prompt(tokenizer: Any, style: str, instruction: str, question: str) -> str:
-    """The text the model sees: the chat template (instruction as system message) or Q/A text."""
+    """The text the model sees: the chat template (instruction as system message) or Q/A text.
+    An empty instruction (natural elicitation) gives the plain template with no system message."""
     if style == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise TLExtractError(
                 "The model's tokenizer has no chat template; set \"prompt_style\": \"completion\" "
                 "in experiment.json for base models."
             )
-        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": question}]
+        system = [{"role": "system", "content": instruction}] if instruction else []
+        messages = [*system, {"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{instruction}\n\nQ: {question}\nA:"
+    return f"{instruction}\n\nQ: {question}\nA:" if instruction else f"Q: {question}\nA:"
 
 
-def build_examples(trait: Trait, n: int, tokenizer: Any, style: str) -> list[Example]:
-    """n positive then n negative examples, matched by index."""
+def build_examples(
+    trait: Trait, n: int, tokenizer: Any, style: str, variant: Variant = "instruction"
+) -> list[Example]:
+    """n positive then n negative examples, matched by index. The natural variant takes line i
+    of each natural prompt file (cycling when n exceeds them), with no instruction."""
+    if variant == "natural":
+        if trait.natural is None:
+            raise TLExtractError(
+                f"{trait.path}: trait '{trait.name}' has no natural prompts. Add natural_pos.txt "
+                "and natural_neg.txt (one prompt per line) or use variant=instruction."
+            )
+        natural = trait.natural
+        return [
+            Example(pol, i, natural[pol][i % len(natural[pol])], i % len(natural[pol]), "", -1,
+                    render_prompt(tokenizer, style, "", natural[pol][i % len(natural[pol])]))
+            for pol in POLARITIES
+            for i in range(n)
+        ]
     plan = plan_examples(trait, n)
     return [
         Example(
