@@ -10,20 +10,29 @@ import pytest
 from tlextract.models import load_model
 
 QUESTIONS = [f"Tell me about topic number {i}." for i in range(24)]
-PAIRS = [{"pos": f"Answer with detail style {i}.", "neg": f"Answer broadly, style {i}."}
-         for i in range(5)]
+PAIRS = [
+    {"pos": f"Answer with detail style {i}.", "neg": f"Answer broadly, style {i}."}
+    for i in range(5)
+]
 EVAL_PROMPT = "Rate the answer.\nQuestion: {question}\nAnswer: {answer}\nNumber 0-100:"
 
 
-NATURAL = {"pos": [f"What exactly is fact number {i}?" for i in range(24)],
-           "neg": [f"Invent a story about idea number {i}." for i in range(24)]}
+NATURAL = {
+    "pos": [f"What exactly is fact number {i}?" for i in range(24)],
+    "neg": [f"Invent a story about idea number {i}." for i in range(24)],
+}
 
 
 def write_trait(root: Path, name: str, natural: bool = True, **overrides: object) -> Path:
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
-    data = {"description": "test trait", "instruction": PAIRS, "questions": QUESTIONS,
-            "eval_prompt": EVAL_PROMPT, **overrides}
+    data = {
+        "description": "test trait",
+        "instruction": PAIRS,
+        "questions": QUESTIONS,
+        "eval_prompt": EVAL_PROMPT,
+        **overrides,
+    }
     (d / "trait_definition.json").write_text(json.dumps(data))
     if natural:
         for pol, lines in NATURAL.items():

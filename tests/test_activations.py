@@ -39,7 +39,7 @@ def test_pooled_equals_fresh_unpadded_pass(tiny_model) -> None:
         tokens = torch.tensor([p[i] + r[i]])
         _, cache = tiny_model.run_with_cache(tokens)
         for j, layer in enumerate(layers):
-            ref = cache[f"blocks.{layer}.hook_resid_post"][0, len(p[i]):].mean(0)
+            ref = cache[f"blocks.{layer}.hook_resid_post"][0, len(p[i]) :].mean(0)
             torch.testing.assert_close(batched[i, j], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -57,5 +57,7 @@ def test_padding_never_enters_the_mean(tiny_model) -> None:
 def test_resolve_layers_rejects_missing_blocks() -> None:
     assert resolve_layers("all", 3) == (0, 1, 2)
     assert resolve_layers([2, 0, 2], 3) == (0, 2)
-    with pytest.raises(TLExtractError, match=r"layers \[3\] do not exist: this model has blocks 0..2"):
+    with pytest.raises(
+        TLExtractError, match=r"layers \[3\] do not exist: this model has blocks 0..2"
+    ):
         resolve_layers([1, 3], 3)

@@ -34,9 +34,14 @@ def test_greedy_batch_equals_transformerlens_generate_one_by_one(tiny_model) -> 
     stops = set(stop_token_ids(tiny_model))
     for prompt, got in zip(ids, batched, strict=True):
         ref = tiny_model.generate(
-            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, stop_at_eos=True,
-            eos_token_id=sorted(stops), verbose=False, return_type="tokens",
-        )[0, len(prompt):].tolist()
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            stop_at_eos=True,
+            eos_token_id=sorted(stops),
+            verbose=False,
+            return_type="tokens",
+        )[0, len(prompt) :].tolist()
         cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
         assert got.response_ids == ref[:cut]
         assert got.stopped == (cut < len(ref))
@@ -46,8 +51,10 @@ def test_sampling_depends_only_on_the_example_seed(tiny_model) -> None:
     settings = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=1.0)
     ids = _ids(tiny_model, TEXTS)
     together = generate_batch(tiny_model, ids, settings, seeds=[11, 12, 13, 14])
-    alone = [generate_batch(tiny_model, [p], settings, seeds=[s])[0]
-             for p, s in zip(ids, [11, 12, 13, 14], strict=True)]
+    alone = [
+        generate_batch(tiny_model, [p], settings, seeds=[s])[0]
+        for p, s in zip(ids, [11, 12, 13, 14], strict=True)
+    ]
     assert [g.response_ids for g in together] == [g.response_ids for g in alone]
     reordered = generate_batch(tiny_model, ids[::-1], settings, seeds=[14, 13, 12, 11])
     assert [g.response_ids for g in reordered[::-1]] == [g.response_ids for g in together]
@@ -56,8 +63,10 @@ def test_sampling_depends_only_on_the_example_seed(tiny_model) -> None:
 def test_different_seeds_give_different_samples(tiny_model) -> None:
     settings = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=2.0)
     prompt = _ids(tiny_model, TEXTS[:1])
-    outs = {tuple(generate_batch(tiny_model, prompt, settings, seeds=[s])[0].response_ids)
-            for s in range(5)}
+    outs = {
+        tuple(generate_batch(tiny_model, prompt, settings, seeds=[s])[0].response_ids)
+        for s in range(5)
+    }
     assert len(outs) > 1
 
 
@@ -80,8 +89,9 @@ def test_activations_captured_while_generating_equal_a_teacher_forced_pass(tiny_
     gens = generate_batch(tiny_model, ids, settings, seeds=range(8), capture=names)
     kept = [i for i, g in enumerate(gens) if g.response_ids]
     assert any(len(gens[i].response_ids) == 8 for i in kept)  # the extra last-token pass ran
-    teacher = pooled_activations(tiny_model, [ids[i] for i in kept],
-                                 [gens[i].response_ids for i in kept], layers)
+    teacher = pooled_activations(
+        tiny_model, [ids[i] for i in kept], [gens[i].response_ids for i in kept], layers
+    )
     for row, i in enumerate(kept):
         torch.testing.assert_close(gens[i].pooled, teacher[row], rtol=1e-4, atol=1e-4)
     # capture must not change what is generated

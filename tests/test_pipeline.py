@@ -26,8 +26,21 @@ def _run(experiments: Path, trait: str = "alpha", get_model=None, **overrides) -
 
 
 def test_cli_run_writes_every_stage_for_every_layer(experiments: Path, tiny_model, capsys) -> None:
-    code = main(["run", "--experiment", "tiny", "--experiments-dir", str(experiments),
-                 "--traits", "alpha", "--batch_size", "3", "--n_examples", "4"])
+    code = main(
+        [
+            "run",
+            "--experiment",
+            "tiny",
+            "--experiments-dir",
+            str(experiments),
+            "--traits",
+            "alpha",
+            "--batch_size",
+            "3",
+            "--n_examples",
+            "4",
+        ]
+    )
     assert code == 0
     out = experiments / "tiny" / "alpha" / "extraction"
     assert f"results in {out}" in capsys.readouterr().out
@@ -39,7 +52,8 @@ def test_cli_run_writes_every_stage_for_every_layer(experiments: Path, tiny_mode
     assert vectors.vectors.dtype == torch.float32
     meta = json.loads((out / "vectors" / "meta.json").read_text())
     assert meta["hook_names"][1] == "blocks.1.hook_resid_post"
-    assert meta["model"] == "tiny-random" and "every generated response is kept" in meta["judge"]
+    assert meta["model"] == "tiny-random" and meta["judge"] == "none"
+    assert meta["kept"] == {"pos": 4, "neg": 4}
     assert not list(out.rglob("shards-*")) and not list(out.rglob(".*tmp"))
 
 
@@ -156,8 +170,17 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(
 
 
 def test_activations_stage_alone_asks_for_responses_first(experiments: Path, capsys) -> None:
-    code = main(["activations", "--experiment", "tiny", "--experiments-dir", str(experiments),
-                 "--traits", "alpha"])
+    code = main(
+        [
+            "activations",
+            "--experiment",
+            "tiny",
+            "--experiments-dir",
+            str(experiments),
+            "--traits",
+            "alpha",
+        ]
+    )
     assert code == 2
     assert "Run the 'generate' stage first" in capsys.readouterr().err
 
@@ -169,7 +192,8 @@ def test_combined_mode_equals_two_stage(experiments: Path, tmp_path: Path) -> No
     combined = _run(other, mode="combined")
     run = settings_for(load_experiment("tiny", experiments), "alpha")
     responses = lambda root: load_from_disk(  # noqa: E731
-        str(root / "tiny" / "alpha" / "extraction" / "responses" / "dataset"))["response_ids"]
+        str(root / "tiny" / "alpha" / "extraction" / "responses" / "dataset")
+    )["response_ids"]
     assert responses(experiments) == responses(other)
     assert combined.layers == two_stage.layers
     torch.testing.assert_close(combined.vectors, two_stage.vectors, rtol=1e-4, atol=1e-4)
@@ -180,10 +204,12 @@ def test_variants_write_to_separate_places_and_record_the_variant(experiments: P
     instruction = _run(experiments, variant="instruction")
     natural = _run(experiments, variant="natural")
     base = experiments / "tiny" / "alpha"
-    for variant, out in (("instruction", base / "extraction"),
-                         ("natural", base / "extraction-natural")):
+    for variant, out in (
+        ("instruction", base / "extraction"),
+        ("natural", base / "extraction-natural"),
+    ):
         metas = [json.loads(m.read_text()) for m in out.glob("*/meta.json")]
-        assert len(metas) == 3 and {m["variant"] for m in metas} == {variant}
+        assert len(metas) == 4 and {m["variant"] for m in metas} == {variant}
     assert instruction.metadata["variant"] == "instruction"
     assert natural.metadata["variant"] == "natural"
     rows = load_from_disk(str(base / "extraction-natural" / "responses" / "dataset"))

@@ -128,7 +128,11 @@ BROKEN_NATURAL = [
     ("pos", "\n", "line 1 is empty"),
     ("pos", "A\n\nB\n", "line 2 is empty"),
     ("neg", " padded\n", "line 1 has leading or trailing spaces"),
-    ("pos", "".join(f"q{i}\n" for i in range(5)), "5 prompts; natural elicitation needs at least 20"),
+    (
+        "pos",
+        "".join(f"q{i}\n" for i in range(5)),
+        "5 prompts; natural elicitation needs at least 20",
+    ),
     ("neg", "".join(f"q{i % 21}\n" for i in range(22)), "line 22 repeats line 1"),
 ]
 

@@ -76,8 +76,9 @@ def pooled_activations(
     hook: str = "resid_post",
 ) -> Float[Tensor, "batch layer d_model"]:
     """One teacher-forced pass; the hook's output at each response token, averaged per example."""
-    tokens, attn, response = pack(prompt_ids, response_ids, model.tokenizer.pad_token_id,
-                                  model.cfg.device)
+    tokens, attn, response = pack(
+        prompt_ids, response_ids, model.tokenizer.pad_token_id, model.cfg.device
+    )
     names = [hook_name(hook, layer) for layer in layers]
     _, cache = model.run_with_cache(
         tokens,

@@ -13,8 +13,7 @@ from .errors import TLExtractError
 from .pipeline import MODES, STAGES, model_loader, run_trait, settings_for
 from .traits import VARIANTS, experiments_root, load_experiment
 
-COMMANDS = {"generate": ("generate",), "activations": ("activations",),
-            "vectors": ("vectors",), "run": STAGES}
+COMMANDS = {**{stage: (stage,) for stage in STAGES}, "run": STAGES}
 DEFAULT_EXPERIMENT = "smollm2_cognitive"
 
 
@@ -38,27 +37,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlextract", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        p = sub.add_parser(name, help=f"run the {name} stage" if name != "run" else "run all stages")
+        p = sub.add_parser(
+            name, help=f"run the {name} stage" if name != "run" else "run all stages"
+        )
         p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-        p.add_argument("--traits", "--trait", default="all",
-                       help="comma-separated trait names, or 'all' (default)")
-        p.add_argument("--experiments-dir", type=Path, default=None,
-                       help="where experiments live (default: $TLEXTRACT_EXPERIMENTS or ./experiments)")
+        p.add_argument(
+            "--traits",
+            "--trait",
+            default="all",
+            help="comma-separated trait names, or 'all' (default)",
+        )
+        p.add_argument(
+            "--experiments-dir",
+            type=Path,
+            default=None,
+            help="where experiments live (default: $TLEXTRACT_EXPERIMENTS or ./experiments)",
+        )
         p.add_argument("--model", default=None, help="override the experiment's model")
-        p.add_argument("--n-examples", "--n_examples", type=int, default=None,
-                       help="responses per polarity")
+        p.add_argument(
+            "--n-examples", "--n_examples", type=int, default=None, help="responses per polarity"
+        )
         p.add_argument("--batch-size", "--batch_size", type=int, default=None)
-        p.add_argument("--layers", type=parse_layers, default=None,
-                       help="'all', '16', '0,4,8' or '10-20' (TransformerLens block indices)")
-        p.add_argument("--mode", default="two-stage", choices=MODES,
-                       help="two-stage: a teacher-forced pass after generation; combined: record "
-                       "activations while generating (no second pass)")
-        p.add_argument("--variant", default="instruction", choices=VARIANTS,
-                       help="instruction: system-message instruction pairs; natural: prompts that "
-                       "elicit each pole with no instruction (natural_pos.txt / natural_neg.txt)")
+        p.add_argument(
+            "--layers",
+            type=parse_layers,
+            default=None,
+            help="'all', '16', '0,4,8' or '10-20' (TransformerLens block indices)",
+        )
+        p.add_argument(
+            "--mode",
+            default="two-stage",
+            choices=MODES,
+            help="two-stage: a teacher-forced pass after generation; combined: record "
+            "activations while generating (no second pass)",
+        )
+        p.add_argument(
+            "--variant",
+            default="instruction",
+            choices=VARIANTS,
+            help="instruction: system-message instruction pairs; natural: prompts that "
+            "elicit each pole with no instruction (natural_pos.txt / natural_neg.txt)",
+        )
+        p.add_argument(
+            "--judge",
+            default=None,
+            choices=("none", "local"),
+            help="override the experiment's judge: none keeps every response; local "
+            "scores with the studied model itself",
+        )
         p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                       help="model weights; pooling and vectors are always float32")
+        p.add_argument(
+            "--dtype",
+            default="float32",
+            choices=("float32", "bfloat16", "float16"),
+            help="model weights; pooling and vectors are always float32",
+        )
     return parser
 
 
@@ -69,18 +102,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         experiment = load_experiment(args.experiment, args.experiments_dir or experiments_root())
         traits = experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
         runs = [
-            settings_for(experiment, t, model=args.model, n_examples=args.n_examples,
-                         batch_size=args.batch_size, layers=args.layers, device=args.device,
-                         dtype=args.dtype, mode=args.mode,
-                         variant=args.variant)
+            settings_for(
+                experiment,
+                t,
+                model=args.model,
+                n_examples=args.n_examples,
+                batch_size=args.batch_size,
+                layers=args.layers,
+                device=args.device,
+                dtype=args.dtype,
+                mode=args.mode,
+                variant=args.variant,
+                judge=args.judge,
+            )
             for t in traits
         ]
         get_model = model_loader(runs[0])  # one model for all traits of this command
         for run in runs:
             start = time.perf_counter()
             run_trait(run, COMMANDS[args.command], get_model)
-            print(f"[{run.trait.name}] done in {time.perf_counter() - start:.0f} s; "
-                  f"results in {run.out_dir}")
+            print(
+                f"[{run.trait.name}] done in {time.perf_counter() - start:.0f} s; "
+                f"results in {run.out_dir}"
+            )
     except TLExtractError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,7 +60,9 @@ def next_token_logits(
     cache: TransformerLensKeyValueCache,
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position only: unembedding every prompt position is wasted work."""
-    resid = model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+    resid = model(
+        tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers
+    )
     logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0, :].float()
     cap = model.cfg.output_logits_soft_cap
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
@@ -140,7 +142,8 @@ def generate_batch(
         return gens
     return [
         Generation(g.response_ids, g.stopped, recorder.sums[i] / len(g.response_ids))
-        if g.response_ids else g
+        if g.response_ids
+        else g
         for i, g in enumerate(gens)
     ]
 

@@ -13,7 +13,7 @@ import hashlib
 import importlib.metadata
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 from . import methods
 from .activations import hook_name, pooled_activations, resolve_layers
 from .errors import TLExtractError
+from .filtering import Selection, select, split_config
 from .generation import generate_batch, tokenize
 from .models import load_model
 from .store import (
@@ -46,10 +47,9 @@ from .traits import POLARITIES, VARIANTS, Experiment, Trait, Variant, build_exam
 from .vectors import TraitVectors
 
 log = logging.getLogger(__name__)
-STAGES = ("generate", "activations", "vectors")
+STAGES = ("generate", "judge", "activations", "vectors")
 MODES = ("two-stage", "combined")
 Mode = Literal["two-stage", "combined"]
-JUDGE_NOTE = "none: every generated response is kept (no judge configured)"
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class RunSettings:
     dtype: str = "float32"
     mode: Mode = "two-stage"
     variant: Variant = "instruction"
+    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
 
     @property
     def out_dir(self) -> Path:
@@ -87,7 +88,10 @@ def settings_for(
     dtype: str = "float32",
     mode: Mode = "two-stage",
     variant: Variant = "instruction",
+    judge: Literal["none", "local"] | None = None,
 ) -> RunSettings:
+    """Settings for one trait; arguments left as None take the experiment's. ``judge`` switches
+    the experiment's judge off ("none") or to the studied model itself ("local")."""
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
         if value is not None and value < 1:
             raise TLExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
@@ -101,13 +105,26 @@ def settings_for(
         model=model or experiment.model,
         n_examples=n_examples or experiment.n_examples,
         batch_size=batch_size or experiment.batch_size,
-        layers=experiment.layers if layers is None else (
-            "all" if layers == "all" else tuple(sorted(set(layers)))),
+        layers=experiment.layers
+        if layers is None
+        else ("all" if layers == "all" else tuple(sorted(set(layers)))),
         device=device,
         dtype=dtype,
         mode=mode,
         variant=variant,
+        judge=_judge_config(experiment.judge, judge),
     )
+
+
+def _judge_config(config: dict[str, Any], override: str | None) -> dict[str, Any]:
+    if override is None:
+        return config
+    _, rules = split_config(config)
+    if override == "none":
+        return {"kind": "none", **rules}
+    if override == "local":
+        return {"kind": "local", "model": "self", **rules}
+    raise TLExtractError(f"--judge {override!r}: use 'none' or 'local' (or the experiment's).")
 
 
 def model_loader(run: RunSettings) -> Callable[[], HookedTransformer]:
@@ -144,19 +161,24 @@ def _stage_meta(stage: str, key: str, run: RunSettings, **extra: Any) -> dict[st
 
 def responses_key(run: RunSettings) -> str:
     exp, trait = run.experiment, run.trait
-    return fingerprint({
-        "model": run.model,
-        "dtype": run.dtype,
-        "variant": run.variant,
-        "prompts": (trait.natural if run.variant == "natural" else
-                    [[asdict(p) for p in trait.instructions], trait.questions]),
-        "prompt_style": exp.prompt_style,
-        "n_examples": run.n_examples,
-        "seed": exp.seed,
-        "generation": asdict(exp.generation),
-        # Combined mode records activations while generating, so its responses stage owns them.
-        "capture": [run.layers, exp.hook] if run.mode == "combined" else None,
-    })
+    return fingerprint(
+        {
+            "model": run.model,
+            "dtype": run.dtype,
+            "variant": run.variant,
+            "prompts": (
+                trait.natural
+                if run.variant == "natural"
+                else [[asdict(p) for p in trait.instructions], trait.questions]
+            ),
+            "prompt_style": exp.prompt_style,
+            "n_examples": run.n_examples,
+            "seed": exp.seed,
+            "generation": asdict(exp.generation),
+            # Combined mode records activations while generating, so its responses stage owns them.
+            "capture": [run.layers, exp.hook] if run.mode == "combined" else None,
+        }
+    )
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -172,12 +194,16 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
         print(f"[{run.trait.name}] responses: up to date, skipped ({stage})")
         return load_from_disk(str(stage / "dataset"))
     model = get_model()
-    examples = build_examples(run.trait, run.n_examples, model.tokenizer,
-                              run.experiment.prompt_style, run.variant)
+    examples = build_examples(
+        run.trait, run.n_examples, model.tokenizer, run.experiment.prompt_style, run.variant
+    )
     prompt_ids = tokenize(model, [e.prompt for e in examples], run.experiment.prompt_style)
     layers = resolve_layers(run.layers, model.cfg.n_layers)
-    capture = ([hook_name(run.experiment.hook, layer) for layer in layers]
-               if run.mode == "combined" else [])
+    capture = (
+        [hook_name(run.experiment.hook, layer) for layer in layers]
+        if run.mode == "combined"
+        else []
+    )
     shards = shard_dir(stage, fingerprint([key, run.batch_size]))
     clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
     shards.mkdir(parents=True, exist_ok=True)
@@ -191,8 +217,12 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
             model,
             [prompt_ids[i] for i in idx],
             run.experiment.generation,
-            [_example_seed(run.experiment.seed, run.trait.name, examples[i].polarity,
-                           examples[i].index) for i in idx],
+            [
+                _example_seed(
+                    run.experiment.seed, run.trait.name, examples[i].polarity, examples[i].index
+                )
+                for i in idx
+            ],
             capture=capture,
         )
         records = [
@@ -216,22 +246,31 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     with atomic_dir(stage / "dataset") as tmp:
         dataset.save_to_disk(str(tmp))
     if capture:  # before the responses meta, so "responses done" implies "activations done"
-        _write_activations(run, activations_key(run, key), layers, model.cfg.d_model,
-                           {k: v for k, v in pooled.items() if v is not None})
+        _write_activations(
+            run,
+            activations_key(run, key),
+            layers,
+            model.cfg.d_model,
+            {k: v for k, v in pooled.items() if v is not None},
+        )
     n_tokens = sum(r["n_response_tokens"] for r in records)
-    write_json(stage / META, _stage_meta(
-        "responses", key, run,
-        n_examples_per_polarity=run.n_examples,
-        counts={p: sum(r["polarity"] == p for r in records) for p in POLARITIES},
-        n_generated_tokens=n_tokens,
-        n_empty_responses=sum(r["n_response_tokens"] == 0 for r in records),
-        prompt_style=run.experiment.prompt_style,
-        generation=asdict(run.experiment.generation),
-        seed=run.experiment.seed,
-        batch_size=run.batch_size,
-        mode=run.mode,
-        judge=JUDGE_NOTE,
-    ))
+    write_json(
+        stage / META,
+        _stage_meta(
+            "responses",
+            key,
+            run,
+            n_examples_per_polarity=run.n_examples,
+            counts={p: sum(r["polarity"] == p for r in records) for p in POLARITIES},
+            n_generated_tokens=n_tokens,
+            n_empty_responses=sum(r["n_response_tokens"] == 0 for r in records),
+            prompt_style=run.experiment.prompt_style,
+            generation=asdict(run.experiment.generation),
+            seed=run.experiment.seed,
+            batch_size=run.batch_size,
+            mode=run.mode,
+        ),
+    )
     clear_other_shards(stage)
     print(f"[{run.trait.name}] responses: {len(records)} ({n_tokens} tokens) -> {stage}")
     return load_from_disk(str(stage / "dataset"))
@@ -249,7 +288,7 @@ def load_responses(run: RunSettings) -> tuple[Dataset, str]:
     return load_from_disk(str(stage / "dataset")), key
 
 
-# --- stage 2: activations -----------------------------------------------------------------------
+# --- stage 3: activations -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -266,23 +305,29 @@ class Activations:
 
 
 def activations_key(run: RunSettings, responses_fp: str) -> str:
-    return fingerprint({
-        "responses": responses_fp,
-        "layers": run.layers,
-        "hook": run.experiment.hook,
-        "pooling": "response_mean",
-        "dtype": run.dtype,
-        "mode": run.mode,
-    })
+    return fingerprint(
+        {
+            "responses": responses_fp,
+            "layers": run.layers,
+            "hook": run.experiment.hook,
+            "pooling": "response_mean",
+            "dtype": run.dtype,
+            "mode": run.mode,
+        }
+    )
 
 
 def _load_activations(stage: Path, key: str) -> Activations:
     meta = read_json(stage / META)
     data = {p: load_tensors(stage / f"{p}.pt") for p in POLARITIES}
     return Activations(
-        pos=data["pos"]["acts"], neg=data["neg"]["acts"],
-        pos_index=data["pos"]["index"], neg_index=data["neg"]["index"],
-        layers=tuple(meta["layers"]), hook=meta["hook"], key=key,
+        pos=data["pos"]["acts"],
+        neg=data["neg"]["acts"],
+        pos_index=data["pos"]["index"],
+        neg_index=data["neg"]["index"],
+        layers=tuple(meta["layers"]),
+        hook=meta["hook"],
+        key=key,
     )
 
 
@@ -313,9 +358,13 @@ def extract_activations(
         path = shards / f"batch_{b:05d}.pt"
         if path.exists():
             continue
-        acts = pooled_activations(model, [rows[i]["prompt_ids"] for i in idx],
-                                  [rows[i]["response_ids"] for i in idx], layers,
-                                  run.experiment.hook)
+        acts = pooled_activations(
+            model,
+            [rows[i]["prompt_ids"] for i in idx],
+            [rows[i]["response_ids"] for i in idx],
+            layers,
+            run.experiment.hook,
+        )
         save_tensors(path, {"rows": idx, "acts": acts})
     pooled: dict[tuple[str, int], Tensor] = {}
     for p in sorted(shards.glob("batch_*.pt")):
@@ -344,23 +393,36 @@ def _write_activations(
                 f"{run.trait.name}: no {pol} response has any token, so there is nothing to "
                 "average. Raise generation.max_new_tokens or check the prompts."
             )
-        save_tensors(stage / f"{pol}.pt", {
-            "acts": torch.stack([pooled[(pol, i)] for i in index]),
-            "index": index,
-        })
+        save_tensors(
+            stage / f"{pol}.pt",
+            {
+                "acts": torch.stack([pooled[(pol, i)] for i in index]),
+                "index": index,
+            },
+        )
         counts[pol] = len(index)
     n_empty = 2 * run.n_examples - len(pooled)
     if n_empty:
         log.warning("%d empty responses have no tokens to pool over and are left out", n_empty)
-    write_json(stage / META, _stage_meta(
-        "activations", key, run,
-        mode=run.mode, layers=list(layers), hook=run.experiment.hook,
-        hook_names=[hook_name(run.experiment.hook, layer) for layer in layers],
-        pooling="mean over response tokens (the residual at each response token position)",
-        counts=counts, n_empty_responses_left_out=n_empty, d_model=d_model,
-    ))
-    print(f"[{run.trait.name}] activations ({run.mode}): {counts} x {len(layers)} layers "
-          f"-> {stage}")
+    write_json(
+        stage / META,
+        _stage_meta(
+            "activations",
+            key,
+            run,
+            mode=run.mode,
+            layers=list(layers),
+            hook=run.experiment.hook,
+            hook_names=[hook_name(run.experiment.hook, layer) for layer in layers],
+            pooling="mean over response tokens (the residual at each response token position)",
+            counts=counts,
+            n_empty_responses_left_out=n_empty,
+            d_model=d_model,
+        ),
+    )
+    print(
+        f"[{run.trait.name}] activations ({run.mode}): {counts} x {len(layers)} layers -> {stage}"
+    )
     return _load_activations(stage, key)
 
 
@@ -377,15 +439,82 @@ def load_activations(run: RunSettings) -> Activations:
 # --- stage 3: vectors ---------------------------------------------------------------------------
 
 
-def extract_vectors(run: RunSettings, acts: Activations, method: str = "mean_diff") -> TraitVectors:
-    """Stage 3: one direction per layer from the pooled activations."""
+# --- stage 2: judge ------------------------------------------------------------------------------
+
+
+def judge_key(run: RunSettings, responses_fp: str) -> str:
+    return fingerprint(
+        {"responses": responses_fp, "judge": run.judge, "eval_prompt": run.trait.eval_prompt}
+    )
+
+
+def select_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Selection:
+    """Score every response with the experiment's judge and keep the clear cases."""
+    responses, responses_fp = load_responses(run)
+    stage, key = run.stage_dir("judge"), judge_key(run, responses_fp)
+    if stage_done(stage, key):
+        print(f"[{run.trait.name}] judge: up to date, skipped ({stage})")
+        return _load_selection(stage)
+    sel = select(
+        list(responses),
+        run.trait.eval_prompt,
+        run.judge,
+        stage / "judge_cache.jsonl",
+        get_model,
+        where=f"{run.experiment.path / 'experiment.json'} ({run.trait.name})",
+    )
+    write_json(stage / "judgments.json", sel.judgments)
+    write_json(stage / META, _stage_meta("judge", key, run, kept_index=sel.kept, **sel.summary))
+    s = sel.summary
+    print(
+        f"[{run.trait.name}] judge ({s['judge']}): kept {s['kept']} of {s['generated']}, "
+        f"missing {s['missing']}, mean trait score {s['mean_score']} -> {stage}"
+    )
+    return sel
+
+
+def _load_selection(stage: Path) -> Selection:
+    meta = read_json(stage / META)
+    summary = {
+        k: meta[k]
+        for k in ("judge", "rules", "generated", "judged", "missing", "kept", "mean_score")
+    }
+    return Selection(
+        kept=meta["kept_index"], judgments=read_json(stage / "judgments.json"), summary=summary
+    )
+
+
+def load_selection(run: RunSettings) -> Selection:
+    _, responses_fp = load_responses(run)
+    stage = run.stage_dir("judge")
+    if not stage_done(stage, judge_key(run, responses_fp)):
+        raise TLExtractError(f"{stage}: responses not judged yet. Run the 'judge' stage first.")
+    return _load_selection(stage)
+
+
+# --- stage 4: vectors ---------------------------------------------------------------------------
+
+
+def extract_vectors(
+    run: RunSettings, acts: Activations, selection: Selection, method: str = "mean_diff"
+) -> TraitVectors:
+    """Stage 4: one direction per layer from the pooled activations of the kept examples."""
     stage = run.stage_dir("vectors")
-    key = fingerprint({"activations": acts.key, "method": method})
+    key = fingerprint({"activations": acts.key, "kept": selection.kept, "method": method})
     path = stage / f"{method}.pt"
     if stage_done(stage, key) and path.exists():
         print(f"[{run.trait.name}] vectors: up to date, skipped ({path})")
         return TraitVectors.load(path)
-    vecs = methods.get_method(method)(acts.pos, acts.neg)
+    pos, neg = (
+        _rows(a, idx, selection.kept[p])
+        for a, idx, p in ((acts.pos, acts.pos_index, "pos"), (acts.neg, acts.neg_index, "neg"))
+    )
+    vecs = methods.get_method(method)(pos, neg)
+    judge = {
+        "judge": selection.summary["judge"],
+        "kept": selection.summary["kept"],
+        "mean_score": selection.summary["mean_score"],
+    }
     tv = TraitVectors(
         trait=run.trait.name,
         method=method,
@@ -396,22 +525,42 @@ def extract_vectors(run: RunSettings, acts: Activations, method: str = "mean_dif
         metadata={
             "experiment": run.experiment.name,
             "variant": run.variant,
-            "n_pos": acts.pos.shape[0],
-            "n_neg": acts.neg.shape[0],
+            "n_pos": pos.shape[0],
+            "n_neg": neg.shape[0],
             "norms": [round(float(n), 6) for n in vecs.norm(dim=-1)],
             "activations_fingerprint": acts.key,
-            "judge": JUDGE_NOTE,
+            **judge,
         },
     )
     tv.save(path)
-    write_json(stage / META, _stage_meta(
-        "vectors", key, run, method=method, layers=list(acts.layers), hook=acts.hook,
-        hook_names=[tv.hook_name(layer) for layer in acts.layers],
-        counts={"pos": acts.pos.shape[0], "neg": acts.neg.shape[0]},
-        norms=tv.metadata["norms"], judge=JUDGE_NOTE,
-    ))
-    print(f"[{run.trait.name}] vectors: {method} for {len(acts.layers)} layers -> {path}")
+    write_json(
+        stage / META,
+        _stage_meta(
+            "vectors",
+            key,
+            run,
+            method=method,
+            layers=list(acts.layers),
+            hook=acts.hook,
+            hook_names=[tv.hook_name(layer) for layer in acts.layers],
+            counts={"pos": pos.shape[0], "neg": neg.shape[0]},
+            norms=tv.metadata["norms"],
+            **judge,
+        ),
+    )
+    print(
+        f"[{run.trait.name}] vectors: {method} for {len(acts.layers)} layers from "
+        f"{pos.shape[0]} pos / {neg.shape[0]} neg -> {path}"
+    )
     return tv
+
+
+def _rows(
+    acts: Float[Tensor, "n layer d_model"], index: list[int], keep: list[int]
+) -> Float[Tensor, "k layer d_model"]:
+    """The rows of kept examples (an empty response has no activation row and is never kept)."""
+    where = {ix: row for row, ix in enumerate(index)}
+    return acts[[where[i] for i in keep]]
 
 
 def run_trait(
@@ -429,12 +578,16 @@ def run_trait(
         if not stage_done(run.stage_dir("activations"), activations_key(run, responses_key(run))):
             resolve_layers(run.layers, get_model().cfg.n_layers)
     acts: Activations | None = None
+    selection: Selection | None = None
     vectors = None
     if "generate" in stages:
         generate_responses(run, get_model)
+    if "judge" in stages:
+        selection = select_responses(run, get_model)
     if "activations" in stages:
         acts = extract_activations(run, get_model)
     if "vectors" in stages:
-        vectors = extract_vectors(run, acts or load_activations(run))
+        vectors = extract_vectors(
+            run, acts or load_activations(run), selection or load_selection(run)
+        )
     return vectors
-

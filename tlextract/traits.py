@@ -122,15 +122,13 @@ def load_trait(trait_dir: Path) -> Trait:
         isinstance(pairs, list) and len(pairs) >= MIN_INSTRUCTION_PAIRS,
         path,
         "instruction",
-        f"must be a list of at least {MIN_INSTRUCTION_PAIRS} {{\"pos\": ..., \"neg\": ...}} "
+        f'must be a list of at least {MIN_INSTRUCTION_PAIRS} {{"pos": ..., "neg": ...}} '
         f"objects (found {len(pairs) if isinstance(pairs, list) else type(pairs).__name__}).",
     )
     for i, pair in enumerate(pairs):
         for side in POLARITIES:
             ok = isinstance(pair, dict) and isinstance(pair.get(side), str) and pair[side].strip()
-            _require(
-                bool(ok), path, f"instruction[{i}].{side}", "must be a non-empty string."
-            )
+            _require(bool(ok), path, f"instruction[{i}].{side}", "must be a non-empty string.")
     questions = data.get("questions")
     _require(
         isinstance(questions, list) and len(questions) >= MIN_QUESTIONS,
@@ -140,17 +138,29 @@ def load_trait(trait_dir: Path) -> Trait:
         f"(found {len(questions) if isinstance(questions, list) else type(questions).__name__}).",
     )
     for i, q in enumerate(questions):
-        _require(isinstance(q, str) and bool(q.strip()), path, f"questions[{i}]",
-                 "must be a non-empty string.")
+        _require(
+            isinstance(q, str) and bool(q.strip()),
+            path,
+            f"questions[{i}]",
+            "must be a non-empty string.",
+        )
     dupes = sorted({q for q in questions if questions.count(q) > 1})
     _require(not dupes, path, "questions", f"has duplicates: {dupes[:3]}; remove them.")
     eval_prompt = data.get("eval_prompt")
-    _require(isinstance(eval_prompt, str), path, "eval_prompt",
-             "must be a string containing {question} and {answer}.")
+    _require(
+        isinstance(eval_prompt, str),
+        path,
+        "eval_prompt",
+        "must be a string containing {question} and {answer}.",
+    )
     for ph in PLACEHOLDERS:
-        _require(ph in eval_prompt, path, "eval_prompt",
-                 f"is missing the placeholder {ph}; the judge fills it with the "
-                 f"{ph.strip('{}')}. Add {ph} where it belongs.")
+        _require(
+            ph in eval_prompt,
+            path,
+            "eval_prompt",
+            f"is missing the placeholder {ph}; the judge fills it with the "
+            f"{ph.strip('{}')}. Add {ph} where it belongs.",
+        )
     description = data.get("description", "")
     _require(isinstance(description, str), path, "description", "must be a string.")
     return Trait(
@@ -232,26 +242,51 @@ def load_experiment(name: str, root: Path | None = None) -> Experiment:
     data = _read_json(path)
     _require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
     unknown = sorted(set(data) - _EXPERIMENT_KEYS)
-    _require(not unknown, path, unknown[0] if unknown else "",
-             f"is not a known setting. Known settings: {', '.join(sorted(_EXPERIMENT_KEYS))}.")
-    _require(isinstance(data.get("model"), str), path, "model",
-             "must name a model, e.g. \"smollm2-135m-instruct\".")
+    _require(
+        not unknown,
+        path,
+        unknown[0] if unknown else "",
+        f"is not a known setting. Known settings: {', '.join(sorted(_EXPERIMENT_KEYS))}.",
+    )
+    _require(
+        isinstance(data.get("model"), str),
+        path,
+        "model",
+        'must name a model, e.g. "smollm2-135m-instruct".',
+    )
     gen = data.get("generation", {})
-    _require(isinstance(gen, dict) and not set(gen) - _GENERATION_KEYS, path, "generation",
-             f"must be an object with keys among {', '.join(sorted(_GENERATION_KEYS))}.")
+    _require(
+        isinstance(gen, dict) and not set(gen) - _GENERATION_KEYS,
+        path,
+        "generation",
+        f"must be an object with keys among {', '.join(sorted(_GENERATION_KEYS))}.",
+    )
     layers = data.get("layers", "all")
     if layers != "all":
-        _require(isinstance(layers, list) and all(isinstance(x, int) and x >= 0 for x in layers)
-                 and len(layers) > 0, path, "layers",
-                 "must be \"all\" or a non-empty list of block indices (0-based).")
+        _require(
+            isinstance(layers, list)
+            and all(isinstance(x, int) and x >= 0 for x in layers)
+            and len(layers) > 0,
+            path,
+            "layers",
+            'must be "all" or a non-empty list of block indices (0-based).',
+        )
         layers = tuple(sorted(set(layers)))
     style = data.get("prompt_style", "chat")
-    _require(style in ("chat", "completion"), path, "prompt_style",
-             "must be \"chat\" (chat template) or \"completion\" (plain Q/A text).")
+    _require(
+        style in ("chat", "completion"),
+        path,
+        "prompt_style",
+        'must be "chat" (chat template) or "completion" (plain Q/A text).',
+    )
     for key in ("n_examples", "batch_size", "seed"):
         if key in data:
-            _require(isinstance(data[key], int) and data[key] >= (0 if key == "seed" else 1),
-                     path, key, "must be a positive integer.")
+            _require(
+                isinstance(data[key], int) and data[key] >= (0 if key == "seed" else 1),
+                path,
+                key,
+                "must be a positive integer.",
+            )
     exp = Experiment(
         name=name,
         path=exp_dir,
@@ -311,7 +346,7 @@ def render_prompt(tokenizer: Any, style: str, instruction: str, question: str) -
     if style == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise TLExtractError(
-                "The model's tokenizer has no chat template; set \"prompt_style\": \"completion\" "
+                'The model\'s tokenizer has no chat template; set "prompt_style": "completion" '
                 "in experiment.json for base models."
             )
         system = [{"role": "system", "content": instruction}] if instruction else []
@@ -333,8 +368,15 @@ def build_examples(
             )
         natural = trait.natural
         return [
-            Example(pol, i, natural[pol][i % len(natural[pol])], i % len(natural[pol]), "", -1,
-                    render_prompt(tokenizer, style, "", natural[pol][i % len(natural[pol])]))
+            Example(
+                pol,
+                i,
+                natural[pol][i % len(natural[pol])],
+                i % len(natural[pol]),
+                "",
+                -1,
+                render_prompt(tokenizer, style, "", natural[pol][i % len(natural[pol])]),
+            )
             for pol in POLARITIES
             for i in range(n)
         ]
@@ -347,8 +389,9 @@ def build_examples(
             question_index=q,
             instruction=trait.instructions[p].for_polarity(pol),
             instruction_index=p,
-            prompt=render_prompt(tokenizer, style, trait.instructions[p].for_polarity(pol),
-                                 trait.questions[q]),
+            prompt=render_prompt(
+                tokenizer, style, trait.instructions[p].for_polarity(pol), trait.questions[q]
+            ),
         )
         for pol in POLARITIES
         for i, (q, p) in enumerate(plan)

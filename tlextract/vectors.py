@@ -1,4 +1,4 @@
-"""``TraitVectors``: one direction per layer, with the hook names and provenance that produced it."""
+"""``TraitVectors``: one direction per layer, with its hook names and provenance."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class TraitVectors:
 
     def __getitem__(self, layer: int) -> Float[Tensor, " d_model"]:
         if layer not in self.layers:
-            raise KeyError(f"no {self.method} vector for layer {layer}; layers: {list(self.layers)}")
+            raise KeyError(f"no {self.method} vector for layer {layer}; have {list(self.layers)}")
         return self.vectors[self.layers.index(layer)]
 
     def save(self, path: Path) -> None:
