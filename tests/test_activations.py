@@ -61,3 +61,12 @@ def test_resolve_layers_rejects_missing_blocks() -> None:
         TLExtractError, match=r"layers \[3\] do not exist: this model has blocks 0..2"
     ):
         resolve_layers([1, 3], 3)
+
+
+def test_shape_annotations_are_checked_while_testing() -> None:
+    """jaxtyping's pytest hook is on: a wrong shape fails loudly instead of broadcasting."""
+    from jaxtyping import TypeCheckError
+
+    resid = torch.zeros(2, 1, 3, 4)
+    with pytest.raises(TypeCheckError):
+        masked_mean(resid, torch.ones(2, 5, dtype=torch.bool))  # 5 positions, resid has 3

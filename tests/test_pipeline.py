@@ -223,3 +223,22 @@ def test_natural_variant_without_prompt_files_is_a_clear_error(experiments: Path
         (experiments / "tiny" / "beta" / f"natural_{side}.txt").unlink()
     with pytest.raises(TLExtractError, match="has no natural prompts"):
         _run(experiments, trait="beta", variant="natural")
+
+
+def test_gemma_2b_experiment_fails_at_model_loading_when_weights_are_not_cached(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The original study's setting loads its config and traits, then stops with the
+    'not cached' message when the model is needed, having written nothing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_home" / "hub"))
+    root = Path(__file__).parent.parent / "experiments"
+    experiments = tmp_path / "experiments"
+    shutil.copytree(root, experiments, ignore=shutil.ignore_patterns("extraction*"))
+    code = main(["run", "--experiment", "gemma_2b_cognitive", "--experiments-dir",
+                 str(experiments), "--traits", "local_global"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "google/gemma-2-2b-it" in err and "download" in err
+    assert not (experiments / "gemma_2b_cognitive" / "local_global").exists()
