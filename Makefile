@@ -15,7 +15,7 @@ model ?=
 variant ?=
 ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(if $(variant),--variant $(variant)) $(EXTRA)
 
-.PHONY: install run traits test test-fast check clean-venv
+.PHONY: install run traits report test test-fast check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -36,6 +36,9 @@ run: $(STAMP)
 
 traits: $(STAMP)
 	$(PY) -m tlextract run --traits all $(ARGS)
+
+report: $(STAMP)
+	$(PY) -m tlextract report --traits $(or $(trait),all) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest

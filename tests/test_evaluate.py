@@ -15,6 +15,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 import tlextract.evaluate as evaluate
 from tlextract.errors import TLExtractError
 from tlextract.evaluate import cross_evaluate, evaluate_trait, load_evaluation, split_examples
+from tlextract.filtering import Selection
 from tlextract.methods import METHODS
 from tlextract.pipeline import Activations, run_trait, settings_for
 from tlextract.report import build_report, cosine_matrix
@@ -40,8 +41,19 @@ def planted(
     return Activations(pos, neg, list(range(n)), list(range(n)), layers, "resid_post", "synthetic")
 
 
-def fake_activations(monkeypatch, by_variant: dict[str, Activations]) -> None:
+def fake_activations(
+    monkeypatch, by_variant: dict[str, Activations], drop: dict[str, set[int]] | None = None
+) -> None:
+    """Serve ``by_variant[run.variant]``, with a judge that keeps all but ``drop``."""
+
+    def selection(run) -> Selection:
+        acts = by_variant[run.variant]
+        kept = {p: [i for i in getattr(acts, f"{p}_index") if i not in (drop or {}).get(p, ())]
+                for p in ("pos", "neg")}
+        return Selection(kept=kept, judgments=[], summary={"judge": "fake"})
+
     monkeypatch.setattr(evaluate, "load_activations", lambda run: by_variant[run.variant])
+    monkeypatch.setattr(evaluate, "load_selection", selection)
 
 
 def tiny_run(root: Path, trait: str = "alpha", variant: str = "instruction"):
@@ -110,6 +122,16 @@ def test_split_never_puts_an_example_on_both_sides(seed, fraction):
     assert split == split_examples(pos_index, neg_index, fraction, seed)
 
 
+def test_only_examples_the_judge_kept_are_evaluated(experiments, monkeypatch):
+    drop = {"pos": {0, 1, 2}, "neg": {5}}
+    fake_activations(monkeypatch, {"instruction": planted(shift=3.0)}, drop)
+    ev = evaluate_trait(tiny_run(experiments), methods=("mean_diff",))
+    assert ev.judge == "fake"
+    assert {p: ev.n_train[p] + ev.n_test[p] for p in ("pos", "neg")} == {"pos": 37, "neg": 39}
+    assert len(ev.held_out["mean_diff"].pos) == ev.n_test["pos"]
+    assert set(ev.held_out_examples) <= set(range(40)) - (drop["pos"] & drop["neg"])
+
+
 def test_cross_evaluate_scores_on_the_other_variants_held_out_rows(experiments, monkeypatch):
     # same direction, shifted midpoint, fewer layers: the direction transfers, the threshold not
     natural = planted(shift=3.0, layers=(5, 7), offset=10.0)
@@ -161,8 +183,9 @@ def test_report_writes_every_file_and_a_rerun_skips(tiny_experiment, monkeypatch
         assert metrics["n_test"] == {"pos": 2, "neg": 2}  # round(6 * 0.25) held-out examples
         assert "**best**" in (out / "metrics.md").read_text()
     text = summary.read_text()
-    assert "| alpha | instruction | 6/6 | 2/2 |" in text and "| beta | instruction |" in text
-    assert "not evaluated, no activations for these settings: alpha (natural)" in text
+    assert "| alpha | instruction | none | 6/6 | 2/2 |" in text
+    assert "| beta | instruction | none | 6/6 | 2/2 |" in text
+    assert "no activations or judgments for these settings: alpha (natural)" in text
     [png] = (tiny_experiment.path / "report").glob("cosine_instruction_layer*.png")
     assert png.read_bytes().startswith(PNG_MAGIC) and png.name in text
 

@@ -236,9 +236,30 @@ def test_gemma_2b_experiment_fails_at_model_loading_when_weights_are_not_cached(
     root = Path(__file__).parent.parent / "experiments"
     experiments = tmp_path / "experiments"
     shutil.copytree(root, experiments, ignore=shutil.ignore_patterns("extraction*"))
-    code = main(["run", "--experiment", "gemma_2b_cognitive", "--experiments-dir",
-                 str(experiments), "--traits", "local_global"])
+    code = main(
+        [
+            "run",
+            "--experiment",
+            "gemma_2b_cognitive",
+            "--experiments-dir",
+            str(experiments),
+            "--traits",
+            "local_global",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "google/gemma-2-2b-it" in err and "download" in err
     assert not (experiments / "gemma_2b_cognitive" / "local_global").exists()
+
+
+def test_cli_report_writes_summary_after_a_run(experiments: Path, capsys) -> None:
+    base = ["--experiment", "tiny", "--experiments-dir", str(experiments), "--traits", "alpha"]
+    assert main(["run", *base, "--n-examples", "8"]) == 0
+    assert main(["report", *base, "--n-examples", "8", "--methods", "mean_diff,probe"]) == 0
+    summary = experiments / "tiny" / "report" / "summary.md"
+    assert f"report: {summary}" in capsys.readouterr().out
+    assert "alpha" in summary.read_text()
+    assert (
+        experiments / "tiny" / "alpha" / "extraction" / "report" / "metrics_by_layer.png"
+    ).exists()

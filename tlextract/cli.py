@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import TLExtractError
+from .methods import METHODS
+from .metrics import RULES
 from .pipeline import MODES, STAGES, model_loader, run_trait, settings_for
-from .traits import VARIANTS, experiments_root, load_experiment
+from .traits import VARIANTS, Experiment, experiments_root, load_experiment
 
 COMMANDS = {**{stage: (stage,) for stage in STAGES}, "run": STAGES}
 DEFAULT_EXPERIMENT = "smollm2_cognitive"
@@ -36,10 +38,9 @@ def parse_layers(text: str) -> list[int] | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlextract", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        p = sub.add_parser(
-            name, help=f"run the {name} stage" if name != "run" else "run all stages"
-        )
+    helps = {"run": "run all stages", "report": "evaluate vectors on held-out data and plot"}
+    for name in (*COMMANDS, "report"):
+        p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
         p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
         p.add_argument(
             "--traits",
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--variant",
             default="instruction",
-            choices=VARIANTS,
+            choices=(*VARIANTS, "all") if name == "report" else VARIANTS,
             help="instruction: system-message instruction pairs; natural: prompts that "
             "elicit each pole with no instruction (natural_pos.txt / natural_neg.txt)",
         )
@@ -92,7 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
             choices=("float32", "bfloat16", "float16"),
             help="model weights; pooling and vectors are always float32",
         )
+        if name == "report":
+            p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+            p.add_argument("--test-fraction", type=float, default=0.25)
+            p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+            p.add_argument("--rule", default="auroc", choices=RULES, help="best-layer rule")
+            p.add_argument(
+                "--layer",
+                type=int,
+                default=None,
+                help="layer of the cosine matrix (default: median best layer)",
+            )
     return parser
+
+
+def report(args: argparse.Namespace, experiment: Experiment) -> None:
+    from .report import build_report  # matplotlib only when a report is asked for
+
+    path = build_report(
+        experiment,
+        None if args.traits == "all" else args.traits.split(","),
+        variants=VARIANTS if args.variant == "all" else (args.variant,),
+        methods=args.methods.split(","),
+        layer=args.layer,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        rule=args.rule,
+        model=args.model,
+        n_examples=args.n_examples,
+        layers=args.layers,
+        mode=args.mode,
+        dtype=args.dtype,
+        judge=args.judge,
+    )
+    print(f"report: {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         experiment = load_experiment(args.experiment, args.experiments_dir or experiments_root())
+        if args.command == "report":
+            report(args, experiment)
+            return 0
         traits = experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
         runs = [
             settings_for(

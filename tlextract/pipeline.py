@@ -529,6 +529,7 @@ def extract_vectors(
             "n_neg": neg.shape[0],
             "norms": [round(float(n), 6) for n in vecs.norm(dim=-1)],
             "activations_fingerprint": acts.key,
+            "fingerprint": key,
             **judge,
         },
     )
