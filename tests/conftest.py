@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tlextract.models import load_model
 
@@ -59,6 +60,15 @@ def write_experiment(root: Path, name: str = "tiny", **overrides: object) -> Pat
         for t in config["traits"]:
             write_trait(exp, t)
     return exp
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import torch
 from tlextract.activations import masked_mean, pack, pooled_activations, resolve_layers
 from tlextract.errors import TLExtractError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["Hi", "A much longer prompt with many more tokens in it than the others", "Mid size"]
 RESPONSES = [" ok then", " x", " a fairly long response that goes on for a while"]
 

@@ -22,6 +22,8 @@ from tlextract.report import build_report, cosine_matrix
 from tlextract.traits import load_experiment
 from tlextract.vectors import TraitVectors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LAYERS = (3, 5, 7)
 PLANTED = 5
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,8 +35,10 @@ def planted(
     """Gaussian noise; at block PLANTED only, pos is shifted by +shift and neg by -shift along
     the first axis (plus a common offset there, to move the class midpoint)."""
     g = torch.Generator().manual_seed(0)
-    pos, neg = torch.randn(n, len(layers), d, generator=g), torch.randn(n, len(layers), d,
-                                                                         generator=g)
+    pos, neg = (
+        torch.randn(n, len(layers), d, generator=g),
+        torch.randn(n, len(layers), d, generator=g),
+    )
     col = layers.index(PLANTED)
     pos[:, col, 0] += shift + offset
     neg[:, col, 0] += -shift + offset
@@ -48,8 +52,10 @@ def fake_activations(
 
     def selection(run) -> Selection:
         acts = by_variant[run.variant]
-        kept = {p: [i for i in getattr(acts, f"{p}_index") if i not in (drop or {}).get(p, ())]
-                for p in ("pos", "neg")}
+        kept = {
+            p: [i for i in getattr(acts, f"{p}_index") if i not in (drop or {}).get(p, ())]
+            for p in ("pos", "neg")
+        }
         return Selection(kept=kept, judgments=[], summary={"judge": "fake"})
 
     monkeypatch.setattr(evaluate, "load_activations", lambda run: by_variant[run.variant])
@@ -85,12 +91,15 @@ def test_metrics_equal_an_independent_recomputation(experiments, monkeypatch):
         tp, tn = pos[test, col] @ unit, neg[test, col] @ unit
         threshold = (pos[~test, col] @ unit).mean() / 2 + (neg[~test, col] @ unit).mean() / 2
         scores, labels = np.concatenate([tp, tn]), np.r_[np.ones(len(tp)), np.zeros(len(tn))]
-        sd = np.sqrt((tp.var(ddof=1) * (len(tp) - 1) + tn.var(ddof=1) * (len(tn) - 1))
-                     / (len(tp) + len(tn) - 2))
+        sd = np.sqrt(
+            (tp.var(ddof=1) * (len(tp) - 1) + tn.var(ddof=1) * (len(tn) - 1))
+            / (len(tp) + len(tn) - 2)
+        )
         [row] = [r for r in ev.rows if r.layer == layer]
         assert row.auroc == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
         assert row.accuracy == pytest.approx(
-            balanced_accuracy_score(labels, scores > threshold), abs=1e-6)
+            balanced_accuracy_score(labels, scores > threshold), abs=1e-6
+        )
         assert row.cohens_d == pytest.approx((tp.mean() - tn.mean()) / sd, rel=1e-4)
         assert row.gap == pytest.approx(tp.mean() - tn.mean(), rel=1e-4, abs=1e-6)
         if layer == ev.best["mean_diff"].layer:
@@ -111,8 +120,11 @@ def test_split_never_puts_an_example_on_both_sides(seed, fraction):
     side = {
         name: {index[r] for r in rows}
         for name, index, rows in (
-            ("pos_train", pos_index, split.pos_train), ("pos_test", pos_index, split.pos_test),
-            ("neg_train", neg_index, split.neg_train), ("neg_test", neg_index, split.neg_test))
+            ("pos_train", pos_index, split.pos_train),
+            ("pos_test", pos_index, split.pos_test),
+            ("neg_train", neg_index, split.neg_train),
+            ("neg_test", neg_index, split.neg_test),
+        )
     }
     train, test = side["pos_train"] | side["neg_train"], side["pos_test"] | side["neg_test"]
     assert not train & test
@@ -168,8 +180,7 @@ def tiny_experiment(tmp_path_factory):
 
 def test_report_writes_every_file_and_a_rerun_skips(tiny_experiment, monkeypatch, capsys):
     methods = ("mean_diff", "probe")
-    summary = build_report(tiny_experiment, variants=("instruction", "natural"),
-                           methods=methods)
+    summary = build_report(tiny_experiment, variants=("instruction", "natural"), methods=methods)
     first = {}
     assert summary == tiny_experiment.path / "report" / "summary.md"
     for trait in ("alpha", "beta"):
@@ -208,8 +219,10 @@ def test_cosine_matrix_is_symmetric_with_ones_on_the_diagonal(tiny_experiment):
     assert cm.traits == ["alpha", "beta"] and m.shape == (2, 2)
     torch.testing.assert_close(m, m.T)
     torch.testing.assert_close(m.diagonal(), torch.ones(2, dtype=torch.float64))
-    a, b = (TraitVectors.load(tiny_experiment.path / t / "extraction" / "vectors" /
-                              "mean_diff.pt")[1] for t in cm.traits)
+    a, b = (
+        TraitVectors.load(tiny_experiment.path / t / "extraction" / "vectors" / "mean_diff.pt")[1]
+        for t in cm.traits
+    )
     assert m[0, 1].item() == pytest.approx(torch.cosine_similarity(a, b, dim=0).item(), abs=1e-5)
     assert json.loads(cm.json.read_text())["matrix"] == cm.matrix
     assert cm.png.read_bytes().startswith(PNG_MAGIC)

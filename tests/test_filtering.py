@@ -14,6 +14,8 @@ from tlextract.judge import Score
 from tlextract.pipeline import load_activations, load_selection, run_trait, settings_for
 from tlextract.traits import load_experiment
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class FakeJudge:
     """Scores by a rule on the filled prompt, and counts the prompts it was asked about."""

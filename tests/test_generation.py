@@ -3,10 +3,13 @@ run one prompt at a time."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tlextract.generation import generate_batch, left_pad, stop_token_ids
 from tlextract.traits import GenerationSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Very different lengths, so left padding is heavy for the short ones.
 TEXTS = [

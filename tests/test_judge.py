@@ -34,14 +34,7 @@ KEY_ENV = "TLX_TEST_JUDGE_KEY"
 EVAL = "Rate the trait.\nQ: {question}\nA: {answer}\nScore:"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The models here are tiny: a second intra-op thread only adds synchronisation, which on a
-    shared 2-core machine made these tests ~10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ============================================================================================

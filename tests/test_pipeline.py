@@ -17,6 +17,8 @@ from tlextract.pipeline import load_activations, run_trait, settings_for
 from tlextract.traits import load_experiment
 from tlextract.vectors import TraitVectors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _run(experiments: Path, trait: str = "alpha", get_model=None, **overrides) -> TraitVectors:
     run = settings_for(load_experiment("tiny", experiments), trait, **overrides)
