@@ -15,7 +15,7 @@ model ?=
 variant ?=
 ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(if $(variant),--variant $(variant)) $(EXTRA)
 
-.PHONY: install run traits report test test-fast check clean-venv
+.PHONY: install run traits report test test-fast bench check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -46,6 +46,10 @@ test: $(STAMP)
 # Skips the model-level tests (embedded models); CI runs everything through `make test`.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# Speed benchmarks (pytest-benchmark); not part of make test.
+bench: $(STAMP)
+	$(PY) -m pytest tests/benchmarks --benchmark-only -m bench
 
 check: $(STAMP)
 	$(PY) -m ruff check tlextract tests
