@@ -151,8 +151,9 @@ def test_changed_layers_recompute_activations_but_not_responses(experiments: Pat
     ("argv", "message"),
     [
         (["--traits", "gamma"], "unknown trait 'gamma'"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--n-examples", "0"], "--n-examples must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be an integer of at least 1 or 'auto'"),
+        (["--batch-size", "auto", "--memory-budget", "0"], "--memory-budget must be a positive"),
+        (["--n-examples", "0"], "--n-examples must be an integer of at least 1"),
         (["--layers", "7"], "layers [7] do not exist"),
         (["--experiment", "nope"], "unknown experiment 'nope'"),
         (["--model", "no-such-model-anywhere"], "no-such-model-anywhere"),

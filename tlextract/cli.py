@@ -35,6 +35,17 @@ def parse_layers(text: str) -> list[int] | str:
     return layers
 
 
+def parse_batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use a positive integer (1 is serial) or 'auto'"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlextract", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,7 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--n-examples", "--n_examples", type=int, default=None, help="responses per polarity"
         )
-        p.add_argument("--batch-size", "--batch_size", type=int, default=None)
+        p.add_argument(
+            "--batch-size",
+            "--batch_size",
+            type=parse_batch_size,
+            default=None,
+            help="prompts per batch (1: serial), or 'auto': the largest that fits --memory-budget",
+        )
+        p.add_argument(
+            "--memory-budget",
+            type=float,
+            default=None,
+            help="GiB that --batch-size auto may use beyond the weights (default: half the "
+            "available RAM on CPU, 80%% of free GPU memory)",
+        )
         p.add_argument(
             "--layers",
             type=parse_layers,
@@ -145,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model=args.model,
                 n_examples=args.n_examples,
                 batch_size=args.batch_size,
+                memory_budget_gib=args.memory_budget,
                 layers=args.layers,
                 device=args.device,
                 dtype=args.dtype,

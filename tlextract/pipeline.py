@@ -27,10 +27,12 @@ from transformer_lens import HookedTransformer
 
 from . import methods
 from .activations import hook_name, pooled_activations, resolve_layers
+from .autobatch import auto_batch_size
 from .errors import TLExtractError
+from .fast import accelerate
 from .filtering import Selection, select, split_config
 from .generation import generate_batch, tokenize
-from .fast import accelerate
+from .memory import GiB, HalvingBatches
 from .models import load_model
 from .store import (
     META,
@@ -61,13 +63,14 @@ class RunSettings:
     trait: Trait
     model: str
     n_examples: int
-    batch_size: int
+    batch_size: int | Literal["auto"]
     layers: tuple[int, ...] | Literal["all"]
     device: str | None = None
     dtype: str = "float32"
     mode: Mode = "two-stage"
     variant: Variant = "instruction"
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    memory_budget_gib: float | None = None  # for batch_size "auto"; None: memory.default_budget
 
     @property
     def out_dir(self) -> Path:
@@ -83,19 +86,29 @@ def settings_for(
     *,
     model: str | None = None,
     n_examples: int | None = None,
-    batch_size: int | None = None,
+    batch_size: int | Literal["auto"] | None = None,
     layers: Sequence[int] | Literal["all"] | None = None,
     device: str | None = None,
     dtype: str = "float32",
     mode: Mode = "two-stage",
     variant: Variant = "instruction",
     judge: Literal["none", "local"] | None = None,
+    memory_budget_gib: float | None = None,
 ) -> RunSettings:
     """Settings for one trait; arguments left as None take the experiment's. ``judge`` switches
-    the experiment's judge off ("none") or to the studied model itself ("local")."""
+    the experiment's judge off ("none") or to the studied model itself ("local").
+    ``batch_size="auto"`` picks the largest batch that fits ``memory_budget_gib``."""
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
-        if value is not None and value < 1:
-            raise TLExtractError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+        if value is not None and value != "auto" and (not isinstance(value, int) or value < 1):
+            extra = " or 'auto'" if name == "batch_size" else ""
+            raise TLExtractError(
+                f"--{name.replace('_', '-')} must be an integer of at least 1{extra} "
+                f"(got {value!r})."
+            )
+    if memory_budget_gib is not None and memory_budget_gib <= 0:
+        raise TLExtractError(
+            f"--memory-budget must be a positive number of GiB (got {memory_budget_gib})."
+        )
     if mode not in MODES:
         raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
     if variant not in VARIANTS:
@@ -114,6 +127,7 @@ def settings_for(
         mode=mode,
         variant=variant,
         judge=_judge_config(experiment.judge, judge),
+        memory_budget_gib=memory_budget_gib,
     )
 
 
@@ -183,6 +197,19 @@ def responses_key(run: RunSettings) -> str:
     )
 
 
+def _batch_size(
+    run: RunSettings, model: HookedTransformer, length: int, n_items: int, layers: Sequence[int]
+) -> int:
+    """The run's batch size; for "auto", the largest that fits the memory budget for rows of
+    ``length`` tokens (from peaks measured on this model)."""
+    if run.batch_size != "auto":
+        return run.batch_size
+    budget = None if run.memory_budget_gib is None else run.memory_budget_gib * GiB
+    size = auto_batch_size(model, length, n_items, layers, run.experiment.hook, budget)
+    print(f"[{run.trait.name}] batch size auto: {size}")
+    return size
+
+
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped by prompt length (longest first) so rows in a batch pad little."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -206,26 +233,32 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
         if run.mode == "combined"
         else []
     )
-    shards = shard_dir(stage, fingerprint([key, run.batch_size]))
+    gen = run.experiment.generation
+    size = _batch_size(
+        run, model, max(map(len, prompt_ids)) + gen.max_new_tokens, len(prompt_ids), layers
+    )
+    shards = shard_dir(stage, fingerprint([key, size]))
     clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
     shards.mkdir(parents=True, exist_ok=True)
-    batches = _batches([len(p) for p in prompt_ids], run.batch_size)
+    seeds = [
+        _example_seed(run.experiment.seed, run.trait.name, e.polarity, e.index) for e in examples
+    ]
+    halving = HalvingBatches(size, model.cfg.device)
+    batches = _batches([len(p) for p in prompt_ids], size)
     bar = tqdm(batches, desc=f"[{run.trait.name}] generate", unit="batch")
     for b, idx in enumerate(bar):
         path = shards / f"batch_{b:05d}.pt"
         if path.exists():
             continue  # finished before an interruption
-        gens = generate_batch(
-            model,
-            [prompt_ids[i] for i in idx],
-            run.experiment.generation,
-            [
-                _example_seed(
-                    run.experiment.seed, run.trait.name, examples[i].polarity, examples[i].index
-                )
-                for i in idx
-            ],
-            capture=capture,
+        gens = halving.run(
+            idx,
+            lambda chunk: generate_batch(
+                model,
+                [prompt_ids[i] for i in chunk],
+                gen,
+                [seeds[i] for i in chunk],
+                capture=capture,
+            ),
         )
         records = [
             {
@@ -269,7 +302,9 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
             prompt_style=run.experiment.prompt_style,
             generation=asdict(run.experiment.generation),
             seed=run.experiment.seed,
-            batch_size=run.batch_size,
+            batch_size=size,
+            batch_size_requested=run.batch_size,
+            batch_size_after_oom=halving.size if halving.size != size else None,
             mode=run.mode,
         ),
     )
@@ -350,24 +385,31 @@ def extract_activations(
         )
     model = get_model()
     layers = resolve_layers(run.layers, model.cfg.n_layers)
-    shards = shard_dir(stage, fingerprint([key, run.batch_size]))
-    clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
-    shards.mkdir(parents=True, exist_ok=True)
     rows = [r for r in responses if r["n_response_tokens"] > 0]
     total = [len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows]
-    batches = _batches(total, run.batch_size)
+    size = _batch_size(run, model, max(total), len(rows), layers)
+    shards = shard_dir(stage, fingerprint([key, size]))
+    clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
+    shards.mkdir(parents=True, exist_ok=True)
+    halving = HalvingBatches(size, model.cfg.device)
+    batches = _batches(total, size)
     for b, idx in enumerate(tqdm(batches, desc=f"[{run.trait.name}] activations", unit="batch")):
         path = shards / f"batch_{b:05d}.pt"
         if path.exists():
             continue
-        acts = pooled_activations(
-            model,
-            [rows[i]["prompt_ids"] for i in idx],
-            [rows[i]["response_ids"] for i in idx],
-            layers,
-            run.experiment.hook,
+        acts = halving.run(
+            idx,
+            lambda chunk: list(
+                pooled_activations(
+                    model,
+                    [rows[i]["prompt_ids"] for i in chunk],
+                    [rows[i]["response_ids"] for i in chunk],
+                    layers,
+                    run.experiment.hook,
+                )
+            ),
         )
-        save_tensors(path, {"rows": idx, "acts": acts})
+        save_tensors(path, {"rows": idx, "acts": torch.stack(acts)})
     pooled: dict[tuple[str, int], Tensor] = {}
     for p in sorted(shards.glob("batch_*.pt")):
         shard = load_tensors(p)

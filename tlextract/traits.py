@@ -193,7 +193,7 @@ class Experiment:
     hook: str = "resid_post"
     prompt_style: Literal["chat", "completion"] = "chat"
     n_examples: int = 20
-    batch_size: int = 8
+    batch_size: int | Literal["auto"] = 8
     seed: int = 0
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
@@ -280,12 +280,12 @@ def load_experiment(name: str, root: Path | None = None) -> Experiment:
         'must be "chat" (chat template) or "completion" (plain Q/A text).',
     )
     for key in ("n_examples", "batch_size", "seed"):
-        if key in data:
+        if key in data and not (key == "batch_size" and data[key] == "auto"):
             _require(
                 isinstance(data[key], int) and data[key] >= (0 if key == "seed" else 1),
                 path,
                 key,
-                "must be a positive integer.",
+                'must be a positive integer' + (' or "auto".' if key == "batch_size" else "."),
             )
     exp = Experiment(
         name=name,

@@ -1,0 +1,151 @@
+"""Memory measurement, the fitted memory model, --batch-size auto, and halving on out-of-memory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tlextract.pipeline as pipeline
+from tlextract.autobatch import measure_peaks
+from tlextract.errors import TLExtractError
+from tlextract.memory import (
+    HalvingBatches,
+    MemoryModel,
+    PeakMemory,
+    fit_memory_model,
+    is_out_of_memory,
+)
+from tlextract.models import DEFAULT_MODEL, load_model
+from tlextract.pipeline import run_trait, settings_for
+from tlextract.traits import load_experiment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MiB = 2**20
+
+
+def test_peak_memory_sees_a_tensor_freed_inside_the_block() -> None:
+    with PeakMemory() as m:
+        big = torch.ones(64 * MiB // 4)  # 64 MiB of float32
+        time.sleep(0.05)  # long enough for the sampler
+        del big
+    assert 64 * MiB <= m.peak < 72 * MiB
+
+
+def test_fit_recovers_planted_coefficients_and_never_goes_negative() -> None:
+    true = MemoryModel(3e6, 2e5, 7e4)
+    shapes = [(1, 32), (2, 64), (4, 32), (4, 64), (2, 128)]
+    fitted = fit_memory_model([(b, n, true.predict(b, n)) for b, n in shapes])
+    for got, want in zip(
+        (fitted.c0, fitted.c1, fitted.c2), (true.c0, true.c1, true.c2), strict=True
+    ):
+        assert got == pytest.approx(want, rel=1e-6)
+    # Peaks that shrink with more rows would fit a negative per-row cost; it is clamped to 0.
+    odd = fit_memory_model([(1, 10, 5e6), (2, 10, 4e6), (4, 10, 3e6), (8, 10, 2e6)])
+    assert min(odd.c0, odd.c1, odd.c2) >= 0
+
+
+def test_largest_batch_is_the_largest_that_fits() -> None:
+    m = MemoryModel(0.0, 0.0, 1.0)  # one byte per token
+    assert m.largest_batch(length=100, budget=1000.0, limit=64) == 10
+    assert m.largest_batch(length=100, budget=1000.0, limit=4) == 4
+    assert m.largest_batch(length=100, budget=50.0, limit=64) == 1  # never 0
+
+
+def _oom_above(limit: int, calls: list[int]):
+    def work(chunk: list[int]) -> list[int]:
+        calls.append(len(chunk))
+        if len(chunk) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [x * 10 for x in chunk]
+
+    return work
+
+
+def test_halving_retries_smaller_keeps_order_and_remembers_the_size() -> None:
+    calls: list[int] = []
+    halving = HalvingBatches(8)
+    assert halving.run(list(range(8)), _oom_above(3, calls)) == [x * 10 for x in range(8)]
+    assert halving.size == 2
+    assert calls == [8, 4, 2, 2, 2, 2]
+    calls.clear()
+    halving.run(list(range(8, 12)), _oom_above(3, calls))
+    assert calls == [2, 2]  # the next batch starts at the size that worked
+
+
+def test_halving_gives_up_with_a_clear_error_and_passes_other_errors_through() -> None:
+    with pytest.raises(TLExtractError, match="out of memory .* single example"):
+        HalvingBatches(4).run([1, 2, 3], _oom_above(0, []))
+
+    def broken(chunk: list[int]) -> list[int]:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        HalvingBatches(4).run([1, 2], broken)
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+
+
+def test_pipeline_recovers_from_out_of_memory_by_halving(
+    experiments: Path, tmp_path: Path, monkeypatch
+) -> None:
+    clean = tmp_path / "clean"
+    shutil.copytree(experiments, clean)
+    reference = run_trait(settings_for(load_experiment("tiny", clean), "alpha", batch_size=8))
+
+    for name in ("generate_batch", "pooled_activations"):
+        real = getattr(pipeline, name)
+
+        def small_only(model, prompts, *args, _real=real, **kwargs):
+            if len(prompts) > 2:
+                raise torch.OutOfMemoryError("out of memory")
+            return _real(model, prompts, *args, **kwargs)
+
+        monkeypatch.setattr(pipeline, name, small_only)
+    vectors = run_trait(settings_for(load_experiment("tiny", experiments), "alpha", batch_size=8))
+    assert vectors is not None and reference is not None
+    torch.testing.assert_close(vectors.vectors, reference.vectors, rtol=1e-5, atol=1e-5)
+    meta = json.loads(
+        (experiments / "tiny" / "alpha" / "extraction" / "responses" / "meta.json").read_text()
+    )
+    assert meta["batch_size"] == 8 and meta["batch_size_after_oom"] == 2
+
+
+@pytest.mark.parametrize(("budget_gib", "expected"), [(1e-9, 1), (64.0, 12)])
+def test_auto_batch_size_follows_the_budget(
+    experiments: Path, budget_gib: float, expected: int
+) -> None:
+    exp = load_experiment("tiny", experiments)
+    run = settings_for(exp, "alpha", batch_size="auto", memory_budget_gib=budget_gib)
+    assert run_trait(run) is not None
+    meta = json.loads((run.stage_dir("generate") / "meta.json").read_text())
+    # A budget too small for anything still runs one at a time; a huge one takes every prompt
+    # (6 per polarity) in one batch.
+    assert meta["batch_size_requested"] == "auto"
+    assert meta["batch_size"] == expected
+
+
+def test_experiment_file_accepts_auto_and_rejects_words(experiments: Path) -> None:
+    path = experiments / "tiny" / "experiment.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "batch_size": "auto"}))
+    assert load_experiment("tiny", experiments).batch_size == "auto"
+    path.write_text(json.dumps({**config, "batch_size": "big"}))
+    with pytest.raises(TLExtractError, match='batch_size.*positive integer or "auto"'):
+        load_experiment("tiny", experiments)
+
+
+@pytest.mark.slow
+def test_memory_model_fitted_on_small_probes_predicts_a_large_batch() -> None:
+    """On the default model: fit on the shipped probes, predict a batch 8x larger in tokens."""
+    from tlextract.autobatch import PROBES
+    from tlextract.fast import accelerate
+
+    model = accelerate(load_model(DEFAULT_MODEL))
+    layers = list(range(model.cfg.n_layers))
+    fitted = fit_memory_model(measure_peaks(model, layers, "resid_post", PROBES))
+    [(b, n, actual)] = measure_peaks(model, layers, "resid_post", [(8, 128)])
+    assert fitted.predict(b, n) == pytest.approx(actual, rel=0.15)

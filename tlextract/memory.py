@@ -1,0 +1,187 @@
+"""Memory: measure a call's peak, fit memory vs batch size and sequence length, pick a batch size
+that fits a budget, and halve the batch when a device runs out of memory anyway.
+
+The model of extra memory (beyond the weights) for ``b`` rows of ``n`` tokens is
+``c0 + c1*b + c2*b*n``: next-token logits grow with the rows, the KV cache and cached hook outputs
+with every token of every row. (Attention scores grow with the square of the length, but at the
+lengths of trait prompts they are a few percent of the rest; a quadratic term fitted to small probes
+extrapolated far worse than leaving it out.) Its coefficients are fitted to peaks measured
+on the real work (generation and the teacher-forced pass) at a few small shapes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from .errors import TLExtractError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+GiB = 1024**3
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+            "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _cpu_in_use() -> Callable[[], int]:
+    """Bytes currently allocated through malloc (glibc), or the resident set size elsewhere.
+
+    malloc's own count (small-block arena plus mmapped blocks) is exact whatever the allocator
+    keeps cached, where RSS only grows once freed pages are retained."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+        fn.restype = _MallInfo2
+
+        def in_use() -> int:
+            info = fn()
+            return int(info.uordblks + info.hblkhd)
+
+        return in_use
+    except (OSError, AttributeError):
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def rss() -> int:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * page
+
+        return rss
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.peak`` is the most memory the block
+    held at once beyond what was allocated before it, in bytes.
+
+    CUDA uses the allocator's exact peak; on CPU a thread samples malloc's count every
+    millisecond, so a spike shorter than that can be missed (the fit adds a margin)."""
+
+    def __init__(self, device: torch.device | str | None = "cpu", interval: float = 1e-3):
+        self.device = torch.device(device or "cpu")
+        self.interval = interval
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._in_use = _cpu_in_use()
+        self._base = self._top = self._in_use()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._top = max(self._top, self._in_use())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._top, self._in_use()) - self._base
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Extra bytes for ``batch`` rows of ``length`` tokens: c0 + c1*b + c2*b*n."""
+
+    c0: float
+    c1: float
+    c2: float
+
+    def predict(self, batch: int, length: int) -> float:
+        return self.c0 + self.c1 * batch + self.c2 * batch * length
+
+    def largest_batch(self, length: int, budget: float, limit: int) -> int:
+        """The largest batch in [1, limit] predicted to fit ``budget`` bytes (at least 1)."""
+        fits = [b for b in range(1, limit + 1) if self.predict(b, length) <= budget]
+        return max(fits, default=1)
+
+
+def fit_memory_model(points: Sequence[tuple[int, int, float]]) -> MemoryModel:
+    """Least squares over measured ``(batch, length, peak bytes)``, coefficients kept >= 0."""
+    if len(points) < 3:
+        raise ValueError("fit_memory_model needs at least 3 measurements")
+    x = torch.tensor([[1.0, b, b * n] for b, n, _ in points], dtype=torch.float64)
+    y = torch.tensor([p for _, _, p in points], dtype=torch.float64)
+    coef = torch.linalg.lstsq(x, y).solution
+    if (coef < 0).any():  # a negative term would predict less memory for bigger work
+        keep = coef >= 0
+        coef = torch.zeros_like(coef)
+        coef[keep] = torch.linalg.lstsq(x[:, keep], y).solution.clamp(min=0)
+    return MemoryModel(*(float(c) for c in coef))
+
+
+def default_budget(device: torch.device | str | None) -> int:
+    """Half the memory available now on CPU (the OS and other programs need the rest); 80% of
+    the free memory on a GPU."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024 // 2
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
+class HalvingBatches:
+    """Run work in chunks of at most ``size`` items; on out-of-memory, halve ``size`` and retry
+    the chunk. The smaller size sticks for later calls, so each size fails at most once."""
+
+    def __init__(self, size: int, device: torch.device | str | None = "cpu"):
+        self.size = size
+        self.device = torch.device(device or "cpu")
+
+    def run(self, items: Sequence[T], work: Callable[[list[T]], list]) -> list:
+        out: list = []
+        start = 0
+        while start < len(items):
+            chunk = list(items[start : start + self.size])
+            try:
+                out.extend(work(chunk))
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                if len(chunk) == 1:
+                    raise TLExtractError(
+                        f"out of memory on {self.device} with a single example; use a smaller "
+                        "model, --dtype bfloat16 on a GPU, or fewer generation.max_new_tokens."
+                    ) from e
+                self.size = len(chunk) // 2
+                log.warning("out of memory at batch size %d; retrying at %d", len(chunk), self.size)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
+        return out
