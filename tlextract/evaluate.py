@@ -29,7 +29,7 @@ from .filtering import Selection
 from .methods import METHODS, get_method, run_method
 from .metrics import RULES, LayerMetrics, best_layer, evaluate_vectors, project, split_indices
 from .pipeline import Activations, RunSettings, load_activations, load_selection
-from .store import META, atomic_path, fingerprint, read_json, stage_done, write_json
+from .store import META, fingerprint, read_json, stage_done, write_json, write_text
 from .traits import POLARITIES
 
 # (pos, neg) activations of one side of a split at the evaluated layers; "_" dims are unchecked
@@ -157,7 +157,8 @@ class _Loaded:
     judge: str
 
 
-def _load(run: RunSettings) -> _Loaded:
+def load_kept(run: RunSettings) -> _Loaded:
+    """The run's activations of the examples the judge kept, and the judge's name."""
     selection = load_selection(run)
     return _Loaded(run, kept_activations(load_activations(run), selection),
                    selection.summary["judge"])
@@ -278,7 +279,7 @@ def evaluate_trait(
     ``metrics.json`` back instead.
     """
     _check_request(methods, rule)
-    loaded = _load(run)
+    loaded = load_kept(run)
     out, key = report_dir(run), evaluation_key(loaded.acts, methods, test_fraction, seed, rule)
     if stage_done(out, key) and (out / "metrics.json").exists():
         print(f"[{run.trait.name}] evaluation: up to date, skipped ({out})")
@@ -317,7 +318,7 @@ def cross_evaluate(
     Not cached: fitting is cheap next to extraction.
     """
     _check_request(methods, rule)
-    return _evaluate(_load(train_run), _load(test_run), methods, test_fraction, seed, rule)
+    return _evaluate(load_kept(train_run), load_kept(test_run), methods, test_fraction, seed, rule)
 
 
 def load_evaluation(path: Path) -> TraitEvaluation:
@@ -329,11 +330,6 @@ def load_evaluation(path: Path) -> TraitEvaluation:
         "best": {m: LayerMetrics(**r) for m, r in d["best"].items()},
         "held_out": {m: HeldOut(**h) for m, h in d["held_out"].items()},
     })
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------

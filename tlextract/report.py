@@ -51,6 +51,7 @@ from .pipeline import (
 )
 from .store import atomic_path, stage_done, write_json
 from .traits import POLARITIES, Experiment, Variant
+from .variants import TraitComparison, compare_variants, comparison_json, comparison_markdown
 from .vectors import TraitVectors
 
 PANELS = (  # metric field, axis label, chance level
@@ -333,6 +334,21 @@ def summary_markdown(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _compare(
+    runs: Sequence[tuple[RunSettings, TraitEvaluation]], test_fraction: float, seed: int
+) -> list[TraitComparison]:
+    """Variant comparisons for every trait evaluated under more than one variant."""
+    by_trait: dict[str, dict[str, tuple[RunSettings, TraitEvaluation]]] = {}
+    for run, ev in runs:
+        by_trait.setdefault(run.trait.name, {})[run.variant] = (run, ev)
+    return [
+        compare_variants({v: r for v, (r, _) in done.items()},
+                         {v: e for v, (_, e) in done.items()}, test_fraction, seed)
+        for done in by_trait.values()
+        if len(done) > 1
+    ]
+
+
 def build_report(
     experiment: Experiment,
     traits: Sequence[str] | None = None,
@@ -379,7 +395,13 @@ def build_report(
             at = layer if layer is not None else _default_layer([ev for _, ev in done])
             matrices.append(cosine_matrix(experiment, at, variant, traits=traits, out_dir=out,
                                           **overrides))
+    comparisons = _compare(runs, test_fraction, seed) if len(variants) > 1 else []
+    if comparisons:
+        write_json(out / "variants.json", comparison_json(comparisons))
     path = out / "summary.md"
-    write_text(path, summary_markdown(experiment, runs, not_run, matrices, out))
+    summary = summary_markdown(experiment, runs, not_run, matrices, out)
+    if comparisons:
+        summary += "\n" + "\n".join(comparison_markdown(comparisons)) + "\n"
+    write_text(path, summary)
     print(f"[{experiment.name}] report: {len(runs)} trait runs -> {path}")
     return path
