@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import PAIRS, QUESTIONS, write_experiment, write_trait
 
-from tests.conftest import PAIRS, QUESTIONS, write_experiment, write_trait
 from tlextract.errors import TLExtractError
+from tlextract.pipeline import settings_for
 from tlextract.traits import load_experiment, load_trait, plan_examples
 
 BROKEN_TRAITS = [
@@ -166,3 +167,13 @@ def test_natural_prompts_need_both_sides(tmp_path: Path) -> None:
 
 def test_trait_without_natural_files_has_none(tmp_path: Path) -> None:
     assert load_trait(write_trait(tmp_path, "t", natural=False)).natural is None
+
+
+def test_experiment_variant_sets_the_runs_default_and_is_validated(tmp_path: Path) -> None:
+    write_experiment(tmp_path, variant="natural")
+    exp = load_experiment("tiny", tmp_path)
+    assert settings_for(exp, "alpha").variant == "natural"
+    assert settings_for(exp, "alpha", variant="instruction").variant == "instruction"
+    write_experiment(tmp_path, variant="spontaneous")
+    with pytest.raises(TLExtractError, match="field 'variant' must be one of instruction, natural"):
+        load_experiment("tiny", tmp_path)

@@ -91,7 +91,7 @@ def settings_for(
     device: str | None = None,
     dtype: str = "float32",
     mode: Mode = "two-stage",
-    variant: Variant = "instruction",
+    variant: Variant | None = None,
     judge: Literal["none", "local"] | None = None,
     memory_budget_gib: float | None = None,
 ) -> RunSettings:
@@ -111,6 +111,7 @@ def settings_for(
         )
     if mode not in MODES:
         raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
+    variant = variant or experiment.variant
     if variant not in VARIANTS:
         raise TLExtractError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
     return RunSettings(

@@ -353,7 +353,7 @@ def build_report(
     experiment: Experiment,
     traits: Sequence[str] | None = None,
     *,
-    variants: Sequence[Variant] = ("instruction",),
+    variants: Sequence[Variant] | None = None,
     methods: Sequence[str] = tuple(METHODS),
     layer: int | None = None,
     test_fraction: float = 0.25,
@@ -370,6 +370,7 @@ def build_report(
     ``layer`` (default: the median of the traits' best mean_diff layers) is the cosine
     matrix's layer.
     """
+    variants = variants or (experiment.variant,)
     out = experiment_report_dir(experiment, overrides.get("model"))
     runs: list[tuple[RunSettings, TraitEvaluation]] = []
     not_run: list[RunSettings] = []

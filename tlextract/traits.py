@@ -198,6 +198,7 @@ class Experiment:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     traits: tuple[str, ...] = ()
+    variant: Variant = "instruction"  # what a run uses unless told otherwise
     traits_from: str | None = None
 
     @property
@@ -287,6 +288,8 @@ def load_experiment(name: str, root: Path | None = None) -> Experiment:
                 key,
                 'must be a positive integer' + (' or "auto".' if key == "batch_size" else "."),
             )
+    variant = data.get("variant", "instruction")
+    _require(variant in VARIANTS, path, "variant", f"must be one of {', '.join(VARIANTS)}.")
     exp = Experiment(
         name=name,
         path=exp_dir,
@@ -300,6 +303,7 @@ def load_experiment(name: str, root: Path | None = None) -> Experiment:
         generation=GenerationSettings(**gen),
         judge=data.get("judge", {"kind": "none"}),
         traits=tuple(data.get("traits", ())),
+        variant=variant,
         traits_from=data.get("traits_from"),
     )
     if exp.traits_from is not None and not (root / exp.traits_from).is_dir():
