@@ -120,17 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             raise TLExtractError(f"{exp.name}: no responses yet; run `make traits` first.")
         judge = LocalJudge(model_loader(runs[0])(), min_mass=args.min_mass)
-        results = [
-            measure(judge, run.trait.eval_prompt, list(load_responses(run)[0]),
-                    run.trait.name, run.variant)
-            for run in tqdm(runs, desc="judge agreement", unit="run")
-        ]  # fmt: skip
+        out = experiment_report_dir(exp)
+        results = []
+        for run in tqdm(runs, desc="judge agreement", unit="run"):
+            rows = list(load_responses(run)[0])
+            results.append(measure(judge, run.trait.eval_prompt, rows, run.trait.name, run.variant))
+            # Written after every run: a long measurement keeps what it has if stopped.
+            write_json(out / "judge_agreement.json", [asdict(a) for a in results])
+            write_text(out / "judge_agreement.md", markdown(results, judge.name, args.min_mass))
     except TLExtractError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = experiment_report_dir(exp)
-    write_json(out / "judge_agreement.json", [asdict(a) for a in results])
-    write_text(out / "judge_agreement.md", markdown(results, judge.name, args.min_mass))
     print(markdown(results, judge.name, args.min_mass))
     print(f"judge agreement -> {out / 'judge_agreement.md'}")
     return 0
