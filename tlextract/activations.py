@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from .errors import TLExtractError
-from .generation import left_pad
+from .generation import device_of, left_pad, tokenizer_of
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -77,7 +77,7 @@ def pooled_activations(
 ) -> Float[Tensor, "batch layer d_model"]:
     """One teacher-forced pass; the hook's output at each response token, averaged per example."""
     tokens, attn, response = pack(
-        prompt_ids, response_ids, model.tokenizer.pad_token_id, model.cfg.device
+        prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
     )
     names = [hook_name(hook, layer) for layer in layers]
     _, cache = model.run_with_cache(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from transformer_lens import HookedTransformer
 
 from .activations import hook_name, pooled_activations
-from .generation import generate_batch
+from .generation import generate_batch, tokenizer_of
 from .memory import GiB, MemoryModel, PeakMemory, default_budget, fit_memory_model
 from .traits import GenerationSettings
 
@@ -29,7 +29,7 @@ def measure_peaks(
 ) -> list[tuple[int, int, float]]:
     """Peak extra bytes of generating (with activation capture) and of the teacher-forced pass,
     whichever is larger, for each (rows, tokens per row)."""
-    filler = model.tokenizer.encode(" the", add_special_tokens=False)[0]
+    filler = tokenizer_of(model).encode(" the", add_special_tokens=False)[0]
     names = [hook_name(hook, layer) for layer in layers]
     greedy = GenerationSettings(max_new_tokens=PROBE_NEW_TOKENS, do_sample=False)
     points = []

@@ -69,7 +69,7 @@ def select(
             and passes_filter(j, r["polarity"] == "pos", rules["threshold"], rules["min_coherence"])
             for r, j in zip(rows, judgments, strict=True)
         ]
-    kept = {
+    kept: dict[str, list[int]] = {
         p: [r["index"] for r, k in zip(rows, keep, strict=True) if k and r["polarity"] == p]
         for p in POLARITIES
     }

@@ -17,15 +17,31 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .errors import TLExtractError
 from .traits import GenerationSettings
+
+Hook = tuple[str | Callable[..., object], Callable[..., object]]
 
 # End-of-turn markers of chat templates; generation stops at these as well as at eos.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 
+def tokenizer_of(model: HookedTransformer) -> PreTrainedTokenizerBase:
+    if model.tokenizer is None:
+        raise TLExtractError(
+            f"model {model.cfg.model_name!r} has no tokenizer; load it with tlextract.load_model"
+        )
+    return model.tokenizer
+
+
+def device_of(model: HookedTransformer) -> str | torch.device:
+    return model.cfg.device or "cpu"
+
+
 def stop_token_ids(model: HookedTransformer) -> list[int]:
-    tok = model.tokenizer
+    tok = tokenizer_of(model)
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     vocab = tok.get_vocab()
     ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
@@ -35,7 +51,7 @@ def stop_token_ids(model: HookedTransformer) -> list[int]:
 def tokenize(model: HookedTransformer, texts: Sequence[str], style: str) -> list[list[int]]:
     """Chat-template text already holds its special tokens; completion text gets the tokenizer's
     own (e.g. BOS)."""
-    enc = model.tokenizer(list(texts), add_special_tokens=(style == "completion"))
+    enc = tokenizer_of(model)(list(texts), add_special_tokens=(style == "completion"))
     return [list(ids) for ids in enc["input_ids"]]
 
 
@@ -112,7 +128,7 @@ class _Capture:
         self.rows: list[int] = list(range(n_rows))
         self.recording = False
 
-    def hooks(self) -> list[tuple[str, Callable[..., None]]]:
+    def hooks(self) -> list[Hook]:
         def record(j: int) -> Callable[..., None]:
             def hook(act: Tensor, hook: object) -> None:
                 if self.recording:
@@ -155,9 +171,9 @@ def _generate(
     seeds: Sequence[int],
     recorder: _Capture,
 ) -> list[Generation]:
-    device = model.cfg.device
+    device = device_of(model)
     stops = torch.tensor(stop_token_ids(model), device=device)
-    tokens, mask = left_pad(prompt_ids, model.tokenizer.pad_token_id, device)
+    tokens, mask = left_pad(prompt_ids, tokenizer_of(model).pad_token_id, device)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompt_ids))
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     rows = list(range(len(prompt_ids)))  # original index of each row still in the batch

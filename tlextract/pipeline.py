@@ -31,7 +31,7 @@ from .autobatch import auto_batch_size
 from .errors import TLExtractError
 from .fast import accelerate
 from .filtering import Selection, select, split_config
-from .generation import generate_batch, tokenize
+from .generation import generate_batch, tokenize, tokenizer_of
 from .memory import GiB, HalvingBatches
 from .models import load_model
 from .store import (
@@ -266,7 +266,7 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
                 **asdict(examples[i]),
                 "prompt_ids": prompt_ids[i],
                 "response_ids": g.response_ids,
-                "response": model.tokenizer.decode(g.response_ids, skip_special_tokens=True),
+                "response": tokenizer_of(model).decode(g.response_ids, skip_special_tokens=True),
                 "n_prompt_tokens": len(prompt_ids[i]),
                 "n_response_tokens": len(g.response_ids),
                 "stopped": g.stopped,
