@@ -23,9 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import TLExtractError
+from .fast import accelerate
 from .judge import DEFAULT_MIN_MASS, fill_prompt
 from .judge_local import LocalJudge
 from .metrics import auroc
+from .models import load_model
 from .pipeline import load_responses, model_loader, responses_key, settings_for
 from .report import experiment_report_dir
 from .store import stage_done, write_json, write_text
@@ -110,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--traits", default="all")
     parser.add_argument("--variant", default="all", choices=(*VARIANTS, "all"))
     parser.add_argument("--min-mass", type=float, default=DEFAULT_MIN_MASS)
+    parser.add_argument(
+        "--judge-model", default=None, help="a model tlextract can load (default: the studied one)"
+    )
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.experiment, experiments_root())
@@ -119,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [r for r in runs if stage_done(r.stage_dir("generate"), responses_key(r))]
         if not runs:
             raise TLExtractError(f"{exp.name}: no responses yet; run `make traits` first.")
-        judge = LocalJudge(model_loader(runs[0])(), min_mass=args.min_mass)
+        model = accelerate(load_model(args.judge_model)) if args.judge_model else None
+        judge = LocalJudge(model or model_loader(runs[0])(), min_mass=args.min_mass)
         out = experiment_report_dir(exp)
         results = []
         for run in tqdm(runs, desc="judge agreement", unit="run"):

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -29,50 +26,31 @@ T = TypeVar("T")
 GiB = 1024**3
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-            "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1])
 
 
-def _cpu_in_use() -> Callable[[], int]:
-    """Bytes currently allocated through malloc (glibc), or the resident set size elsewhere.
-
-    malloc's own count (small-block arena plus mmapped blocks) is exact whatever the allocator
-    keeps cached, where RSS only grows once freed pages are retained."""
+def _release_free_memory() -> None:
+    """Hand memory that malloc keeps cached back to the OS, so new allocations show in RSS."""
     try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
-        fn.restype = _MallInfo2
-
-        def in_use() -> int:
-            info = fn()
-            return int(info.uordblks + info.hblkhd)
-
-        return in_use
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        page = os.sysconf("SC_PAGE_SIZE")
-
-        def rss() -> int:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * page
-
-        return rss
+        pass
 
 
 class PeakMemory:
     """``with PeakMemory(device) as m: ...`` then ``m.peak`` is the most memory the block
-    held at once beyond what was allocated before it, in bytes.
+    held at once beyond what was held before it, in bytes.
 
-    CUDA uses the allocator's exact peak; on CPU a thread samples malloc's count every
-    millisecond, so a spike shorter than that can be missed (the fit adds a margin)."""
+    CUDA uses the allocator's exact peak. On a CPU (Linux) the kernel's resident-set high-water
+    mark is reset on entry (``/proc/self/clear_refs``) and read on exit, after malloc has handed
+    cached memory back; nothing runs during the block (a sampling thread would steal the GIL
+    from every small op and slow the measured code several-fold)."""
 
-    def __init__(self, device: torch.device | str | None = "cpu", interval: float = 1e-3):
+    def __init__(self, device: torch.device | str | None = "cpu"):
         self.device = torch.device(device or "cpu")
-        self.interval = interval
         self.peak = 0
 
     def __enter__(self) -> PeakMemory:
@@ -81,26 +59,23 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self._in_use = _cpu_in_use()
-        self._base = self._top = self._in_use()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        _release_free_memory()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError as e:
+            raise TLExtractError(
+                f"cannot measure peak memory here: /proc/self/clear_refs is not writable ({e})"
+            ) from e
+        self._base = _status_kib("VmRSS") * 1024
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._top = max(self._top, self._in_use())
-            time.sleep(self.interval)
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
             return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self._top, self._in_use()) - self._base
+        self.peak = max(0, _status_kib("VmHWM") * 1024 - self._base)
 
 
 @dataclass(frozen=True)
