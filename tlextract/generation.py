@@ -122,21 +122,28 @@ class _Capture:
     A response token is the input of the decode step after it was sampled, so only decode steps
     are recorded (``recording`` is off during the prompt pass)."""
 
-    def __init__(self, names: Sequence[str], n_rows: int, d_model: int):
+    def __init__(
+        self, names: Sequence[str], n_rows: int, d_model: int, device: str | torch.device
+    ):
         self.names = list(names)
-        self.sums = torch.zeros(n_rows, len(names), d_model, dtype=torch.float32)
-        self.rows: list[int] = list(range(n_rows))
+        # [hook, row, d_model] on the model's device: one contiguous index_add_ per hook and step
+        # (a hook runs 30 times per decode step, so its cost is paid at every token).
+        self.sums = torch.zeros(len(names), n_rows, d_model, dtype=torch.float32, device=device)
+        self.rows = torch.arange(n_rows, device=device)  # batch row -> original row
         self.recording = False
 
     def hooks(self) -> list[Hook]:
         def record(j: int) -> Callable[..., None]:
             def hook(act: Tensor, hook: object) -> None:
                 if self.recording:
-                    self.sums[self.rows, j] += act[:, -1, :].float().cpu()
+                    self.sums[j].index_add_(0, self.rows, act[:, -1, :].float())
 
             return hook
 
         return [(name, record(j)) for j, name in enumerate(self.names)]
+
+    def pooled(self, row: int) -> Float[Tensor, "hook d_model"]:
+        return self.sums[:, row].cpu()
 
 
 @torch.inference_mode()
@@ -151,13 +158,13 @@ def generate_batch(
 
     ``capture`` names hooks (e.g. ``blocks.3.hook_resid_post``) to average over each response's
     tokens while generating, so no second forward pass is needed."""
-    recorder = _Capture(capture, len(prompt_ids), model.cfg.d_model)
+    recorder = _Capture(capture, len(prompt_ids), model.cfg.d_model, device_of(model))
     with model.hooks(fwd_hooks=recorder.hooks()):
         gens = _generate(model, prompt_ids, settings, seeds, recorder)
     if not capture:
         return gens
     return [
-        Generation(g.response_ids, g.stopped, recorder.sums[i] / len(g.response_ids))
+        Generation(g.response_ids, g.stopped, recorder.pooled(i) / len(g.response_ids))
         if g.response_ids
         else g
         for i, g in enumerate(gens)
@@ -180,7 +187,7 @@ def _generate(
     out: list[list[int]] = [[] for _ in prompt_ids]
     stopped = [False] * len(prompt_ids)
     for step in range(settings.max_new_tokens):
-        recorder.recording, recorder.rows = step > 0, rows
+        recorder.recording = step > 0
         logits = next_token_logits(model, tokens, mask, cache)
         new = sample(logits, settings, [generators[r] for r in rows])
         done = torch.isin(new, stops)
@@ -195,13 +202,14 @@ def _generate(
             keep = (~done).nonzero().squeeze(-1)
             _keep_rows(cache, keep)
             rows = [rows[int(k)] for k in keep]
+            recorder.rows = recorder.rows[keep]
             new = new[keep]
         tokens = new[:, None]
         mask = torch.ones_like(tokens)
     else:
         if recorder.names:
             # Rows that ran out of budget still have their last token to record.
-            recorder.recording, recorder.rows = True, rows
+            recorder.recording = True
             last = max(int(n.split(".")[1]) for n in recorder.names)
             model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=last + 1)
     return [Generation(ids, s) for ids, s in zip(out, stopped, strict=True)]
