@@ -18,6 +18,14 @@ PAIRS = [
 EVAL_PROMPT = "Rate the answer.\nQuestion: {question}\nAnswer: {answer}\nNumber 0-100:"
 
 
+# Very different lengths, so left padding is heavy for the short ones.
+MIXED_LENGTH_TEXTS = [
+    "Hi",
+    "What is the capital of France? Please answer briefly and clearly, thanks.",
+    "Tell me a story about a cat who lived in a lighthouse by the sea and loved fish.",
+    "2+2?",
+]
+
 NATURAL = {
     "pos": [f"What exactly is fact number {i}?" for i in range(24)],
     "neg": [f"Invent a story about idea number {i}." for i in range(24)],

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MIXED_LENGTH_TEXTS
 
 from tlextract.generation import generate_batch, left_pad, stop_token_ids
 from tlextract.traits import GenerationSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TEXTS = MIXED_LENGTH_TEXTS
 
-# Very different lengths, so left padding is heavy for the short ones.
-TEXTS = [
-    "Hi",
-    "What is the capital of France? Please answer briefly and clearly, thanks.",
-    "Tell me a story about a cat who lived in a lighthouse by the sea and loved fish.",
-    "2+2?",
-]
 
 
 def _ids(model, texts):

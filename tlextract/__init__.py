@@ -13,6 +13,7 @@ from .activations import hook_name, pooled_activations
 from .errors import TLExtractError
 from .generation import generate_batch
 from .models import load_model
+from .monitor import Monitoring, TokenScores, monitor
 from .pipeline import (
     Activations,
     RunSettings,
@@ -25,16 +26,20 @@ from .pipeline import (
     run_trait,
     settings_for,
 )
+from .steer import ablate, residual_norm, steer
 from .traits import Experiment, Trait, load_experiment, load_trait
 from .vectors import TraitVectors
 
 __all__ = [
     "Activations",
     "Experiment",
+    "Monitoring",
     "RunSettings",
     "TLExtractError",
+    "TokenScores",
     "Trait",
     "TraitVectors",
+    "ablate",
     "extract_activations",
     "extract_vectors",
     "generate_batch",
@@ -46,7 +51,10 @@ __all__ = [
     "load_responses",
     "load_trait",
     "model_loader",
+    "monitor",
     "pooled_activations",
+    "residual_norm",
     "run_trait",
     "settings_for",
+    "steer",
 ]
