@@ -14,6 +14,13 @@ trait ?=
 model ?=
 variant ?=
 ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(if $(variant),--variant $(variant)) $(EXTRA)
+# backend=ray: one Ray task per trait (and variant, with variant=all), on a local Ray or the
+# cluster at address=...; the ray extra is installed only then (and for make test).
+backend ?=
+address ?=
+RAY_STAMP := $(VENV)/.installed-ray
+RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
+BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP))
 
 .PHONY: install run traits report test test-fast bench check clean-venv
 .DEFAULT_GOAL := run
@@ -30,17 +37,21 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-run: $(STAMP)
-	@test -n "$(trait)" || { echo "usage: make trait=NAME  (or: make traits)"; exit 2; }
-	$(PY) -m tlextract run --traits $(trait) $(ARGS)
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[ray]'
+	touch $(RAY_STAMP)
 
-traits: $(STAMP)
-	$(PY) -m tlextract run --traits all $(ARGS)
+run: $(STAMP) $(BACKEND_DEPS)
+	@test -n "$(trait)" || { echo "usage: make trait=NAME  (or: make traits)"; exit 2; }
+	$(PY) -m tlextract run --traits $(trait) $(RUN_ARGS)
+
+traits: $(STAMP) $(BACKEND_DEPS)
+	$(PY) -m tlextract run --traits all $(RUN_ARGS)
 
 report: $(STAMP)
 	$(PY) -m tlextract report --traits $(or $(trait),all) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest
 
 # Skips the model-level tests (embedded models); CI runs everything through `make test`.
