@@ -4,6 +4,7 @@ model, device and dtype (a few small probes of the real generation and teacher-f
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 from transformer_lens import HookedTransformer
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 PROBES = ((1, 32), (2, 64), (4, 32), (4, 64), (2, 128))
 PROBE_NEW_TOKENS = 2
 MAX_AUTO_BATCH = 64
+# Fitted once per model, layers and hook: a run asks in every stage of every trait.
+_Fits = dict[tuple[tuple[int, ...], str], MemoryModel]
+_FITTED: weakref.WeakKeyDictionary[HookedTransformer, _Fits] = weakref.WeakKeyDictionary()
 
 
 def measure_peaks(
@@ -55,7 +59,11 @@ def auto_batch_size(
     """The largest batch (up to ``n_items``) of ``length``-token rows whose predicted peak fits
     ``budget`` bytes (default: :func:`~tlextract.memory.default_budget`)."""
     budget = default_budget(model.cfg.device) if budget is None else budget
-    fitted: MemoryModel = fit_memory_model(measure_peaks(model, layers, hook))
+    per_model = _FITTED.setdefault(model, {})
+    key = (tuple(layers), hook)
+    if key not in per_model:
+        per_model[key] = fit_memory_model(measure_peaks(model, layers, hook))
+    fitted = per_model[key]
     size = fitted.largest_batch(length, budget, min(n_items, MAX_AUTO_BATCH))
     log.info(
         "batch size auto: %d (rows of %d tokens, predicted %.2f GiB of a %.2f GiB budget)",

@@ -145,7 +145,7 @@ class HalvingBatches:
             chunk = list(items[start : start + self.size])
             try:
                 out.extend(work(chunk))
-            except (torch.OutOfMemoryError, RuntimeError) as e:
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
                 if not is_out_of_memory(e):
                     raise
                 if len(chunk) == 1:

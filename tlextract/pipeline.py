@@ -31,7 +31,7 @@ from .autobatch import auto_batch_size
 from .errors import TLExtractError
 from .fast import accelerate
 from .filtering import Selection, select, split_config
-from .generation import generate_batch, tokenize, tokenizer_of
+from .generation import device_of, generate_batch, tokenize, tokenizer_of
 from .memory import GiB, HalvingBatches
 from .models import load_model
 from .store import (
@@ -244,7 +244,7 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     seeds = [
         _example_seed(run.experiment.seed, run.trait.name, e.polarity, e.index) for e in examples
     ]
-    halving = HalvingBatches(size, model.cfg.device)
+    halving = HalvingBatches(size, device_of(model))
     batches = _batches([len(p) for p in prompt_ids], size)
     bar = tqdm(batches, desc=f"[{run.trait.name}] generate", unit="batch")
     for b, idx in enumerate(bar):
@@ -392,7 +392,7 @@ def extract_activations(
     shards = shard_dir(stage, fingerprint([key, size]))
     clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
     shards.mkdir(parents=True, exist_ok=True)
-    halving = HalvingBatches(size, model.cfg.device)
+    halving = HalvingBatches(size, device_of(model))
     batches = _batches(total, size)
     for b, idx in enumerate(tqdm(batches, desc=f"[{run.trait.name}] activations", unit="batch")):
         path = shards / f"batch_{b:05d}.pt"
