@@ -36,7 +36,8 @@ types) runs TransformerLens' own code.
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar, cast
+from contextlib import AbstractContextManager
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,22 +58,9 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import apply_softcap
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
+from .fused import FusedLinear, linear, no_type_check, packed_weights
+
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-
-def no_type_check(obj: _T) -> _T:
-    """Keep the jaxtyping import hook (pytest's ``--jaxtyping-packages=tlextract``) off this code.
-
-    The hook wraps every function of the package in a runtime type checker, about 20 us per call;
-    the forward passes below make ~40 small calls per layer (mostly hook-point tests that are
-    otherwise ~100 ns), so under pytest the wrappers would cost more than the work they check.
-    The hook skips anything decorated with a name ``no_type_check`` (as it does
-    ``typing.no_type_check``); this one changes nothing at runtime and, unlike
-    ``typing.no_type_check``, keeps mypy checking these functions. Nothing here has jaxtyping
-    shape annotations to check."""
-    return obj
 
 # Architectures whose attention normalises or clips Q/K on the full projection (TL special cases).
 _SPECIAL_QK_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -106,7 +94,8 @@ def _hp(hook: HookPoint, x: Tensor) -> Tensor:
 
 
 @no_type_check
-def _tree_hooked(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
+    """Whether any hook is attached to ``m`` or a module inside it."""
     return any(_hooked(sub) for sub in m.modules())
 
 
@@ -294,6 +283,45 @@ def _append_kv(
 
 
 @no_type_check
+def _rotated_keys(
+    entry: TransformerLensKeyValueCacheEntry,
+    past_before: Tensor,
+    keys: Tensor,
+    cos_k: Tensor,
+    sin_k: Tensor,
+    rotary_dim: int,
+    adjacent: bool,
+) -> Tensor:
+    """The rotated keys ``[batch, kv_pos, kv_head, d_head]``, rotating only the new ones.
+
+    TransformerLens caches keys before rotation and rotates the whole history at every step
+    (a third of the element-wise work of a batch-16 decode step). A cached key keeps its
+    position, so its rotation never changes: rotated keys are kept in a buffer of their own,
+    valid while the cache still holds the keys left there at the previous step
+    (``past_before`` is what ``past_keys`` was before this step's append)."""
+    n_old, n_keys = past_before.shape[1], keys.shape[1]
+    buf, source = entry.__dict__.get("_tlx_krot", (None, None))
+    if (
+        buf is None
+        or source is not past_before
+        or buf.shape[1] < n_keys
+        or buf.shape[0] != keys.shape[0]
+        or buf.shape[2:] != keys.shape[2:]
+        or buf.dtype != keys.dtype
+        or buf.device != keys.device
+        or (buf.is_inference() and not torch.is_inference_mode_enabled())
+    ):
+        shape = (keys.shape[0], n_keys + max(_KV_GROWTH, n_keys // 2), *keys.shape[2:])
+        buf = torch.empty(shape, dtype=keys.dtype, device=keys.device)
+        n_old = 0
+    buf[:, n_old:n_keys] = _rotate(
+        keys[:, n_old:], cos_k[:, n_old:], sin_k[:, n_old:], rotary_dim, adjacent
+    )
+    entry.__dict__["_tlx_krot"] = (buf, entry.past_keys)
+    return buf[:, :n_keys]
+
+
+@no_type_check
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, adjacent: bool) -> Tensor:
     """``AbstractAttention.apply_rotary`` with precomputed cos/sin (same operations, same
     values)."""
@@ -318,6 +346,8 @@ class _FastAttention(Attention):
 
     _tlx_memo: _ForwardMemo
     _tlx_base: type[AbstractAttention]  # set by _keep_name
+    _tlx_qkv: FusedLinear  # set by _fuse
+    _tlx_out: FusedLinear
     _tlx_kv_weights = ("W_K", "W_V", "b_K", "b_V")
 
     def _tlx_supported(self) -> bool:
@@ -366,28 +396,34 @@ class _FastAttention(Attention):
                 position_bias=position_bias,
             )
         n_heads, d_head = cfg.n_heads, cfg.d_head
-        w_k, w_v, b_k, b_v = (getattr(self, n) for n in self._tlx_kv_weights)
-        n_kv = w_k.shape[0]
+        qkv: FusedLinear = self._tlx_qkv
+        n_kv = (qkv.slots[1].stop - qkv.slots[1].start) // d_head
         group = n_heads // n_kv
         batch, pos, d_model = query_input.shape
 
-        # Projections, one batched product per weight, straight from the [head, d_model, d_head]
-        # parameters: [head, batch*pos, d_head], seen as [batch, pos, head, d_head].
-        def project(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-            rows = x.reshape(batch * pos, d_model).expand(w.shape[0], -1, -1)  # no copy
-            out = torch.baddbmm(b[:, None, :], rows, w)
-            return out.view(-1, batch, pos, d_head).permute(1, 2, 0, 3)
-
-        q = _hp(self.hook_q, project(query_input, self.W_Q, self.b_Q))
-        k = _hp(self.hook_k, project(key_input, w_k, b_k))
-        v = _hp(self.hook_v, project(value_input, w_v, b_v))
+        # Q, K and V from one product when they share their input (ln1 not hooked), else one
+        # product each on the rows of the fused weight; [batch, pos, head, d_head] views.
+        if query_input is key_input and key_input is value_input:
+            out = qkv(query_input)
+            q, k, v = (out[..., qkv.rows(i)] for i in range(3))
+        else:
+            weight, bias = qkv.weight()
+            q, k, v = (
+                linear(x, weight[qkv.rows(i)], None if bias is None else bias[qkv.rows(i)])
+                for i, x in enumerate((query_input, key_input, value_input))
+            )
+        q = _hp(self.hook_q, q.unflatten(-1, (n_heads, d_head)))
+        k = _hp(self.hook_k, k.unflatten(-1, (n_kv, d_head)))
+        v = _hp(self.hook_v, v.unflatten(-1, (n_kv, d_head)))
         if cfg.use_qk_norm:
             assert self.q_norm is not None and self.k_norm is not None
             q = self._apply_qk_norm(q, self.q_norm)
             k = self._apply_qk_norm(k, self.k_norm)
 
+        past_before = None
         if past_kv_cache_entry is not None:
-            offset = past_kv_cache_entry.past_keys.size(1)
+            past_before = past_kv_cache_entry.past_keys
+            offset = past_before.size(1)
             k, v = _append_kv(past_kv_cache_entry, k, v)
         else:
             offset = 0
@@ -409,7 +445,15 @@ class _FastAttention(Attention):
             )
             rd, adjacent = cast(int, cfg.rotary_dim), cfg.rotary_adjacent_pairs
             q = _hp(self.hook_rot_q, _rotate(q, cos_q, sin_q, rd, adjacent))
-            k = _hp(self.hook_rot_k, _rotate(k, cos_k, sin_k, rd, adjacent))
+            kv_state = past_kv_cache_entry and past_kv_cache_entry.__dict__.get("_tlx_kv")
+            if kv_state and kv_state[2] is k and not _hooked(self.hook_rot_k):
+                # k is the buffer view _append_kv left: rotate only what it appended.
+                assert past_kv_cache_entry is not None and past_before is not None
+                k = _rotated_keys(
+                    past_kv_cache_entry, past_before, k, cos_k, sin_k, rd, adjacent
+                )
+            else:
+                k = _hp(self.hook_rot_k, _rotate(k, cos_k, sin_k, rd, adjacent))
 
         window = cfg.window_size if self.attn_type == "local" else None
         mask, empty = _attention_mask(memo, attention_mask, offset, pos, n_keys, window, group)
@@ -442,8 +486,7 @@ class _FastAttention(Attention):
             if empty is not None:  # no key at all (left padding): TransformerLens gives 0
                 z_g = z_g.masked_fill(empty, 0.0)
         z = _hp(self.hook_z, z_g.reshape(batch, n_heads, pos, d_head).permute(0, 2, 1, 3))
-        w_o = self.W_O.reshape(n_heads * d_head, d_model)
-        return F.linear(z.reshape(batch, pos, n_heads * d_head), w_o.T, self.b_O)
+        return self._tlx_out(z.reshape(batch, pos, n_heads * d_head))
 
 
 _keep_name(_FastAttention)
@@ -455,6 +498,8 @@ class _FastGroupedQueryAttention(GroupedQueryAttention):
     # The unexpanded [kv_head, d_model, d_head] parameters (W_K/W_V are repeat_interleave copies).
     _tlx_kv_weights = ("_W_K", "_W_V", "_b_K", "_b_V")
     _tlx_memo: _ForwardMemo
+    _tlx_qkv: FusedLinear
+    _tlx_out: FusedLinear
     _tlx_supported = _FastAttention._tlx_supported
     forward = _FastAttention.forward
 
@@ -473,21 +518,28 @@ class _FastRMSNorm(RMSNorm):
 @_keep_name
 @no_type_check
 class _FastGatedMLP(GatedMLP):
+    _tlx_gate_up: FusedLinear
+    _tlx_out: FusedLinear
+
     def forward(self, x: Tensor) -> Tensor:
         if self.cfg.is_layer_norm_activation():
             return super().forward(x)
-        pre_act = _hp(self.hook_pre, torch.matmul(x, self.W_gate))
-        pre_linear = _hp(self.hook_pre_linear, torch.matmul(x, self.W_in))
+        gate_up: FusedLinear = self._tlx_gate_up
+        out = gate_up(x)
+        pre_act = _hp(self.hook_pre, out[..., gate_up.rows(0)])
+        pre_linear = _hp(self.hook_pre_linear, out[..., gate_up.rows(1)])
         post_act = _hp(self.hook_post, self.act_fn(pre_act) * pre_linear + self.b_in)
-        return F.linear(post_act, self.W_out.T, self.b_out)
+        return self._tlx_out(post_act)
 
 
 @_keep_name
 @no_type_check
 class _FastUnembed(Unembed):
+    _tlx_out: FusedLinear
+
     def forward(self, residual: Tensor) -> Tensor:
         residual = _hp(self.hook_in, residual)
-        return _hp(self.hook_out, F.linear(residual, self.W_U.T, self.b_U))
+        return _hp(self.hook_out, self._tlx_out(residual))
 
 
 @_keep_name
@@ -520,7 +572,7 @@ class _FastTransformerBlock(TransformerBlock):
                 attention_mask=attention_mask,
             )
         resid_pre = _hp(self.hook_resid_pre, resid_pre)
-        if _tree_hooked(self.ln1):  # TransformerLens normalises once each for Q, K and V
+        if has_hooks(self.ln1):  # TransformerLens normalises once each for Q, K and V
             q_in, k_in, v_in = self.ln1(resid_pre), self.ln1(resid_pre), self.ln1(resid_pre)
         else:
             q_in = k_in = v_in = self.ln1(resid_pre)
@@ -544,6 +596,25 @@ class _FastTransformerBlock(TransformerBlock):
 
 
 _FAST_ATTENTION = (_FastAttention, _FastGroupedQueryAttention)
+
+
+def _fuse(module: nn.Module) -> None:
+    """Give an accelerated component its fused weights (see fused.py); parameters become views."""
+    if "_tlx_out" in module.__dict__:
+        return
+    if isinstance(module, _FAST_ATTENTION):
+        w_k, w_v, b_k, b_v = module._tlx_kv_weights
+        module.__dict__["_tlx_qkv"] = FusedLinear(
+            module, [("W_Q", "heads_in"), (w_k, "heads_in"), (w_v, "heads_in")], ["b_Q", b_k, b_v]
+        )
+        module.__dict__["_tlx_out"] = FusedLinear(module, [("W_O", "heads_out")], ["b_O"])
+    elif isinstance(module, _FastGatedMLP):
+        module.__dict__["_tlx_gate_up"] = FusedLinear(
+            module, [("W_gate", "in_out"), ("W_in", "in_out")]
+        )
+        module.__dict__["_tlx_out"] = FusedLinear(module, [("W_out", "in_out")], ["b_out"])
+    elif isinstance(module, _FastUnembed):
+        module.__dict__["_tlx_out"] = FusedLinear(module, [("W_U", "in_out")], ["b_U"])
 _FAST_CLASSES: dict[type, type] = {
     TransformerBlock: _FastTransformerBlock,
     Attention: _FastAttention,
@@ -589,8 +660,19 @@ def accelerate(model: HookedTransformer, *, sdpa: bool = True) -> HookedTransfor
             continue
         if isinstance(module, _FAST_ATTENTION):
             module.__dict__["_tlx_memo"] = memo
+        _fuse(module)
         name = fast._tlx_base.__name__  # type: ignore[attr-defined]
         swapped[name] = swapped.get(name, 0) + 1
+    model.__dict__["_tlx_fused"] = [
+        f for m in model.modules() for f in m.__dict__.values() if isinstance(f, FusedLinear)
+    ]
     if swapped:
         log.debug("accelerate: %s", ", ".join(f"{n} {k}" for k, n in sorted(swapped.items())))
     return model
+
+
+def decode_session(model: HookedTransformer) -> AbstractContextManager[None]:
+    """Context for many forward passes with fixed weights (a generation): an accelerated model's
+    products use oneDNN's packed weights inside (see fused.packed_weights); any other model runs
+    as it is."""
+    return packed_weights(model.__dict__.get("_tlx_fused", ()))
