@@ -21,7 +21,7 @@ from transformer_lens.components import GroupedQueryAttention, TransformerBlock
 
 from tlextract.activations import pooled_activations
 from tlextract.fast import accelerate
-from tlextract.generation import generate_batch, left_pad
+from tlextract.generation import generate_batch, left_pad, prefix_cache
 from tlextract.models import load_model
 from tlextract.traits import GenerationSettings
 
@@ -319,6 +319,27 @@ def test_random_config_kv_cache_decoding(random_pair) -> None:
             outs.append(torch.cat(steps, dim=1))
         assert_close(outs[0], outs[1], f"decode logits (sdpa={sdpa})")
     accelerate(fast, sdpa=True)
+
+
+def test_random_config_shared_prefix_decodes_like_full_prompts(random_pair) -> None:
+    """Rows sharing 5 tokens, then tails of 3, 1 and 2: the prefix computed once (rows then
+    have padding between prefix and tail) gives the logits of the unshared, left-padded batch,
+    on TransformerLens' own code and the accelerated one; local windows never share."""
+    seqs = [[7, 8, 9, 10, 11, *tail] for tail in ([1, 2, 3], [4], [5, 6])]
+    for model in random_pair:
+        outs = []
+        for share in (False, True):
+            with torch.inference_mode():
+                cache, n = prefix_cache(model, seqs, min(map(len, seqs)) - 1, share)
+                tokens, mask = left_pad([s[n:] for s in seqs], 0, "cpu")
+                steps = [model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1:]]
+                for t in range(3):
+                    new = torch.full((len(seqs), 1), 3 + t)
+                    steps.append(model(new, attention_mask=torch.ones_like(new),
+                                       past_kv_cache=cache))
+            outs.append(torch.cat(steps, dim=1))
+        assert n == (0 if model.cfg.use_local_attn else 5)
+        assert_close(outs[0], outs[1], "logits with a shared prefix")
 
 
 def test_hooks_that_edit_activations_act_the_same(random_pair) -> None:

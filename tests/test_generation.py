@@ -7,7 +7,15 @@ import pytest
 import torch
 from conftest import MIXED_LENGTH_TEXTS
 
-from tlextract.generation import generate_batch, left_pad, stop_token_ids
+from tlextract.activations import hook_name, pooled_activations
+from tlextract.generation import (
+    MIN_SHARED_PREFIX,
+    generate_batch,
+    left_pad,
+    prefix_cache,
+    sample,
+    stop_token_ids,
+)
 from tlextract.traits import GenerationSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +66,23 @@ def test_sampling_depends_only_on_the_example_seed(tiny_model) -> None:
     assert [g.response_ids for g in reordered[::-1]] == [g.response_ids for g in together]
 
 
+@pytest.mark.parametrize(
+    ("top_p", "expected"),
+    [(1.0, [0.5, 0.3, 0.2, 0.0, 0.0]), (0.75, [0.625, 0.375, 0.0, 0.0, 0.0])],
+)
+def test_sampling_draws_from_the_tempered_nucleus_distribution(top_p, expected) -> None:
+    """20,000 rows, one generator each: frequencies within 5 standard errors of the expected
+    probabilities, and tokens of probability 0 (or cut by top_p) never drawn."""
+    n = 20_000
+    logits = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0]]).log().expand(n, -1)
+    settings = GenerationSettings(max_new_tokens=1, do_sample=True, temperature=1.0, top_p=top_p)
+    draws = sample(logits, settings, [torch.Generator().manual_seed(i) for i in range(n)])
+    freq = torch.bincount(draws, minlength=5).double() / n
+    p = torch.tensor(expected, dtype=torch.float64)
+    assert torch.all(freq[p == 0] == 0)
+    assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12), freq.tolist()
+
+
 def test_different_seeds_give_different_samples(tiny_model) -> None:
     settings = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=2.0)
     prompt = _ids(tiny_model, TEXTS[:1])
@@ -78,8 +103,6 @@ def test_stop_tokens_end_a_row_and_are_not_part_of_the_response(tiny_model) -> N
 
 
 def test_activations_captured_while_generating_equal_a_teacher_forced_pass(tiny_model) -> None:
-    from tlextract.activations import hook_name, pooled_activations
-
     layers = list(range(tiny_model.cfg.n_layers))
     names = [hook_name("resid_post", layer) for layer in layers]
     settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=2.0)
@@ -95,3 +118,56 @@ def test_activations_captured_while_generating_equal_a_teacher_forced_pass(tiny_
     # capture must not change what is generated
     plain = generate_batch(tiny_model, ids, settings, seeds=range(8))
     assert [g.response_ids for g in plain] == [g.response_ids for g in gens]
+
+
+def _chat_ids(model, texts):
+    return [
+        list(model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
+            return_dict=True)["input_ids"])
+        for t in texts
+    ]
+
+
+def test_chat_prompts_share_their_template_prefix_and_generate_as_one_by_one(tiny_model) -> None:
+    """Chat prompts start with the same template tokens, computed once per batch: greedy output
+    equals TransformerLens' generate on each prompt alone, sampled output equals each prompt
+    generated alone (a batch of one shares nothing)."""
+    ids = _chat_ids(tiny_model, TEXTS) * 2
+    _, shared = prefix_cache(tiny_model, ids, min(map(len, ids)) - 1, share=True)
+    assert shared >= MIN_SHARED_PREFIX
+    greedy = GenerationSettings(max_new_tokens=10, do_sample=False)
+    batched = generate_batch(tiny_model, ids, greedy, seeds=[0] * len(ids))
+    for prompt, got in zip(ids, batched, strict=True):
+        ref = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                  stop_at_eos=True, eos_token_id=stop_token_ids(tiny_model),
+                                  verbose=False, return_type="tokens")[0, len(prompt):].tolist()
+        assert got.response_ids == ref[: len(got.response_ids)]
+        assert len(got.response_ids) == 10 or ref[len(got.response_ids)] in stop_token_ids(
+            tiny_model
+        )
+    hot = GenerationSettings(max_new_tokens=10, do_sample=True, temperature=2.0)
+    together = generate_batch(tiny_model, ids, hot, seeds=range(len(ids)))
+    alone = [generate_batch(tiny_model, [p], hot, seeds=[s])[0] for s, p in enumerate(ids)]
+    assert [g.response_ids for g in together] == [g.response_ids for g in alone]
+
+
+def test_activations_with_a_shared_prefix_equal_each_example_run_alone(tiny_model) -> None:
+    """Captured while generating and from the batched teacher-forced pass (both computing the
+    template prefix once) against run_with_cache on each unpadded example by itself."""
+    layers = list(range(tiny_model.cfg.n_layers))
+    names = [hook_name("resid_post", layer) for layer in layers]
+    ids = _chat_ids(tiny_model, TEXTS)
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=2.0)
+    gens = generate_batch(tiny_model, ids, settings, seeds=range(len(ids)), capture=names)
+    kept = [i for i, g in enumerate(gens) if g.response_ids]
+    assert len(kept) >= 2
+    teacher = pooled_activations(
+        tiny_model, [ids[i] for i in kept], [gens[i].response_ids for i in kept], layers
+    )
+    for row, i in enumerate(kept):
+        full = torch.tensor([ids[i] + gens[i].response_ids])
+        _, cache = tiny_model.run_with_cache(full, names_filter=names, return_type=None)
+        alone = torch.stack([cache[n][0, len(ids[i]):].mean(0) for n in names])
+        torch.testing.assert_close(gens[i].pooled, alone, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(teacher[row], alone, rtol=1e-4, atol=1e-4)

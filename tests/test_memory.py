@@ -33,7 +33,8 @@ def test_peak_memory_sees_a_tensor_freed_inside_the_block() -> None:
         big = torch.ones(64 * MiB // 4)  # 64 MiB of float32
         time.sleep(0.05)  # long enough for the sampler
         del big
-    assert 64 * MiB <= m.peak < 72 * MiB
+    # RSS moves by other frees too (about 0.1 MiB measured once other code has run first).
+    assert 63 * MiB <= m.peak < 72 * MiB
 
 
 def test_fit_recovers_planted_coefficients_and_never_goes_negative() -> None:

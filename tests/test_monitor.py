@@ -48,8 +48,8 @@ LAYERS = {"a": 1, "b": 1, "c": 2}
 
 
 def test_scores_equal_run_with_cache_on_the_final_text(tiny_model, traits) -> None:
-    prompts = PROMPTS * 4
-    watched = monitor(tiny_model, prompts, traits, LAYERS, settings=HOT, seeds=range(16),
+    prompts = PROMPTS * 8
+    watched = monitor(tiny_model, prompts, traits, LAYERS, settings=HOT, seeds=range(32),
                       batch_size=16)
     stopped = [t.stopped for t in watched.texts]
     assert any(stopped) and not all(stopped), "needs early-stopped and full-budget rows"

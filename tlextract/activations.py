@@ -17,7 +17,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from .errors import TLExtractError
-from .generation import device_of, left_pad, tokenizer_of
+from .fast import has_hooks
+from .generation import device_of, left_pad, prefix_cache, tokenizer_of
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -44,9 +45,11 @@ def pack(
     response_ids: Sequence[Sequence[int]],
     pad_id: int,
     device: torch.device | str,
+    skip: int = 0,
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
-    """Left-padded prompt+response tokens, the attention mask, and a mask of response positions."""
-    full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    """Left-padded prompt+response tokens after the first ``skip`` (a shared prefix already in
+    the KV cache), the attention mask, and a mask of response positions."""
+    full = [list(p)[skip:] + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
     tokens, attn = left_pad(full, pad_id, device)
     width = tokens.shape[1]
     n_resp = torch.tensor([len(r) for r in response_ids], device=device)
@@ -75,17 +78,24 @@ def pooled_activations(
     layers: Sequence[int],
     hook: str = "resid_post",
 ) -> Float[Tensor, "batch layer d_model"]:
-    """One teacher-forced pass; the hook's output at each response token, averaged per example."""
-    tokens, attn, response = pack(
-        prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
-    )
+    """One teacher-forced pass; the hook's output at each response token, averaged per example.
+
+    The rows' common prompt prefix is computed once (see generation.prefix_cache) unless hooks
+    are attached: its activations are never pooled, only its keys and values are needed."""
     names = [hook_name(hook, layer) for layer in layers]
-    _, cache = model.run_with_cache(
+    stop = max(layers) + 1  # later blocks cannot change these activations
+    limit = min(map(len, prompt_ids))  # the prefix never reaches a response token
+    cache, shared = prefix_cache(model, prompt_ids, limit, not has_hooks(model), stop)
+    tokens, attn, response = pack(
+        prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model), shared
+    )
+    _, acts = model.run_with_cache(
         tokens,
         attention_mask=attn,
+        past_kv_cache=cache,
         names_filter=names,
         return_type=None,
-        stop_at_layer=max(layers) + 1,  # later blocks cannot change these activations
+        stop_at_layer=stop,
     )
-    resid = torch.stack([cache[n] for n in names], dim=1)
+    resid = torch.stack([acts[n] for n in names], dim=1)
     return masked_mean(resid, response).cpu()
