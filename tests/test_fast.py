@@ -381,6 +381,48 @@ def test_weight_edits_after_accelerate_are_seen(random_pair) -> None:
         assert_close(ref(tokens, attention_mask=mask), fast(tokens, attention_mask=mask))
 
 
+def test_parameters_view_the_fused_weights_and_replaced_storage_is_refused(random_pair) -> None:
+    ref, fast = random_pair
+    ref, fast = copy.deepcopy(ref), copy.deepcopy(fast)
+    attn = fast.blocks[0].attn
+    weight, _ = attn._tlx_qkv.weight()
+    assert attn.W_Q.data_ptr() == weight.data_ptr()  # Q's rows come first: no copy
+    tokens, mask = random_batch(4)
+    with torch.no_grad():
+        for model in (ref, fast):  # new storage: the fused weight must be rebuilt from it
+            model.blocks[0].attn.W_Q.data = model.blocks[0].attn.W_Q.data * 0.5
+            model.unembed.W_U = torch.nn.Parameter(model.unembed.W_U * -1.0)
+    with torch.inference_mode():
+        assert_close(ref(tokens, attention_mask=mask), fast(tokens, attention_mask=mask))
+    assert fast.blocks[0].attn.W_Q.data_ptr() == attn._tlx_qkv.weight()[0].data_ptr()
+
+
+def test_weight_edits_between_generations_are_seen() -> None:
+    """Packed weights live across generate_batch calls; a .data edit (no version bump) between
+    two calls must reach the second."""
+    ref, fast = load_model("tiny-random"), accelerate(load_model("tiny-random"))
+    ids = prompt_ids(ref)
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False)
+    first = generate_batch(fast, ids, settings, seeds=[0] * len(ids))
+    assert first == generate_batch(ref, ids, settings, seeds=[0] * len(ids))
+    for model in (ref, fast):
+        model.blocks[1].mlp.W_out.data.neg_()
+        model.unembed.W_U.data[:, :100] = 0.0
+    second = generate_batch(fast, ids, settings, seeds=[0] * len(ids))
+    assert second == generate_batch(ref, ids, settings, seeds=[0] * len(ids))
+    assert second != first
+
+
+def test_state_dict_round_trips_through_torch_save(random_pair, tmp_path) -> None:
+    ref, fast = random_pair
+    torch.save(fast.state_dict(), tmp_path / "sd.pt")
+    fresh = copy.deepcopy(ref)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    tokens, mask = random_batch(2)
+    with torch.inference_mode():
+        assert torch.equal(fresh(tokens, attention_mask=mask), ref(tokens, attention_mask=mask))
+
+
 def test_runtime_flags_fall_back_to_transformerlens(random_pair) -> None:
     ref, fast = random_pair
     ref, fast = copy.deepcopy(ref), copy.deepcopy(fast)
