@@ -79,8 +79,8 @@ def count_hook_calls(model: HookedTransformer, run: Callable[[], object]) -> Cou
 @pytest.fixture(scope="module", params=REAL_MODELS)
 def pair(request) -> tuple[HookedTransformer, HookedTransformer]:
     """(fresh unaccelerated model, accelerated model), loaded separately."""
-    ref = load_model(request.param)
-    fast = accelerate(load_model(request.param))
+    ref = load_model(request.param, fast=False)
+    fast = load_model(request.param)
     return ref, fast
 
 
@@ -400,7 +400,7 @@ def test_parameters_view_the_fused_weights_and_replaced_storage_is_refused(rando
 def test_weight_edits_between_generations_are_seen() -> None:
     """Packed weights live across generate_batch calls; a .data edit (no version bump) between
     two calls must reach the second."""
-    ref, fast = load_model("tiny-random"), accelerate(load_model("tiny-random"))
+    ref, fast = load_model("tiny-random", fast=False), load_model("tiny-random")
     ids = prompt_ids(ref)
     settings = GenerationSettings(max_new_tokens=6, do_sample=False)
     first = generate_batch(fast, ids, settings, seeds=[0] * len(ids))

@@ -143,9 +143,8 @@ def test_experiment_file_accepts_auto_and_rejects_words(experiments: Path) -> No
 def test_memory_model_fitted_on_small_probes_predicts_a_large_batch() -> None:
     """On the default model: fit on the shipped probes, predict a batch 8x larger in tokens."""
     from tlextract.autobatch import PROBES
-    from tlextract.fast import accelerate
 
-    model = accelerate(load_model(DEFAULT_MODEL))
+    model = load_model(DEFAULT_MODEL)
     layers = list(range(model.cfg.n_layers))
     fitted = fit_memory_model(measure_peaks(model, layers, "resid_post", PROBES))
     [(b, n, actual)] = measure_peaks(model, layers, "resid_post", [(8, 128)])

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from transformer_lens import HookedTransformer
 
 from .activations import hook_name, pooled_activations
+from .fast import decode_session
 from .generation import generate_batch, tokenizer_of
 from .memory import GiB, MemoryModel, PeakMemory, default_budget, fit_memory_model
 from .traits import GenerationSettings
@@ -32,19 +33,27 @@ def measure_peaks(
     probes: Sequence[tuple[int, int]] = PROBES,
 ) -> list[tuple[int, int, float]]:
     """Peak extra bytes of generating (with activation capture) and of the teacher-forced pass,
-    whichever is larger, for each (rows, tokens per row)."""
+    whichever is larger, for each (rows, tokens per row).
+
+    Rows start with different tokens, so no prompt prefix is shared (the most memory a batch
+    of real prompts can take); weights are packed for decoding before anything is measured
+    (that copy belongs to the model, not to a batch)."""
     filler = tokenizer_of(model).encode(" the", add_special_tokens=False)[0]
     names = [hook_name(hook, layer) for layer in layers]
     greedy = GenerationSettings(max_new_tokens=PROBE_NEW_TOKENS, do_sample=False)
     points = []
-    for rows, length in probes:
-        prompts = [[filler] * (length - PROBE_NEW_TOKENS)] * rows
-        with PeakMemory(model.cfg.device) as gen:
-            generate_batch(model, prompts, greedy, seeds=[0] * rows, capture=names)
-        responses = [[filler] * PROBE_NEW_TOKENS] * rows
-        with PeakMemory(model.cfg.device) as fwd:
-            pooled_activations(model, prompts, responses, layers, hook)
-        points.append((rows, length, float(max(gen.peak, fwd.peak))))
+    with decode_session(model):
+        for rows, length in probes:
+            prompts = [
+                [(filler + r) % model.cfg.d_vocab] + [filler] * (length - PROBE_NEW_TOKENS - 1)
+                for r in range(rows)
+            ]
+            with PeakMemory(model.cfg.device) as gen:
+                generate_batch(model, prompts, greedy, seeds=[0] * rows, capture=names)
+            responses = [[filler] * PROBE_NEW_TOKENS] * rows
+            with PeakMemory(model.cfg.device) as fwd:
+                pooled_activations(model, prompts, responses, layers, hook)
+            points.append((rows, length, float(max(gen.peak, fwd.peak))))
     return points
 
 

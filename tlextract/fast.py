@@ -572,7 +572,10 @@ class _FastTransformerBlock(TransformerBlock):
                 attention_mask=attention_mask,
             )
         resid_pre = _hp(self.hook_resid_pre, resid_pre)
-        if has_hooks(self.ln1):  # TransformerLens normalises once each for Q, K and V
+        ln1_hooked = _hooked(self.ln1) or any(
+            h is not None and _hooked(h) for h in self.ln1._modules.values()
+        )
+        if ln1_hooked:  # TransformerLens normalises once each for Q, K and V
             q_in, k_in, v_in = self.ln1(resid_pre), self.ln1(resid_pre), self.ln1(resid_pre)
         else:
             q_in = k_in = v_in = self.ln1(resid_pre)

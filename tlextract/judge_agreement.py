@@ -23,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import TLExtractError
-from .fast import accelerate
 from .judge import DEFAULT_MIN_MASS, fill_prompt
 from .judge_local import LocalJudge
 from .metrics import auroc
@@ -124,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [r for r in runs if stage_done(r.stage_dir("generate"), responses_key(r))]
         if not runs:
             raise TLExtractError(f"{exp.name}: no responses yet; run `make traits` first.")
-        model = accelerate(load_model(args.judge_model)) if args.judge_model else None
+        model = load_model(args.judge_model) if args.judge_model else None
         judge = LocalJudge(model or model_loader(runs[0])(), min_mass=args.min_mass)
         out = experiment_report_dir(exp)
         results = []

@@ -118,9 +118,14 @@ def default_budget(device: torch.device | str | None) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.8 * free)
+    return available_ram() // 2
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations now (Linux ``MemAvailable``)."""
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    return int(info["MemAvailable"].split()[0]) * 1024
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from tlextract.activations import hook_name
-from tlextract.fast import accelerate
 from tlextract.generation import generate_batch, left_pad, tokenize
 from tlextract.memory import PeakMemory
 from tlextract.models import DEFAULT_MODEL, load_hf_model, load_model
@@ -155,7 +154,7 @@ def _table(
 
 
 def test_pipeline_speed_table(benchmark, tmp_path: Path, capsys) -> None:
-    model = accelerate(load_model(DEFAULT_MODEL))
+    model = load_model(DEFAULT_MODEL)
     warm = _experiment(tmp_path / "warmup")  # first-call allocations and lazy imports
     run_trait(
         settings_for(warm, TRAIT, n_examples=1, batch_size=1, judge="none"), get_model=lambda: model
