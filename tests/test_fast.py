@@ -20,7 +20,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.components import GroupedQueryAttention, TransformerBlock
 
 from tlextract.activations import pooled_activations
-from tlextract.fast import accelerate
+from tlextract.fast import accelerate, has_hooks
 from tlextract.generation import generate_batch, left_pad, prefix_cache
 from tlextract.models import load_model
 from tlextract.traits import GenerationSettings
@@ -366,6 +366,17 @@ def test_hooks_that_edit_activations_act_the_same(random_pair) -> None:
         plain = fast(tokens, attention_mask=mask)
     assert_close(expected, got, "hooked logits")
     assert (got - plain).abs().max() > 1e-3  # the hooks did something
+
+
+def test_has_hooks_ignores_only_accelerates_own_pre_hook(random_pair) -> None:
+    _, fast = random_pair
+    assert not has_hooks(fast)
+    with fast.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda act, hook: None)]):
+        assert has_hooks(fast)
+    handle = fast.register_forward_pre_hook(lambda module, args: None)
+    assert has_hooks(fast)
+    handle.remove()
+    assert not has_hooks(fast)
 
 
 def test_weight_edits_after_accelerate_are_seen(random_pair) -> None:

@@ -152,6 +152,31 @@ def test_chat_prompts_share_their_template_prefix_and_generate_as_one_by_one(tin
     assert [g.response_ids for g in together] == [g.response_ids for g in alone]
 
 
+def test_generation_and_teacher_forced_pass_share_the_prefix_unless_hooked(
+    tiny_model, monkeypatch
+) -> None:
+    import tlextract.activations
+    import tlextract.generation
+
+    shared: list[int] = []
+
+    def spy(*args, **kwargs):
+        cache, n = prefix_cache(*args, **kwargs)
+        shared.append(n)
+        return cache, n
+
+    monkeypatch.setattr(tlextract.generation, "prefix_cache", spy)
+    monkeypatch.setattr(tlextract.activations, "prefix_cache", spy)
+    ids = _chat_ids(tiny_model, TEXTS)
+    greedy = GenerationSettings(max_new_tokens=3, do_sample=False)
+    gens = generate_batch(tiny_model, ids, greedy, seeds=[0] * len(ids))
+    pooled_activations(tiny_model, ids, [g.response_ids or [5] for g in gens], [0])
+    assert len(shared) == 2 and min(shared) >= MIN_SHARED_PREFIX
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda act, hook: None)]):
+        generate_batch(tiny_model, ids, greedy, seeds=[0] * len(ids))
+    assert shared[2] == 0  # a user's hook may depend on rows or positions
+
+
 def test_activations_with_a_shared_prefix_equal_each_example_run_alone(tiny_model) -> None:
     """Captured while generating and from the batched teacher-forced pass (both computing the
     template prefix once) against run_with_cache on each unpadded example by itself."""

@@ -73,11 +73,11 @@ _KV_GROWTH = 64
 
 
 @no_type_check
-def _hooked(m: nn.Module) -> bool:
+def _hooked(m: nn.Module, pre_hooks: bool = True) -> bool:
     """Whether calling ``m`` would run any hook: the test ``nn.Module._call_impl`` makes."""
     return bool(
         m._forward_hooks
-        or m._forward_pre_hooks
+        or (pre_hooks and m._forward_pre_hooks)
         or m._backward_hooks
         or m._backward_pre_hooks
         or _torch_module._global_forward_hooks
@@ -95,8 +95,13 @@ def _hp(hook: HookPoint, x: Tensor) -> Tensor:
 
 @no_type_check
 def has_hooks(m: nn.Module) -> bool:
-    """Whether any hook is attached to ``m`` or a module inside it."""
-    return any(_hooked(sub) for sub in m.modules())
+    """Whether any hook is attached to ``m`` or a module inside it, apart from the forward
+    pre-hook :func:`accelerate` puts on the model (it only resets per-pass memos)."""
+    memo = m.__dict__.get("_tlx_memo")
+    only_ours = memo is not None and all(h == memo.reset for h in m._forward_pre_hooks.values())
+    return _hooked(m, pre_hooks=not only_ours) or any(
+        _hooked(sub) for sub in m.modules() if sub is not m
+    )
 
 
 def _keep_name(cls: type) -> type:
