@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -66,7 +65,9 @@ def masked_mean(
     counts = weights.sum(dim=1)
     if (counts == 0).any():
         raise ValueError("masked_mean: a row has no response token to pool over")
-    total = einops.einsum(resid.float(), weights, "b l p d, b p -> b l d")
+    # [b, 1, 1, p] @ [b, l, p, d]: one batched product over (b, l), no copy of resid
+    # (an einsum here transposed all of it first).
+    total = torch.matmul(weights[:, None, None, :], resid.float()).squeeze(-2)
     return total / counts[:, None, None]
 
 
@@ -97,5 +98,5 @@ def pooled_activations(
         return_type=None,
         stop_at_layer=stop,
     )
-    resid = torch.stack([acts[n] for n in names], dim=1)
-    return masked_mean(resid, response).cpu()
+    pooled = [masked_mean(acts[n][:, None], response) for n in names]  # no [b, l, p, d] stack
+    return torch.cat(pooled, dim=1).cpu()
