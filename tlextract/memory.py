@@ -32,6 +32,25 @@ def _status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
+# mallopt parameters (glibc malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed activations for reuse instead of handing them back to the OS.
+
+    By default blocks of a few MB are mmap-ed and unmapped again, so every such activation
+    of a CPU forward pass is page-faulted in anew: a quarter of a batch-16 teacher-forced pass
+    here. Blocks up to 32 MB now come from the heap and up to 1 GB of free heap is kept
+    (process-wide; PeakMemory trims before it measures). No effect off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    except (OSError, AttributeError):
+        pass
+
+
 def _release_free_memory() -> None:
     """Hand memory that malloc keeps cached back to the OS, so new allocations show in RSS."""
     try:

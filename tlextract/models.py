@@ -42,6 +42,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .errors import TLExtractError
 from .fast import accelerate
+from .memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,11 @@ def load_model(
     model.load_state_dict(model.fill_missing_keys(state_dict), strict=True)
     model.move_model_modules_to_device()
     model.cfg.model_name = name.lower() if _embedded(name.lower()) else name
-    return accelerate(model) if fast else model
+    if not fast:
+        return model
+    if model.cfg.device is None or torch.device(model.cfg.device).type == "cpu":
+        keep_freed_memory()
+    return accelerate(model)
 
 
 def load_hf_model(
