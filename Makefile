@@ -22,7 +22,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
 BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP))
 
-.PHONY: install run traits report test test-fast bench check clean-venv
+.PHONY: install run traits report test test-fast bench bench-gpu check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -58,9 +58,14 @@ test: $(STAMP) $(RAY_STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# Speed benchmarks (pytest-benchmark); not part of make test.
+# Speed benchmarks (pytest-benchmark); not part of make test. bench: this CPU, writes
+# docs/benchmarks/pipeline.md. bench-gpu: a CUDA GPU (needs a CUDA build of torch: install one
+# into .venv first), writes docs/benchmarks/gpu.md.
 bench: $(STAMP)
-	$(PY) -m pytest tests/benchmarks --benchmark-only -m bench
+	$(PY) -m pytest tests/benchmarks/test_pipeline_speed.py --benchmark-only -m bench
+
+bench-gpu: $(STAMP)
+	$(PY) -m pytest tests/benchmarks/test_gpu_speed.py --benchmark-only -m bench -rs
 
 check: $(STAMP)
 	$(PY) -m ruff check tlextract tests

@@ -213,13 +213,15 @@ def generate_batch(
     settings: GenerationSettings,
     seeds: Sequence[int],
     capture: Sequence[str] = (),
+    share_prefix: bool = True,
 ) -> list[Generation]:
     """Generate a response for each prompt; ``seeds[i]`` alone decides prompt i's samples.
 
     ``capture`` names hooks (e.g. ``blocks.3.hook_resid_post``) to average over each response's
-    tokens while generating, so no second forward pass is needed."""
+    tokens while generating, so no second forward pass is needed. ``share_prefix``: compute the
+    prompts' common prefix once (see :func:`prefix_cache`; never while hooks are attached)."""
     recorder = _Capture(capture, len(prompt_ids), model.cfg.d_model, device_of(model))
-    share = not has_hooks(model)  # before our own recorder's hooks are attached
+    share = share_prefix and not has_hooks(model)  # before our recorder's hooks are attached
     with model.hooks(fwd_hooks=recorder.hooks()), decode_session(model):
         gens = _generate(model, prompt_ids, settings, seeds, recorder, share)
     if not capture:

@@ -1,0 +1,28 @@
+"""``make bench-gpu``: the original study's workload shape (100 + 100 examples) on both embedded
+models in bfloat16 on a CUDA GPU, batch 1 to 64, tlextract against transformers at each batch
+size and the pipeline table (:func:`tlextract.bench.gpu_benchmark`). Writes
+``docs/benchmarks/gpu.md``. Skipped without a GPU; tests/test_bench.py runs the same code on the
+CPU with the tiny model. No timing is asserted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlextract.bench import gpu_benchmark
+
+pytestmark = [pytest.mark.bench, pytest.mark.slow]
+
+OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "gpu.md"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_speed(benchmark, tmp_path: Path, capsys) -> None:
+    result: dict = {}
+    benchmark.pedantic(lambda: result.update(gpu_benchmark(OUT, tmp_path)), rounds=1,
+                       iterations=1)
+    benchmark.extra_info.update(result)
+    with capsys.disabled():
+        print("\n" + OUT.read_text())
