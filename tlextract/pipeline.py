@@ -542,12 +542,16 @@ def load_selection(run: RunSettings) -> Selection:
 # --- stage 4: vectors ---------------------------------------------------------------------------
 
 
+def vectors_key(activations_fp: str, kept: dict[str, list[int]], method: str) -> str:
+    return fingerprint({"activations": activations_fp, "kept": kept, "method": method})
+
+
 def extract_vectors(
     run: RunSettings, acts: Activations, selection: Selection, method: str = "mean_diff"
 ) -> TraitVectors:
     """Stage 4: one direction per layer from the pooled activations of the kept examples."""
     stage = run.stage_dir("vectors")
-    key = fingerprint({"activations": acts.key, "kept": selection.kept, "method": method})
+    key = vectors_key(acts.key, selection.kept, method)
     path = stage / f"{method}.pt"
     if stage_done(stage, key) and path.exists():
         print(f"[{run.trait.name}] vectors: up to date, skipped ({path})")
