@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlextract.models import load_model
+from tlextract.model.load import load_model
 
 QUESTIONS = [f"Tell me about topic number {i}." for i in range(24)]
 PAIRS = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlextract.activations import masked_mean, pack, pooled_activations, resolve_layers
 from tlextract.errors import TLExtractError
+from tlextract.ops.pool import masked_mean, pack, pooled_activations, resolve_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tlextract.bench import Roofline, Workload, gpu_benchmark, product_weights
+from tlextract.analysis.bench import Roofline, Workload, gpu_benchmark, product_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlextract.evaluate import evaluation_key
-from tlextract.pipeline import (
+from tlextract.analysis.evaluate import evaluation_key
+from tlextract.stages.pipeline import (
     Activations,
     activations_key,
     judge_key,

@@ -12,15 +12,20 @@ import torch
 from conftest import write_experiment
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-import tlextract.evaluate as evaluate
+import tlextract.analysis.evaluate as evaluate
+from tlextract.analysis.evaluate import (
+    cross_evaluate,
+    evaluate_trait,
+    load_evaluation,
+    split_examples,
+)
 from tlextract.errors import TLExtractError
-from tlextract.evaluate import cross_evaluate, evaluate_trait, load_evaluation, split_examples
-from tlextract.filtering import Selection
-from tlextract.methods import METHODS
-from tlextract.pipeline import Activations, run_trait, settings_for
-from tlextract.report import build_report, cosine_matrix
+from tlextract.judge.keep import Selection
+from tlextract.ops.methods import METHODS
+from tlextract.ops.vectors import TraitVectors
+from tlextract.report.summary import build_report, cosine_matrix
+from tlextract.stages.pipeline import Activations, run_trait, settings_for
 from tlextract.traits import load_experiment
-from tlextract.vectors import TraitVectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

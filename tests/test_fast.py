@@ -19,10 +19,10 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.components import GroupedQueryAttention, TransformerBlock
 
-from tlextract.activations import pooled_activations
-from tlextract.fast import accelerate, has_hooks
-from tlextract.generation import generate_batch, left_pad, prefix_cache
-from tlextract.models import load_model
+from tlextract.model.fast import accelerate, has_hooks
+from tlextract.model.load import load_model
+from tlextract.ops.generate import generate_batch, left_pad, prefix_cache
+from tlextract.ops.pool import pooled_activations
 from tlextract.traits import GenerationSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import tlextract.filtering as filtering
+import tlextract.judge.keep as filtering
 from tlextract.errors import TLExtractError
-from tlextract.judge import Score
-from tlextract.pipeline import load_activations, load_selection, run_trait, settings_for
+from tlextract.judge.base import Score
+from tlextract.stages.pipeline import load_activations, load_selection, run_trait, settings_for
 from tlextract.traits import load_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,8 +7,7 @@ import pytest
 import torch
 from conftest import MIXED_LENGTH_TEXTS
 
-from tlextract.activations import hook_name, pooled_activations
-from tlextract.generation import (
+from tlextract.ops.generate import (
     MIN_SHARED_PREFIX,
     generate_batch,
     left_pad,
@@ -16,6 +15,7 @@ from tlextract.generation import (
     sample,
     stop_token_ids,
 )
+from tlextract.ops.pool import hook_name, pooled_activations
 from tlextract.traits import GenerationSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,8 +155,8 @@ def test_chat_prompts_share_their_template_prefix_and_generate_as_one_by_one(tin
 def test_generation_and_teacher_forced_pass_share_the_prefix_unless_hooked(
     tiny_model, monkeypatch
 ) -> None:
-    import tlextract.activations
-    import tlextract.generation
+    import tlextract.ops.generate
+    import tlextract.ops.pool
 
     shared: list[int] = []
 
@@ -165,8 +165,8 @@ def test_generation_and_teacher_forced_pass_share_the_prefix_unless_hooked(
         shared.append(n)
         return cache, n
 
-    monkeypatch.setattr(tlextract.generation, "prefix_cache", spy)
-    monkeypatch.setattr(tlextract.activations, "prefix_cache", spy)
+    monkeypatch.setattr(tlextract.ops.generate, "prefix_cache", spy)
+    monkeypatch.setattr(tlextract.ops.pool, "prefix_cache", spy)
     ids = _chat_ids(tiny_model, TEXTS)
     greedy = GenerationSettings(max_new_tokens=3, do_sample=False)
     gens = generate_batch(tiny_model, ids, greedy, seeds=[0] * len(ids))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tlextract.errors import TLExtractError
-from tlextract.interop import (
+from tlextract.ops.formats import (
     from_persona_vectors,
     gguf_layer_index,
     hidden_state_index,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tlextract.errors import TLExtractError
-from tlextract.judge import (
+from tlextract.judge.base import (
     COHERENCE_PROMPT,
     JudgeCache,
     Judgment,
@@ -130,7 +130,7 @@ def p_tok(path: tuple[int, ...], token: int) -> float:
 
 
 def hand_tree_probs(dist_fn=fake_dist):
-    from tlextract.judge_local import NumberTree, NumberVocab, next_token_stats, number_probs
+    from tlextract.judge.local import NumberTree, NumberVocab, next_token_stats, number_probs
 
     tree = NumberTree.build(NumberVocab.from_texts(TEXTS))
     dists = torch.stack([dist_fn(tree.path(i)) for i in range(tree.n_nodes)])
@@ -149,7 +149,7 @@ def test_number_tree_lists_every_spelling() -> None:
 
 
 def test_byte_fallback_duplicates_are_not_spellings_but_keep_numbers_going() -> None:
-    from tlextract.judge_local import NumberTree, NumberVocab
+    from tlextract.judge.local import NumberTree, NumberVocab
 
     texts = {0: "4", 1: "2", 2: "4", 3: " ", 4: " ", 5: "7"}  # 2 and 4 are <0x34>, <0x20>
     vocab = NumberVocab.from_texts(texts, byte_fallback=frozenset({2, 4, 5}))
@@ -265,7 +265,7 @@ def build_bpe_model():
 
 @pytest.mark.parametrize("packed", [True, False], ids=["tree-attention", "per-depth"])
 def test_local_judge_handles_multi_digit_and_spaced_tokens_exactly(bpe_model, packed) -> None:
-    from tlextract.judge_local import LocalJudge
+    from tlextract.judge.local import LocalJudge
 
     tok = bpe_model.tokenizer
     ids = tok.convert_tokens_to_ids
@@ -295,7 +295,7 @@ def test_local_judge_handles_multi_digit_and_spaced_tokens_exactly(bpe_model, pa
 
 
 def test_local_judge_scores_a_too_long_prompt_as_missing(bpe_model) -> None:
-    from tlextract.judge_local import LocalJudge
+    from tlextract.judge.local import LocalJudge
 
     judge = LocalJudge(bpe_model, chat=False)
     scores = judge.score(["x" * 600, "short:"])
@@ -304,7 +304,7 @@ def test_local_judge_scores_a_too_long_prompt_as_missing(bpe_model) -> None:
 
 
 def test_local_judge_name_tells_models_apart(bpe_model) -> None:
-    from tlextract.judge_local import LocalJudge
+    from tlextract.judge.local import LocalJudge
 
     other = copy.deepcopy(bpe_model)
     with torch.no_grad():
@@ -317,7 +317,7 @@ def test_local_judge_name_tells_models_apart(bpe_model) -> None:
 def test_local_judge_falls_back_to_exact_passes_under_a_sliding_window(bpe_model) -> None:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from tlextract.judge_local import LocalJudge
+    from tlextract.judge.local import LocalJudge
 
     cfg = HookedTransformerConfig(
         d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=bpe_model.cfg.d_vocab,
@@ -342,11 +342,11 @@ def test_local_judge_falls_back_to_exact_passes_under_a_sliding_window(bpe_model
 @pytest.fixture(scope="module")
 def tiny_random():
     try:
-        from tlextract.models import load_model
+        from tlextract.model.load import load_model
 
         return load_model("tiny-random")
     except Exception as e:  # noqa: BLE001 - the model module is written in parallel
-        pytest.skip(f"tlextract.models.load_model('tiny-random') is not available yet: {e!r}")
+        pytest.skip(f"tlextract.model.load.load_model('tiny-random') is not available yet: {e!r}")
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +362,7 @@ def tiny_digits(tiny_random):
 
 @pytest.mark.parametrize("packed", [True, False], ids=["tree-attention", "per-depth"])
 def test_local_judge_on_tiny_random_matches_brute_force(tiny_digits, packed) -> None:
-    from tlextract.judge_local import LocalJudge
+    from tlextract.judge.local import LocalJudge
 
     model = tiny_digits
     tok = model.tokenizer
@@ -430,7 +430,7 @@ def http(server, monkeypatch):
 
 
 def make_http_judge(base: str, **kwargs):
-    from tlextract.judge_http import OpenAIJudge
+    from tlextract.judge.http import OpenAIJudge
 
     options = dict(api_key_env=KEY_ENV, timeout=2.0, max_retries=3, backoff_base=0.01,
                    backoff_max=2.0, max_concurrency=4)  # fmt: skip
@@ -506,7 +506,7 @@ def test_http_judge_401_raises_at_once_without_leaking_the_key(http, monkeypatch
 
 
 def test_http_judge_404_names_base_url_and_model(http) -> None:
-    from tlextract.judge_http import OpenAIJudge
+    from tlextract.judge.http import OpenAIJudge
 
     judge = OpenAIJudge(http, "no-such-model", api_key_env=KEY_ENV, backoff_base=0.01)
     with pytest.raises(TLExtractError, match="base_url") as info:
@@ -538,7 +538,7 @@ def test_http_judge_bounds_concurrency(http) -> None:
 def test_retry_after_header_parsing() -> None:
     from email.utils import formatdate
 
-    from tlextract.judge_http import parse_retry_after
+    from tlextract.judge.http import parse_retry_after
 
     assert parse_retry_after("2") == 2.0 and parse_retry_after("0.5") == 0.5
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
@@ -687,8 +687,8 @@ def test_http_judge_through_the_cache_never_stores_the_key_and_retries_failures(
 
 
 def test_make_judge_from_config(bpe_model, monkeypatch) -> None:
-    from tlextract.judge_http import OpenAIJudge
-    from tlextract.judge_local import LocalJudge
+    from tlextract.judge.http import OpenAIJudge
+    from tlextract.judge.local import LocalJudge
 
     assert make_judge({"kind": "none"}) is None
     local = make_judge({"kind": "local", "model": "self", "batch_size": 2}, model=bpe_model)

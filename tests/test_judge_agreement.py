@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tlextract.judge import fill_prompt
-from tlextract.judge_agreement import measure
-from tlextract.judge_local import LocalJudge
+from tlextract.analysis.agreement import measure
+from tlextract.judge.base import fill_prompt
+from tlextract.judge.local import LocalJudge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL = "Rate it.\nQuestion: {question}\nAnswer: {answer}\nScore:"

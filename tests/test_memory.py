@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import tlextract.pipeline as pipeline
-from tlextract.autobatch import measure_peaks
+import tlextract.stages.pipeline as pipeline
 from tlextract.errors import TLExtractError
-from tlextract.memory import (
+from tlextract.model.load import DEFAULT_MODEL, load_model
+from tlextract.model.memory import (
     HalvingBatches,
     MemoryModel,
     PeakMemory,
     fit_memory_model,
     is_out_of_memory,
 )
-from tlextract.models import DEFAULT_MODEL, load_model
-from tlextract.pipeline import run_trait, settings_for
+from tlextract.stages.autobatch import measure_peaks
+from tlextract.stages.pipeline import run_trait, settings_for
 from tlextract.traits import load_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +142,7 @@ def test_experiment_file_accepts_auto_and_rejects_words(experiments: Path) -> No
 @pytest.mark.slow
 def test_memory_model_fitted_on_small_probes_predicts_a_large_batch() -> None:
     """On the default model: fit on the shipped probes, predict a batch 8x larger in tokens."""
-    from tlextract.autobatch import PROBES
+    from tlextract.stages.autobatch import PROBES
 
     model = load_model(DEFAULT_MODEL)
     layers = list(range(model.cfg.n_layers))

@@ -10,9 +10,9 @@ from sklearn.covariance import ledoit_wolf_shrinkage
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
-from tlextract import methods
 from tlextract.errors import TLExtractError
-from tlextract.methods import METHODS, get_method, run_method
+from tlextract.ops import methods
+from tlextract.ops.methods import METHODS, get_method, run_method
 
 NAMES = list(METHODS)
 

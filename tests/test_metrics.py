@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from tlextract.errors import TLExtractError
-from tlextract.metrics import (
+from tlextract.ops.metrics import (
     LayerMetrics,
     auroc,
     best_layer,

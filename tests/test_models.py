@@ -1,4 +1,5 @@
-"""tlextract.models: embedded models match transformers, the cache heals itself, names fail fast."""
+"""tlextract.model.load: embedded models match transformers, the cache heals itself, names fail
+fast."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tlextract import models
 from tlextract.errors import TLExtractError
-from tlextract.models import (
+from tlextract.model import load as models
+from tlextract.model.load import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
     GEMMA_MODEL,
@@ -161,7 +162,7 @@ def test_damaged_cache_is_rebuilt(
 ) -> None:
     good = _params(load_model(TINY_MODEL))
     damage(fresh_cache)
-    with caplog.at_level(logging.WARNING, logger="tlextract.models"):
+    with caplog.at_level(logging.WARNING, logger="tlextract.model.load"):
         assert _same_params(good, _params(load_model(TINY_MODEL)))
     assert _rebuilt(caplog)
     assert models._cache_problem(fresh_cache) is None
@@ -177,7 +178,7 @@ def test_same_size_corruption_is_caught_by_the_hash(
     data[-1] ^= 0xFF  # same size; the new mtime triggers the hash check
     weights.write_bytes(bytes(data))
     assert "sha256" in (models._cache_problem(fresh_cache) or "")
-    with caplog.at_level(logging.WARNING, logger="tlextract.models"):
+    with caplog.at_level(logging.WARNING, logger="tlextract.model.load"):
         load_model(TINY_MODEL)
     assert _rebuilt(caplog)
 
@@ -189,7 +190,7 @@ def test_touched_but_intact_cache_is_kept(
     weights = fresh_cache / models.WEIGHTS
     os.utime(weights, ns=(0, 10**9))  # as after a copy that did not keep times
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tlextract.models"):
+    with caplog.at_level(logging.WARNING, logger="tlextract.model.load"):
         load_model(TINY_MODEL)
     assert not caplog.records  # not rebuilt
     manifest = json.loads((fresh_cache / models.MANIFEST).read_text())

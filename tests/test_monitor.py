@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlextract.cli import main
+from tlextract.cli.main import main
 from tlextract.errors import TLExtractError
-from tlextract.generation import generate_batch, tokenize
-from tlextract.monitor import monitor
-from tlextract.monitor_view import normalise, write_monitoring
+from tlextract.ops.generate import generate_batch, tokenize
+from tlextract.ops.monitor import monitor
+from tlextract.ops.vectors import TraitVectors
+from tlextract.report.monitor_view import normalise, write_monitoring
 from tlextract.traits import GenerationSettings, render_prompt
-from tlextract.vectors import TraitVectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

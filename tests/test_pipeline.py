@@ -10,12 +10,12 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-import tlextract.pipeline as pipeline
-from tlextract.cli import main
+import tlextract.stages.pipeline as pipeline
+from tlextract.cli.main import main
 from tlextract.errors import TLExtractError
-from tlextract.pipeline import load_activations, run_trait, settings_for
+from tlextract.ops.vectors import TraitVectors
+from tlextract.stages.pipeline import load_activations, run_trait, settings_for
 from tlextract.traits import load_experiment
-from tlextract.vectors import TraitVectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import write_experiment
 
-from tlextract.backend_ray import TASK_LOG, run_on_ray
-from tlextract.cli import main
+from tlextract.backends.ray import TASK_LOG, run_on_ray
+from tlextract.cli.main import main
 from tlextract.errors import TLExtractError
-from tlextract.pipeline import STAGES, settings_for
+from tlextract.ops.vectors import TraitVectors
+from tlextract.stages.pipeline import STAGES, settings_for
 from tlextract.traits import VARIANTS, load_experiment
-from tlextract.vectors import TraitVectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAITS = ["alpha", "beta", "gamma"]
@@ -30,7 +30,7 @@ def _crash_once_when_armed(marker: Path) -> Callable[[], None]:
     batch of a stage, so the stage is half done) deletes the marker and dies on the spot."""
 
     def hook() -> None:
-        import tlextract.pipeline as pipeline
+        import tlextract.stages.pipeline as pipeline
 
         save = pipeline.save_tensors
 

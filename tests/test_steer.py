@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import MIXED_LENGTH_TEXTS
 
-from tlextract.cli import main
+from tlextract.analysis.sweep import alpha_sweep, held_out_questions, reread, write_sweep
+from tlextract.cli.main import main
 from tlextract.errors import TLExtractError
-from tlextract.generation import generate_batch, tokenize
-from tlextract.judge import Score
-from tlextract.monitor import monitor
-from tlextract.pipeline import run_trait, settings_for
-from tlextract.steer import REFERENCE_TEXTS, ablate, residual_norm, steer
-from tlextract.sweep import alpha_sweep, held_out_questions, reread, write_sweep
+from tlextract.judge.base import Score
+from tlextract.ops.generate import generate_batch, tokenize
+from tlextract.ops.monitor import monitor
+from tlextract.ops.steer import REFERENCE_TEXTS, ablate, residual_norm, steer
+from tlextract.ops.vectors import TraitVectors
+from tlextract.stages.pipeline import run_trait, settings_for
 from tlextract.traits import GenerationSettings, load_experiment, render_prompt
-from tlextract.vectors import TraitVectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = MIXED_LENGTH_TEXTS

@@ -9,7 +9,7 @@ import pytest
 from conftest import PAIRS, QUESTIONS, write_experiment, write_trait
 
 from tlextract.errors import TLExtractError
-from tlextract.pipeline import settings_for
+from tlextract.stages.pipeline import settings_for
 from tlextract.traits import load_experiment, load_trait, plan_examples
 
 BROKEN_TRAITS = [

@@ -11,12 +11,12 @@ import torch
 from conftest import write_experiment
 from sklearn.metrics import roc_auc_score
 
-import tlextract.variants as variants
-from tlextract.evaluate import cross_evaluate, evaluate_trait
-from tlextract.pipeline import load_responses, run_trait, settings_for
-from tlextract.report import build_report
+import tlextract.analysis.variants as variants
+from tlextract.analysis.evaluate import cross_evaluate, evaluate_trait
+from tlextract.analysis.variants import _score_baseline, surface_baselines
+from tlextract.report.summary import build_report
+from tlextract.stages.pipeline import load_responses, run_trait, settings_for
 from tlextract.traits import load_experiment
-from tlextract.variants import _score_baseline, surface_baselines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

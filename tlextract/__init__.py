@@ -9,12 +9,14 @@ Notebook use::
     vectors[16], vectors.hook_name(16)   # direction at block 16, "blocks.16.hook_resid_post"
 """
 
-from .activations import hook_name, pooled_activations
-from .errors import TLExtractError
-from .generation import generate_batch
-from .models import load_model
-from .monitor import Monitoring, TokenScores, monitor
-from .pipeline import (
+from tlextract.errors import TLExtractError
+from tlextract.model.load import load_model
+from tlextract.ops.generate import generate_batch
+from tlextract.ops.monitor import Monitoring, TokenScores, monitor
+from tlextract.ops.pool import hook_name, pooled_activations
+from tlextract.ops.steer import ablate, residual_norm, steer
+from tlextract.ops.vectors import TraitVectors
+from tlextract.stages.pipeline import (
     Activations,
     RunSettings,
     extract_activations,
@@ -26,9 +28,7 @@ from .pipeline import (
     run_trait,
     settings_for,
 )
-from .steer import ablate, residual_norm, steer
-from .traits import Experiment, Trait, load_experiment, load_trait
-from .vectors import TraitVectors
+from tlextract.traits import Experiment, Trait, load_experiment, load_trait
 
 __all__ = [
     "Activations",

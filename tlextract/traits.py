@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import TLExtractError
+from tlextract.errors import TLExtractError
 
 MIN_INSTRUCTION_PAIRS = 5
 MIN_QUESTIONS = 20

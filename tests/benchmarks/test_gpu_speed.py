@@ -1,6 +1,6 @@
 """``make bench-gpu``: the original study's workload shape (100 + 100 examples) on both embedded
 models in bfloat16 on a CUDA GPU, batch 1 to 64, tlextract against transformers at each batch
-size and the pipeline table (:func:`tlextract.bench.gpu_benchmark`). Writes
+size and the pipeline table (:func:`tlextract.analysis.bench.gpu_benchmark`). Writes
 ``docs/benchmarks/gpu.md``. Skipped without a GPU; tests/test_bench.py runs the same code on the
 CPU with the tiny model. No timing is asserted."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlextract.bench import gpu_benchmark
+from tlextract.analysis.bench import gpu_benchmark
 
 pytestmark = [pytest.mark.bench, pytest.mark.slow]
 

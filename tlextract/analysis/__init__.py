@@ -1,0 +1,2 @@
+"""Evaluation, variant comparison, steering sweeps, judge agreement and benchmarks, fed by the
+stages' loaders."""

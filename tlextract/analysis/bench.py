@@ -1,0 +1,386 @@
+"""Speed benchmarks: the question a user asks, and the original project's table.
+
+1. **tlextract against transformers.** At each batch size, greedy decoding of the same chat
+   prompts for a fixed number of new tokens: tlextract's ``generate_batch`` on the model
+   ``load_model`` returns, recording every layer's residual stream (what the pipeline's combined
+   mode does), against transformers' own ``generate`` on the same weights (no hooks at all).
+   A second tlextract row switches off the shared-prompt-prefix computation, to show what part
+   of the gain is that. Tokens/s, the ratio to transformers, the time of one decode step, and the
+   fraction of the decode-step floor reached (below).
+2. **The pipeline table.** The real pipeline (generate, judge none, activations, vectors, every
+   file written) on one trait of an experiment, serial and batched, two-stage and combined: wall
+   time, tokens/s, speedup over serial two-stage, peak memory beyond the loaded model.
+
+The **decode-step floor** of a batch of ``b`` rows: every weight of the matrix products (blocks
+and unembedding) must be read once, and ``2 * weights * b`` FLOPs done; at the memory bandwidth
+and matrix-product throughput measured on this machine in the same run (a large sum, a large
+product), a step cannot take less than the larger of the two. It leaves out attention and
+element-wise work, so it is a lower bound; the fraction says how close a contender comes.
+
+A decode step's time is ``(t(n) - t(1)) / (n - 1)`` from generations of ``n`` and of 1 new
+token (which both include the prompt pass). All contenders are interleaved round by round and
+each keeps its best round, so load on a shared machine hits all alike. Nothing here asserts a
+speed: ``make bench`` and ``make bench-gpu`` run :func:`run_benchmark` through pytest-benchmark
+(``tests/benchmarks``) and write a Markdown report.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+from tlextract.model.fused import linear
+from tlextract.model.load import load_hf_model, load_model
+from tlextract.model.memory import PeakMemory
+from tlextract.ops.generate import device_of, generate_batch, left_pad, tokenize
+from tlextract.ops.pool import hook_name
+from tlextract.stages.pipeline import Mode, run_trait, settings_for
+from tlextract.store import read_json, write_text
+from tlextract.traits import GenerationSettings, build_examples, experiments_root, load_experiment
+
+MODES: tuple[Mode, ...] = ("two-stage", "combined")
+MiB = 2**20
+# The matrix-product weights of a block (TransformerLens names; _W_K/_W_V for grouped queries).
+_PRODUCT_WEIGHT = re.compile(
+    r"blocks\.\d+\.(attn\.(W_Q|_?W_K|_?W_V|W_O)|mlp\.(W_in|W_gate|W_out))$"
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One trait of one experiment (its model, prompt style and generation settings)."""
+
+    experiment: str
+    trait: str
+
+
+@dataclass(frozen=True)
+class Roofline:
+    bandwidth: float  # bytes/s read from a large tensor
+    flops: float  # FLOP/s of a large matrix product, the faster of F.linear and oneDNN
+
+    def decode_step(self, weights: int, itemsize: int, rows: int) -> float:
+        """Seconds one decode step of ``rows`` rows cannot beat (see the module docstring)."""
+        return max(weights * itemsize / self.bandwidth, 2 * weights * rows / self.flops)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def measure_roofline(device: str | torch.device, dtype: torch.dtype) -> Roofline:
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    src = torch.ones((2**28 if gpu else 2**26), dtype=torch.float32, device=device)
+    read_s = _best_seconds(lambda: src.sum(), device, 5)  # reading, as weights are read
+    n = 8192 if gpu else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    w = torch.randn(n, n, device=device).to(dtype)
+    product_s = min(
+        _best_seconds(lambda: torch.nn.functional.linear(a, w), device, 5),
+        _best_seconds(lambda: linear(a, w, None), device, 5),
+    )
+    return Roofline(bandwidth=src.nbytes / read_s, flops=2 * n**3 / product_s)
+
+
+def product_weights(model: HookedTransformer) -> int:
+    """Elements of every weight a token is multiplied by (blocks and unembedding)."""
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if _PRODUCT_WEIGHT.match(name) or name == "unembed.W_U"
+    )
+
+
+def _workload_prompts(model: HookedTransformer, workload: Workload, root: Path, n: int) -> list:
+    exp = load_experiment(workload.experiment, root)
+    examples = build_examples(exp.trait(workload.trait), n, model.tokenizer, exp.prompt_style,
+                              exp.variant)
+    return tokenize(model, [e.prompt for e in examples], exp.prompt_style)
+
+
+def versus_transformers(
+    model: HookedTransformer,
+    prompt_ids: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int],
+    n_new: int,
+    rounds: int,
+    roof: Roofline,
+) -> list[dict]:
+    """Rows of table 1 (see the module docstring) for each batch size."""
+    device = torch.device(device_of(model))
+    hf_model, hf_tok = load_hf_model(model.cfg.model_name, str(model.cfg.dtype).split(".")[-1])
+    hf_model = hf_model.to(device)  # type: ignore[arg-type]
+    weights, itemsize = product_weights(model), model.cfg.dtype.itemsize
+    rows = []
+    for batch in batch_sizes:
+        ids = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
+        contenders = _contenders(model, hf_model, hf_tok.pad_token_id, ids)
+        for run in contenders.values():  # warm-up: allocations, packing, lazy imports
+            run(2)
+        best: dict[str, dict[int, float]] = {name: {} for name in contenders}
+        produced: dict[str, int] = {}
+        for _ in range(rounds):
+            for name, run in contenders.items():
+                for n in (1, n_new):
+                    _sync(device)
+                    start = time.perf_counter()
+                    count = run(n)
+                    _sync(device)
+                    seconds = time.perf_counter() - start
+                    best[name][n] = min(best[name].get(n, float("inf")), seconds)
+                    if n == n_new:
+                        produced[name] = count
+        floor = roof.decode_step(weights, itemsize, batch)
+        hf_rate = produced[HF] / best[HF][n_new]
+        for name, times in best.items():
+            step = (times[n_new] - times[1]) / (n_new - 1)
+            rate = produced[name] / times[n_new]
+            rows.append({
+                "batch": batch, "contender": name, "tokens": produced[name],
+                "tok_s": rate, "ratio": rate / hf_rate, "step_ms": step * 1e3,
+                "floor_ms": floor * 1e3, "floor_fraction": floor / step,
+            })  # fmt: skip
+    return rows
+
+
+OURS = "tlextract, capture on every layer"
+HF = "transformers generate, no hooks"
+
+
+def _contenders(
+    model: HookedTransformer, hf_model: Any, pad_id: int, ids: list[Sequence[int]]
+) -> dict[str, Callable[[int], int]]:
+    """Each generates ``n`` new tokens for the prompts and returns how many it produced."""
+    capture = [hook_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
+    tokens, mask = left_pad(ids, pad_id, device_of(model))
+
+    def ours(n: int, share: bool = True) -> int:
+        greedy = GenerationSettings(max_new_tokens=n, do_sample=False)
+        gens = generate_batch(model, ids, greedy, [0] * len(ids), capture=capture,
+                              share_prefix=share)
+        return sum(len(g.response_ids) + g.stopped for g in gens)
+
+    def hf(n: int) -> int:
+        with torch.inference_mode():
+            out = hf_model.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+        return (out.shape[1] - tokens.shape[1]) * out.shape[0]
+
+    if len(ids) == 1:  # nothing to share
+        return {OURS: ours, HF: hf}
+    return {OURS: ours, f"{OURS}, prompt prefix not shared": lambda n: ours(n, share=False), HF: hf}
+
+
+def pipeline_rows(
+    model: HookedTransformer,
+    workload: Workload,
+    root: Path,
+    n_examples: int,
+    n_new: int,
+    batch_sizes: Sequence[int],
+) -> list[dict]:
+    """Rows of table 2: each configuration from a fresh output directory."""
+    rows = []
+    device = device_of(model)
+    for batch in batch_sizes:
+        for mode in MODES:
+            exp_root = root / f"{workload.experiment}-{mode}-{batch}"
+            exp = _copy_experiments(exp_root, workload.experiment, n_new)
+            run = settings_for(exp, workload.trait, n_examples=n_examples, batch_size=batch,
+                               mode=mode, judge="none")
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                run_trait(run, get_model=lambda: model)
+                wall = time.perf_counter() - start
+            tokens = read_json(run.stage_dir("generate") / "meta.json")["n_generated_tokens"]
+            rows.append({"batch": batch, "mode": mode, "wall_s": wall, "tokens": tokens,
+                         "tok_s": tokens / wall, "peak_mib": mem.peak / MiB})
+    return rows
+
+
+def _copy_experiments(root: Path, name: str, n_new: int):
+    """The shipped experiments (definitions only) under ``root``, so outputs land there; the
+    named one with the benchmark's new-token budget."""
+    if not root.exists():
+        shutil.copytree(experiments_root(), root,
+                        ignore=shutil.ignore_patterns("extraction*", "report*", "*.ipynb"))
+    exp = load_experiment(name, root)
+    return replace(exp, generation=replace(exp.generation, max_new_tokens=n_new))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        with open("/proc/cpuinfo") as f:
+            cpu = next((x.split(":", 1)[1].strip() for x in f if "model name" in x), cpu)
+    text = f"{os.cpu_count()} x {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def run_benchmark(
+    workloads: Sequence[Workload],
+    *,
+    device: str,
+    dtype: str,
+    n_examples: int,
+    n_new: int,
+    batch_sizes: Sequence[int],
+    versus_batch_sizes: Sequence[int],
+    rounds: int,
+    work_dir: Path,
+    out: Path,
+    title: str,
+) -> dict:
+    """Both tables for each workload, written to ``out`` (Markdown); returns the raw rows."""
+    torch_dtype = getattr(torch, dtype)
+    load_before = os.getloadavg()[0]
+    roof = measure_roofline(device, torch_dtype)
+    results: dict = {"machine": machine(), "roofline": roof.__dict__, "workloads": []}
+    sections = []
+    for workload in workloads:
+        measured = _measure_workload(workload, device, dtype, n_examples, n_new, batch_sizes,
+                                     versus_batch_sizes, rounds, roof, work_dir)
+        results["workloads"].append(measured)
+        sections.append(_render(workload, measured["model"], n_examples, n_new, rounds,
+                                measured["versus"], measured["pipeline"]))
+    load_after = os.getloadavg()[0]
+    header = [
+        f"# {title}", "",
+        f"Machine: {results['machine']}; {dtype}; load average {load_before:.2f} before, "
+        f"{load_after:.2f} after.",
+        f"Measured here in the same run: memory read bandwidth {roof.bandwidth / 1e9:.1f} GB/s "
+        f"(a large sum), matrix products {roof.flops / 1e9:.0f} GFLOP/s (a large product).",
+        "", "Produced by `tlextract.analysis.bench.run_benchmark`; its docstring has the method.",
+        "",
+    ]  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, "\n".join(header + sections))
+    return results
+
+
+def _measure_workload(
+    workload: Workload,
+    device: str,
+    dtype: str,
+    n_examples: int,
+    n_new: int,
+    batch_sizes: Sequence[int],
+    versus_batch_sizes: Sequence[int],
+    rounds: int,
+    roof: Roofline,
+    work_dir: Path,
+) -> dict:
+    """Both tables for one workload (its model is freed when this returns)."""
+    root = work_dir / workload.experiment
+    exp = _copy_experiments(root / "prompts", workload.experiment, n_new)
+    model = load_model(exp.model, device=device, dtype=dtype)
+    prompts = _workload_prompts(model, workload, root / "prompts", max(versus_batch_sizes))
+    # Warm-up run: first-call allocations, packed weights, lazy imports.
+    warm = _copy_experiments(root / "warmup", workload.experiment, n_new)
+    run_trait(settings_for(warm, workload.trait, n_examples=1, batch_size=1, judge="none"),
+              get_model=lambda: model)
+    versus = versus_transformers(model, prompts, versus_batch_sizes, n_new, rounds, roof)
+    pipeline = pipeline_rows(model, workload, root, n_examples, n_new, batch_sizes)
+    return {"workload": workload.__dict__, "model": exp.model, "versus": versus,
+            "pipeline": pipeline}
+
+
+def _render(
+    workload: Workload,
+    model: str,
+    n_examples: int,
+    n_new: int,
+    rounds: int,
+    versus: list[dict],
+    pipeline: list[dict],
+) -> str:
+    lines = [
+        f"## {model}: `{workload.experiment}/{workload.trait}`", "",
+        f"Greedy, {n_new} new tokens per prompt, the trait's prompts, best of {rounds} rounds:",
+        "",
+        "| batch | generator | tokens/s | vs transformers | decode step ms | floor ms "
+        "| fraction of floor |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    lines += [
+        f"| {r['batch']} | {r['contender']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x "
+        f"| {r['step_ms']:.3g} | {r['floor_ms']:.3g} | {r['floor_fraction']:.2f} |"
+        for r in versus
+    ]
+    base = next(r["wall_s"] for r in pipeline if r["batch"] == 1 and r["mode"] == "two-stage")
+    lines += [
+        "",
+        f"Pipeline: {n_examples} pos + {n_examples} neg examples, sampled with the experiment's "
+        f"settings, at most {n_new} new tokens, all layers, every file written:",
+        "",
+        "| batch | mode | wall s | generated tokens | tokens/s | speedup vs serial two-stage "
+        "| peak memory beyond the model (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch']} | {r['mode']} | {r['wall_s']:.1f} | {r['tokens']} | {r['tok_s']:.1f} "
+        f"| {base / r['wall_s']:.2f}x | {r['peak_mib']:.0f} |"
+        for r in pipeline
+    ]
+    return "\n".join(lines) + "\n"
+
+
+DEFAULT_WORKLOAD = Workload("smollm2_cognitive", "local_global")
+GEMMA_WORKLOAD = Workload("gemma3_270m_cognitive", "local_global")
+
+
+def cpu_benchmark(out: Path, work_dir: Path, n_examples: int = 32, n_new: int = 32) -> dict:
+    """``make bench``: the default model in float32 on the CPU, batch 1 to 16."""
+    return run_benchmark(
+        [DEFAULT_WORKLOAD], device="cpu", dtype="float32", n_examples=n_examples, n_new=n_new,
+        batch_sizes=(1, 4, 8, 16), versus_batch_sizes=(1, 8, 16), rounds=3,
+        work_dir=work_dir, out=out, title="Speed on the CPU (`make bench`)",
+    )  # fmt: skip
+
+
+def gpu_benchmark(
+    out: Path,
+    work_dir: Path,
+    *,
+    workloads: Sequence[Workload] = (DEFAULT_WORKLOAD, GEMMA_WORKLOAD),
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    n_examples: int = 100,
+    n_new: int = 32,
+    batch_sizes: Sequence[int] = (1, 4, 8, 16, 32, 64),
+    rounds: int = 2,
+) -> dict:
+    """``make bench-gpu``: the original study's workload shape (200 examples, 100 per polarity)
+    on both embedded models in bfloat16, batch 1 to 64. A test runs it on the CPU with the tiny
+    model and small sizes, so it keeps working between GPU runs."""
+    return run_benchmark(
+        workloads, device=device, dtype=dtype, n_examples=n_examples, n_new=n_new,
+        batch_sizes=batch_sizes, versus_batch_sizes=batch_sizes, rounds=rounds,
+        work_dir=work_dir, out=out, title=f"Speed on {device} (`make bench-gpu`)",
+    )  # fmt: skip

@@ -1,0 +1,381 @@
+"""Held-out evaluation of every extraction method on one trait run, cached like a stage.
+
+Pos example ``i`` and neg example ``i`` share a question (or, for natural prompts, a matched
+topic), so the split is by *example index*: both sides of a held-out index are in the test set
+and neither is in the train set, otherwise the test set would contain the question the vector
+was fitted on. Only the examples the judge kept are used, as in the vectors stage. Each method
+is fitted on the train rows and scored on the test rows with
+:func:`tlextract.ops.metrics.evaluate_vectors`; the best layer per method follows
+:func:`tlextract.ops.metrics.best_layer`.
+
+Results go to ``<run.out_dir>/report/``: ``metrics.json`` (everything), ``metrics.md`` (a table
+per method) and ``meta.json`` (fingerprint of activations + methods + split + rule), so a rerun
+with the same inputs reads the results back instead of refitting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from tlextract.errors import TLExtractError
+from tlextract.judge.keep import Selection
+from tlextract.ops.methods import METHODS, get_method, run_method
+from tlextract.ops.metrics import (
+    RULES,
+    LayerMetrics,
+    best_layer,
+    evaluate_vectors,
+    project,
+    split_indices,
+)
+from tlextract.ops.pool import hook_name
+from tlextract.stages.pipeline import Activations, RunSettings, load_activations, load_selection
+from tlextract.store import META, fingerprint, read_json, stage_done, write_json, write_text
+from tlextract.traits import POLARITIES
+
+# (pos, neg) activations of one side of a split at the evaluated layers; "_" dims are unchecked
+# because train and test sides of different sizes meet in one call.
+Pair = tuple[Float[Tensor, "_n_pos sel d_model"], Float[Tensor, "_n_neg sel d_model"]]
+RULE_TEXT = {
+    "auroc": "highest held-out AUROC, then highest Cohen's d, then lowest layer",
+    "cohens_d": "highest held-out Cohen's d, then highest AUROC, then lowest layer",
+    "accuracy": "highest held-out accuracy, then highest AUROC, then highest Cohen's d, "
+    "then lowest layer",
+}
+
+
+@dataclass(frozen=True)
+class ExampleSplit:
+    """Which rows of each polarity's activations are train and which are test.
+
+    ``held_out`` holds the test *example indices*; a row is a test row exactly when its example
+    index is held out, whatever its polarity.
+    """
+
+    held_out: frozenset[int]
+    pos_train: list[int]
+    pos_test: list[int]
+    neg_train: list[int]
+    neg_test: list[int]
+
+
+def split_examples(
+    pos_index: Sequence[int], neg_index: Sequence[int], test_fraction: float = 0.25, seed: int = 0
+) -> ExampleSplit:
+    """Seeded split of the example indices present on either side (see ``split_indices``)."""
+    ids = sorted(set(pos_index) | set(neg_index))
+    _, test = split_indices(len(ids), test_fraction, seed)
+    held_out = frozenset(ids[i] for i in test.tolist())
+
+    def rows(index: Sequence[int], test_side: bool) -> list[int]:
+        return [r for r, i in enumerate(index) if (i in held_out) == test_side]
+
+    return ExampleSplit(held_out, rows(pos_index, False), rows(pos_index, True),
+                        rows(neg_index, False), rows(neg_index, True))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out projections at one method's best layer, for plotting."""
+
+    method: str
+    layer: int
+    pos: list[float]
+    neg: list[float]
+    threshold: float  # midpoint of the train class means: where ``accuracy`` cuts
+
+
+@dataclass(frozen=True)
+class TraitEvaluation:
+    """Per-method, per-layer held-out metrics of one trait run.
+
+    ``trait``/``variant`` name the held-out activations, ``train_trait``/``train_variant`` the
+    ones the vectors were fitted on (the same, except from :func:`cross_evaluate`). Counts are
+    rows per polarity.
+    """
+
+    experiment: str
+    trait: str
+    variant: str
+    judge: str  # the judge that kept the held-out examples ("none": every response kept)
+    train_trait: str
+    train_variant: str
+    model: str
+    hook: str
+    layers: list[int]
+    methods: list[str]
+    rule: str
+    test_fraction: float
+    seed: int
+    n_train: dict[str, int]
+    n_test: dict[str, int]
+    held_out_examples: list[int]
+    rows: list[LayerMetrics]
+    best: dict[str, LayerMetrics]
+    held_out: dict[str, HeldOut]
+
+    def hook_name(self, layer: int) -> str:
+        return hook_name(self.hook, layer)
+
+    @property
+    def is_cross(self) -> bool:
+        return (self.trait, self.variant) != (self.train_trait, self.train_variant)
+
+
+def _check_request(methods: Sequence[str], rule: str) -> None:
+    """Fail on a bad method or rule before any activations are loaded."""
+    if not methods:
+        raise TLExtractError(f"no methods to evaluate; choose from {', '.join(METHODS)}.")
+    for name in methods:
+        get_method(name)
+    if rule not in RULES:
+        raise TLExtractError(f"unknown best-layer rule {rule!r}; valid rules: {', '.join(RULES)}.")
+
+
+def kept_activations(acts: Activations, selection: Selection) -> Activations:
+    """Only the rows of examples the judge kept (what the vectors stage fits on); the key
+    covers the selection too."""
+
+    def keep(
+        x: Float[Tensor, "n layer d_model"], index: list[int], kept: list[int]
+    ) -> tuple[Float[Tensor, "k layer d_model"], list[int]]:
+        wanted = set(kept)
+        rows = [r for r, i in enumerate(index) if i in wanted]
+        return x[rows], [index[r] for r in rows]
+
+    (pos, pos_index), (neg, neg_index) = (
+        keep(acts.pos, acts.pos_index, selection.kept["pos"]),
+        keep(acts.neg, acts.neg_index, selection.kept["neg"]),
+    )
+    return replace(acts, pos=pos, neg=neg, pos_index=pos_index, neg_index=neg_index,
+                   key=fingerprint([acts.key, selection.kept]))
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    run: RunSettings
+    acts: Activations  # kept examples only
+    judge: str
+
+
+def load_kept(run: RunSettings) -> _Loaded:
+    """The run's activations of the examples the judge kept, and the judge's name."""
+    selection = load_selection(run)
+    return _Loaded(run, kept_activations(load_activations(run), selection),
+                   selection.summary["judge"])
+
+
+def _rows_at(
+    acts: Float[Tensor, "n layer d_model"], rows: list[int], columns: list[int]
+) -> Float[Tensor, "k sel d_model"]:
+    return acts[rows][:, columns]
+
+
+def _held_out(
+    method: str,
+    layer: int,
+    column: int,
+    vectors: Float[Tensor, "layer d_model"],
+    train: Pair,
+    test: Pair,
+) -> HeldOut:
+    v = vectors[column : column + 1]
+    tr_p, tr_n = (project(x[:, column : column + 1], v)[:, 0] for x in train)
+    te_p, te_n = (project(x[:, column : column + 1], v)[:, 0] for x in test)
+    threshold = float((tr_p.double().mean() + tr_n.double().mean()) / 2)
+    return HeldOut(method, layer, te_p.tolist(), te_n.tolist(), threshold)
+
+
+def _common_layers(source: Activations, target: Activations) -> list[int]:
+    if source.hook != target.hook:
+        raise TLExtractError(
+            f"cannot score {source.hook} vectors on {target.hook} activations; "
+            "use runs with the same hook."
+        )
+    layers = [layer for layer in source.layers if layer in target.layers]
+    if not layers:
+        raise TLExtractError(
+            f"no layer in common between {list(source.layers)} and {list(target.layers)}."
+        )
+    return layers
+
+
+def _side(acts: Activations, layers: list[int], split: ExampleSplit, test: bool) -> Pair:
+    """(pos, neg) rows of one side of ``split``, at ``layers``."""
+    columns = [acts.layers.index(layer) for layer in layers]
+    return (_rows_at(acts.pos, split.pos_test if test else split.pos_train, columns),
+            _rows_at(acts.neg, split.neg_test if test else split.neg_train, columns))
+
+
+def _evaluate(
+    source: _Loaded,
+    target: _Loaded,
+    methods: Sequence[str],
+    test_fraction: float,
+    seed: int,
+    rule: str,
+) -> TraitEvaluation:
+    """Fit on the train split of ``source``, score on the test split of ``target``."""
+    layers = _common_layers(source.acts, target.acts)
+    te_split = split_examples(target.acts.pos_index, target.acts.neg_index, test_fraction, seed)
+    train = _side(source.acts, layers, split_examples(
+        source.acts.pos_index, source.acts.neg_index, test_fraction, seed), test=False)
+    test = _side(target.acts, layers, te_split, test=True)
+    rows: list[LayerMetrics] = []
+    best: dict[str, LayerMetrics] = {}
+    held_out: dict[str, HeldOut] = {}
+    for name in methods:
+        vectors = run_method(name, *train, seed=seed)
+        method_rows = evaluate_vectors(vectors, *train, *test, method=name, layers=layers)
+        rows += method_rows
+        best[name] = best_layer(method_rows, rule)
+        held_out[name] = _held_out(name, best[name].layer, layers.index(best[name].layer),
+                                   vectors, train, test)
+    return TraitEvaluation(
+        experiment=target.run.experiment.name,
+        trait=target.run.trait.name,
+        variant=target.run.variant,
+        judge=target.judge,
+        train_trait=source.run.trait.name,
+        train_variant=source.run.variant,
+        model=target.run.model,
+        hook=target.acts.hook,
+        layers=layers,
+        methods=list(methods),
+        rule=rule,
+        test_fraction=test_fraction,
+        seed=seed,
+        n_train={"pos": train[0].shape[0], "neg": train[1].shape[0]},
+        n_test={"pos": test[0].shape[0], "neg": test[1].shape[0]},
+        held_out_examples=sorted(te_split.held_out),
+        rows=rows,
+        best=best,
+        held_out=held_out,
+    )
+
+
+def evaluation_key(
+    acts: Activations, methods: Sequence[str], test_fraction: float, seed: int, rule: str
+) -> str:
+    return fingerprint({"activations": acts.key, "methods": list(methods),
+                        "test_fraction": test_fraction, "seed": seed, "rule": rule})
+
+
+def report_dir(run: RunSettings) -> Path:
+    return run.out_dir / "report"
+
+
+def evaluate_trait(
+    run: RunSettings,
+    methods: Sequence[str] = tuple(METHODS),
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    rule: str = "auroc",
+) -> TraitEvaluation:
+    """Held-out metrics of every method at every layer of ``run``'s activations.
+
+    Uses the examples the judge kept, splits them by example index (seeded), fits each method
+    on train, scores on test, and writes
+    ``<run.out_dir>/report/{metrics.json,metrics.md,meta.json}``; an identical rerun reads
+    ``metrics.json`` back instead.
+    """
+    _check_request(methods, rule)
+    loaded = load_kept(run)
+    out, key = report_dir(run), evaluation_key(loaded.acts, methods, test_fraction, seed, rule)
+    if stage_done(out, key) and (out / "metrics.json").exists():
+        print(f"[{run.trait.name}] evaluation: up to date, skipped ({out})")
+        return load_evaluation(out / "metrics.json")
+    ev = _evaluate(loaded, loaded, methods, test_fraction, seed, rule)
+    write_json(out / "metrics.json", asdict(ev))
+    write_text(out / "metrics.md", metrics_markdown(ev))
+    write_json(out / META, {
+        "stage": "evaluation", "fingerprint": key, "kept_activations_fingerprint": loaded.acts.key,
+        "judge": ev.judge, "experiment": run.experiment.name, "trait": run.trait.name,
+        "variant": run.variant,
+        "model": run.model, "methods": list(methods), "test_fraction": test_fraction,
+        "seed": seed, "rule": rule, "n_train": ev.n_train, "n_test": ev.n_test,
+    })
+    summary = ", ".join(f"{m} L{b.layer} AUROC {b.auroc:.2f}" for m, b in ev.best.items())
+    print(f"[{run.trait.name}] evaluation: {summary} -> {out}")
+    return ev
+
+
+def cross_evaluate(
+    train_run: RunSettings,
+    test_run: RunSettings,
+    methods: Sequence[str] = tuple(METHODS),
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    rule: str = "auroc",
+) -> TraitEvaluation:
+    """Vectors fitted on ``train_run``'s train split, scored on ``test_run``'s held-out split
+    (kept examples only, on both sides).
+
+    Both runs are split exactly as :func:`evaluate_trait` splits them, so the test rows are the
+    ones ``evaluate_trait(test_run)`` scores and the two tables compare directly. The accuracy
+    threshold comes from ``train_run``'s train projections (no label of ``test_run`` is used),
+    so accuracy measures transfer of the threshold as well as of the direction; AUROC and
+    Cohen's d measure the direction alone. Only layers present in both runs are scored.
+    Not cached: fitting is cheap next to extraction.
+    """
+    _check_request(methods, rule)
+    return _evaluate(load_kept(train_run), load_kept(test_run), methods, test_fraction, seed, rule)
+
+
+def load_evaluation(path: Path) -> TraitEvaluation:
+    """Read back a ``metrics.json`` written by :func:`evaluate_trait`."""
+    d: dict[str, Any] = read_json(path)
+    return TraitEvaluation(**{
+        **d,
+        "rows": [LayerMetrics(**r) for r in d["rows"]],
+        "best": {m: LayerMetrics(**r) for m, r in d["best"].items()},
+        "held_out": {m: HeldOut(**h) for m, h in d["held_out"].items()},
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}f}"
+
+
+def describe_split(ev: TraitEvaluation) -> str:
+    train = "/".join(str(ev.n_train[p]) for p in POLARITIES)
+    test = "/".join(str(ev.n_test[p]) for p in POLARITIES)
+    return (f"split by example index (seed {ev.seed}, test fraction {ev.test_fraction}): "
+            f"train {train} pos/neg rows, held-out {test}")
+
+
+def metrics_markdown(ev: TraitEvaluation) -> str:
+    """One table per method: held-out accuracy, AUROC, Cohen's d and gap at every layer."""
+    source = f" (vectors fitted on {ev.train_trait}/{ev.train_variant})" if ev.is_cross else ""
+    lines = [
+        f"# Held-out evaluation: {ev.trait} ({ev.variant}){source}",
+        "",
+        f"- experiment `{ev.experiment}`, model `{ev.model}`, hook `blocks.<layer>.hook_{ev.hook}` "
+        "(layer = TransformerLens block index)",
+        f"- examples kept by judge `{ev.judge}`; {describe_split(ev)}; held-out examples "
+        f"{ev.held_out_examples}",
+        "- accuracy: balanced accuracy of the midpoint between the train class means; "
+        "gap: held-out mean projection pos - neg (activation units, unit vector)",
+        f"- best layer: {RULE_TEXT[ev.rule]}",
+    ]
+    for method in ev.methods:
+        best = ev.best[method]
+        lines += ["", f"## {method} (best layer {best.layer})", "",
+                  "| layer | hook | accuracy | AUROC | Cohen's d | gap | best |",
+                  "|---:|---|---:|---:|---:|---:|:---:|"]
+        lines += [
+            f"| {r.layer} | `{ev.hook_name(r.layer)}` | {_fmt(r.accuracy)} | {_fmt(r.auroc)} | "
+            f"{_fmt(r.cohens_d, 2)} | {_fmt(r.gap, 4)} | {'**best**' if r == best else ''} |"
+            for r in ev.rows if r.method == method
+        ]
+    return "\n".join(lines) + "\n"

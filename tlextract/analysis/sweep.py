@@ -1,0 +1,406 @@
+"""Causal check of a trait vector: steer held-out questions at several strengths (and ablate the
+direction), then measure what the model wrote.
+
+For every condition (each ``alpha`` of :func:`tlextract.ops.steer.steer`, plus one
+:func:`tlextract.ops.steer.ablate`) the same questions are answered with the same per-question
+seeds, so conditions differ only by the intervention. Each answer gets:
+
+* ``projection``: the *unsteered* model re-reads question + answer (teacher-forced, no hook) and
+  the residual at the steered layer's hook, averaged over the answer's tokens, is projected on the
+  unit trait vector. The added vector itself is not in it, only its effect on the text: how
+  trait-like the answer reads to the model, on the scale of the extraction's examples
+  (``poles``: mean projection of its pos and neg examples, pooled the same way). No judge needed.
+* ``logprob`` (mean log-probability per answer token under the unsteered model) and ``distinct``
+  (fraction of distinct tokens): judge-free signs of a broken model, which rambles or repeats.
+* ``trait`` and ``coherence`` from the experiment's judge, when there is one (None when the judge
+  put too little probability on the numbers 0-100: reported as the missing fraction).
+
+The questions are the trait's ``questions`` that the extraction run did not use, asked with no
+instruction (:func:`held_out_questions` says which it used).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any, cast
+
+import torch
+from datasets import load_from_disk
+from jaxtyping import Float
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tlextract.errors import TLExtractError
+from tlextract.judge.base import Judge, JudgeCache, judge_responses
+from tlextract.ops.generate import generate_batch, tokenize
+from tlextract.ops.pool import pack
+from tlextract.ops.steer import (
+    Positions,
+    ablate,
+    model_tokenizer,
+    residual_norm,
+    steer,
+    unit_direction,
+)
+from tlextract.ops.vectors import TraitVectors
+from tlextract.stages.pipeline import RunSettings
+from tlextract.store import META, atomic_path, fingerprint, load_tensors, read_json, write_json
+from tlextract.traits import POLARITIES, render_prompt
+
+DEFAULT_ALPHAS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
+
+
+def held_out_questions(run: RunSettings, n: int) -> tuple[list[str], str]:
+    """Up to ``n`` of the trait's questions that the run's responses do not contain, and a
+    sentence saying where they come from."""
+    if n < 1:
+        raise TLExtractError(f"--n-questions must be at least 1 (got {n}).")
+    dataset = run.stage_dir("generate") / "dataset"
+    used = set(load_from_disk(str(dataset))["question"]) if dataset.exists() else set()
+    unused = [q for q in run.trait.questions if q not in used]
+    if not unused:
+        return list(run.trait.questions[:n]), (
+            f"all {len(run.trait.questions)} questions were used by the extraction (with their "
+            f"instructions); the first {min(n, len(run.trait.questions))} are asked here without "
+            "an instruction"
+        )
+    source = (f"{len(unused)} of {len(run.trait.questions)} questions are not in the "
+              "extraction's responses" if dataset.exists() else
+              "no extraction responses found, so no question counts as used")
+    return unused[:n], f"{source}; the first {min(n, len(unused))} asked, without instruction"
+
+
+def pole_means(
+    run: RunSettings, layer: int, unit: Float[Tensor, " d_model"]
+) -> dict[str, float] | None:
+    """Mean projection of the extraction's pos and neg examples (response-averaged activations
+    at ``layer``) on ``unit``; None when the run has no saved activations at that layer."""
+    stage = run.stage_dir("activations")
+    if not (stage / META).exists():
+        return None
+    layers = read_json(stage / META)["layers"]
+    if layer not in layers:
+        return None
+    column = layers.index(layer)
+    return {
+        pol: float((load_tensors(stage / f"{pol}.pt")["acts"][:, column] @ unit.cpu()).mean())
+        for pol in POLARITIES
+    }
+
+
+@torch.inference_mode()
+def reread(
+    model: HookedTransformer,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    name: str,
+    unit: Float[Tensor, " d_model"],
+) -> tuple[list[float], list[float]]:
+    """Per answer (non-empty), from one teacher-forced pass of the model as it is (run it outside
+    any intervention): mean projection of ``name``'s output on ``unit`` over the answer tokens,
+    and the answer's mean log-probability per token."""
+    tokens, attn, response = pack(
+        prompt_ids, response_ids, model_tokenizer(model).pad_token_id, model.cfg.device or "cpu"
+    )
+    out, cache = model.run_with_cache(tokens, attention_mask=attn, names_filter=name)
+    logits = cast(Tensor, out)
+    weights = response.float()
+    proj = ((cache[name].float() @ unit) * weights).sum(1) / weights.sum(1)
+    # The token at position p is predicted at position p - 1.
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    target = response[:, 1:].float()
+    return proj.tolist(), ((logp * target).sum(1) / target.sum(1)).tolist()
+
+
+@dataclass(frozen=True)
+class Answer:
+    intervention: str  # "steer" or "ablate"
+    alpha: float
+    question: str
+    seed: int
+    response: str
+    n_tokens: int
+    projection: float | None  # None for an empty answer
+    logprob: float | None
+    distinct: float | None
+    trait: float | None = None  # judge scores; None: no judge, or missing
+    coherence: float | None = None
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Summary of one intervention over all questions: means and standard errors."""
+
+    intervention: str
+    alpha: float
+    n: int
+    n_empty: int
+    projection: float | None
+    projection_sem: float | None
+    logprob: float | None
+    distinct: float | None
+    trait: float | None
+    trait_sem: float | None
+    trait_missing: float | None  # fraction of answers without a judge score (None: no judge)
+    coherence: float | None
+    coherence_missing: float | None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    experiment: str
+    trait: str
+    variant: str
+    model: str
+    method: str
+    layer: int
+    hook_name: str
+    positions: str
+    scale: float
+    scale_definition: str
+    questions: list[str]
+    questions_source: str
+    generation: dict[str, Any]
+    judge: str
+    poles: dict[str, float] | None
+    conditions: list[Condition]
+    answers: list[Answer]
+
+
+def _measure(
+    model: HookedTransformer,
+    kind: str,
+    alpha: float,
+    questions: Sequence[str],
+    seeds: Sequence[int],
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[list[int]],
+    name: str,
+    unit: Float[Tensor, " d_model"],
+    batch_size: int,
+) -> list[Answer]:
+    """The judge-free measures of one condition's answers (an empty answer has none)."""
+    filled = [i for i, ids in enumerate(response_ids) if ids]
+    measured: dict[int, tuple[float, float]] = {}
+    for start in range(0, len(filled), batch_size):
+        rows = filled[start : start + batch_size]
+        projections, logprobs = reread(model, [prompt_ids[i] for i in rows],
+                                       [response_ids[i] for i in rows], name, unit)
+        measured |= dict(zip(rows, zip(projections, logprobs, strict=True), strict=True))
+    texts = model_tokenizer(model).batch_decode(list(response_ids), skip_special_tokens=True)
+    answers = []
+    for i, (q, seed, ids) in enumerate(zip(questions, seeds, response_ids, strict=True)):
+        projection, logprob = measured.get(i, (None, None))
+        answers.append(Answer(
+            intervention=kind, alpha=alpha, question=q, seed=seed, response=texts[i],
+            n_tokens=len(ids), projection=projection, logprob=logprob,
+            distinct=len(set(ids)) / len(ids) if ids else None))
+    return answers
+
+
+def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    xs = [x for x in values if x is not None]
+    if not xs:
+        return None, None
+    return mean(xs), (stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None)
+
+
+def _missing(values: Sequence[float | None], judged: bool) -> float | None:
+    return sum(v is None for v in values) / len(values) if judged else None
+
+
+def _summarise(intervention: str, alpha: float, answers: list[Answer], judged: bool) -> Condition:
+    projection, projection_sem = _stats([a.projection for a in answers])
+    trait, trait_sem = _stats([a.trait for a in answers])
+    return Condition(
+        intervention=intervention,
+        alpha=alpha,
+        n=len(answers),
+        n_empty=sum(a.n_tokens == 0 for a in answers),
+        projection=projection,
+        projection_sem=projection_sem,
+        logprob=_stats([a.logprob for a in answers])[0],
+        distinct=_stats([a.distinct for a in answers])[0],
+        trait=trait,
+        trait_sem=trait_sem,
+        trait_missing=_missing([a.trait for a in answers], judged),
+        coherence=_stats([a.coherence for a in answers])[0],
+        coherence_missing=_missing([a.coherence for a in answers], judged),
+    )
+
+
+def alpha_sweep(
+    model: HookedTransformer,
+    run: RunSettings,
+    vectors: TraitVectors,
+    layer: int,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    n_questions: int = 8,
+    *,
+    positions: Positions = "all",
+    ablation: bool = True,
+    judge: Judge | None = None,
+    judge_cache: JudgeCache | None = None,
+    batch_size: int = 8,
+) -> Sweep:
+    """Answer ``n_questions`` held-out questions under each steering strength in ``alphas``
+    (and with the direction ablated), ``batch_size`` at a time with the experiment's
+    generation settings, and measure the answers (see the module docstring). The judge, if any,
+    runs after every intervention has ended."""
+    name, unit = unit_direction(model, vectors, layer)
+    scale = residual_norm(model, layer, hook=vectors.hook)
+    questions, source = held_out_questions(run, n_questions)
+    style, gen = run.experiment.prompt_style, run.experiment.generation
+    prompt_ids = tokenize(
+        model, [render_prompt(model.tokenizer, style, "", q) for q in questions], style
+    )
+    # One seed per question, shared by every condition: they differ only by the intervention.
+    seeds = [int(fingerprint([run.experiment.seed, run.trait.name, "steer", q])[:15], 16)
+             for q in questions]
+    conditions = [("steer", float(a)) for a in alphas] + ([("ablate", 0.0)] if ablation else [])
+    answers: list[Answer] = []
+    for kind, alpha in conditions:
+        intervention = (
+            steer(model, vectors, layer, alpha, positions, scale=scale)
+            if kind == "steer"
+            else ablate(model, vectors, layer, positions)
+        )
+        with intervention:
+            gens = [
+                g
+                for i in range(0, len(questions), batch_size)
+                for g in generate_batch(model, prompt_ids[i : i + batch_size], gen,
+                                        seeds[i : i + batch_size])
+            ]
+        answers += _measure(model, kind, alpha, questions, seeds, prompt_ids,
+                            [g.response_ids for g in gens], name, unit, batch_size)
+        label = f"alpha {alpha:+g}" if kind == "steer" else "ablated"
+        projection = _stats([a.projection for a in answers[-len(questions):]])[0]
+        print(f"[{run.trait.name}] {label}: mean projection "
+              f"{'n/a' if projection is None else f'{projection:.2f}'}")
+    if judge is not None:
+        verdicts = judge_responses(judge, run.trait.eval_prompt, [a.question for a in answers],
+                                   [a.response for a in answers], cache=judge_cache)
+        answers = [replace(a, trait=v.trait, coherence=v.coherence)
+                   for a, v in zip(answers, verdicts, strict=True)]
+    n = len(questions)
+    return Sweep(
+        experiment=run.experiment.name,
+        trait=run.trait.name,
+        variant=run.variant,
+        model=run.model,
+        method=vectors.method,
+        layer=layer,
+        hook_name=name,
+        positions=positions,
+        scale=scale,
+        scale_definition="median L2 norm of the hook output over the tokens of "
+        "tlextract.ops.steer.REFERENCE_TEXTS; steering adds alpha * scale * unit vector",
+        questions=questions,
+        questions_source=source,
+        generation=asdict(gen),
+        judge=judge.name if judge is not None else "none",
+        poles=pole_means(run, layer, unit),
+        conditions=[_summarise(kind, alpha, answers[k * n : (k + 1) * n], judge is not None)
+                    for k, (kind, alpha) in enumerate(conditions)],
+        answers=answers,
+    )
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def sweep_table(sweep: Sweep) -> str:
+    """One markdown row per condition."""
+    lines = ["| condition | judge trait (missing) | projection ± sem | log-prob/token | "
+             "distinct tokens | judge coherence (missing) | empty |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in sweep.conditions:
+        label = f"alpha {c.alpha:+g}" if c.intervention == "steer" else "ablated"
+        lines.append(
+            f"| {label} | {_num(c.trait, '.1f')} ({_num(c.trait_missing, '.0%')}) | "
+            f"{_num(c.projection, '.2f')} ± {_num(c.projection_sem, '.2f')} | "
+            f"{_num(c.logprob, '.2f')} | {_num(c.distinct, '.2f')} | "
+            f"{_num(c.coherence, '.1f')} ({_num(c.coherence_missing, '.0%')}) | "
+            f"{c.n_empty}/{c.n} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(sweep: Sweep, out: Path) -> list[Path]:
+    """``sweep.json``, ``sweep.md`` (the table) and ``score_vs_alpha.png`` in ``out``."""
+    write_json(out / "sweep.json", asdict(sweep))
+    with atomic_path(out / "sweep.md") as tmp:
+        tmp.write_text(sweep_table(sweep), encoding="utf-8")
+    return [out / "sweep.json", out / "sweep.md", plot_sweep(sweep, out / "score_vs_alpha.png")]
+
+
+def _series(ax: Any, sweep: Sweep, field: str, label: str, color: str,
+            sem: str | None = None) -> None:
+    """One measure against alpha (error bars: standard error), and its ablated value as a
+    dotted line."""
+    points = [(c.alpha, getattr(c, field), getattr(c, sem) if sem else None)
+              for c in sweep.conditions
+              if c.intervention == "steer" and getattr(c, field) is not None]
+    if points:
+        ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                    yerr=[p[2] or 0.0 for p in points], marker="o", capsize=3, color=color,
+                    label=label)
+    for c in sweep.conditions:
+        if c.intervention == "ablate" and getattr(c, field) is not None:
+            ax.axhline(getattr(c, field), color=color, linestyle=":", label=f"{label}, ablated")
+
+
+def plot_sweep(sweep: Sweep, path: Path) -> Path:
+    """Three panels against alpha: the judge's scores and missing fractions, the re-read
+    projection with the extraction's poles, and the two judge-free fluency measures."""
+    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    judge_ax, proj_ax, fluency_ax = fig.subplots(1, 3, sharex=True)
+    judge = sweep.judge.split("#")[0]  # the name without its settings hash
+    if sweep.judge == "none":
+        judge_ax.text(0.5, 0.5, "no judge (judge 'none')", ha="center",
+                      transform=judge_ax.transAxes)
+    else:
+        _series(judge_ax, sweep, "trait", "trait score", "tab:blue", "trait_sem")
+        _series(judge_ax, sweep, "coherence", "coherence", "tab:orange")
+        for field, color in (("trait_missing", "tab:blue"), ("coherence_missing", "tab:orange")):
+            steered = [c for c in sweep.conditions if c.intervention == "steer"]
+            judge_ax.plot([c.alpha for c in steered], [100 * getattr(c, field) for c in steered],
+                          color=color, linestyle="--", marker="x",
+                          label=f"% {field.split('_')[0]} missing")
+        judge_ax.set(ylim=(-3, 103), ylabel="judge score (0-100) / % missing")
+        judge_ax.legend(fontsize="small")
+    judge_ax.set_title(f"judge: {judge}", fontsize="medium")
+    _series(proj_ax, sweep, "projection", "answers", "tab:purple", "projection_sem")
+    for pol, color in (("pos", "tab:red"), ("neg", "tab:blue")):
+        if sweep.poles is not None:
+            proj_ax.axhline(sweep.poles[pol], color=color, linestyle="--",
+                            label=f"extraction {pol} mean")
+    proj_ax.set(ylabel="mean projection on the unit vector")
+    proj_ax.set_title(f"re-read by the unsteered model at {sweep.hook_name}", fontsize="medium")
+    proj_ax.legend(fontsize="small")
+    _series(fluency_ax, sweep, "logprob", "log-prob per token", "tab:gray")
+    fluency_ax.set_ylabel("mean log-prob per token (unsteered model)")
+    distinct_ax = fluency_ax.twinx()
+    _series(distinct_ax, sweep, "distinct", "distinct-token fraction", "tab:green")
+    distinct_ax.set_ylabel("distinct-token fraction")
+    fluency_ax.legend(*[a + b for a, b in zip(fluency_ax.get_legend_handles_labels(),
+                                              distinct_ax.get_legend_handles_labels(),
+                                              strict=True)], fontsize="small")
+    fluency_ax.set_title("fluency, judge-free", fontsize="medium")
+    for ax in (judge_ax, proj_ax, fluency_ax):
+        ax.set_xlabel("alpha (typical residual norms)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{sweep.trait} ({sweep.variant}) · {sweep.model} · {sweep.method} layer "
+                 f"{sweep.layer} · positions {sweep.positions} · typical norm {sweep.scale:.1f}"
+                 f" · {len(sweep.questions)} held-out questions per condition")
+    FigureCanvasAgg(fig)  # attach the Agg canvas: PNG without pyplot
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path

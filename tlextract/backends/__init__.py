@@ -1,0 +1,1 @@
+"""Where runs execute: Ray (the local backend is the stages themselves)."""

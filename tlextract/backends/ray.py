@@ -1,0 +1,260 @@
+"""``run --backend ray``: one Ray task per (experiment, trait, variant), run by a pool of actors.
+
+Each actor holds one device slot (a GPU, a fraction of one, or some CPUs) and keeps every model it
+loads for the later tasks it runs, so a model is loaded once per actor, not once per trait.
+Tasks write where the local backend writes (the experiment directory, which every node must see at
+the same path) through the same fingerprinted, atomic stages. So a task whose actor dies is retried
+by Ray on the restarted actor and resumes at its first missing shard, and rerunning the command
+skips finished stages without loading a model. Out-of-memory inside a batch halves the batch and
+retries it (``memory.HalvingBatches``, as on the local backend).
+
+Ray is an optional dependency (``pip install 'tlextract[ray]'``); nothing here imports it until a
+run asks for this backend.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+from tlextract.analysis.evaluate import cross_evaluate
+from tlextract.errors import TLExtractError
+from tlextract.stages.pipeline import STAGES, RunSettings, model_loader, run_trait
+from tlextract.store import META, write_json, write_text
+
+# A killed actor (crash, node lost, host out of memory) is restarted and its task retried this
+# many times; a task that still fails is reported as failed and the others go on.
+RETRIES = 3
+TASK_LOG = "ray_task.log"
+# Idle actors by (Ray job, GPUs, CPUs): a later call in the same Ray session reuses them and the
+# models they hold. They end with the session (ray.shutdown(), or this process exiting).
+_IDLE: dict[tuple[str, float, float], list[Any]] = {}
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise TLExtractError(
+            "--backend ray needs Ray: pip install 'tlextract[ray]' (or: make traits backend=ray)."
+        ) from None
+    return ray
+
+
+def task_name(run: RunSettings) -> str:
+    return f"{run.experiment.name}/{run.trait.name}/{run.variant}"
+
+
+def _stage_stamps(run: RunSettings) -> dict[str, int | None]:
+    """Modification time of each stage's meta.json: a stage whose stamp changed ran again."""
+    stamps: dict[str, int | None] = {}
+    for stage in STAGES:
+        meta = run.stage_dir(stage) / META
+        stamps[stage] = meta.stat().st_mtime_ns if meta.exists() else None
+    return stamps
+
+
+def _mean_diff_best(run: RunSettings) -> tuple[int | None, float | None]:
+    """Best mean_diff layer and its held-out accuracy, as ``report`` computes them (same split
+    and rule), in memory: cheap, and never replaces a full report already on disk."""
+    try:
+        best = cross_evaluate(run, run, methods=("mean_diff",)).best["mean_diff"]
+    except TLExtractError as e:  # e.g. too few kept examples to hold any out
+        print(f"[{run.trait.name}] no held-out evaluation: {e}")
+        return None, None
+    return best.layer, round(best.accuracy, 3)
+
+
+class TraitWorker:
+    """A Ray actor (see :func:`run_on_ray`): runs trait tasks on its device, one at a time."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(threads)
+        self.models: dict[tuple[str, str | None, str], HookedTransformer] = {}
+
+    def run(self, run: RunSettings, stages: Sequence[str]) -> dict[str, Any]:
+        """One trait run; its output goes to ``<out_dir>/ray_task.log`` (appended per attempt)."""
+        import ray
+
+        gpus = ray.get_gpu_ids()
+        device = run.device or (f"gpu {','.join(map(str, gpus))}" if gpus else "cpu")
+        host = socket.gethostname()
+        key = (run.model, run.device, run.dtype)
+        loaded = False
+
+        def get_model() -> HookedTransformer:
+            nonlocal loaded
+            if key not in self.models:
+                self.models[key] = model_loader(run)()
+                loaded = True
+            return self.models[key]
+
+        log = run.out_dir / TASK_LOG
+        log.parent.mkdir(parents=True, exist_ok=True)
+        before, start = _stage_stamps(run), time.perf_counter()
+        # Line-buffered, so a process killed mid-task still leaves its log up to the last line.
+        with open(log, "a", buffering=1) as f, redirect_stdout(f), redirect_stderr(f):
+            now = datetime.now().isoformat(timespec="seconds")
+            print(f"=== {task_name(run)}: attempt at {now} on {host} ({device}), pid {os.getpid()}")
+            try:
+                vectors = run_trait(run, stages, get_model)
+            except BaseException:
+                traceback.print_exc()  # into the task's log; Ray also reports it to the caller
+                raise
+            best_layer, accuracy = _mean_diff_best(run) if vectors is not None else (None, None)
+            after = _stage_stamps(run)
+            ran = [s for s in STAGES if after[s] != before[s]]
+            print(f"=== finished, stages run: {', '.join(ran) or 'none (up to date)'}")
+        return {
+            "experiment": run.experiment.name,
+            "trait": run.trait.name,
+            "variant": run.variant,
+            "model": run.model,
+            "status": "done",
+            "stages_run": ran,
+            "loaded_model": loaded,
+            "kept": None
+            if vectors is None
+            else {"pos": vectors.metadata["n_pos"], "neg": vectors.metadata["n_neg"]},
+            "best_layer": best_layer,
+            "held_out_accuracy": accuracy,
+            "wall_s": round(time.perf_counter() - start, 2),
+            "device": device,
+            "host": host,
+            "pid": os.getpid(),
+            "log": str(log),
+        }
+
+
+def _failed(run: RunSettings, error: BaseException) -> dict[str, Any]:
+    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the task's exception
+    return {
+        "experiment": run.experiment.name,
+        "trait": run.trait.name,
+        "variant": run.variant,
+        "model": run.model,
+        "status": "failed",
+        "error": f"{type(cause).__name__}: {cause}".strip().splitlines()[0],
+        "log": str(run.out_dir / TASK_LOG),
+    }
+
+
+def run_on_ray(
+    runs: Sequence[RunSettings],
+    stages: Sequence[str] = STAGES,
+    *,
+    address: str | None = None,
+    gpus_per_task: float | None = None,
+    cpus_per_task: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Run every (experiment, trait, variant) in ``runs`` as a Ray task; returns one summary row
+    per run, in the order of ``runs``, and writes ``<experiment>/report/ray_summary.{md,json}``.
+
+    Connects to ``address`` (a running cluster, e.g. ``ray://head:10001`` or ``auto``), or uses the
+    Ray session this process already started, or starts a local one. ``gpus_per_task`` defaults to
+    1 where the cluster has GPUs and 0 otherwise (0.5 puts two actors on each GPU)."""
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address)
+    cluster = ray.cluster_resources()
+    gpus = gpus_per_task if gpus_per_task is not None else (1.0 if cluster.get("GPU") else 0.0)
+    if gpus > cluster.get("GPU", 0) or cpus_per_task > cluster.get("CPU", 0):
+        raise TLExtractError(
+            f"each task asks for {gpus:g} GPU and {cpus_per_task:g} CPU, but the Ray cluster has "
+            f"{cluster.get('GPU', 0):g} GPU and {cluster.get('CPU', 0):g} CPU in all; lower "
+            "--gpus-per-task / --cpus-per-task."
+        )
+    slots = int(cluster["GPU"] // gpus) if gpus else int(cluster["CPU"] // cpus_per_task)
+    worker = ray.remote(
+        num_gpus=gpus, num_cpus=cpus_per_task, max_restarts=RETRIES, max_task_retries=RETRIES
+    )(TraitWorker)
+    threads = max(1, int(cpus_per_task))
+    pool = (ray.get_runtime_context().get_job_id(), gpus, cpus_per_task)
+    idle = _IDLE.pop(pool, [])
+    idle += [worker.remote(threads) for _ in range(min(slots, len(runs)) - len(idle))]
+    print(
+        f"[ray] {len(runs)} tasks on {len(idle)} actors ({gpus:g} GPU, {cpus_per_task:g} CPU "
+        f"each); each task logs to <results>/{TASK_LOG}"
+    )
+    pending = list(enumerate(runs))
+    running: dict[Any, tuple[Any, int]] = {}  # object ref -> (actor, index of the run)
+    rows: dict[int, dict[str, Any]] = {}
+    while pending or running:
+        while idle and pending:
+            actor, (i, run) = idle.pop(), pending.pop(0)
+            running[actor.run.remote(run, list(stages))] = (actor, i)
+            print(f"[ray] {task_name(run)} queued, log: {run.out_dir / TASK_LOG}")
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor, i = running.pop(ref)
+        try:
+            rows[i] = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            rows[i] = _failed(runs[i], e)
+            if isinstance(e, ray.exceptions.RayActorError):  # out of restarts: use a new one
+                actor = worker.remote(threads)
+        idle.append(actor)
+        row = rows[i]
+        what = (
+            f"done in {row['wall_s']:.1f} s on {row['host']} ({row['device']})"
+            if row["status"] == "done"
+            else f"FAILED: {row['error']}"
+        )
+        failed = sum(r["status"] == "failed" for r in rows.values())
+        print(
+            f"[ray] {task_name(runs[i])} {what} | {len(rows) - failed} done, {len(running)} "
+            f"running, {failed} failed, {len(pending)} waiting | log: {row['log']}"
+        )
+    _IDLE[pool] = idle
+    ordered = [rows[i] for i in range(len(runs))]
+    for path in write_summaries(runs, ordered):
+        print(f"[ray] summary -> {path}")
+    return ordered
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    head = (
+        "| trait | variant | kept pos/neg | best layer | held-out accuracy | stages run "
+        "| wall s | device | status |\n|---|---|---|---:|---:|---|---:|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        if r["status"] != "done":
+            lines.append(
+                f"| {r['trait']} | {r['variant']} | | | | | | | failed: {r['error']} |"
+            )
+            continue
+        kept = f"{r['kept']['pos']}/{r['kept']['neg']}" if r["kept"] else ""
+        lines.append(
+            f"| {r['trait']} | {r['variant']} | {kept} | {_cell(r['best_layer'])} "
+            f"| {_cell(r['held_out_accuracy'])} | {', '.join(r['stages_run']) or 'up to date'} "
+            f"| {r['wall_s']:.1f} | {r['host']} {r['device']} | done |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def write_summaries(runs: Sequence[RunSettings], rows: Sequence[dict[str, Any]]) -> list[Path]:
+    """Print the summary table and write it per experiment (markdown and JSON)."""
+    paths = []
+    for exp in {run.experiment.path: run.experiment for run in runs}.values():
+        mine = [r for run, r in zip(runs, rows, strict=True) if run.experiment.path == exp.path]
+        text = summary_markdown(mine)
+        print(text, end="")
+        out = exp.path / "report"
+        write_text(out / "ray_summary.md", f"# Ray run of {exp.name}\n\n{text}")
+        write_json(out / "ray_summary.json", mine)
+        paths += [out / "ray_summary.md", out / "ray_summary.json"]
+    return paths

@@ -1,0 +1,1 @@
+"""Loading models, the fast forward pass, tokenizer/device/padding helpers, memory."""

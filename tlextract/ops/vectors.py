@@ -1,0 +1,63 @@
+"""``TraitVectors``: one direction per layer, with its hook names and provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from tlextract.ops.pool import hook_name
+from tlextract.store import load_tensors, save_tensors
+
+
+@dataclass(frozen=True)
+class TraitVectors:
+    """Vectors of one trait and method. ``vectors[i]`` belongs to block ``layers[i]`` at
+    ``hook_name(layers[i])``."""
+
+    trait: str
+    method: str
+    model: str
+    hook: str
+    layers: tuple[int, ...]
+    vectors: Float[Tensor, "layer d_model"]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def hook_name(self, layer: int) -> str:
+        return hook_name(self.hook, layer)
+
+    def __getitem__(self, layer: int) -> Float[Tensor, " d_model"]:
+        if layer not in self.layers:
+            raise KeyError(f"no {self.method} vector for layer {layer}; have {list(self.layers)}")
+        return self.vectors[self.layers.index(layer)]
+
+    def save(self, path: Path) -> None:
+        save_tensors(
+            path,
+            {
+                "trait": self.trait,
+                "method": self.method,
+                "model": self.model,
+                "hook": self.hook,
+                "layers": list(self.layers),
+                "hook_names": [self.hook_name(layer) for layer in self.layers],
+                "vectors": self.vectors.contiguous(),
+                "metadata": self.metadata,
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> TraitVectors:
+        d = load_tensors(path)
+        return cls(
+            trait=d["trait"],
+            method=d["method"],
+            model=d["model"],
+            hook=d["hook"],
+            layers=tuple(d["layers"]),
+            vectors=d["vectors"],
+            metadata=d["metadata"],
+        )

@@ -1,0 +1,1 @@
+"""Rendering: tables, plots and HTML."""

@@ -1,0 +1,137 @@
+"""Pictures of a :class:`tlextract.ops.monitor.Monitoring`: a token x trait heatmap (PNG) per answer
+and an HTML page that colours the text by one trait's score.
+
+Colour scale. With ``poles`` (the mean projection of the extraction's pos and neg examples at the
+same layer, :func:`tlextract.analysis.sweep.pole_means`) a score is shown as
+``(score - midpoint) / (half the pos - neg gap)``: 0 is halfway between the two, +1 reads like an
+average positive example, -1 like an average negative one. Without them, as a z-score over the
+answer's tokens. Colours are clipped at +/-2; prompt tokens (chat template included) are drawn but
+do not set the scale, since a few of them carry very large residuals.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize, to_hex
+from matplotlib.figure import Figure
+
+from tlextract.ops.monitor import Monitoring, TokenScores
+from tlextract.store import atomic_path, write_json
+
+Poles = Mapping[str, Mapping[str, float] | None]
+CLIP = 2.0
+CMAP = "RdBu_r"
+TOKENS_PER_ROW = 40
+
+
+def normalise(
+    text: TokenScores, trait: str, poles: Mapping[str, float] | None
+) -> tuple[list[float], str]:
+    """The trait's scores on the colour scale of the module docstring, and its description."""
+    scores = text.scores[trait]
+    if poles is not None and abs(poles["pos"] - poles["neg"]) > 1e-6:
+        mid, half = (poles["pos"] + poles["neg"]) / 2, (poles["pos"] - poles["neg"]) / 2
+        return [(s - mid) / half for s in scores], "+1 = extraction pos mean, -1 = neg mean"
+    answer = [s for s, p in zip(scores, text.is_prompt, strict=True) if not p] or scores
+    mu = sum(answer) / len(answer)
+    sd = math.sqrt(sum((s - mu) ** 2 for s in answer) / len(answer)) or 1.0
+    return [(s - mu) / sd for s in scores], "z-score over the answer's tokens"
+
+
+def _label(token: str) -> str:
+    """Newlines and other control characters spelled out (fonts have no glyph for them)."""
+    shown = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in token)
+    return shown or "∅"
+
+
+def plot_heatmap(
+    mon: Monitoring, index: int, path: Path, poles: Poles | None = None
+) -> Path:
+    """Answer ``index``: traits down, tokens across (wrapped every :data:`TOKENS_PER_ROW`)."""
+    text = mon.texts[index]
+    rows = [normalise(text, t, (poles or {}).get(t)) for t in mon.traits]
+    n = len(text.tokens)
+    chunks = [range(i, min(i + TOKENS_PER_ROW, n)) for i in range(0, n, TOKENS_PER_ROW)]
+    fig = Figure(figsize=(13, len(chunks) * (0.35 * len(mon.traits) + 1.3) + 1.0),
+                 layout="constrained")
+    axes = fig.subplots(len(chunks), 1, squeeze=False)[:, 0]
+    norm = Normalize(-CLIP, CLIP)
+    image = None
+    for ax, chunk in zip(axes, chunks, strict=True):
+        values = [[row[0][i] for i in chunk] for row in rows]
+        image = ax.imshow(values, cmap=CMAP, norm=norm, aspect="auto", interpolation="nearest")
+        ax.set_xlim(-0.5, TOKENS_PER_ROW - 0.5)  # a short last row keeps the token width
+        ax.set_xticks(range(len(chunk)), [_label(text.tokens[i]) for i in chunk], rotation=90,
+                      fontsize=7)
+        for tick, i in zip(ax.get_xticklabels(), chunk, strict=True):
+            if text.is_prompt[i]:
+                tick.set_color("grey")
+        ax.set_yticks(range(len(mon.traits)),
+                      [f"{t} (L{mon.layers[t]})" for t in mon.traits], fontsize=8)
+        boundary = sum(text.is_prompt) - chunk.start
+        if 0 < boundary < len(chunk):
+            ax.axvline(boundary - 0.5, color="black", linewidth=1.5)
+    scales = sorted({label for _, label in rows})
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="; ".join(scales), shrink=0.8)
+    fig.suptitle(f"per-token projection on each trait vector · prompt tokens in grey, black line: "
+                 f"answer starts\n{text.prompt!r}", fontsize=10)
+    FigureCanvasAgg(fig)  # attach the Agg canvas: PNG without pyplot
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def token_html(mon: Monitoring, trait: str, poles: Mapping[str, float] | None = None) -> str:
+    """A page with every answer, each token's background coloured by ``trait``'s score."""
+    cmap, norm = colormaps[CMAP], Normalize(-CLIP, CLIP)
+    parts = []
+    scale = ""
+    for text in mon.texts:
+        values, scale = normalise(text, trait, poles)
+        spans = [
+            f'<span class="{"prompt" if p else "answer"}" '
+            f'style="background:{to_hex(cmap(norm(v)))}" title="{raw:.3f} ({v:+.2f})">'
+            f"{html.escape(tok)}</span>"
+            for tok, p, v, raw in zip(text.tokens, text.is_prompt, values, text.scores[trait],
+                                      strict=True)
+        ]
+        parts.append(f"<h2>{html.escape(text.prompt)}</h2>\n<div class=\"text\">{''.join(spans)}"
+                     "</div>")
+    title = f"{trait} · layer {mon.layers[trait]} ({mon.hook_names[trait]})"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
+.text {{ white-space: pre-wrap; font-family: monospace; line-height: 1.8; }}
+.prompt {{ opacity: 0.45; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Each token is coloured by its residual's projection on the {html.escape(trait)} vector
+(red: more of the trait, blue: less; {html.escape(scale)}; clipped at &plusmn;{CLIP:g}).
+Faded: the prompt. Hover for the raw projection.</p>
+{chr(10).join(parts)}
+</body></html>
+"""
+
+
+def write_monitoring(
+    mon: Monitoring, out: Path, color_trait: str, poles: Poles | None = None
+) -> list[Path]:
+    """``monitor.json``, ``heatmap_<i>.png`` per answer and ``<color_trait>.html`` in ``out``."""
+    write_json(out / "monitor.json", {**asdict(mon), "poles": dict(poles or {})})
+    paths = [out / "monitor.json"]
+    paths += [plot_heatmap(mon, i, out / f"heatmap_{i}.png", poles)
+              for i in range(len(mon.texts))]
+    page = out / f"{color_trait}.html"
+    with atomic_path(page) as tmp:
+        tmp.write_text(token_html(mon, color_trait, (poles or {}).get(color_trait)),
+                       encoding="utf-8")
+    return [*paths, page]
