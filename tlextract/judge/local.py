@@ -37,7 +37,8 @@ Spellings (decided from the token *texts*, so they hold for byte-level BPE and S
   mass of ``"101"`` or of ``"4."``-style tokens that start with a digit and go on with other text).
 
 The per-number probabilities therefore sum to at most 1;
-:func:`tlextract.judge.base.aggregate_score` turns them into the score (None when they sum to less than ``min_mass``).
+:func:`tlextract.judge.base.aggregate_score` turns them into the score (None when they sum to
+less than ``min_mass``).
 """
 
 from __future__ import annotations
