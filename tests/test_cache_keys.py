@@ -8,15 +8,12 @@ import pytest
 import torch
 
 from tlextract.analysis.evaluate import evaluation_key
-from tlextract.stages.pipeline import (
-    Activations,
-    activations_key,
-    judge_key,
-    responses_key,
-    settings_for,
-    vectors_key,
-)
-from tlextract.traits import load_experiment
+from tlextract.config import load_experiment
+from tlextract.settings import settings_for
+from tlextract.stages.activations import Activations, activations_key
+from tlextract.stages.generate import responses_key
+from tlextract.stages.judge import judge_key
+from tlextract.stages.vectors import vectors_key
 
 
 @pytest.mark.parametrize(

@@ -19,13 +19,15 @@ from tlextract.analysis.evaluate import (
     load_evaluation,
     split_examples,
 )
+from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection
 from tlextract.ops.methods import METHODS
 from tlextract.ops.vectors import TraitVectors
 from tlextract.report.summary import build_report, cosine_matrix
-from tlextract.stages.pipeline import Activations, run_trait, settings_for
-from tlextract.traits import load_experiment
+from tlextract.settings import settings_for
+from tlextract.stages.activations import Activations
+from tlextract.stages.run import run_trait
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

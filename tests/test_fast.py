@@ -19,11 +19,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.components import GroupedQueryAttention, TransformerBlock
 
+from tlextract.config import GenerationSettings
 from tlextract.model.fast import accelerate, has_hooks
 from tlextract.model.load import load_model
-from tlextract.ops.generate import generate_batch, left_pad, prefix_cache
+from tlextract.model.tokens import left_pad
+from tlextract.ops.generate import generate_batch, prefix_cache
 from tlextract.ops.pool import pooled_activations
-from tlextract.traits import GenerationSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import tlextract.judge.keep as filtering
+from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import Score
-from tlextract.stages.pipeline import load_activations, load_selection, run_trait, settings_for
-from tlextract.traits import load_experiment
+from tlextract.settings import settings_for
+from tlextract.stages.activations import load_activations
+from tlextract.stages.judge import load_selection
+from tlextract.stages.run import run_trait
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

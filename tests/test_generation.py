@@ -7,16 +7,10 @@ import pytest
 import torch
 from conftest import MIXED_LENGTH_TEXTS
 
-from tlextract.ops.generate import (
-    MIN_SHARED_PREFIX,
-    generate_batch,
-    left_pad,
-    prefix_cache,
-    sample,
-    stop_token_ids,
-)
+from tlextract.config import GenerationSettings
+from tlextract.model.tokens import left_pad, stop_token_ids
+from tlextract.ops.generate import MIN_SHARED_PREFIX, generate_batch, prefix_cache, sample
 from tlextract.ops.pool import hook_name, pooled_activations
-from tlextract.traits import GenerationSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = MIXED_LENGTH_TEXTS

@@ -17,16 +17,14 @@ import torch
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import (
     COHERENCE_PROMPT,
-    JudgeCache,
     Judgment,
     Score,
     aggregate_score,
-    cache_key,
     fill_prompt,
-    judge_responses,
-    make_judge,
     passes_filter,
 )
+from tlextract.judge.cache import JudgeCache, cache_key, judge_responses
+from tlextract.judge.registry import make_judge
 
 SERVER_SCRIPT = Path(__file__).with_name("fake_openai_server.py")
 SECRET = "sk-test-SECRET-do-not-leak-123"

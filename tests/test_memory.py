@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tlextract.stages.pipeline as pipeline
+import tlextract.stages.activations
+import tlextract.stages.generate
+from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.load import DEFAULT_MODEL, load_model
 from tlextract.model.memory import (
@@ -20,9 +22,9 @@ from tlextract.model.memory import (
     fit_memory_model,
     is_out_of_memory,
 )
+from tlextract.settings import settings_for
 from tlextract.stages.autobatch import measure_peaks
-from tlextract.stages.pipeline import run_trait, settings_for
-from tlextract.traits import load_experiment
+from tlextract.stages.run import run_trait
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MiB = 2**20
@@ -97,15 +99,17 @@ def test_pipeline_recovers_from_out_of_memory_by_halving(
     shutil.copytree(experiments, clean)
     reference = run_trait(settings_for(load_experiment("tiny", clean), "alpha", batch_size=8))
 
-    for name in ("generate_batch", "pooled_activations"):
-        real = getattr(pipeline, name)
+    stages = {"generate_batch": tlextract.stages.generate,
+              "pooled_activations": tlextract.stages.activations}
+    for name, stage in stages.items():
+        real = getattr(stage, name)
 
         def small_only(model, prompts, *args, _real=real, **kwargs):
             if len(prompts) > 2:
                 raise torch.OutOfMemoryError("out of memory")
             return _real(model, prompts, *args, **kwargs)
 
-        monkeypatch.setattr(pipeline, name, small_only)
+        monkeypatch.setattr(stage, name, small_only)
     vectors = run_trait(settings_for(load_experiment("tiny", experiments), "alpha", batch_size=8))
     assert vectors is not None and reference is not None
     torch.testing.assert_close(vectors.vectors, reference.vectors, rtol=1e-5, atol=1e-5)

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from tlextract.cli.main import main
+from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
-from tlextract.ops.generate import generate_batch, tokenize
+from tlextract.model.tokens import tokenize
+from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import monitor
 from tlextract.ops.vectors import TraitVectors
 from tlextract.report.monitor_view import normalise, write_monitoring
-from tlextract.traits import GenerationSettings, render_prompt
+from tlextract.traits import render_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

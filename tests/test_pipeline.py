@@ -10,12 +10,15 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-import tlextract.stages.pipeline as pipeline
+import tlextract.stages.activations
+import tlextract.stages.generate
 from tlextract.cli.main import main
+from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.vectors import TraitVectors
-from tlextract.stages.pipeline import load_activations, run_trait, settings_for
-from tlextract.traits import load_experiment
+from tlextract.settings import settings_for
+from tlextract.stages.activations import load_activations
+from tlextract.stages.run import run_trait
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,12 +84,19 @@ def test_pos_and_neg_examples_are_matched_by_question(experiments: Path) -> None
         assert pos[i]["instruction"] in pos[i]["prompt"] and pos[i]["question"] in pos[i]["prompt"]
 
 
+# Where each stage looks up the function a test replaces.
+STAGE_OF = {
+    "generate_batch": tlextract.stages.generate,
+    "pooled_activations": tlextract.stages.activations,
+}
+
+
 class Interrupt(Exception):
     pass
 
 
 def _interrupt_after(monkeypatch, name: str, calls: int) -> None:
-    real = getattr(pipeline, name)
+    real = getattr(STAGE_OF[name], name)
     count = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -95,7 +105,7 @@ def _interrupt_after(monkeypatch, name: str, calls: int) -> None:
         count["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, name, flaky)
+    monkeypatch.setattr(STAGE_OF[name], name, flaky)
 
 
 @pytest.mark.parametrize("stage_fn", ["generate_batch", "pooled_activations"])
@@ -116,13 +126,13 @@ def test_interrupted_run_resumes_without_redoing_work_and_matches(
     assert done_batches == 2
     monkeypatch.undo()
     calls = {"n": 0}
-    real = getattr(pipeline, stage_fn)
+    real = getattr(STAGE_OF[stage_fn], stage_fn)
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, stage_fn, counting)
+    monkeypatch.setattr(STAGE_OF[stage_fn], stage_fn, counting)
     resumed = _run(experiments, batch_size=2)
     assert calls["n"] == 6 - 2  # 12 examples in batches of 2; two were finished before
     assert torch.equal(resumed.vectors, reference.vectors)

@@ -16,10 +16,11 @@ from conftest import write_experiment
 
 from tlextract.backends.ray import TASK_LOG, run_on_ray
 from tlextract.cli.main import main
+from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.vectors import TraitVectors
-from tlextract.stages.pipeline import STAGES, settings_for
-from tlextract.traits import VARIANTS, load_experiment
+from tlextract.settings import STAGES, settings_for
+from tlextract.traits import VARIANTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAITS = ["alpha", "beta", "gamma"]
@@ -30,9 +31,9 @@ def _crash_once_when_armed(marker: Path) -> Callable[[], None]:
     batch of a stage, so the stage is half done) deletes the marker and dies on the spot."""
 
     def hook() -> None:
-        import tlextract.stages.pipeline as pipeline
+        import tlextract.stages.common as common
 
-        save = pipeline.save_tensors
+        save = common.save_tensors
 
         def save_then_die(path: Path, obj: object) -> None:
             save(path, obj)
@@ -43,7 +44,7 @@ def _crash_once_when_armed(marker: Path) -> Callable[[], None]:
                     return
                 os._exit(1)
 
-        pipeline.save_tensors = save_then_die
+        common.save_tensors = save_then_die
 
     return hook
 

@@ -12,14 +12,17 @@ from conftest import MIXED_LENGTH_TEXTS
 
 from tlextract.analysis.sweep import alpha_sweep, held_out_questions, reread, write_sweep
 from tlextract.cli.main import main
+from tlextract.config import GenerationSettings, load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import Score
-from tlextract.ops.generate import generate_batch, tokenize
+from tlextract.model.tokens import tokenize
+from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import monitor
 from tlextract.ops.steer import REFERENCE_TEXTS, ablate, residual_norm, steer
 from tlextract.ops.vectors import TraitVectors
-from tlextract.stages.pipeline import run_trait, settings_for
-from tlextract.traits import GenerationSettings, load_experiment, render_prompt
+from tlextract.settings import settings_for
+from tlextract.stages.run import run_trait
+from tlextract.traits import render_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = MIXED_LENGTH_TEXTS

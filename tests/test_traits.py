@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import PAIRS, QUESTIONS, write_experiment, write_trait
 
+from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.stages.pipeline import settings_for
-from tlextract.traits import load_experiment, load_trait, plan_examples
+from tlextract.settings import settings_for, trait_dir
+from tlextract.traits import load_trait, plan_examples
 
 BROKEN_TRAITS = [
     ({"instruction": PAIRS[:3]}, "field 'instruction' must be a list of at least 5"),
@@ -98,7 +99,7 @@ def test_traits_from_shares_definitions_without_copies(experiments: Path) -> Non
     exp = load_experiment("borrower", experiments)
     assert exp.trait("beta").path == experiments / "tiny" / "beta"
     # outputs still go under the borrowing experiment
-    assert exp.output_dir("beta") == experiments / "borrower" / "beta" / "extraction"
+    assert trait_dir(exp, "beta") == experiments / "borrower" / "beta" / "extraction"
 
 
 def test_traits_from_must_exist(tmp_path: Path) -> None:

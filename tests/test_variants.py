@@ -14,9 +14,11 @@ from sklearn.metrics import roc_auc_score
 import tlextract.analysis.variants as variants
 from tlextract.analysis.evaluate import cross_evaluate, evaluate_trait
 from tlextract.analysis.variants import _score_baseline, surface_baselines
+from tlextract.config import load_experiment
 from tlextract.report.summary import build_report
-from tlextract.stages.pipeline import load_responses, run_trait, settings_for
-from tlextract.traits import load_experiment
+from tlextract.settings import settings_for
+from tlextract.stages.generate import load_responses
+from tlextract.stages.run import run_trait
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,6 +9,7 @@ Notebook use::
     vectors[16], vectors.hook_name(16)   # direction at block 16, "blocks.16.hook_resid_post"
 """
 
+from tlextract.config import Experiment, load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.load import load_model
 from tlextract.ops.generate import generate_batch
@@ -16,19 +17,13 @@ from tlextract.ops.monitor import Monitoring, TokenScores, monitor
 from tlextract.ops.pool import hook_name, pooled_activations
 from tlextract.ops.steer import ablate, residual_norm, steer
 from tlextract.ops.vectors import TraitVectors
-from tlextract.stages.pipeline import (
-    Activations,
-    RunSettings,
-    extract_activations,
-    extract_vectors,
-    generate_responses,
-    load_activations,
-    load_responses,
-    model_loader,
-    run_trait,
-    settings_for,
-)
-from tlextract.traits import Experiment, Trait, load_experiment, load_trait
+from tlextract.settings import RunSettings, settings_for
+from tlextract.stages.activations import Activations, extract_activations, load_activations
+from tlextract.stages.common import model_loader
+from tlextract.stages.generate import generate_responses, load_responses
+from tlextract.stages.run import run_trait
+from tlextract.stages.vectors import extract_vectors
+from tlextract.traits import Trait, load_trait
 
 __all__ = [
     "Activations",

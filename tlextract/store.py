@@ -100,3 +100,10 @@ def clear_other_shards(stage_dir: Path, keep: str | None = None) -> None:
     for d in stage_dir.glob("shards-*"):
         if d.name != f"shards-{keep}":
             shutil.rmtree(d)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 60-bit seed from ``parts`` (e.g. experiment seed, trait, polarity, index): the same
+    parts give the same seed on every machine and run, whatever else is in a batch."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
+    return int(digest[:15], 16)

@@ -1,20 +1,20 @@
-"""Experiments and trait definitions: loading, validation, and prompt building.
+"""Trait definitions (loading, validation) and the prompts built from them.
 
 A trait definition is persona_vectors-compatible JSON (``instruction`` pairs, ``questions``,
-``eval_prompt``). An experiment either holds its trait directories itself or names another
-experiment's with ``traits_from``, so one fix to a trait reaches every experiment that uses it.
+``eval_prompt`` with ``{question}`` and ``{answer}``), optionally with natural prompt files
+(``natural_pos.txt``, ``natural_neg.txt``) that draw out each pole with no instruction.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tlextract.errors import TLExtractError
+from tlextract.inputs import read_json, read_text, require
 
 MIN_INSTRUCTION_PAIRS = 5
 MIN_QUESTIONS = 20
@@ -26,26 +26,18 @@ Variant = Literal["instruction", "natural"]
 VARIANTS: tuple[Variant, Variant] = ("instruction", "natural")
 
 
-def experiments_root() -> Path:
-    """``$TLEXTRACT_EXPERIMENTS`` or ./experiments."""
-    return Path(os.environ.get("TLEXTRACT_EXPERIMENTS", "experiments"))
-
-
-def _read_json(path: Path) -> Any:
-    if not path.exists():
-        raise TLExtractError(f"{path}: file not found.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TLExtractError(
-            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
-            "Fix the syntax, e.g. a missing comma or quote."
-        ) from None
-
-
-def _require(cond: bool, path: Path, field_name: str, fix: str) -> None:
-    if not cond:
-        raise TLExtractError(f"{path}: field '{field_name}' {fix}")
+def template_problem(template: str) -> str | None:
+    """What is wrong with a judge prompt template, or None: it must contain ``{question}`` and
+    ``{answer}`` and no other ``{name}`` placeholder (nothing would fill it)."""
+    for ph in PLACEHOLDERS:
+        if ph not in template:
+            return (f"is missing the placeholder {ph}; the judge fills it with the "
+                    f"{ph.strip('{}')}. Add {ph} where it belongs.")  # fmt: skip
+    unknown = sorted(set(re.findall(r"\{[A-Za-z_]\w*\}", template)) - set(PLACEHOLDERS))
+    if unknown:
+        return (f"has the unknown placeholder {unknown[0]}; only {{question}} and {{answer}} are "
+                "filled. Rename it to one of those or remove the braces.")  # fmt: skip
+    return None
 
 
 @dataclass(frozen=True)
@@ -72,7 +64,7 @@ class Trait:
 
 def _natural_file(path: Path) -> tuple[str, ...]:
     """One prompt per line; every defect is named with its line number."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the file's final newline
     seen: dict[str, int] = {}
@@ -115,10 +107,10 @@ def _load_natural(trait_dir: Path) -> dict[Polarity, tuple[str, ...]] | None:
 def load_trait(trait_dir: Path) -> Trait:
     """Load and validate ``<trait_dir>/trait_definition.json``; one clear error per defect."""
     path = trait_dir / "trait_definition.json"
-    data = _read_json(path)
-    _require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
+    data = read_json(path)
+    require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
     pairs = data.get("instruction")
-    _require(
+    require(
         isinstance(pairs, list) and len(pairs) >= MIN_INSTRUCTION_PAIRS,
         path,
         "instruction",
@@ -128,9 +120,9 @@ def load_trait(trait_dir: Path) -> Trait:
     for i, pair in enumerate(pairs):
         for side in POLARITIES:
             ok = isinstance(pair, dict) and isinstance(pair.get(side), str) and pair[side].strip()
-            _require(bool(ok), path, f"instruction[{i}].{side}", "must be a non-empty string.")
+            require(bool(ok), path, f"instruction[{i}].{side}", "must be a non-empty string.")
     questions = data.get("questions")
-    _require(
+    require(
         isinstance(questions, list) and len(questions) >= MIN_QUESTIONS,
         path,
         "questions",
@@ -138,31 +130,25 @@ def load_trait(trait_dir: Path) -> Trait:
         f"(found {len(questions) if isinstance(questions, list) else type(questions).__name__}).",
     )
     for i, q in enumerate(questions):
-        _require(
+        require(
             isinstance(q, str) and bool(q.strip()),
             path,
             f"questions[{i}]",
             "must be a non-empty string.",
         )
     dupes = sorted({q for q in questions if questions.count(q) > 1})
-    _require(not dupes, path, "questions", f"has duplicates: {dupes[:3]}; remove them.")
+    require(not dupes, path, "questions", f"has duplicates: {dupes[:3]}; remove them.")
     eval_prompt = data.get("eval_prompt")
-    _require(
+    require(
         isinstance(eval_prompt, str),
         path,
         "eval_prompt",
         "must be a string containing {question} and {answer}.",
     )
-    for ph in PLACEHOLDERS:
-        _require(
-            ph in eval_prompt,
-            path,
-            "eval_prompt",
-            f"is missing the placeholder {ph}; the judge fills it with the "
-            f"{ph.strip('{}')}. Add {ph} where it belongs.",
-        )
+    problem = template_problem(eval_prompt)
+    require(problem is None, path, "eval_prompt", f"{problem}")
     description = data.get("description", "")
-    _require(isinstance(description, str), path, "description", "must be a string.")
+    require(isinstance(description, str), path, "description", "must be a string.")
     return Trait(
         name=trait_dir.name,
         path=trait_dir,
@@ -172,153 +158,6 @@ def load_trait(trait_dir: Path) -> Trait:
         eval_prompt=eval_prompt,
         natural=_load_natural(trait_dir),
     )
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    top_p: float | None = None
-    do_sample: bool = True
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """``experiments/<name>/experiment.json``. Layers are TransformerLens block indices."""
-
-    name: str
-    path: Path
-    model: str
-    layers: tuple[int, ...] | Literal["all"] = "all"
-    hook: str = "resid_post"
-    prompt_style: Literal["chat", "completion"] = "chat"
-    n_examples: int = 20
-    batch_size: int | Literal["auto"] = 8
-    seed: int = 0
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
-    traits: tuple[str, ...] = ()
-    variant: Variant = "instruction"  # what a run uses unless told otherwise
-    traits_from: str | None = None
-
-    @property
-    def traits_dir(self) -> Path:
-        """Where the trait directories live (this experiment's, or the one named by traits_from)."""
-        return self.path.parent / self.traits_from if self.traits_from else self.path
-
-    def trait(self, name: str) -> Trait:
-        if name not in self.traits:
-            raise TLExtractError(
-                f"{self.path / 'experiment.json'}: unknown trait '{name}'. "
-                f"This experiment has: {', '.join(self.traits)}."
-            )
-        return load_trait(self.traits_dir / name)
-
-    def output_dir(
-        self, trait: str, model: str | None = None, variant: Variant = "instruction"
-    ) -> Path:
-        """Results of one trait: ``extraction``, with ``-natural`` for the natural variant and
-        ``-<model>`` for a model other than the experiment's, so no run overwrites another."""
-        suffix = "" if variant == "instruction" else f"-{variant}"
-        if model not in (None, self.model):
-            suffix += "-" + model.replace("/", "_")
-        return self.path / trait / f"extraction{suffix}"
-
-
-_EXPERIMENT_KEYS = {f for f in Experiment.__dataclass_fields__ if f not in ("name", "path")}
-_GENERATION_KEYS = set(GenerationSettings.__dataclass_fields__)
-
-
-def load_experiment(name: str, root: Path | None = None) -> Experiment:
-    """Load and validate ``<root>/<name>/experiment.json`` (root: ``experiments_root()``)."""
-    root = experiments_root() if root is None else root
-    exp_dir = root / name
-    path = exp_dir / "experiment.json"
-    if not path.exists():
-        known = sorted(p.parent.name for p in root.glob("*/experiment.json"))
-        raise TLExtractError(
-            f"{path}: unknown experiment '{name}'. Known experiments in {root}: "
-            f"{', '.join(known) or 'none'}."
-        )
-    data = _read_json(path)
-    _require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
-    unknown = sorted(set(data) - _EXPERIMENT_KEYS)
-    _require(
-        not unknown,
-        path,
-        unknown[0] if unknown else "",
-        f"is not a known setting. Known settings: {', '.join(sorted(_EXPERIMENT_KEYS))}.",
-    )
-    _require(
-        isinstance(data.get("model"), str),
-        path,
-        "model",
-        'must name a model, e.g. "smollm2-135m-instruct".',
-    )
-    gen = data.get("generation", {})
-    _require(
-        isinstance(gen, dict) and not set(gen) - _GENERATION_KEYS,
-        path,
-        "generation",
-        f"must be an object with keys among {', '.join(sorted(_GENERATION_KEYS))}.",
-    )
-    layers = data.get("layers", "all")
-    if layers != "all":
-        _require(
-            isinstance(layers, list)
-            and all(isinstance(x, int) and x >= 0 for x in layers)
-            and len(layers) > 0,
-            path,
-            "layers",
-            'must be "all" or a non-empty list of block indices (0-based).',
-        )
-        layers = tuple(sorted(set(layers)))
-    style = data.get("prompt_style", "chat")
-    _require(
-        style in ("chat", "completion"),
-        path,
-        "prompt_style",
-        'must be "chat" (chat template) or "completion" (plain Q/A text).',
-    )
-    for key in ("n_examples", "batch_size", "seed"):
-        if key in data and not (key == "batch_size" and data[key] == "auto"):
-            _require(
-                isinstance(data[key], int) and data[key] >= (0 if key == "seed" else 1),
-                path,
-                key,
-                'must be a positive integer' + (' or "auto".' if key == "batch_size" else "."),
-            )
-    variant = data.get("variant", "instruction")
-    _require(variant in VARIANTS, path, "variant", f"must be one of {', '.join(VARIANTS)}.")
-    exp = Experiment(
-        name=name,
-        path=exp_dir,
-        model=data["model"],
-        layers=layers,
-        hook=data.get("hook", "resid_post"),
-        prompt_style=style,
-        n_examples=data.get("n_examples", 20),
-        batch_size=data.get("batch_size", 8),
-        seed=data.get("seed", 0),
-        generation=GenerationSettings(**gen),
-        judge=data.get("judge", {"kind": "none"}),
-        traits=tuple(data.get("traits", ())),
-        variant=variant,
-        traits_from=data.get("traits_from"),
-    )
-    if exp.traits_from is not None and not (root / exp.traits_from).is_dir():
-        raise TLExtractError(
-            f"{path}: field 'traits_from' names '{exp.traits_from}', which is not a directory in "
-            f"{root}. Name an experiment that holds the trait directories."
-        )
-    _require(len(exp.traits) > 0, path, "traits", "must list at least one trait directory name.")
-    for t in exp.traits:
-        if not (exp.traits_dir / t / "trait_definition.json").exists():
-            raise TLExtractError(
-                f"{path}: trait '{t}' has no {exp.traits_dir / t / 'trait_definition.json'}. "
-                "Create it or remove the trait from 'traits'."
-            )
-    return exp
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,17 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from tlextract.config import experiments_root, load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import DEFAULT_MIN_MASS, fill_prompt
 from tlextract.judge.local import LocalJudge
 from tlextract.model.load import load_model
 from tlextract.ops.metrics import auroc
-from tlextract.report.summary import experiment_report_dir
-from tlextract.stages.pipeline import load_responses, model_loader, responses_key, settings_for
+from tlextract.settings import experiment_report_dir, settings_for
+from tlextract.stages.common import model_loader
+from tlextract.stages.generate import load_responses, responses_key
 from tlextract.store import stage_done, write_json, write_text
-from tlextract.traits import VARIANTS, experiments_root, load_experiment
+from tlextract.traits import VARIANTS
 
 
 @dataclass(frozen=True)

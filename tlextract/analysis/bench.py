@@ -39,14 +39,17 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
+from tlextract.config import GenerationSettings, experiments_root, load_experiment
 from tlextract.model.fused import linear
 from tlextract.model.load import load_hf_model, load_model
 from tlextract.model.memory import PeakMemory
-from tlextract.ops.generate import device_of, generate_batch, left_pad, tokenize
+from tlextract.model.tokens import device_of, left_pad, tokenize
+from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import hook_name
-from tlextract.stages.pipeline import Mode, run_trait, settings_for
+from tlextract.settings import Mode, settings_for
+from tlextract.stages.run import run_trait
 from tlextract.store import read_json, write_text
-from tlextract.traits import GenerationSettings, build_examples, experiments_root, load_experiment
+from tlextract.traits import build_examples
 
 MODES: tuple[Mode, ...] = ("two-stage", "combined")
 MiB = 2**20

@@ -35,7 +35,9 @@ from tlextract.ops.metrics import (
     split_indices,
 )
 from tlextract.ops.pool import hook_name
-from tlextract.stages.pipeline import Activations, RunSettings, load_activations, load_selection
+from tlextract.settings import RunSettings, report_dir
+from tlextract.stages.activations import Activations, load_activations
+from tlextract.stages.judge import load_selection
 from tlextract.store import META, fingerprint, read_json, stage_done, write_json, write_text
 from tlextract.traits import POLARITIES
 
@@ -265,10 +267,6 @@ def evaluation_key(
 ) -> str:
     return fingerprint({"activations": acts.key, "methods": list(methods),
                         "test_fraction": test_fraction, "seed": seed, "rule": rule})
-
-
-def report_dir(run: RunSettings) -> Path:
-    return run.out_dir / "report"
 
 
 def evaluate_trait(

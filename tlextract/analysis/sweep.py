@@ -37,8 +37,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
-from tlextract.judge.base import Judge, JudgeCache, judge_responses
-from tlextract.ops.generate import generate_batch, tokenize
+from tlextract.judge.base import Judge
+from tlextract.judge.cache import JudgeCache, judge_responses
+from tlextract.model.tokens import tokenize
+from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import pack
 from tlextract.ops.steer import (
     Positions,
@@ -49,7 +51,7 @@ from tlextract.ops.steer import (
     unit_direction,
 )
 from tlextract.ops.vectors import TraitVectors
-from tlextract.stages.pipeline import RunSettings
+from tlextract.settings import RunSettings
 from tlextract.store import META, atomic_path, fingerprint, load_tensors, read_json, write_json
 from tlextract.traits import POLARITIES, render_prompt
 

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate, load_kept, split_examples
 from tlextract.ops.metrics import LayerMetrics, auroc, midpoint_accuracy
-from tlextract.stages.pipeline import RunSettings, load_responses
+from tlextract.settings import RunSettings
+from tlextract.stages.generate import load_responses
 
 METHOD = "mean_diff"
 

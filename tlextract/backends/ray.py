@@ -29,7 +29,9 @@ from transformer_lens import HookedTransformer
 
 from tlextract.analysis.evaluate import cross_evaluate
 from tlextract.errors import TLExtractError
-from tlextract.stages.pipeline import STAGES, RunSettings, model_loader, run_trait
+from tlextract.settings import STAGES, RunSettings
+from tlextract.stages.common import model_loader
+from tlextract.stages.run import run_trait
 from tlextract.store import META, write_json, write_text
 
 # A killed actor (crash, node lost, host out of memory) is restarted and its task retried this

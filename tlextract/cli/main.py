@@ -10,19 +10,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlextract.config import Experiment, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
 from tlextract.ops.metrics import RULES
 from tlextract.ops.vectors import TraitVectors
-from tlextract.stages.pipeline import (
-    MODES,
-    STAGES,
-    RunSettings,
-    model_loader,
-    run_trait,
-    settings_for,
-)
-from tlextract.traits import VARIANTS, Experiment, experiments_root, load_experiment
+from tlextract.settings import MODES, STAGES, RunSettings, settings_for
+from tlextract.stages.common import model_loader
+from tlextract.stages.run import run_trait
+from tlextract.traits import VARIANTS
 
 COMMANDS = {**{stage: (stage,) for stage in STAGES}, "run": STAGES}
 DEFAULT_EXPERIMENT = "smollm2_cognitive"
@@ -240,7 +236,7 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
 def _saved_run(args: argparse.Namespace, experiment: Experiment, trait: str) -> tuple[
         RunSettings, TraitVectors, int]:
     """The run, its saved mean_diff vectors and the layer to use (said on stdout)."""
-    from tlextract.analysis.evaluate import report_dir
+    from tlextract.settings import report_dir
 
     run = settings_for(experiment, trait, model=args.model, variant=args.variant,
                        device=args.device, dtype=args.dtype, judge=getattr(args, "judge", None))
@@ -265,14 +261,15 @@ def _saved_run(args: argparse.Namespace, experiment: Experiment, trait: str) -> 
 
 def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.analysis.sweep import DEFAULT_ALPHAS, alpha_sweep, sweep_table, write_sweep
-    from tlextract.judge.base import JudgeCache, make_judge
-    from tlextract.judge.keep import split_config
+    from tlextract.config import split_judge
+    from tlextract.judge.cache import JudgeCache
+    from tlextract.judge.registry import make_judge
 
     saved = [_saved_run(args, experiment, t) for t in _trait_names(args, experiment)]
     get_model = model_loader(saved[0][0])
     for run, vectors, layer in saved:
         model = get_model()
-        judge = make_judge(split_config(run.judge)[0], model=model)
+        judge = make_judge(split_judge(run.judge)[0], model=model)
         out = run.out_dir / "steer"
         sweep = alpha_sweep(
             model, run, vectors, layer, args.alphas or DEFAULT_ALPHAS, args.n_questions,

@@ -9,19 +9,12 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from tlextract.config import split_judge
 from tlextract.errors import TLExtractError
-from tlextract.judge.base import (
-    SCORE_THRESHOLD,
-    JudgeCache,
-    Judgment,
-    judge_responses,
-    make_judge,
-    passes_filter,
-)
+from tlextract.judge.base import Judgment, passes_filter
+from tlextract.judge.cache import JudgeCache, judge_responses
+from tlextract.judge.registry import make_judge
 from tlextract.traits import POLARITIES
-
-# Settings in the experiment's "judge" block that belong to the filter, not to the judge.
-FILTER_DEFAULTS = {"threshold": SCORE_THRESHOLD, "min_coherence": SCORE_THRESHOLD, "min_kept": 4}
 
 
 @dataclass(frozen=True)
@@ -31,13 +24,6 @@ class Selection:
     kept: dict[str, list[int]]
     judgments: list[dict[str, Any]]
     summary: dict[str, Any]
-
-
-def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(judge settings, filter settings) from an experiment's judge block."""
-    judge = {k: v for k, v in config.items() if k not in FILTER_DEFAULTS}
-    rules = {k: config.get(k, v) for k, v in FILTER_DEFAULTS.items()}
-    return judge, rules
 
 
 def select(
@@ -50,7 +36,7 @@ def select(
 ) -> Selection:
     """Judge ``rows`` (response records) and apply the keep rule. Empty responses are never kept.
     ``where`` names the place to fix settings in error messages."""
-    judge_config, rules = split_config(config)
+    judge_config, rules = split_judge(config)
     kind = judge_config.get("kind", "none")
     needs_model = kind == "local" and judge_config.get("model", "self") == "self"
     judge = make_judge(judge_config, model=get_model() if needs_model else None)

@@ -17,63 +17,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from tlextract.errors import TLExtractError
+from tlextract.config import GenerationSettings
 from tlextract.model.fast import decode_session, has_hooks
-from tlextract.traits import GenerationSettings
+from tlextract.model.tokens import device_of, left_pad, stop_token_ids, tokenizer_of
 
 Hook = tuple[str | Callable[..., object], Callable[..., object]]
 
 # A common prefix shorter than this is not worth a pass of its own.
 MIN_SHARED_PREFIX = 4
-
-# End-of-turn markers of chat templates; generation stops at these as well as at eos.
-END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
-
-
-def tokenizer_of(model: HookedTransformer) -> PreTrainedTokenizerBase:
-    if model.tokenizer is None:
-        raise TLExtractError(
-            f"model {model.cfg.model_name!r} has no tokenizer; load it with tlextract.load_model"
-        )
-    return model.tokenizer
-
-
-def device_of(model: HookedTransformer) -> str | torch.device:
-    return model.cfg.device or "cpu"
-
-
-def stop_token_ids(model: HookedTransformer) -> list[int]:
-    tok = tokenizer_of(model)
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    for marker in END_OF_TURN:  # one lookup each: get_vocab() builds a 49k-entry dict (20 ms)
-        i = tok.convert_tokens_to_ids(marker)
-        if isinstance(i, int) and tok.convert_ids_to_tokens(i) == marker:
-            ids.add(i)
-    return sorted(ids)
-
-
-def tokenize(model: HookedTransformer, texts: Sequence[str], style: str) -> list[list[int]]:
-    """Chat-template text already holds its special tokens; completion text gets the tokenizer's
-    own (e.g. BOS)."""
-    enc = tokenizer_of(model)(list(texts), add_special_tokens=(style == "completion"))
-    return [list(ids) for ids in enc["input_ids"]]
-
-
-def left_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Tokens padded on the left, and the attention mask (1 = real token)."""
-    width = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            tokens[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return tokens.to(device), mask.to(device)
-
 
 def next_token_logits(
     model: HookedTransformer,

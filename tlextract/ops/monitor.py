@@ -29,11 +29,13 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
-from tlextract.ops.generate import Generation, generate_batch, tokenize
+from tlextract.model.tokens import tokenize
+from tlextract.ops.generate import Generation, generate_batch
 from tlextract.ops.steer import model_tokenizer, unit_direction
 from tlextract.ops.vectors import TraitVectors
-from tlextract.traits import GenerationSettings, render_prompt
+from tlextract.traits import render_prompt
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
 from tlextract.model.fast import has_hooks
-from tlextract.ops.generate import device_of, left_pad, prefix_cache, tokenizer_of
+from tlextract.model.tokens import device_of, left_pad, tokenizer_of
+from tlextract.ops.generate import prefix_cache
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post")
 

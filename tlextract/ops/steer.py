@@ -43,7 +43,7 @@ from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
 from tlextract.errors import TLExtractError
-from tlextract.ops.generate import left_pad
+from tlextract.model.tokens import left_pad
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
 

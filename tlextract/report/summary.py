@@ -35,8 +35,6 @@ from tlextract.analysis.evaluate import (
     RULE_TEXT,
     TraitEvaluation,
     evaluate_trait,
-    report_dir,
-    write_text,
 )
 from tlextract.analysis.variants import (
     TraitComparison,
@@ -44,20 +42,17 @@ from tlextract.analysis.variants import (
     comparison_json,
     comparison_markdown,
 )
+from tlextract.config import Experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
-from tlextract.stages.pipeline import (
-    RunSettings,
-    activations_key,
-    judge_key,
-    load_selection,
-    responses_key,
-    settings_for,
-)
-from tlextract.store import atomic_path, stage_done, write_json
-from tlextract.traits import POLARITIES, Experiment, Variant
+from tlextract.settings import RunSettings, experiment_report_dir, report_dir, settings_for
+from tlextract.stages.activations import activations_key
+from tlextract.stages.generate import responses_key
+from tlextract.stages.judge import judge_key, load_selection
+from tlextract.store import atomic_path, stage_done, write_json, write_text
+from tlextract.traits import POLARITIES, Variant
 
 PANELS = (  # metric field, axis label, chance level
     ("accuracy", "held-out balanced accuracy", 0.5),
@@ -183,12 +178,6 @@ def cosines(vectors: Float[Tensor, "trait d_model"]) -> Float[Tensor, "trait tra
     v = vectors.double()
     unit = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
     return (unit @ unit.T).clamp(-1.0, 1.0)
-
-
-def experiment_report_dir(experiment: Experiment, model: str | None = None) -> Path:
-    """``<exp>/report``, or ``<exp>/report-<model>`` for a model other than the experiment's."""
-    other = model not in (None, experiment.model)
-    return experiment.path / (f"report-{str(model).replace('/', '_')}" if other else "report")
 
 
 def cosine_matrix(

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 from transformer_lens import HookedTransformer
 
+from tlextract.config import GenerationSettings
 from tlextract.model.fast import decode_session
 from tlextract.model.memory import GiB, MemoryModel, PeakMemory, default_budget, fit_memory_model
-from tlextract.ops.generate import generate_batch, tokenizer_of
+from tlextract.model.tokens import tokenizer_of
+from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import hook_name, pooled_activations
-from tlextract.traits import GenerationSettings
 
 log = logging.getLogger(__name__)
 # (rows, tokens per row), varied so every term of the model is identifiable; small, so the

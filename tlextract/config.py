@@ -1,0 +1,243 @@
+"""``experiments/<name>/experiment.json``: loaded into validated settings, every setting checked
+before a model loads or a file is written.
+
+An experiment either holds its trait directories itself or names another experiment's with
+``traits_from``, so one fix to a trait reaches every experiment that uses it. Layers are
+TransformerLens block indices; ``hook`` is the block hook read at each of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tlextract.errors import TLExtractError
+from tlextract.inputs import read_json, require
+from tlextract.traits import VARIANTS, Trait, Variant, load_trait
+
+# Block hooks with one d_model vector per token, the residual stream and what adds to it.
+HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+PROMPT_STYLES = ("chat", "completion")
+
+# The judge block: its kind, each kind's options (and their types), and the keep rule.
+JUDGE_KINDS = ("none", "local", "openai")
+SCORE_THRESHOLD = 50.0
+DEFAULT_MIN_MASS = 0.25
+KEEP_RULES: dict[str, float | int] = {
+    "threshold": SCORE_THRESHOLD,
+    "min_coherence": SCORE_THRESHOLD,
+    "min_kept": 4,
+}
+_JUDGE_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "none": {},
+    "local": {"model": str, "batch_size": int, "min_mass": (int, float), "chat": bool,
+              "packed": bool},
+    "openai": {"base_url": str, "model": str, "api_key_env": str, "max_concurrency": int,
+               "timeout": (int, float), "max_retries": int, "min_mass": (int, float),
+               "backoff_base": (int, float), "backoff_max": (int, float), "top_logprobs": int},
+}  # fmt: skip
+_JUDGE_REQUIRED: dict[str, tuple[str, ...]] = {"openai": ("base_url", "model")}
+
+
+def experiments_root() -> Path:
+    """``$TLEXTRACT_EXPERIMENTS`` or ./experiments."""
+    return Path(os.environ.get("TLEXTRACT_EXPERIMENTS", "experiments"))
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float | None = None
+    do_sample: bool = True
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    path: Path
+    model: str
+    layers: tuple[int, ...] | Literal["all"] = "all"
+    hook: str = "resid_post"
+    prompt_style: Literal["chat", "completion"] = "chat"
+    n_examples: int = 20
+    batch_size: int | Literal["auto"] = 8
+    seed: int = 0
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    traits: tuple[str, ...] = ()
+    variant: Variant = "instruction"  # what a run uses unless told otherwise
+    traits_from: str | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "experiment.json"
+
+    @property
+    def traits_dir(self) -> Path:
+        """Where the trait directories live (this experiment's, or the one named by traits_from)."""
+        return self.path.parent / self.traits_from if self.traits_from else self.path
+
+    def trait(self, name: str) -> Trait:
+        if name not in self.traits:
+            raise TLExtractError(
+                f"{self.config_path}: unknown trait '{name}'. "
+                f"This experiment has: {', '.join(self.traits)}."
+            )
+        return load_trait(self.traits_dir / name)
+
+
+_EXPERIMENT_KEYS = {f for f in Experiment.__dataclass_fields__ if f not in ("name", "path")}
+_GENERATION_KEYS = set(GenerationSettings.__dataclass_fields__)
+
+
+def split_judge(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the judge's own settings, the keep rule) from an experiment's judge block."""
+    judge = {k: v for k, v in config.items() if k not in KEEP_RULES}
+    rules = {k: config.get(k, v) for k, v in KEEP_RULES.items()}
+    return judge, rules
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    # bool is an int to Python, never to a setting
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+
+
+def validate_judge(config: Any, where: Path | str, name: str = "judge") -> dict[str, Any]:
+    """The judge block, checked: its kind, each option's name and type, what a kind requires,
+    and the keep rule. Returned unchanged (it is part of the judge stage's cache key)."""
+    require(isinstance(config, dict), where, name, 'must be an object, e.g. {"kind": "none"}.')
+    options, rules = split_judge(config)
+    kind = str(options.get("kind"))
+    require(kind in JUDGE_KINDS, where, f"{name}.kind",
+            f"is {options.get('kind')!r}; valid kinds: {', '.join(JUDGE_KINDS)}.")  # fmt: skip
+    allowed = _JUDGE_OPTIONS[kind]
+    for key, value in options.items():
+        if key == "kind":
+            continue
+        require(key in allowed, where, f"{name}.{key}", f"is an unknown key for a {kind!r} judge; "
+                f"valid keys: {', '.join(sorted(allowed)) or 'none'}.")  # fmt: skip
+        require(_is(value, allowed[key]), where, f"{name}.{key}",
+                f"must be {_type_name(allowed[key])} (got {value!r}).")  # fmt: skip
+    for key in _JUDGE_REQUIRED.get(kind, ()):
+        require(bool(options.get(key)), where, f"{name}.{key}",
+                f'is required for a {kind!r} judge, e.g. "base_url": "https://api.openai.com/v1",'
+                ' "model": "gpt-4.1-mini".')  # fmt: skip
+    for key in ("threshold", "min_coherence"):
+        value = rules[key]
+        require(_is(value, (int, float)) and 0 <= value <= 100, where, f"{name}.{key}",
+                f"must be a score between 0 and 100 (got {value!r}).")  # fmt: skip
+    require(_is(rules["min_kept"], int) and rules["min_kept"] >= 1, where, f"{name}.min_kept",
+            f"must be a positive integer (got {rules['min_kept']!r}).")  # fmt: skip
+    return config
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return "a number" if float in kinds else names[kinds[0]]
+
+
+def validate_generation(gen: Any, where: Path) -> GenerationSettings:
+    require(isinstance(gen, dict) and not set(gen) - _GENERATION_KEYS, where, "generation",
+            f"must be an object with keys among {', '.join(sorted(_GENERATION_KEYS))}.")
+    settings = GenerationSettings(**gen)
+    require(_is(settings.do_sample, bool), where, "generation.do_sample", "must be true or false.")
+    require(_is(settings.max_new_tokens, int) and settings.max_new_tokens >= 1, where,
+            "generation.max_new_tokens",
+            f"must be an integer of at least 1 (got {settings.max_new_tokens!r}).")
+    temp = settings.temperature
+    require(_is(temp, (int, float)) and (temp > 0 or not settings.do_sample), where,
+            "generation.temperature",
+            f"must be a number above 0 when sampling (got {temp!r}); for greedy decoding set "
+            '"do_sample": false.')
+    top_p = settings.top_p
+    require(top_p is None or (_is(top_p, (int, float)) and 0 < top_p <= 1), where,
+            "generation.top_p", f"must be above 0 and at most 1, or null (got {top_p!r}).")
+    return settings  # fmt: skip
+
+
+def load_experiment(name: str, root: Path | None = None) -> Experiment:
+    """Load and validate ``<root>/<name>/experiment.json`` (root: ``experiments_root()``)."""
+    root = experiments_root() if root is None else root
+    path = root / name / "experiment.json"
+    if not path.exists():
+        known = sorted(p.parent.name for p in root.glob("*/experiment.json"))
+        raise TLExtractError(
+            f"{path}: unknown experiment '{name}'. Known experiments in {root}: "
+            f"{', '.join(known) or 'none'}."
+        )
+    data = read_json(path)
+    require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
+    unknown = sorted(set(data) - _EXPERIMENT_KEYS)
+    require(not unknown, path, unknown[0] if unknown else "",
+            f"is not a known setting. Known settings: {', '.join(sorted(_EXPERIMENT_KEYS))}.")
+    _check_fields(data, path)
+    exp = Experiment(
+        name=name,
+        path=path.parent,
+        model=data["model"],
+        layers=_layers(data.get("layers", "all"), path),
+        hook=data.get("hook", "resid_post"),
+        prompt_style=data.get("prompt_style", "chat"),
+        n_examples=data.get("n_examples", 20),
+        batch_size=data.get("batch_size", 8),
+        seed=data.get("seed", 0),
+        generation=validate_generation(data.get("generation", {}), path),
+        judge=validate_judge(data.get("judge", {"kind": "none"}), path),
+        traits=tuple(data.get("traits", ())),
+        variant=data.get("variant", "instruction"),
+        traits_from=data.get("traits_from"),
+    )
+    _check_traits(exp, root, path)
+    return exp
+
+
+def _layers(layers: Any, path: Path) -> tuple[int, ...] | Literal["all"]:
+    if layers == "all":
+        return "all"
+    require(isinstance(layers, list) and len(layers) > 0
+            and all(_is(x, int) and x >= 0 for x in layers), path, "layers",
+            'must be "all" or a non-empty list of block indices (0-based).')  # fmt: skip
+    return tuple(sorted(set(layers)))
+
+
+def _check_fields(data: dict[str, Any], path: Path) -> None:
+    require(isinstance(data.get("model"), str) and bool(data["model"]), path, "model",
+            'must name a model, e.g. "smollm2-135m-instruct".')
+    hook = data.get("hook", "resid_post")
+    require(hook in HOOKS, path, "hook",
+            f"must be one of {', '.join(HOOKS)} (got {hook!r}): the block hook "
+            "blocks.{layer}.hook_<hook> read at each layer.")
+    require(data.get("prompt_style", "chat") in PROMPT_STYLES, path, "prompt_style",
+            'must be "chat" (chat template) or "completion" (plain Q/A text).')
+    for key in ("n_examples", "batch_size", "seed"):
+        if key in data and not (key == "batch_size" and data[key] == "auto"):
+            require(_is(data[key], int) and data[key] >= (0 if key == "seed" else 1), path, key,
+                    "must be a positive integer" + (' or "auto".' if key == "batch_size" else "."))
+    require(data.get("variant", "instruction") in VARIANTS, path, "variant",
+            f"must be one of {', '.join(VARIANTS)}.")
+    traits_from = data.get("traits_from")
+    require(traits_from is None or (isinstance(traits_from, str) and bool(traits_from)), path,
+            "traits_from", "must name an experiment directory.")
+    traits = data.get("traits", [])
+    require(isinstance(traits, list) and len(traits) > 0
+            and all(isinstance(t, str) and t for t in traits), path,
+            "traits", "must list at least one trait directory name.")  # fmt: skip
+
+
+def _check_traits(exp: Experiment, root: Path, path: Path) -> None:
+    """Every named trait exists and loads (definition and natural prompt files)."""
+    if exp.traits_from is not None:
+        require((root / exp.traits_from).is_dir(), path, "traits_from",
+                f"names {exp.traits_from!r}, which is not a directory in {root}. "
+                "Name an experiment that holds the trait directories.")  # fmt: skip
+    for t in exp.traits:
+        if not (exp.traits_dir / t / "trait_definition.json").exists():
+            raise TLExtractError(
+                f"{path}: trait '{t}' has no {exp.traits_dir / t / 'trait_definition.json'}. "
+                "Create it or remove the trait from 'traits'."
+            )
+        load_trait(exp.traits_dir / t)

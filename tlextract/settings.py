@@ -1,0 +1,191 @@
+"""One trait run's settings (the experiment's, after command-line overrides, all checked) and
+every output path, decided here and nowhere else.
+
+Layout under ``experiments/<exp>/``::
+
+    <trait>/extraction[-natural][-<model>]/   one trait run (variant and model other than the
+        responses/ judge/ activations/        experiment's get their own directory)
+        vectors/ report/ steer/
+    report[-<model>]/                         the experiment's report (and Ray run summaries)
+    monitor[-natural][-<model>]/              per-token monitoring pages
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tlextract.config import Experiment, split_judge
+from tlextract.errors import TLExtractError
+from tlextract.traits import VARIANTS, Trait, Variant
+
+STAGES = ("generate", "judge", "activations", "vectors")
+MODES = ("two-stage", "combined")
+Mode = Literal["two-stage", "combined"]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one trait run depends on, after command-line overrides."""
+
+    experiment: Experiment
+    trait: Trait
+    model: str
+    n_examples: int
+    batch_size: int | Literal["auto"]
+    layers: tuple[int, ...] | Literal["all"]
+    device: str | None = None
+    dtype: str = "float32"
+    mode: Mode = "two-stage"
+    variant: Variant = "instruction"
+    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    memory_budget_gib: float | None = None  # for batch_size "auto"; None: memory.default_budget
+
+    @property
+    def out_dir(self) -> Path:
+        return trait_dir(self.experiment, self.trait.name, self.model, self.variant)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out_dir / {"generate": "responses"}.get(stage, stage)
+
+
+def settings_for(
+    experiment: Experiment,
+    trait: str,
+    *,
+    model: str | None = None,
+    n_examples: int | None = None,
+    batch_size: int | Literal["auto"] | None = None,
+    layers: Sequence[int] | Literal["all"] | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    mode: Mode = "two-stage",
+    variant: Variant | None = None,
+    judge: Literal["none", "local"] | None = None,
+    memory_budget_gib: float | None = None,
+) -> RunSettings:
+    """Settings for one trait; arguments left as None take the experiment's. ``judge`` switches
+    the experiment's judge off ("none") or to the studied model itself ("local").
+    ``batch_size="auto"`` picks the largest batch that fits ``memory_budget_gib``."""
+    for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
+        if value is not None and value != "auto" and (not _int(value) or value < 1):
+            extra = " or 'auto'" if name == "batch_size" else ""
+            raise TLExtractError(
+                f"--{name.replace('_', '-')} must be an integer of at least 1{extra} "
+                f"(got {value!r})."
+            )
+    if memory_budget_gib is not None and not memory_budget_gib > 0:
+        raise TLExtractError(
+            f"--memory-budget must be a positive number of GiB (got {memory_budget_gib})."
+        )
+    if mode not in MODES:
+        raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
+    if dtype not in DTYPES:
+        raise TLExtractError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}.")
+    variant = variant or experiment.variant
+    if variant not in VARIANTS:
+        raise TLExtractError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
+    if model is not None and not model.strip():
+        raise TLExtractError("--model must name a model, e.g. smollm2-135m-instruct.")
+    check_device(device)
+    return RunSettings(
+        experiment=experiment,
+        trait=experiment.trait(trait),
+        model=model or experiment.model,
+        n_examples=n_examples or experiment.n_examples,
+        batch_size=batch_size or experiment.batch_size,
+        layers=experiment.layers
+        if layers is None
+        else ("all" if layers == "all" else tuple(sorted(set(layers)))),
+        device=device,
+        dtype=dtype,
+        mode=mode,
+        variant=variant,
+        judge=_judge_override(experiment.judge, judge),
+        memory_budget_gib=memory_budget_gib,
+    )
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _judge_override(config: dict[str, Any], override: str | None) -> dict[str, Any]:
+    if override is None:
+        return config
+    _, rules = split_judge(config)
+    if override == "none":
+        return {"kind": "none", **rules}
+    if override == "local":
+        return {"kind": "local", "model": "self", **rules}
+    raise TLExtractError(f"--judge {override!r}: use 'none' or 'local' (or the experiment's).")
+
+
+def check_device(device: str | None) -> None:
+    """A device this machine has: cpu, cuda or cuda:N (present), mps (present), or None."""
+    if device is None or device == "cpu":
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TLExtractError(
+                f"--device {device}: this machine has no CUDA GPU (or this torch build has no "
+                "CUDA). Use --device cpu, or leave --device out to pick one."
+            )
+        index = int(match.group(1) or 0)
+        if index >= count:
+            raise TLExtractError(
+                f"--device {device}: only cuda:0 to cuda:{count - 1} exist here. Pick one of them."
+            )
+        return
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise TLExtractError("--device mps: Apple's MPS is not available here. Use cpu.")
+        return
+    raise TLExtractError(
+        f"--device {device!r} is not a device tlextract knows; use cpu, cuda, cuda:N or mps."
+    )
+
+
+# --- output paths --------------------------------------------------------------------------------
+
+
+def _suffix(experiment: Experiment, model: str | None, variant: Variant) -> str:
+    suffix = "" if variant == "instruction" else f"-{variant}"
+    if model not in (None, experiment.model):
+        suffix += "-" + str(model).replace("/", "_")
+    return suffix
+
+
+def trait_dir(
+    experiment: Experiment, trait: str, model: str | None = None, variant: Variant = "instruction"
+) -> Path:
+    """Results of one trait: ``extraction``, with ``-natural`` for the natural variant and
+    ``-<model>`` for a model other than the experiment's, so no run overwrites another."""
+    return experiment.path / trait / f"extraction{_suffix(experiment, model, variant)}"
+
+
+def report_dir(run: RunSettings) -> Path:
+    """One trait run's held-out evaluation."""
+    return run.out_dir / "report"
+
+
+def steer_dir(run: RunSettings) -> Path:
+    return run.out_dir / "steer"
+
+
+def experiment_report_dir(experiment: Experiment, model: str | None = None) -> Path:
+    """``<exp>/report``, or ``<exp>/report-<model>`` for a model other than the experiment's."""
+    other = model not in (None, experiment.model)
+    return experiment.path / (f"report-{str(model).replace('/', '_')}" if other else "report")
+
+
+def monitor_dir(run: RunSettings) -> Path:
+    return run.experiment.path / f"monitor{_suffix(run.experiment, run.model, run.variant)}"

@@ -1,0 +1,157 @@
+"""Stage 3, activations: each response's hook outputs averaged over its response tokens
+(never the prompt or padding), float32, per polarity. Two-stage mode runs a teacher-forced pass
+over prompt + response; combined mode takes what the responses stage recorded while generating.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tlextract.errors import TLExtractError
+from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
+from tlextract.settings import RunSettings
+from tlextract.stages.common import batch_size, run_sharded, stage_meta
+from tlextract.stages.generate import load_pooled, load_responses, responses_key
+from tlextract.store import (
+    META,
+    clear_other_shards,
+    fingerprint,
+    load_tensors,
+    read_json,
+    save_tensors,
+    stage_done,
+    write_json,
+)
+from tlextract.traits import POLARITIES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Pooled activations per polarity; ``index[p][i]`` is the example index of row i."""
+
+    pos: Float[Tensor, "n_pos layer d_model"]
+    neg: Float[Tensor, "n_neg layer d_model"]
+    pos_index: list[int]
+    neg_index: list[int]
+    layers: tuple[int, ...]
+    hook: str
+    key: str
+
+
+def activations_key(run: RunSettings, responses_fp: str) -> str:
+    return fingerprint(
+        {
+            "responses": responses_fp,
+            "layers": run.layers,
+            "hook": run.experiment.hook,
+            "pooling": "response_mean",
+            "dtype": run.dtype,
+            "mode": run.mode,
+        }
+    )
+
+
+def activations_done(run: RunSettings) -> bool:
+    """Whether activations of these settings exist (and the responses they come from)."""
+    stage = run.stage_dir("activations")
+    return stage_done(stage, activations_key(run, responses_key(run)))
+
+
+def _load(stage: Path, key: str) -> Activations:
+    meta = read_json(stage / META)
+    data = {p: load_tensors(stage / f"{p}.pt") for p in POLARITIES}
+    return Activations(
+        pos=data["pos"]["acts"],
+        neg=data["neg"]["acts"],
+        pos_index=data["pos"]["index"],
+        neg_index=data["neg"]["index"],
+        layers=tuple(meta["layers"]),
+        hook=meta["hook"],
+        key=key,
+    )
+
+
+def extract_activations(
+    run: RunSettings, get_model: Callable[[], HookedTransformer]
+) -> Activations:
+    responses, responses_fp = load_responses(run)
+    stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
+    if stage_done(stage, key):
+        log.info("[%s] activations: up to date, skipped (%s)", run.trait.name, stage)
+        return _load(stage, key)
+    if run.mode == "combined":
+        pooled = load_pooled(run)
+        layers = read_json(run.stage_dir("generate") / META)["layers"]
+        return _write(run, key, tuple(layers), pooled)
+    model = get_model()
+    layers = resolve_layers(run.layers, model.cfg.n_layers)
+    rows = [r for r in responses if r["n_response_tokens"] > 0]
+    total = [len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows]
+    size = batch_size(run, model, max(total), len(rows), layers)
+
+    def compute(chunk: list[int]) -> list:
+        prompts = [rows[i]["prompt_ids"] for i in chunk]
+        responses = [rows[i]["response_ids"] for i in chunk]
+        return list(pooled_activations(model, prompts, responses, layers, run.experiment.hook))
+
+    shards, _ = run_sharded(stage, key, total, size, compute,
+                            lambda idx, acts: {"rows": idx, "acts": torch.stack(acts)}, model,
+                            f"[{run.trait.name}] activations")  # fmt: skip
+    pooled = {
+        (rows[i]["polarity"], rows[i]["index"]): acts
+        for shard in shards
+        for i, acts in zip(shard["rows"], shard["acts"], strict=True)
+    }
+    result = _write(run, key, layers, pooled)
+    clear_other_shards(stage)
+    return result
+
+
+def _write(
+    run: RunSettings, key: str, layers: tuple[int, ...], pooled: dict[tuple[str, int], Tensor]
+) -> Activations:
+    """Save pooled activations per polarity (rows ordered by example index) and the stage meta."""
+    stage = run.stage_dir("activations")
+    counts = {}
+    for pol in POLARITIES:
+        index = sorted(i for p, i in pooled if p == pol)
+        if not index:
+            raise TLExtractError(
+                f"{run.trait.name}: no {pol} response has any token, so there is nothing to "
+                "average. Raise generation.max_new_tokens or check the prompts."
+            )
+        acts = torch.stack([pooled[(pol, i)] for i in index])
+        save_tensors(stage / f"{pol}.pt", {"acts": acts, "index": index})
+        counts[pol] = len(index)
+    n_empty = 2 * run.n_examples - len(pooled)
+    if n_empty:
+        log.warning("%d empty responses have no tokens to pool over and are left out", n_empty)
+    write_json(stage / META, stage_meta(
+        "activations", key, run, mode=run.mode, layers=list(layers), hook=run.experiment.hook,
+        hook_names=[hook_name(run.experiment.hook, layer) for layer in layers],
+        pooling="mean over response tokens (the residual at each response token position)",
+        counts=counts, n_empty_responses_left_out=n_empty, d_model=acts.shape[-1],
+    ))  # fmt: skip
+    log.info("[%s] activations (%s): %s x %d layers -> %s", run.trait.name, run.mode, counts,
+             len(layers), stage)  # fmt: skip
+    return _load(stage, key)
+
+
+def load_activations(run: RunSettings) -> Activations:
+    _, responses_fp = load_responses(run)
+    stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
+    if not stage_done(stage, key):
+        raise TLExtractError(
+            f"{stage}: no activations for these settings yet. Run the 'activations' stage first."
+        )
+    return _load(stage, key)

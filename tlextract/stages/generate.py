@@ -1,0 +1,145 @@
+"""Stage 1, responses: n sampled responses per polarity, batched, one seed per example.
+
+In combined mode the activations are recorded while generating; this stage then also saves them
+(``pooled.pt``), and the activations stage reads them from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from datasets import Dataset, load_from_disk
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tlextract.errors import TLExtractError
+from tlextract.model.fast import decode_session
+from tlextract.model.tokens import tokenize, tokenizer_of
+from tlextract.ops.generate import generate_batch
+from tlextract.ops.pool import hook_name, resolve_layers
+from tlextract.settings import RunSettings
+from tlextract.stages.common import batch_size, run_sharded, stage_meta
+from tlextract.store import (
+    META,
+    atomic_dir,
+    clear_other_shards,
+    derive_seed,
+    fingerprint,
+    load_tensors,
+    save_tensors,
+    stage_done,
+    write_json,
+)
+from tlextract.traits import POLARITIES, build_examples
+
+log = logging.getLogger(__name__)
+POOLED = "pooled.pt"  # combined mode: {(polarity, index): [layer, d_model]}
+
+
+def responses_key(run: RunSettings) -> str:
+    exp, trait = run.experiment, run.trait
+    return fingerprint(
+        {
+            "model": run.model,
+            "dtype": run.dtype,
+            "variant": run.variant,
+            "prompts": (
+                trait.natural
+                if run.variant == "natural"
+                else [[asdict(p) for p in trait.instructions], trait.questions]
+            ),
+            "prompt_style": exp.prompt_style,
+            "n_examples": run.n_examples,
+            "seed": exp.seed,
+            "generation": asdict(exp.generation),
+            # Combined mode records activations while generating, so its responses stage owns them.
+            "capture": [run.layers, exp.hook] if run.mode == "combined" else None,
+        }
+    )
+
+
+def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Dataset:
+    stage, key = run.stage_dir("generate"), responses_key(run)
+    if stage_done(stage, key):
+        log.info("[%s] responses: up to date, skipped (%s)", run.trait.name, stage)
+        return load_from_disk(str(stage / "dataset"))
+    model = get_model()
+    examples = build_examples(
+        run.trait, run.n_examples, model.tokenizer, run.experiment.prompt_style, run.variant
+    )
+    prompt_ids = tokenize(model, [e.prompt for e in examples], run.experiment.prompt_style)
+    layers = resolve_layers(run.layers, model.cfg.n_layers)
+    combined = run.mode == "combined"
+    capture = [hook_name(run.experiment.hook, layer) for layer in layers] if combined else []
+    gen = run.experiment.generation
+    lengths = [len(p) for p in prompt_ids]
+    size = batch_size(run, model, max(lengths) + gen.max_new_tokens, len(prompt_ids), layers)
+    seeds = [derive_seed(run.experiment.seed, run.trait.name, e.polarity, e.index)
+             for e in examples]  # fmt: skip
+    tok = tokenizer_of(model)
+
+    def compute(chunk: list[int]) -> list:
+        ids, chunk_seeds = [prompt_ids[i] for i in chunk], [seeds[i] for i in chunk]
+        return generate_batch(model, ids, gen, chunk_seeds, capture=capture)
+
+    def to_shard(idx: list[int], gens: list) -> list[dict[str, Any]]:
+        return [
+            {**asdict(examples[i]), "prompt_ids": prompt_ids[i], "response_ids": g.response_ids,
+             "response": tok.decode(g.response_ids, skip_special_tokens=True),
+             "n_prompt_tokens": len(prompt_ids[i]), "n_response_tokens": len(g.response_ids),
+             "stopped": g.stopped, "acts": g.pooled}
+            for i, g in zip(idx, gens, strict=True)
+        ]  # fmt: skip
+
+    # One decode session for the stage: packed weights are checked once, not once per batch.
+    with decode_session(model):
+        shards, halving = run_sharded(stage, key, lengths, size, compute, to_shard, model,
+                                      f"[{run.trait.name}] generate")  # fmt: skip
+    records = sorted((r for shard in shards for r in shard),
+                     key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))  # fmt: skip
+    pooled = {(r["polarity"], r["index"]): r.pop("acts") for r in records}
+    with atomic_dir(stage / "dataset") as tmp:
+        Dataset.from_list(records).save_to_disk(str(tmp))
+    if combined:
+        save_tensors(stage / POOLED, {k: v for k, v in pooled.items() if v is not None})
+    n_tokens = sum(r["n_response_tokens"] for r in records)
+    write_json(stage / META, stage_meta(
+        "responses", key, run, n_examples_per_polarity=run.n_examples,
+        counts={p: sum(r["polarity"] == p for r in records) for p in POLARITIES},
+        n_generated_tokens=n_tokens,
+        n_empty_responses=sum(r["n_response_tokens"] == 0 for r in records),
+        prompt_style=run.experiment.prompt_style, generation=asdict(gen),
+        seed=run.experiment.seed, batch_size=size, batch_size_requested=run.batch_size,
+        batch_size_after_oom=halving.size if halving.size != size else None, mode=run.mode,
+        layers=list(layers) if combined else None,
+    ))  # fmt: skip
+    clear_other_shards(stage)
+    log.info("[%s] responses: %d (%d tokens) -> %s", run.trait.name, len(records), n_tokens,
+             stage)  # fmt: skip
+    return load_from_disk(str(stage / "dataset"))
+
+
+def load_responses(run: RunSettings) -> tuple[Dataset, str]:
+    stage = run.stage_dir("generate")
+    if not stage_done(stage, responses_key(run)):
+        raise TLExtractError(
+            f"{stage}: no responses for these settings yet. Run the 'generate' stage first "
+            f"(python -m tlextract generate --experiment {run.experiment.name} "
+            f"--traits {run.trait.name})."
+        )
+    return load_from_disk(str(stage / "dataset")), responses_key(run)
+
+
+def load_pooled(run: RunSettings) -> dict[tuple[str, int], Tensor]:
+    """Combined mode: the activations recorded while generating, per (polarity, index)."""
+    load_responses(run)
+    path = run.stage_dir("generate") / POOLED
+    if not path.exists():  # combined runs of tlextract before 0.2 wrote activations directly
+        raise TLExtractError(
+            f"{path}: missing; these responses were generated by an older tlextract. Delete "
+            f"{path.parent} and run again to regenerate them."
+        )
+    return load_tensors(path)

@@ -1,0 +1,70 @@
+"""Stage 2, judge: score every response with the experiment's judge and keep the clear cases
+(positives that show the trait, negatives that lack it, both coherent)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from transformer_lens import HookedTransformer
+
+from tlextract.errors import TLExtractError
+from tlextract.judge.keep import Selection, select
+from tlextract.settings import RunSettings
+from tlextract.stages.common import stage_meta
+from tlextract.stages.generate import load_responses
+from tlextract.store import META, fingerprint, read_json, stage_done, write_json
+
+log = logging.getLogger(__name__)
+
+
+def judge_key(run: RunSettings, responses_fp: str) -> str:
+    return fingerprint(
+        {"responses": responses_fp, "judge": run.judge, "eval_prompt": run.trait.eval_prompt}
+    )
+
+
+def select_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Selection:
+    responses, responses_fp = load_responses(run)
+    stage, key = run.stage_dir("judge"), judge_key(run, responses_fp)
+    if stage_done(stage, key):
+        log.info("[%s] judge: up to date, skipped (%s)", run.trait.name, stage)
+        return _load(stage)
+    sel = select(
+        list(responses),
+        run.trait.eval_prompt,
+        run.judge,
+        stage / "judge_cache.jsonl",
+        get_model,
+        where=f"{run.experiment.config_path} ({run.trait.name})",
+    )
+    write_json(stage / "judgments.json", sel.judgments)
+    write_json(stage / META, stage_meta("judge", key, run, kept_index=sel.kept, **sel.summary))
+    s = sel.summary
+    log.info("[%s] judge (%s): kept %s of %s, missing %s, mean trait score %s -> %s",
+             run.trait.name, s["judge"], s["kept"], s["generated"], s["missing"],
+             s["mean_score"], stage)  # fmt: skip
+    return sel
+
+
+def _load(stage: Path) -> Selection:
+    meta = read_json(stage / META)
+    keys = ("judge", "rules", "generated", "judged", "missing", "kept", "mean_score")
+    return Selection(
+        kept=meta["kept_index"],
+        judgments=read_json(stage / "judgments.json"),
+        summary={k: meta[k] for k in keys},
+    )
+
+
+def judge_done(run: RunSettings, responses_fp: str) -> bool:
+    return stage_done(run.stage_dir("judge"), judge_key(run, responses_fp))
+
+
+def load_selection(run: RunSettings) -> Selection:
+    _, responses_fp = load_responses(run)
+    stage = run.stage_dir("judge")
+    if not judge_done(run, responses_fp):
+        raise TLExtractError(f"{stage}: responses not judged yet. Run the 'judge' stage first.")
+    return _load(stage)
