@@ -14,7 +14,8 @@ import tlextract.stages.activations
 import tlextract.stages.generate
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.model.load import DEFAULT_MODEL, load_model
+from tlextract.model.cache import DEFAULT_MODEL
+from tlextract.model.load import load_model
 from tlextract.model.memory import (
     HalvingBatches,
     MemoryModel,

@@ -19,16 +19,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tlextract.errors import TLExtractError
-from tlextract.model import load as models
-from tlextract.model.load import (
-    DEFAULT_MODEL,
-    EMBEDDED_MODELS,
-    GEMMA_MODEL,
-    TINY_MODEL,
-    load_hf_model,
-    load_model,
-    model_info,
-)
+from tlextract.model import cache as models
+from tlextract.model.cache import DEFAULT_MODEL, EMBEDDED_MODELS, GEMMA_MODEL, TINY_MODEL
+from tlextract.model.load import load_hf_model, load_model, model_info
 
 FRANCE = "What is the capital of France?"
 

@@ -57,3 +57,13 @@ def left_pad(
             tokens[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s) :] = 1
     return tokens.to(device), mask.to(device)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding (generation appends on the right); pad and BOS default to eos where missing,
+    as TransformerLens' set_tokenizer does (model_info records pad_is_eos)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
