@@ -128,7 +128,7 @@ def p_tok(path: tuple[int, ...], token: int) -> float:
 
 
 def hand_tree_probs(dist_fn=fake_dist):
-    from tlextract.judge.local import NumberTree, NumberVocab, next_token_stats, number_probs
+    from tlextract.judge.numbers import NumberTree, NumberVocab, next_token_stats, number_probs
 
     tree = NumberTree.build(NumberVocab.from_texts(TEXTS))
     dists = torch.stack([dist_fn(tree.path(i)) for i in range(tree.n_nodes)])
@@ -147,7 +147,7 @@ def test_number_tree_lists_every_spelling() -> None:
 
 
 def test_byte_fallback_duplicates_are_not_spellings_but_keep_numbers_going() -> None:
-    from tlextract.judge.local import NumberTree, NumberVocab
+    from tlextract.judge.numbers import NumberTree, NumberVocab
 
     texts = {0: "4", 1: "2", 2: "4", 3: " ", 4: " ", 5: "7"}  # 2 and 4 are <0x34>, <0x20>
     vocab = NumberVocab.from_texts(texts, byte_fallback=frozenset({2, 4, 5}))
@@ -339,12 +339,9 @@ def test_local_judge_falls_back_to_exact_passes_under_a_sliding_window(bpe_model
 
 @pytest.fixture(scope="module")
 def tiny_random():
-    try:
-        from tlextract.model.load import load_model
+    from tlextract.model.load import load_model
 
-        return load_model("tiny-random")
-    except Exception as e:  # noqa: BLE001 - the model module is written in parallel
-        pytest.skip(f"tlextract.model.load.load_model('tiny-random') is not available yet: {e!r}")
+    return load_model("tiny-random")
 
 
 @pytest.fixture(scope="module")
