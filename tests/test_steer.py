@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import MIXED_LENGTH_TEXTS
 
-from tlextract.analysis.sweep import alpha_sweep, held_out_questions, reread, write_sweep
+from tlextract.analysis.sweep import alpha_sweep, held_out_questions, reread
 from tlextract.cli.main import main
 from tlextract.config import GenerationSettings, load_experiment
 from tlextract.errors import TLExtractError
@@ -20,6 +20,7 @@ from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import monitor
 from tlextract.ops.steer import REFERENCE_TEXTS, ablate, residual_norm, steer
 from tlextract.ops.vectors import TraitVectors
+from tlextract.report.sweep_view import write_sweep
 from tlextract.settings import settings_for
 from tlextract.stages.run import run_trait
 from tlextract.traits import render_prompt

@@ -260,10 +260,11 @@ def _saved_run(args: argparse.Namespace, experiment: Experiment, trait: str) -> 
 
 
 def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
-    from tlextract.analysis.sweep import DEFAULT_ALPHAS, alpha_sweep, sweep_table, write_sweep
+    from tlextract.analysis.sweep import DEFAULT_ALPHAS, alpha_sweep
     from tlextract.config import split_judge
     from tlextract.judge.cache import JudgeCache
     from tlextract.judge.registry import make_judge
+    from tlextract.report.sweep_view import sweep_table, write_sweep
 
     saved = [_saved_run(args, experiment, t) for t in _trait_names(args, experiment)]
     get_model = model_loader(saved[0][0])

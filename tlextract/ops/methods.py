@@ -27,105 +27,23 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, reduce
+from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
+from tlextract.ops.components import ica, pca_diff
+from tlextract.ops.directions import (
+    check_inputs,
+    finish_direction,
+    mean_diff,
+    stack_layers,
+    thin_svd,
+    unit_rows,
+    work_dtype,
+)
 
 Method = Callable[..., Float[Tensor, "layer d_model"]]
-
-
-def mean_diff(
-    pos: Float[Tensor, "n_pos layer d_model"], neg: Float[Tensor, "n_neg layer d_model"]
-) -> Float[Tensor, "layer d_model"]:
-    """Mean of the positive activations minus mean of the negative ones, per layer, in float32."""
-    return pos.float().mean(dim=0) - neg.float().mean(dim=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.device.type == "mps" else torch.float64
-
-
-def _check_inputs(
-    pos: Float[Tensor, "n_pos layer d_model"], neg: Float[Tensor, "n_neg layer d_model"], name: str
-) -> None:
-    if pos.shape[0] == 0 or neg.shape[0] == 0:
-        raise TLExtractError(
-            f"{name}: needs at least one positive and one negative example per layer "
-            f"(got {pos.shape[0]} positive, {neg.shape[0]} negative)."
-        )
-    if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
-        raise TLExtractError(
-            f"{name}: the activations contain NaN or inf; re-cache them (a half-precision "
-            "overflow is the usual cause: cache in float32)."
-        )
-
-
-def _stack_layers(
-    pos: Float[Tensor, "n_pos layer d_model"], neg: Float[Tensor, "n_neg layer d_model"]
-) -> Float[Tensor, "layer n d_model"]:
-    """Positives then negatives, layer-major, in the working dtype."""
-    both = torch.cat([pos, neg]).to(_work_dtype(pos))
-    return rearrange(both, "n layer d_model -> layer n d_model")
-
-
-def _unit(v: Float[Tensor, "layer d_model"]) -> Float[Tensor, "layer d_model"]:
-    """Rows scaled to unit norm; an all-zero row stays zero."""
-    norm = v.norm(dim=-1, keepdim=True)
-    return torch.where(norm > 0, v / norm.clamp_min(torch.finfo(v.dtype).tiny), 0.0)
-
-
-def _finish(
-    direction: Float[Tensor, "layer d_model"],
-    pos: Float[Tensor, "n_pos layer d_model"],
-    neg: Float[Tensor, "n_neg layer d_model"],
-) -> Float[Tensor, "layer d_model"]:
-    """Flip each row so that positives project higher on average; unit norm; float32."""
-    reference = mean_diff(pos, neg).to(direction.dtype)
-    agree = reduce(direction * reference, "layer d_model -> layer 1", "sum")
-    signed = torch.where(agree < 0, -direction, direction)
-    return _unit(signed).float().nan_to_num(0.0, 0.0, 0.0)
-
-
-def _thin_svd(
-    x: Float[Tensor, "layer n d_model"],
-) -> tuple[Float[Tensor, "layer n r"], Float[Tensor, "layer r"], Float[Tensor, "layer r d_model"]]:
-    """``x = u @ diag(s) @ vh`` with ``r = min(n, d_model)``, singular values descending.
-
-    Computed from the eigendecomposition of the smaller Gram matrix, several times faster than
-    ``torch.linalg.svd`` on the wide matrices activations give (n examples << d_model), and
-    accurate for the leading components, which is what the callers use. Singular values below
-    ``sqrt(eps) * s_max`` are set to 0 and their rows of ``vh`` (or columns of ``u``) to zero.
-    """
-    wide = x.shape[1] <= x.shape[2]
-    a = x if wide else x.transpose(-1, -2)  # [layer, small, big]
-    evals, vecs = torch.linalg.eigh(a @ a.transpose(-1, -2))
-    evals, vecs = evals.flip(-1), vecs.flip(-1)  # descending
-    s = evals.clamp_min(0).sqrt()
-    keep = s > s[:, :1] * torch.finfo(x.dtype).eps ** 0.5
-    s = torch.where(keep, s, 0.0)
-    inv = torch.where(keep, 1 / torch.where(keep, s, 1.0), 0.0)
-    other = (vecs * inv[:, None, :]).transpose(-1, -2) @ a  # [layer, r, big]
-    if wide:
-        return vecs, s, other
-    return other.transpose(-1, -2), s, vecs.transpose(-1, -2)
-
-
-def _separation(scores: Float[Tensor, "layer n comp"], n_pos: int) -> Float[Tensor, "layer comp"]:
-    """|mean gap| / pooled within-class std of each column of ``scores`` (first ``n_pos`` rows are
-    positives). Used only to rank candidate components; finite for any input."""
-    p, q = scores[:, :n_pos], scores[:, n_pos:]
-    gap = p.mean(dim=1) - q.mean(dim=1)
-    within = (p - p.mean(dim=1, keepdim=True)).pow(2).sum(dim=1) + (
-        q - q.mean(dim=1, keepdim=True)
-    ).pow(2).sum(dim=1)
-    dof = max(scores.shape[1] - 2, 1)
-    return gap.abs() / (within / dof + torch.finfo(scores.dtype).eps).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,128 +139,21 @@ def probe(
     centred examples, so it is solved exactly there, by Newton's method in float64 on at most
     min(n, d_model) coordinates. Deterministic; ``seed`` is unused.
     """
-    _check_inputs(pos, neg, "probe")
+    check_inputs(pos, neg, "probe")
     if not l2 > 0:
         raise TLExtractError(f"probe: l2 must be > 0 (got {l2}); separable data need it.")
     n_pos, n_neg = pos.shape[0], neg.shape[0]
-    x = _stack_layers(pos, neg)
+    x = stack_layers(pos, neg)
     z = (x - x.mean(dim=1, keepdim=True)) / _within_class_scale(x, n_pos)
     y = torch.cat([z.new_ones(n_pos), z.new_zeros(n_neg)])
     weight = torch.cat([z.new_full((n_pos,), 0.5 / n_pos), z.new_full((n_neg,), 0.5 / n_neg)])
     directions = []
     for layer in z.split(1):  # one layer at a time: the Hessian is min(n, d_model)^2
-        vh = _thin_svd(layer)[2]  # rows span the examples
+        vh = thin_svd(layer)[2]  # rows span the examples
         feats = einsum(layer, vh, "one n d_model, one r d_model -> one n r")
         beta = _newton_logistic(feats, y, weight, l2, max_iter)  # w = vh^T beta
         directions.append(einsum(beta, vh, "one r, one r d_model -> one d_model"))
-    return _finish(torch.cat(directions), pos, neg)
-
-
-# ---------------------------------------------------------------------------------------------
-# pca_diff
-
-
-def pca_diff(
-    pos: Float[Tensor, "n_pos layer d_model"],
-    neg: Float[Tensor, "n_neg layer d_model"],
-    *,
-    center: bool = False,
-    seed: int = 0,
-) -> Float[Tensor, "layer d_model"]:
-    """First principal component of paired differences ``pos[i] - neg[i]``, unit norm.
-
-    Pairing is by position: example ``i`` of ``pos`` with example ``i`` of ``neg``, for
-    ``i < min(n_pos, n_neg)``; extra examples on the longer side are ignored. Put the two sides
-    in the same question order to make the pairs meaningful.
-
-    By default the differences are *not* centred (top right-singular vector of the difference
-    matrix): the shift every pair shares is the trait, and centring would remove it, leaving
-    only the direction along which the pairs disagree most. ``center=True`` gives repeng's
-    ``pca_diff`` (sklearn PCA centres). Deterministic; ``seed`` is unused.
-    """
-    _check_inputs(pos, neg, "pca_diff")
-    m = min(pos.shape[0], neg.shape[0])
-    diffs = pos[:m].to(_work_dtype(pos)) - neg[:m].to(_work_dtype(pos))
-    x = rearrange(diffs, "pair layer d_model -> layer pair d_model")
-    if center:
-        x = x - x.mean(dim=1, keepdim=True)
-    vh = _thin_svd(x)[2]
-    return _finish(vh[:, 0, :], pos, neg)
-
-
-# ---------------------------------------------------------------------------------------------
-# ica
-
-
-def _sym_decorrelate(w: Float[Tensor, "layer comp k"]) -> Float[Tensor, "layer comp k"]:
-    """(W W^T)^(-1/2) W: the nearest matrix with orthonormal rows."""
-    evals, evecs = torch.linalg.eigh(w @ w.transpose(-1, -2))
-    inv_sqrt = evals.clamp_min(torch.finfo(w.dtype).eps).rsqrt()
-    return (evecs * inv_sqrt[:, None, :]) @ evecs.transpose(-1, -2) @ w
-
-
-def _fast_ica(
-    z: Float[Tensor, "layer n k"], *, max_iter: int, tol: float, seed: int
-) -> Float[Tensor, "layer k k"]:
-    """Symmetric FastICA (logcosh contrast) on whitened data; rows of the result unmix ``z``."""
-    gen = torch.Generator().manual_seed(seed)
-    k = z.shape[2]
-    w = torch.randn(z.shape[0], k, k, generator=gen, dtype=torch.float64).to(z)
-    w = _sym_decorrelate(w)
-    for _ in range(max_iter):
-        s = einsum(w, z, "layer comp k, layer n k -> layer n comp")
-        g = torch.tanh(s)
-        g_prime = 1.0 - g.pow(2)
-        new = einsum(g, z, "layer n comp, layer n k -> layer comp k") / z.shape[1]
-        new = _sym_decorrelate(new - g_prime.mean(dim=1)[..., None] * w)
-        change = (einsum(new, w, "layer comp k, layer comp k -> layer comp").abs() - 1).abs()
-        w = new
-        if change.max() < tol:
-            break
-    return w
-
-
-def ica(
-    pos: Float[Tensor, "n_pos layer d_model"],
-    neg: Float[Tensor, "n_neg layer d_model"],
-    *,
-    n_components: int | None = None,
-    max_iter: int = 200,
-    tol: float = 1e-6,
-    seed: int = 0,
-) -> Float[Tensor, "layer d_model"]:
-    """The independent component that best separates positives from negatives, unit norm.
-
-    Per layer: pool and centre all examples, reduce by PCA to ``k`` whitened components, run
-    symmetric FastICA (logcosh, float64, seeded init), then
-    pick the component whose scores have the largest |mean gap| / pooled std between positives
-    and negatives -- not component 0, whose index is arbitrary. The returned vector is that
-    component's *pattern* (its column of the mixing matrix mapped back to activation space: the
-    direction along which the activations move when the source moves), with its sign set so
-    that positives project higher.
-
-    ``k = min(n_components, n - 1, d_model)``; by default ``n_components`` is
-    ``clamp(n // 20, 2, 16)`` for n = n_pos + n_neg examples. ICA on few samples per dimension
-    finds spurious non-Gaussian directions (FastICA stops converging), so the default keeps
-    about 20 examples per component; the trait must then lie mostly within the top-k principal
-    components of the pooled activations, which is what makes ICA the weakest method here.
-    """
-    _check_inputs(pos, neg, "ica")
-    n_pos = pos.shape[0]
-    x = _stack_layers(pos, neg)
-    n, d_model = x.shape[1], x.shape[2]
-    wanted = n_components if n_components is not None else min(max(n // 20, 2), 16)
-    k = max(1, min(wanted, n - 1, d_model))
-    xc = x - x.mean(dim=1, keepdim=True)
-    u, s, vh = _thin_svd(xc)
-    z = u[..., :k] * n**0.5  # whitened PCA scores: unit variance, uncorrelated
-    w = _fast_ica(z, max_iter=max_iter, tol=tol, seed=seed)
-    sources = einsum(w, z, "layer comp k, layer n k -> layer n comp")
-    best = _separation(sources, n_pos).argmax(dim=-1)
-    w_best = w[torch.arange(w.shape[0], device=best.device), best]  # [layer, k]
-    scale = s[:, :k] / n**0.5
-    pattern = einsum(w_best * scale, vh[:, :k, :], "layer k, layer k d_model -> layer d_model")
-    return _finish(pattern, pos, neg)
+    return finish_direction(torch.cat(directions), pos, neg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +199,7 @@ def gradient(
     renormalised every step, with the step size decayed to zero over ``steps`` (cosine). A tiny
     variance floor keeps J finite on any input.
     """
-    _check_inputs(pos, neg, "gradient")
+    check_inputs(pos, neg, "gradient")
     p, q = pos.float(), neg.float()
     mp, mq = p.mean(dim=0), q.mean(dim=0)
     delta = mp - mq  # [layer, d_model]
@@ -396,7 +207,7 @@ def gradient(
     n, d_model = centered.shape[1], centered.shape[2]
     trace_per_dim = centered.pow(2).sum(dim=(1, 2)) / (n * d_model)  # [layer]
     if shrinkage is None:
-        a = _ledoit_wolf(centered.to(_work_dtype(centered))).float()
+        a = _ledoit_wolf(centered.to(work_dtype(centered))).float()
     elif 0.0 <= shrinkage <= 1.0:
         a = torch.full_like(trace_per_dim, shrinkage)
     else:
@@ -406,7 +217,7 @@ def gradient(
     within = (1 - a)[:, None] / n  # [layer, 1]
 
     gen = torch.Generator().manual_seed(seed)
-    w = _unit(torch.randn(delta.shape, generator=gen).to(delta.device))
+    w = unit_rows(torch.randn(delta.shape, generator=gen).to(delta.device))
     m, v = torch.zeros_like(w), torch.zeros_like(w)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for t in range(steps):
@@ -423,7 +234,7 @@ def gradient(
         step = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
         w = w + step * m_hat / (v_hat.sqrt() + eps)
         w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    return _finish(w, pos, neg)
+    return finish_direction(w, pos, neg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,20 +17,15 @@ not change the matplotlib backend of a notebook that imports it.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from torch import Tensor
 
+from tlextract.analysis.cosines import CosineMatrix, cosines, saved_vectors
 from tlextract.analysis.evaluate import (
     RULE_TEXT,
     TraitEvaluation,
@@ -47,137 +42,15 @@ from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
+from tlextract.report.plots import plot_cosine, plot_metrics, plot_projections, pos_neg
 from tlextract.settings import RunSettings, experiment_report_dir, report_dir, settings_for
-from tlextract.stages.activations import activations_key
-from tlextract.stages.generate import responses_key
-from tlextract.stages.judge import judge_key, load_selection
-from tlextract.store import atomic_path, stage_done, write_json, write_text
+from tlextract.stages.activations import activations_done
+from tlextract.stages.judge import judge_done
+from tlextract.store import write_json, write_text
 from tlextract.traits import POLARITIES, Variant
-
-PANELS = (  # metric field, axis label, chance level
-    ("accuracy", "held-out balanced accuracy", 0.5),
-    ("auroc", "held-out AUROC", 0.5),
-    ("cohens_d", "held-out Cohen's d", 0.0),
-)
-COLORS = {"pos": "tab:red", "neg": "tab:blue"}
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)  # attach the Agg canvas: PNG without pyplot
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
-
-
-def _n(counts: dict[str, int]) -> str:
-    return "/".join(str(counts[p]) for p in POLARITIES)
-
-
-def _title(ev: TraitEvaluation) -> str:
-    fitted = f" · vectors fitted on {ev.train_trait}/{ev.train_variant}" if ev.is_cross else ""
-    return (f"{ev.trait} · {ev.model} · variant {ev.variant}{fitted} · "
-            f"hook blocks.<layer>.hook_{ev.hook}\n"
-            f"held-out n = {_n(ev.n_test)} pos/neg (train {_n(ev.n_train)}), "
-            f"split by example index, seed {ev.seed}")
-
-
-def plot_metrics(ev: TraitEvaluation, path: Path) -> Path:
-    """Held-out accuracy, AUROC and Cohen's d against layer; one line per method."""
-    fig = Figure(figsize=(15, 4.8), layout="constrained")
-    for ax, (field, label, chance) in zip(fig.subplots(1, 3), PANELS, strict=True):
-        for method in ev.methods:
-            rows = [r for r in ev.rows if r.method == method]
-            (line,) = ax.plot([r.layer for r in rows], [getattr(r, field) for r in rows],
-                              marker="o", markersize=3, label=method)
-            best = ev.best[method]
-            ax.plot(best.layer, getattr(best, field), marker="*", markersize=15,
-                    color=line.get_color(), markeredgecolor="black", linestyle="none")
-        ax.axhline(chance, color="grey", linestyle="--", linewidth=0.8)
-        if field != "cohens_d":
-            ax.set_ylim(-0.03, 1.03)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="layer (TransformerLens block index)", ylabel=label, title=label)
-        ax.grid(alpha=0.3)
-        ax.legend(title="method (star: best layer)", fontsize="small")
-    fig.suptitle(_title(ev))
-    return _save(fig, path)
-
-
-def plot_projections(ev: TraitEvaluation, path: Path) -> Path:
-    """Histograms of held-out projections, pos vs neg, at each method's best layer."""
-    ncols = min(len(ev.methods), 3)
-    nrows = math.ceil(len(ev.methods) / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 3.9 * nrows + 0.9), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, method in zip(axes, ev.methods, strict=False):
-        held, best = ev.held_out[method], ev.best[method]
-        values = [*held.pos, *held.neg, held.threshold]
-        bins = torch.linspace(min(values), max(values) + 1e-9, 21).tolist()
-        for pol, scores in (("pos", held.pos), ("neg", held.neg)):
-            ax.hist(scores, bins=bins, alpha=0.6, color=COLORS[pol],
-                    label=f"{pol} (n={len(scores)})")
-        ax.axvline(held.threshold, color="black", linestyle="--", linewidth=1,
-                   label="threshold (train midpoint)")
-        ax.set(title=f"{method} · best layer {held.layer}\naccuracy {best.accuracy:.2f} · "
-               f"AUROC {best.auroc:.2f} · d {best.cohens_d:.2f}",
-               xlabel=f"projection on unit vector at {ev.hook_name(held.layer)}",
-               ylabel="held-out examples")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="small")
-    for ax in axes[len(ev.methods):]:
-        ax.set_visible(False)
-    fig.suptitle(_title(ev))
-    return _save(fig, path)
-
 
 # ---------------------------------------------------------------------------------------------
 # cosine similarity between traits
-
-
-@dataclass(frozen=True)
-class CosineMatrix:
-    """``matrix[i][j]``: cosine similarity of the mean_diff vectors of ``traits[i]`` and
-    ``traits[j]`` at ``layer``. ``missing`` says why a trait of the experiment is left out."""
-
-    experiment: str
-    model: str
-    variant: str
-    method: str
-    layer: int
-    hook_name: str
-    traits: list[str]
-    counts: dict[str, dict[str, int]]  # trait -> examples per polarity behind its vector
-    matrix: list[list[float]]
-    missing: dict[str, str]
-    png: Path
-    json: Path
-
-
-def _ready(run: RunSettings) -> bool:
-    """Whether the run's current activations and judgments exist: all an evaluation needs."""
-    responses = responses_key(run)
-    return (stage_done(run.stage_dir("activations"), activations_key(run, responses))
-            and stage_done(run.stage_dir("judge"), judge_key(run, responses)))
-
-
-def _saved_vectors(run: RunSettings, method: str = "mean_diff") -> TraitVectors | None:
-    """The run's saved vectors if they come from its current activations and as many kept
-    examples as its current judgments keep (vectors files record no more than that)."""
-    path = run.stage_dir("vectors") / f"{method}.pt"
-    if not (path.exists() and _ready(run)):
-        return None
-    vectors = TraitVectors.load(path)
-    kept = load_selection(run).kept
-    current = {"activations_fingerprint": activations_key(run, responses_key(run)),
-               **{f"n_{p}": len(kept[p]) for p in POLARITIES}}
-    return vectors if all(vectors.metadata.get(k) == v for k, v in current.items()) else None
-
-
-def cosines(vectors: Float[Tensor, "trait d_model"]) -> Float[Tensor, "trait trait"]:
-    """Pairwise cosine similarity in float64 (a zero vector gets 0 everywhere)."""
-    v = vectors.double()
-    unit = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-    return (unit @ unit.T).clamp(-1.0, 1.0)
 
 
 def cosine_matrix(
@@ -198,7 +71,7 @@ def cosine_matrix(
     found: dict[str, TraitVectors] = {}
     missing: dict[str, str] = {}
     for name in traits or experiment.traits:
-        tv = _saved_vectors(settings_for(experiment, name, variant=variant, **overrides))
+        tv = saved_vectors(settings_for(experiment, name, variant=variant, **overrides))
         if tv is None:
             missing[name] = "no mean_diff vectors for these settings (run the vectors stage)"
         elif layer not in tv.layers:
@@ -233,27 +106,6 @@ def cosine_matrix(
     return cm
 
 
-def plot_cosine(cm: CosineMatrix) -> Path:
-    """Annotated heatmap of ``cm.matrix``, written to ``cm.png``."""
-    k = len(cm.traits)
-    size = (max(6.5, 2.8 + 1.2 * k), max(5.0, 2.2 + 1.0 * k))
-    fig = Figure(figsize=size, layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(cm.matrix, cmap="RdBu_r", vmin=-1, vmax=1)
-    for i, row in enumerate(cm.matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center",
-                    color="white" if abs(value) > 0.6 else "black")
-    ax.set_xticks(range(k), cm.traits, rotation=30, ha="right")
-    ax.set_yticks(range(k), [f"{t}\n(n={_n(cm.counts[t])})" for t in cm.traits])
-    ax.set(xlabel="trait", ylabel="trait (n = pos/neg examples behind the vector)")
-    fig.colorbar(image, ax=ax, label="cosine similarity")
-    fig.suptitle(f"{cm.experiment}: cosine similarity of {cm.method} vectors\n"
-                 f"model {cm.model} · variant {cm.variant}\n"
-                 f"layer {cm.layer} ({cm.hook_name})")
-    return _save(fig, cm.png)
-
-
 # ---------------------------------------------------------------------------------------------
 # experiment summary
 
@@ -285,7 +137,8 @@ def _trait_table(runs: Sequence[tuple[RunSettings, TraitEvaluation]], out: Path)
         details = " · ".join(_link(label, folder / f, out) for label, f in (
             ("table", "metrics.md"), ("by layer", "metrics_by_layer.png"),
             ("projections", "projections.png")))
-        lines.append(f"| {ev.trait} | {ev.variant} | {ev.judge} | {_n(n)} | {_n(ev.n_test)} | "
+        lines.append(f"| {ev.trait} | {ev.variant} | {ev.judge} | {pos_neg(n)} | "
+                     f"{pos_neg(ev.n_test)} | "
                      + " | ".join(_best_cell(ev, m) for m in methods) + f" | {details} |")
     return lines
 
@@ -371,7 +224,7 @@ def build_report(
     for variant in variants:
         for name in traits or experiment.traits:
             run = settings_for(experiment, name, variant=variant, **overrides)
-            if not _ready(run):
+            if not (activations_done(run) and judge_done(run)):
                 not_run.append(run)
                 continue
             ev = evaluate_trait(run, methods, test_fraction, seed, rule)
@@ -386,7 +239,7 @@ def build_report(
     matrices = []
     for variant in variants:
         done = [(run, ev) for run, ev in runs if run.variant == variant]
-        if any(_saved_vectors(run) for run, _ in done):
+        if any(saved_vectors(run) for run, _ in done):
             at = layer if layer is not None else _default_layer([ev for _, ev in done])
             matrices.append(cosine_matrix(experiment, at, variant, traits=traits, out_dir=out,
                                           **overrides))

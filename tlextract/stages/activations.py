@@ -61,10 +61,14 @@ def activations_key(run: RunSettings, responses_fp: str) -> str:
     )
 
 
+def current_activations_key(run: RunSettings) -> str:
+    """The key activations of these settings have (whether or not they exist yet)."""
+    return activations_key(run, responses_key(run))
+
+
 def activations_done(run: RunSettings) -> bool:
     """Whether activations of these settings exist (and the responses they come from)."""
-    stage = run.stage_dir("activations")
-    return stage_done(stage, activations_key(run, responses_key(run)))
+    return stage_done(run.stage_dir("activations"), current_activations_key(run))
 
 
 def _load(stage: Path, key: str) -> Activations:

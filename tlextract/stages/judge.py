@@ -13,7 +13,7 @@ from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection, select
 from tlextract.settings import RunSettings
 from tlextract.stages.common import stage_meta
-from tlextract.stages.generate import load_responses
+from tlextract.stages.generate import load_responses, responses_key
 from tlextract.store import META, fingerprint, read_json, stage_done, write_json
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,13 @@ def _load(stage: Path) -> Selection:
     )
 
 
-def judge_done(run: RunSettings, responses_fp: str) -> bool:
-    return stage_done(run.stage_dir("judge"), judge_key(run, responses_fp))
+def judge_done(run: RunSettings) -> bool:
+    """Whether judgments of these settings exist (for the responses of these settings)."""
+    return stage_done(run.stage_dir("judge"), judge_key(run, responses_key(run)))
 
 
 def load_selection(run: RunSettings) -> Selection:
-    _, responses_fp = load_responses(run)
     stage = run.stage_dir("judge")
-    if not judge_done(run, responses_fp):
+    if not judge_done(run):
         raise TLExtractError(f"{stage}: responses not judged yet. Run the 'judge' stage first.")
     return _load(stage)
