@@ -21,6 +21,7 @@ instruction (:func:`held_out_questions` says which it used).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -28,30 +29,32 @@ from statistics import mean, stdev
 from typing import Any, cast
 
 import torch
-from datasets import load_from_disk
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import Judge
 from tlextract.judge.cache import JudgeCache, judge_responses
-from tlextract.model.tokens import tokenize
+from tlextract.model.tokens import device_of, tokenize, tokenizer_of
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import pack
 from tlextract.ops.steer import (
     Positions,
     ablate,
-    model_tokenizer,
     residual_norm,
     steer,
     unit_direction,
 )
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings
-from tlextract.store import META, fingerprint, load_tensors, read_json
+from tlextract.stages.activations import activations_done, load_activations
+from tlextract.stages.generate import load_responses
+from tlextract.store import derive_seed
 from tlextract.traits import POLARITIES, render_prompt
 
+log = logging.getLogger(__name__)
 DEFAULT_ALPHAS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 
 
@@ -60,8 +63,10 @@ def held_out_questions(run: RunSettings, n: int) -> tuple[list[str], str]:
     sentence saying where they come from."""
     if n < 1:
         raise TLExtractError(f"--n-questions must be at least 1 (got {n}).")
-    dataset = run.stage_dir("generate") / "dataset"
-    used = set(load_from_disk(str(dataset))["question"]) if dataset.exists() else set()
+    try:
+        used, found = set(load_responses(run)[0]["question"]), True
+    except TLExtractError:  # no responses of these settings
+        used, found = set(), False
     unused = [q for q in run.trait.questions if q not in used]
     if not unused:
         return list(run.trait.questions[:n]), (
@@ -70,7 +75,7 @@ def held_out_questions(run: RunSettings, n: int) -> tuple[list[str], str]:
             "an instruction"
         )
     source = (f"{len(unused)} of {len(run.trait.questions)} questions are not in the "
-              "extraction's responses" if dataset.exists() else
+              "extraction's responses" if found else
               "no extraction responses found, so no question counts as used")
     return unused[:n], f"{source}; the first {min(n, len(unused))} asked, without instruction"
 
@@ -79,17 +84,15 @@ def pole_means(
     run: RunSettings, layer: int, unit: Float[Tensor, " d_model"]
 ) -> dict[str, float] | None:
     """Mean projection of the extraction's pos and neg examples (response-averaged activations
-    at ``layer``) on ``unit``; None when the run has no saved activations at that layer."""
-    stage = run.stage_dir("activations")
-    if not (stage / META).exists():
+    at ``layer``) on ``unit``; None when the run has no current activations at that layer."""
+    if not activations_done(run):
         return None
-    layers = read_json(stage / META)["layers"]
-    if layer not in layers:
+    acts = load_activations(run)
+    if layer not in acts.layers:
         return None
-    column = layers.index(layer)
+    column = acts.layers.index(layer)
     return {
-        pol: float((load_tensors(stage / f"{pol}.pt")["acts"][:, column] @ unit.cpu()).mean())
-        for pol in POLARITIES
+        pol: float((getattr(acts, pol)[:, column] @ unit.cpu()).mean()) for pol in POLARITIES
     }
 
 
@@ -105,7 +108,7 @@ def reread(
     any intervention): mean projection of ``name``'s output on ``unit`` over the answer tokens,
     and the answer's mean log-probability per token."""
     tokens, attn, response = pack(
-        prompt_ids, response_ids, model_tokenizer(model).pad_token_id, model.cfg.device or "cpu"
+        prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
     )
     out, cache = model.run_with_cache(tokens, attention_mask=attn, names_filter=name)
     logits = cast(Tensor, out)
@@ -192,7 +195,7 @@ def _measure(
         projections, logprobs = reread(model, [prompt_ids[i] for i in rows],
                                        [response_ids[i] for i in rows], name, unit)
         measured |= dict(zip(rows, zip(projections, logprobs, strict=True), strict=True))
-    texts = model_tokenizer(model).batch_decode(list(response_ids), skip_special_tokens=True)
+    texts = tokenizer_of(model).batch_decode(list(response_ids), skip_special_tokens=True)
     answers = []
     for i, (q, seed, ids) in enumerate(zip(questions, seeds, response_ids, strict=True)):
         projection, logprob = measured.get(i, (None, None))
@@ -234,6 +237,21 @@ def _summarise(intervention: str, alpha: float, answers: list[Answer], judged: b
     )
 
 
+def _generate(
+    model: HookedTransformer,
+    prompt_ids: list[list[int]],
+    gen: GenerationSettings,
+    seeds: list[int],
+    batch_size: int,
+) -> list[list[int]]:
+    return [
+        g.response_ids
+        for i in range(0, len(prompt_ids), batch_size)
+        for g in generate_batch(model, prompt_ids[i : i + batch_size], gen,
+                                seeds[i : i + batch_size])
+    ]  # fmt: skip
+
+
 def alpha_sweep(
     model: HookedTransformer,
     run: RunSettings,
@@ -260,8 +278,7 @@ def alpha_sweep(
         model, [render_prompt(model.tokenizer, style, "", q) for q in questions], style
     )
     # One seed per question, shared by every condition: they differ only by the intervention.
-    seeds = [int(fingerprint([run.experiment.seed, run.trait.name, "steer", q])[:15], 16)
-             for q in questions]
+    seeds = [derive_seed(run.experiment.seed, run.trait.name, "steer", q) for q in questions]
     conditions = [("steer", float(a)) for a in alphas] + ([("ablate", 0.0)] if ablation else [])
     answers: list[Answer] = []
     for kind, alpha in conditions:
@@ -271,18 +288,13 @@ def alpha_sweep(
             else ablate(model, vectors, layer, positions)
         )
         with intervention:
-            gens = [
-                g
-                for i in range(0, len(questions), batch_size)
-                for g in generate_batch(model, prompt_ids[i : i + batch_size], gen,
-                                        seeds[i : i + batch_size])
-            ]
-        answers += _measure(model, kind, alpha, questions, seeds, prompt_ids,
-                            [g.response_ids for g in gens], name, unit, batch_size)
-        label = f"alpha {alpha:+g}" if kind == "steer" else "ablated"
+            responses = _generate(model, prompt_ids, gen, seeds, batch_size)
+        answers += _measure(model, kind, alpha, questions, seeds, prompt_ids, responses, name,
+                            unit, batch_size)  # fmt: skip
         projection = _stats([a.projection for a in answers[-len(questions):]])[0]
-        print(f"[{run.trait.name}] {label}: mean projection "
-              f"{'n/a' if projection is None else f'{projection:.2f}'}")
+        log.info("[%s] %s: mean projection %s", run.trait.name,
+                 f"alpha {alpha:+g}" if kind == "steer" else "ablated",
+                 "n/a" if projection is None else f"{projection:.2f}")  # fmt: skip
     if judge is not None:
         verdicts = judge_responses(judge, run.trait.eval_prompt, [a.question for a in answers],
                                    [a.response for a in answers], cache=judge_cache)
@@ -290,23 +302,14 @@ def alpha_sweep(
                    for a, v in zip(answers, verdicts, strict=True)]
     n = len(questions)
     return Sweep(
-        experiment=run.experiment.name,
-        trait=run.trait.name,
-        variant=run.variant,
-        model=run.model,
-        method=vectors.method,
-        layer=layer,
-        hook_name=name,
-        positions=positions,
-        scale=scale,
+        experiment=run.experiment.name, trait=run.trait.name, variant=run.variant,
+        model=run.model, method=vectors.method, layer=layer, hook_name=name,
+        positions=positions, scale=scale,
         scale_definition="median L2 norm of the hook output over the tokens of "
         "tlextract.ops.steer.REFERENCE_TEXTS; steering adds alpha * scale * unit vector",
-        questions=questions,
-        questions_source=source,
-        generation=asdict(gen),
-        judge=judge.name if judge is not None else "none",
-        poles=pole_means(run, layer, unit),
+        questions=questions, questions_source=source, generation=asdict(gen),
+        judge=judge.name if judge is not None else "none", poles=pole_means(run, layer, unit),
         conditions=[_summarise(kind, alpha, answers[k * n : (k + 1) * n], judge is not None)
                     for k, (kind, alpha) in enumerate(conditions)],
         answers=answers,
-    )
+    )  # fmt: skip

@@ -159,6 +159,7 @@ def run_on_ray(
     gpus_per_task: float | None = None,
     cpus_per_task: float = 1.0,
 ) -> list[dict[str, Any]]:
+    # long: one scheduling loop over shared state (idle actors, pending and running tasks, rows)
     """Run every (experiment, trait, variant) in ``runs`` as a Ray task; returns one summary row
     per run, in the order of ``runs``, and writes ``<experiment>/report/ray_summary.{md,json}``.
 

@@ -15,7 +15,7 @@ from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
 from tlextract.ops.metrics import RULES
 from tlextract.ops.vectors import TraitVectors
-from tlextract.settings import MODES, STAGES, RunSettings, settings_for
+from tlextract.settings import DTYPES, MODES, STAGES, RunSettings, settings_for
 from tlextract.stages.common import model_loader
 from tlextract.stages.run import run_trait
 from tlextract.traits import VARIANTS
@@ -57,87 +57,56 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"run": "run all stages", "report": "evaluate vectors on held-out data and plot"}
     for name in (*COMMANDS, "report"):
         p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
-        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-        p.add_argument(
-            "--traits",
-            "--trait",
-            default="all",
-            help="comma-separated trait names, or 'all' (default)",
-        )
-        p.add_argument(
-            "--experiments-dir",
-            type=Path,
-            default=None,
-            help="where experiments live (default: $TLEXTRACT_EXPERIMENTS or ./experiments)",
-        )
-        p.add_argument("--model", default=None, help="override the experiment's model")
-        p.add_argument(
-            "--n-examples", "--n_examples", type=int, default=None, help="responses per polarity"
-        )
-        p.add_argument(
-            "--batch-size",
-            "--batch_size",
-            type=parse_batch_size,
-            default=None,
-            help="prompts per batch (1: serial), or 'auto': the largest that fits --memory-budget",
-        )
-        p.add_argument(
-            "--memory-budget",
-            type=float,
-            default=None,
-            help="GiB that --batch-size auto may use beyond the weights (default: half the "
-            "available RAM on CPU, 80%% of free GPU memory)",
-        )
-        p.add_argument(
-            "--layers",
-            type=parse_layers,
-            default=None,
-            help="'all', '16', '0,4,8' or '10-20' (TransformerLens block indices)",
-        )
-        p.add_argument(
-            "--mode",
-            default="two-stage",
-            choices=MODES,
-            help="two-stage: a teacher-forced pass after generation; combined: record "
-            "activations while generating (no second pass)",
-        )
-        p.add_argument(
-            "--variant",
-            default=None,
-            choices=(*VARIANTS, "all") if name in ("report", "run") else VARIANTS,
-            help="instruction: system-message instruction pairs; natural: prompts that "
-            "elicit each pole with no instruction (natural_pos.txt / natural_neg.txt); "
-            "all: both (default: the experiment's \"variant\")",
-        )
-        p.add_argument(
-            "--judge",
-            default=None,
-            choices=("none", "local"),
-            help="override the experiment's judge: none keeps every response; local "
-            "scores with the studied model itself",
-        )
-        p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-        p.add_argument(
-            "--dtype",
-            default="float32",
-            choices=("float32", "bfloat16", "float16"),
-            help="model weights; pooling and vectors are always float32",
-        )
+        add_run_options(p, variant_all=name in ("report", "run"))
         if name == "report":
-            p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-            p.add_argument("--test-fraction", type=float, default=0.25)
-            p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-            p.add_argument("--rule", default="auroc", choices=RULES, help="best-layer rule")
-            p.add_argument(
-                "--layer",
-                type=int,
-                default=None,
-                help="layer of the cosine matrix (default: median best layer)",
-            )
+            add_report_options(p)
         if name == "run":
             add_backend_options(p)
     add_intervention_commands(sub)
     return parser
+
+
+def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
+    """What selects and overrides a trait run (every stage command takes these)."""
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    p.add_argument("--traits", "--trait", default="all",
+                   help="comma-separated trait names, or 'all' (default)")
+    p.add_argument("--experiments-dir", type=Path, default=None,
+                   help="where experiments live (default: $TLEXTRACT_EXPERIMENTS or ./experiments)")
+    p.add_argument("--model", default=None, help="override the experiment's model")
+    p.add_argument("--n-examples", "--n_examples", type=int, default=None,
+                   help="responses per polarity")
+    p.add_argument("--batch-size", "--batch_size", type=parse_batch_size, default=None,
+                   help="prompts per batch (1: serial), or 'auto': the largest that fits "
+                   "--memory-budget")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="GiB that --batch-size auto may use beyond the weights (default: half "
+                   "the available RAM on CPU, 80%% of free GPU memory)")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="'all', '16', '0,4,8' or '10-20' (TransformerLens block indices)")
+    p.add_argument("--mode", default="two-stage", choices=MODES,
+                   help="two-stage: a teacher-forced pass after generation; combined: record "
+                   "activations while generating (no second pass)")
+    p.add_argument("--variant", default=None,
+                   choices=(*VARIANTS, "all") if variant_all else VARIANTS,
+                   help="instruction: system-message instruction pairs; natural: prompts that "
+                   "elicit each pole with no instruction (natural_pos.txt / natural_neg.txt); "
+                   "all: both (default: the experiment's \"variant\")")
+    p.add_argument("--judge", default=None, choices=("none", "local"),
+                   help="override the experiment's judge: none keeps every response; local "
+                   "scores with the studied model itself")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="model weights; pooling and vectors are always float32")  # fmt: skip
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument("--test-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--rule", default="auroc", choices=RULES, help="best-layer rule")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer of the cosine matrix (default: median best layer)")  # fmt: skip
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:

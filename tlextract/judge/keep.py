@@ -77,15 +77,10 @@ def select(
             "to keep everything."
         )
     records = [
-        {
-            "polarity": r["polarity"],
-            "index": r["index"],
-            "trait": j.trait,
-            "coherence": j.coherence,
-            "kept": k,
-        }
+        {"polarity": r["polarity"], "index": r["index"], "trait": j.trait,
+         "coherence": j.coherence, "kept": k}
         for r, j, k in zip(rows, judgments, keep, strict=True)
-    ]
+    ]  # fmt: skip
     return Selection(kept=kept, judgments=records, summary=summary)
 
 

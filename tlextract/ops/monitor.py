@@ -31,9 +31,9 @@ from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
-from tlextract.model.tokens import tokenize
+from tlextract.model.tokens import tokenize, tokenizer_of
 from tlextract.ops.generate import Generation, generate_batch
-from tlextract.ops.steer import model_tokenizer, unit_direction
+from tlextract.ops.steer import unit_direction
 from tlextract.ops.vectors import TraitVectors
 from tlextract.traits import render_prompt
 
@@ -198,7 +198,7 @@ def monitor(
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise TLExtractError(f"{len(seeds)} seeds for {len(prompts)} prompts.")
-    tok = model_tokenizer(model)
+    tok = tokenizer_of(model)
     ids = tokenize(model, [render_prompt(tok, style, "", p) for p in prompts], style)
     texts = []
     for start in range(0, len(prompts), batch_size):

@@ -40,10 +40,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformers import PreTrainedTokenizerBase
 
 from tlextract.errors import TLExtractError
-from tlextract.model.tokens import left_pad
+from tlextract.model.tokens import device_of, left_pad, tokenizer_of
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
 
@@ -97,12 +96,6 @@ def unit_direction(
     return name, (v.float() / norm).to(model.cfg.device)
 
 
-def model_tokenizer(model: HookedTransformer) -> PreTrainedTokenizerBase:
-    if model.tokenizer is None:
-        raise TLExtractError("the model has no tokenizer; load it with tlextract.load_model.")
-    return model.tokenizer
-
-
 def _hook_of(vector: TraitVectors | Tensor, hook: str) -> str:
     return vector.hook if isinstance(vector, TraitVectors) else hook
 
@@ -120,9 +113,9 @@ def residual_norm(
         raise TLExtractError(
             f"layer {layer} does not exist: this model has blocks 0..{model.cfg.n_layers - 1}."
         )
-    tok = model_tokenizer(model)
+    tok = tokenizer_of(model)
     ids = [list(s) for s in tok(list(texts), add_special_tokens=False)["input_ids"]]
-    tokens, mask = left_pad(ids, tok.pad_token_id, model.cfg.device or "cpu")
+    tokens, mask = left_pad(ids, tok.pad_token_id, device_of(model))
     name = hook_name(hook, layer)
     _, cache = model.run_with_cache(
         tokens, attention_mask=mask, names_filter=name, return_type=None, stop_at_layer=layer + 1
