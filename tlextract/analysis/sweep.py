@@ -274,9 +274,8 @@ def alpha_sweep(
     scale = residual_norm(model, layer, hook=vectors.hook)
     questions, source = held_out_questions(run, n_questions)
     style, gen = run.experiment.prompt_style, run.experiment.generation
-    prompt_ids = tokenize(
-        model, [render_prompt(model.tokenizer, style, "", q) for q in questions], style
-    )
+    prompt_ids = tokenize(model, [render_prompt(model.tokenizer, style, "", q) for q in questions],
+                          style)  # fmt: skip
     # One seed per question, shared by every condition: they differ only by the intervention.
     seeds = [derive_seed(run.experiment.seed, run.trait.name, "steer", q) for q in questions]
     conditions = [("steer", float(a)) for a in alphas] + ([("ablate", 0.0)] if ablation else [])
