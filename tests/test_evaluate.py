@@ -4,6 +4,7 @@ example index, cached reruns, report files, cosine matrices."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,7 @@ def tiny_experiment(tmp_path_factory):
     return load_experiment("tiny", root)
 
 
-def test_report_writes_every_file_and_a_rerun_skips(tiny_experiment, monkeypatch, capsys):
+def test_report_writes_every_file_and_a_rerun_skips(tiny_experiment, monkeypatch, caplog):
     methods = ("mean_diff", "probe")
     summary = build_report(tiny_experiment, variants=("instruction", "natural"), methods=methods)
     first = {}
@@ -211,11 +212,12 @@ def test_report_writes_every_file_and_a_rerun_skips(tiny_experiment, monkeypatch
         raise AssertionError("an up-to-date evaluation was recomputed")
 
     monkeypatch.setattr(evaluate, "run_method", refit)
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="tlextract")
     for trait in ("alpha", "beta"):
         again = evaluate_trait(tiny_run(tiny_experiment.path.parent, trait), methods=methods)
         assert again.best == {m: first[trait].best[m] for m in methods}
-    assert capsys.readouterr().out.count("evaluation: up to date, skipped") == 2
+    assert caplog.text.count("evaluation: up to date, skipped") == 2
     with pytest.raises(AssertionError, match="recomputed"):  # other methods: a new fingerprint
         evaluate_trait(tiny_run(tiny_experiment.path.parent), methods=("mean_diff",))
 

@@ -15,6 +15,7 @@ with the same inputs reads the results back instead of refitting.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,6 +51,9 @@ RULE_TEXT = {
     "accuracy": "highest held-out accuracy, then highest AUROC, then highest Cohen's d, "
     "then lowest layer",
 }
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -287,7 +291,7 @@ def evaluate_trait(
     loaded = load_kept(run)
     out, key = report_dir(run), evaluation_key(loaded.acts, methods, test_fraction, seed, rule)
     if stage_done(out, key) and (out / "metrics.json").exists():
-        print(f"[{run.trait.name}] evaluation: up to date, skipped ({out})")
+        log.info("[%s] evaluation: up to date, skipped (%s)", run.trait.name, out)
         return load_evaluation(out / "metrics.json")
     ev = _evaluate(loaded, loaded, methods, test_fraction, seed, rule)
     write_json(out / "metrics.json", asdict(ev))
@@ -300,7 +304,7 @@ def evaluate_trait(
         "seed": seed, "rule": rule, "n_train": ev.n_train, "n_test": ev.n_test,
     })
     summary = ", ".join(f"{m} L{b.layer} AUROC {b.auroc:.2f}" for m, b in ev.best.items())
-    print(f"[{run.trait.name}] evaluation: {summary} -> {out}")
+    log.info("[%s] evaluation: %s -> %s", run.trait.name, summary, out)
     return ev
 
 

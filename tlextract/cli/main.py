@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from tlextract.config import Experiment, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
@@ -51,8 +53,40 @@ def parse_batch_size(text: str) -> int | str:
         ) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag errors in one line (flag, problem, fix) and exit status 2, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Console(logging.Handler):
+    """The library's log on the console: progress lines on stdout, warnings on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING:
+            print(record.getMessage(), file=sys.stdout)
+        else:
+            print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+@contextmanager
+def console_logging() -> Iterator[None]:
+    logger = logging.getLogger("tlextract")
+    handler, level, propagate = _Console(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, here
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlextract", description=__doc__)
+    parser = _Parser(prog="tlextract", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"run": "run all stages", "report": "evaluate vectors on held-out data and plot"}
     for name in (*COMMANDS, "report"):
@@ -285,7 +319,11 @@ INTERVENTIONS = {"steer": steer_command, "monitor": monitor_command}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with console_logging():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:  # long: one dispatch over the commands
     try:
         experiment = load_experiment(args.experiment, args.experiments_dir or experiments_root())
         if args.command == "report":

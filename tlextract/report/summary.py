@@ -17,6 +17,7 @@ not change the matplotlib backend of a notebook that imports it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -51,6 +52,8 @@ from tlextract.traits import POLARITIES, Variant
 
 # ---------------------------------------------------------------------------------------------
 # cosine similarity between traits
+
+log = logging.getLogger(__name__)
 
 
 def cosine_matrix(
@@ -251,5 +254,5 @@ def build_report(
     if comparisons:
         summary += "\n" + "\n".join(comparison_markdown(comparisons)) + "\n"
     write_text(path, summary)
-    print(f"[{experiment.name}] report: {len(runs)} trait runs -> {path}")
+    log.info("[%s] report: %d trait runs -> %s", experiment.name, len(runs), path)
     return path

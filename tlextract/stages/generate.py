@@ -61,6 +61,10 @@ def responses_key(run: RunSettings) -> str:
     )
 
 
+def responses_done(run: RunSettings) -> bool:
+    return stage_done(run.stage_dir("generate"), responses_key(run))
+
+
 def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Dataset:
     stage, key = run.stage_dir("generate"), responses_key(run)
     if stage_done(stage, key):
