@@ -48,9 +48,10 @@ def experiments_root() -> Path:
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    # Numbers stay as written in experiment.json (1 or 1.0): they are part of the cache key.
     max_new_tokens: int = 40
-    temperature: float = 1.0
-    top_p: float | None = None
+    temperature: float | int = 1.0
+    top_p: float | int | None = None
     do_sample: bool = True
 
 
@@ -143,20 +144,21 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 def validate_generation(gen: Any, where: Path) -> GenerationSettings:
     require(isinstance(gen, dict) and not set(gen) - _GENERATION_KEYS, where, "generation",
             f"must be an object with keys among {', '.join(sorted(_GENERATION_KEYS))}.")
-    settings = GenerationSettings(**gen)
-    require(_is(settings.do_sample, bool), where, "generation.do_sample", "must be true or false.")
-    require(_is(settings.max_new_tokens, int) and settings.max_new_tokens >= 1, where,
-            "generation.max_new_tokens",
-            f"must be an integer of at least 1 (got {settings.max_new_tokens!r}).")
-    temp = settings.temperature
-    require(_is(temp, (int, float)) and (temp > 0 or not settings.do_sample), where,
+    defaults = GenerationSettings()
+    do_sample = gen.get("do_sample", defaults.do_sample)
+    require(_is(do_sample, bool), where, "generation.do_sample", "must be true or false.")
+    n = gen.get("max_new_tokens", defaults.max_new_tokens)
+    require(_is(n, int) and n >= 1, where, "generation.max_new_tokens",
+            f"must be an integer of at least 1 (got {n!r}).")
+    temp = gen.get("temperature", defaults.temperature)
+    require(_is(temp, (int, float)) and (temp > 0 or not do_sample), where,
             "generation.temperature",
             f"must be a number above 0 when sampling (got {temp!r}); for greedy decoding set "
             '"do_sample": false.')
-    top_p = settings.top_p
+    top_p = gen.get("top_p", defaults.top_p)
     require(top_p is None or (_is(top_p, (int, float)) and 0 < top_p <= 1), where,
             "generation.top_p", f"must be above 0 and at most 1, or null (got {top_p!r}).")
-    return settings  # fmt: skip
+    return GenerationSettings(**gen)  # fmt: skip
 
 
 def load_experiment(name: str, root: Path | None = None) -> Experiment:

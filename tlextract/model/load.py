@@ -32,6 +32,7 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from tlextract.errors import TLExtractError
 from tlextract.model.cache import (
@@ -197,6 +198,8 @@ def _hf_snapshot(official: str) -> Path:
 def _load_hf(
     directory: Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local read of a second or two: no bar on the console
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         hf_model = AutoModelForCausalLM.from_pretrained(
@@ -204,6 +207,9 @@ def _load_hf(
         )
     except (OSError, ValueError) as e:
         raise TLExtractError(f"could not load a Hugging Face model from {directory}: {e}") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     prepare_tokenizer(tokenizer)
     return hf_model.eval(), tokenizer
 
