@@ -104,38 +104,32 @@ def _load_natural(trait_dir: Path) -> dict[Polarity, tuple[str, ...]] | None:
     return natural
 
 
+def _list(data: dict[str, Any], key: str, minimum: int, items: str, path: Path) -> list[Any]:
+    value = data.get(key)
+    found = len(value) if isinstance(value, list) else type(value).__name__
+    require(isinstance(value, list) and len(value) >= minimum, path, key,
+            f"must be a list of at least {minimum} {items} (found {found}).")  # fmt: skip
+    return value  # type: ignore[return-value]
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
 def load_trait(trait_dir: Path) -> Trait:
     """Load and validate ``<trait_dir>/trait_definition.json``; one clear error per defect."""
     path = trait_dir / "trait_definition.json"
     data = read_json(path)
     require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
-    pairs = data.get("instruction")
-    require(
-        isinstance(pairs, list) and len(pairs) >= MIN_INSTRUCTION_PAIRS,
-        path,
-        "instruction",
-        f'must be a list of at least {MIN_INSTRUCTION_PAIRS} {{"pos": ..., "neg": ...}} '
-        f"objects (found {len(pairs) if isinstance(pairs, list) else type(pairs).__name__}).",
-    )
+    pairs = _list(data, "instruction", MIN_INSTRUCTION_PAIRS, '{"pos": ..., "neg": ...} objects',
+                  path)  # fmt: skip
     for i, pair in enumerate(pairs):
         for side in POLARITIES:
-            ok = isinstance(pair, dict) and isinstance(pair.get(side), str) and pair[side].strip()
-            require(bool(ok), path, f"instruction[{i}].{side}", "must be a non-empty string.")
-    questions = data.get("questions")
-    require(
-        isinstance(questions, list) and len(questions) >= MIN_QUESTIONS,
-        path,
-        "questions",
-        f"must be a list of at least {MIN_QUESTIONS} question strings "
-        f"(found {len(questions) if isinstance(questions, list) else type(questions).__name__}).",
-    )
+            ok = isinstance(pair, dict) and _text(pair.get(side))
+            require(ok, path, f"instruction[{i}].{side}", "must be a non-empty string.")
+    questions = _list(data, "questions", MIN_QUESTIONS, "question strings", path)
     for i, q in enumerate(questions):
-        require(
-            isinstance(q, str) and bool(q.strip()),
-            path,
-            f"questions[{i}]",
-            "must be a non-empty string.",
-        )
+        require(_text(q), path, f"questions[{i}]", "must be a non-empty string.")
     dupes = sorted({q for q in questions if questions.count(q) > 1})
     require(not dupes, path, "questions", f"has duplicates: {dupes[:3]}; remove them.")
     eval_prompt = data.get("eval_prompt")

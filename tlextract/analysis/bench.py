@@ -246,36 +246,34 @@ def machine() -> str:
     return text
 
 
+@dataclass(frozen=True)
+class BenchPlan:
+    device: str
+    dtype: str
+    n_examples: int  # per polarity, in the pipeline table
+    n_new: int
+    batch_sizes: tuple[int, ...]  # pipeline table
+    versus_batch_sizes: tuple[int, ...]  # tlextract vs transformers
+    rounds: int
+
+
 def run_benchmark(
-    workloads: Sequence[Workload],
-    *,
-    device: str,
-    dtype: str,
-    n_examples: int,
-    n_new: int,
-    batch_sizes: Sequence[int],
-    versus_batch_sizes: Sequence[int],
-    rounds: int,
-    work_dir: Path,
-    out: Path,
-    title: str,
+    workloads: Sequence[Workload], plan: BenchPlan, work_dir: Path, out: Path, title: str
 ) -> dict:
     """Both tables for each workload, written to ``out`` (Markdown); returns the raw rows."""
-    torch_dtype = getattr(torch, dtype)
     load_before = os.getloadavg()[0]
-    roof = measure_roofline(device, torch_dtype)
+    roof = measure_roofline(plan.device, getattr(torch, plan.dtype))
     results: dict = {"machine": machine(), "roofline": roof.__dict__, "workloads": []}
     sections = []
     for workload in workloads:
-        measured = _measure_workload(workload, device, dtype, n_examples, n_new, batch_sizes,
-                                     versus_batch_sizes, rounds, roof, work_dir)
+        measured = _measure_workload(workload, plan, roof, work_dir)
         results["workloads"].append(measured)
-        sections.append(_render(workload, measured["model"], n_examples, n_new, rounds,
-                                measured["versus"], measured["pipeline"]))
+        sections.append(_render(workload, measured["model"], plan, measured["versus"],
+                                measured["pipeline"]))  # fmt: skip
     load_after = os.getloadavg()[0]
     header = [
         f"# {title}", "",
-        f"Machine: {results['machine']}; {dtype}; load average {load_before:.2f} before, "
+        f"Machine: {results['machine']}; {plan.dtype}; load average {load_before:.2f} before, "
         f"{load_after:.2f} after.",
         f"Measured here in the same run: memory read bandwidth {roof.bandwidth / 1e9:.1f} GB/s "
         f"(a large sum), matrix products {roof.flops / 1e9:.0f} GFLOP/s (a large product).",
@@ -287,42 +285,28 @@ def run_benchmark(
     return results
 
 
-def _measure_workload(
-    workload: Workload,
-    device: str,
-    dtype: str,
-    n_examples: int,
-    n_new: int,
-    batch_sizes: Sequence[int],
-    versus_batch_sizes: Sequence[int],
-    rounds: int,
-    roof: Roofline,
-    work_dir: Path,
-) -> dict:
+def _measure_workload(workload: Workload, plan: BenchPlan, roof: Roofline, work_dir: Path) -> dict:
     """Both tables for one workload (its model is freed when this returns)."""
     root = work_dir / workload.experiment
-    exp = _copy_experiments(root / "prompts", workload.experiment, n_new)
-    model = load_model(exp.model, device=device, dtype=dtype)
-    prompts = _workload_prompts(model, workload, root / "prompts", max(versus_batch_sizes))
+    exp = _copy_experiments(root / "prompts", workload.experiment, plan.n_new)
+    model = load_model(exp.model, device=plan.device, dtype=plan.dtype)
+    prompts = _workload_prompts(model, workload, root / "prompts", max(plan.versus_batch_sizes))
     # Warm-up run: first-call allocations, packed weights, lazy imports.
-    warm = _copy_experiments(root / "warmup", workload.experiment, n_new)
+    warm = _copy_experiments(root / "warmup", workload.experiment, plan.n_new)
     run_trait(settings_for(warm, workload.trait, n_examples=1, batch_size=1, judge="none"),
               get_model=lambda: model)
-    versus = versus_transformers(model, prompts, versus_batch_sizes, n_new, rounds, roof)
-    pipeline = pipeline_rows(model, workload, root, n_examples, n_new, batch_sizes)
+    versus = versus_transformers(model, prompts, plan.versus_batch_sizes, plan.n_new,
+                                 plan.rounds, roof)
+    pipeline = pipeline_rows(model, workload, root, plan.n_examples, plan.n_new,
+                             plan.batch_sizes)
     return {"workload": workload.__dict__, "model": exp.model, "versus": versus,
-            "pipeline": pipeline}
+            "pipeline": pipeline}  # fmt: skip
 
 
 def _render(
-    workload: Workload,
-    model: str,
-    n_examples: int,
-    n_new: int,
-    rounds: int,
-    versus: list[dict],
-    pipeline: list[dict],
+    workload: Workload, model: str, plan: BenchPlan, versus: list[dict], pipeline: list[dict]
 ) -> str:
+    n_examples, n_new, rounds = plan.n_examples, plan.n_new, plan.rounds
     lines = [
         f"## {model}: `{workload.experiment}/{workload.trait}`", "",
         f"Greedy, {n_new} new tokens per prompt, the trait's prompts, best of {rounds} rounds:",
@@ -360,11 +344,8 @@ GEMMA_WORKLOAD = Workload("gemma3_270m_cognitive", "local_global")
 
 def cpu_benchmark(out: Path, work_dir: Path, n_examples: int = 32, n_new: int = 32) -> dict:
     """``make bench``: the default model in float32 on the CPU, batch 1 to 16."""
-    return run_benchmark(
-        [DEFAULT_WORKLOAD], device="cpu", dtype="float32", n_examples=n_examples, n_new=n_new,
-        batch_sizes=(1, 4, 8, 16), versus_batch_sizes=(1, 8, 16), rounds=3,
-        work_dir=work_dir, out=out, title="Speed on the CPU (`make bench`)",
-    )  # fmt: skip
+    plan = BenchPlan("cpu", "float32", n_examples, n_new, (1, 4, 8, 16), (1, 8, 16), rounds=3)
+    return run_benchmark([DEFAULT_WORKLOAD], plan, work_dir, out, "Speed on the CPU (`make bench`)")
 
 
 def gpu_benchmark(
@@ -382,8 +363,6 @@ def gpu_benchmark(
     """``make bench-gpu``: the original study's workload shape (200 examples, 100 per polarity)
     on both embedded models in bfloat16, batch 1 to 64. A test runs it on the CPU with the tiny
     model and small sizes, so it keeps working between GPU runs."""
-    return run_benchmark(
-        workloads, device=device, dtype=dtype, n_examples=n_examples, n_new=n_new,
-        batch_sizes=batch_sizes, versus_batch_sizes=batch_sizes, rounds=rounds,
-        work_dir=work_dir, out=out, title=f"Speed on {device} (`make bench-gpu`)",
-    )  # fmt: skip
+    sizes = tuple(batch_sizes)
+    plan = BenchPlan(device, dtype, n_examples, n_new, sizes, sizes, rounds)
+    return run_benchmark(workloads, plan, work_dir, out, f"Speed on {device} (`make bench-gpu`)")

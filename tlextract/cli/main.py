@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tlextract.config import Experiment, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
@@ -178,14 +178,15 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
         test_fraction=args.test_fraction,
         seed=args.seed,
         rule=args.rule,
-        model=args.model,
-        n_examples=args.n_examples,
-        layers=args.layers,
-        mode=args.mode,
-        dtype=args.dtype,
-        judge=args.judge,
+        **_overrides(args),
     )
     print(f"report: {path}")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings_for overrides every stage command takes (the run's outputs depend on them)."""
+    keys = ("model", "n_examples", "layers", "mode", "dtype", "judge")
+    return {k: getattr(args, k) for k in keys}
 
 
 # --- steer and monitor: they read a run's saved vectors, so they take no stage options ---------
@@ -338,16 +339,11 @@ def _main(args: argparse.Namespace) -> int:  # long: one dispatch over the comma
             settings_for(
                 experiment,
                 t,
-                model=args.model,
-                n_examples=args.n_examples,
                 batch_size=args.batch_size,
                 memory_budget_gib=args.memory_budget,
-                layers=args.layers,
                 device=args.device,
-                dtype=args.dtype,
-                mode=args.mode,
                 variant=variant,
-                judge=args.judge,
+                **_overrides(args),
             )
             for variant in variants
             for t in traits
