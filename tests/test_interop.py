@@ -55,14 +55,14 @@ def test_persona_file_round_trip_is_exact(vectors, tmp_path: Path):
     raw = torch.load(path, weights_only=True)  # what persona_vectors' own code reads
     assert isinstance(raw, torch.Tensor) and raw.shape == (N_LAYERS + 1, D_MODEL)
     back = load_persona_vectors(path, layers=[5, 0, 3])
-    assert back.layers == [5, 0, 3]
+    assert list(back.layers) == [5, 0, 3]
     assert torch.equal(back.vectors, vectors)
 
 
 def test_loading_without_layers_gives_every_block_and_drops_the_embedding_row():
     table = torch.arange(7 * 2, dtype=torch.float32).reshape(7, 2)
     back = from_persona_vectors(table)
-    assert back.layers == list(range(6))
+    assert list(back.layers) == list(range(6))
     assert torch.equal(back.vectors, table[1:])
 
 
@@ -90,9 +90,9 @@ def test_gguf_round_trip_is_exact(vectors, tmp_path: Path):
     path = tmp_path / "trait.gguf"
     assert save_gguf(path, vectors, [4, 1, 2], "llama") == [4, 1, 2]
     back = load_gguf(path)
-    assert back.layers == [1, 2, 4]  # sorted by block
+    assert list(back.layers) == [1, 2, 4]  # sorted by block
     assert torch.equal(back.vectors, vectors[[1, 2, 0]])
-    assert back.model_hint == "llama"
+    assert back.model == "llama"
 
 
 def test_gguf_metadata_and_tensor_names(vectors, tmp_path: Path):
@@ -123,7 +123,7 @@ def test_gguf_refuses_block_0_unless_told_to_skip_it(vectors, tmp_path: Path):
     assert not path.exists()
     assert save_gguf(path, vectors, [0, 1, 2], "llama", skip_unsupported=True) == [1, 2]
     back = load_gguf(path)
-    assert back.layers == [1, 2] and torch.equal(back.vectors, vectors[1:])
+    assert list(back.layers) == [1, 2] and torch.equal(back.vectors, vectors[1:])
     assert gguf.GGUFReader(path).get_field("controlvector.layer_count").contents() == 2
 
 
@@ -136,7 +136,7 @@ def test_gguf_resid_pre_round_trip(vectors, tmp_path: Path):
         "direction.3",
     ]
     back = load_gguf(path, hook="resid_pre")
-    assert back.layers == [2, 3, 4] and torch.equal(back.vectors, vectors)
+    assert list(back.layers) == [2, 3, 4] and torch.equal(back.vectors, vectors)
 
 
 def test_loads_a_control_vector_written_the_way_repeng_writes_it(tmp_path: Path):
@@ -152,7 +152,7 @@ def test_loads_a_control_vector_written_the_way_repeng_writes_it(tmp_path: Path)
     writer.write_tensors_to_file()
     writer.close()
     back = load_gguf(path)
-    assert back.layers == [3, 7, 10] and back.model_hint == "mistral"
+    assert list(back.layers) == [3, 7, 10] and back.model == "mistral"
     assert torch.equal(back.vectors[:, 0], torch.tensor([3.0, 7.0, 10.0]))
 
 

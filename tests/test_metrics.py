@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from tlextract.errors import TLExtractError
+from tlextract.ops.methods import run_method
 from tlextract.ops.metrics import (
     LayerMetrics,
     auroc,
     best_layer,
     cohens_d,
-    evaluate,
     evaluate_vectors,
     grouped_split_indices,
     midpoint_accuracy,
@@ -193,9 +193,12 @@ def planted_by_layer(n: int, strength: list[float], seed: int) -> tuple[torch.Te
 def test_evaluate_scores_every_method_and_finds_the_informative_layer():
     pos, neg = planted_by_layer(50, [0.1, 2.0, 0.5], seed=0)
     train, test = split_indices(50, 0.4, seed=0)
-    rows = evaluate(
-        pos[train], neg[train], pos[test], neg[test], ("mean_diff", "probe"), layers=[4, 5, 6]
-    )
+    rows = [  # every method fitted on train, scored on test
+        row
+        for m in ("mean_diff", "probe")
+        for row in evaluate_vectors(run_method(m, pos[train], neg[train]), pos[train],
+                                    neg[train], pos[test], neg[test], method=m, layers=[4, 5, 6])
+    ]
     assert [(r.method, r.layer) for r in rows] == [
         (m, layer) for m in ("mean_diff", "probe") for layer in (4, 5, 6)
     ]

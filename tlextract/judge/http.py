@@ -214,10 +214,6 @@ class OpenAIJudge:
         pool.shutdown(wait=True)
         return results
 
-    def score_one(self, prompt: str) -> Score:
-        """Score a single prompt (with retries)."""
-        return self._score_one(prompt, threading.Event())
-
     def _score_one(self, prompt: str, abort: threading.Event) -> Score:
         error = ""
         for attempt in range(self.max_retries + 1):

@@ -65,6 +65,7 @@ from tlextract.judge.numbers import (
     number_probs,
 )
 from tlextract.model.tokens import device_of, left_pad
+from tlextract.ops.generate import final_logits
 
 __all__ = ["LocalJudge"]
 
@@ -231,11 +232,7 @@ class LocalJudge:
         step = max(1, 2**25 // model.cfg.d_vocab)
         tracked, end = [], []
         for lo in range(0, resid.shape[0], step):
-            x = model.ln_final(resid[lo : lo + step, None, :])
-            logits = model.unembed(x)[:, 0, :].float()
-            cap = model.cfg.output_logits_soft_cap
-            if cap > 0:
-                logits = cap * torch.tanh(logits / cap)
+            logits = final_logits(model, resid[lo : lo + step, None, :])[:, 0, :]
             t, e = next_token_stats(self.tree, logits)
             tracked.append(t.cpu())
             end.append(e.cpu())

@@ -31,7 +31,6 @@ So::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -41,21 +40,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
+from tlextract.ops.vectors import TraitVectors
 from tlextract.store import atomic_path, load_tensors, save_tensors
 
 GGUF_ARCH = "controlvector"
 _OFFSET = {"resid_post": 1, "resid_pre": 0}  # hidden_states row = block + offset
-
-
-@dataclass(frozen=True)
-class LayerVectors:
-    """Vectors read from another tool's file. ``vectors[i]`` belongs to block ``layers[i]`` at
-    ``blocks.{layers[i]}.hook_{hook}``."""
-
-    vectors: Float[Tensor, "layer d_model"]
-    layers: list[int]
-    hook: str = "resid_post"
-    model_hint: str = ""  # GGUF only: controlvector.model_hint
 
 
 def _offset(hook: str) -> int:
@@ -118,7 +107,7 @@ def from_persona_vectors(
     layers: Sequence[int] | None = None,
     *,
     hook: str = "resid_post",
-) -> LayerVectors:
+) -> TraitVectors:
     """Inverse of :func:`to_persona_vectors`: the rows for ``layers`` (default: every block,
     ``0..n_layers-1``, which drops the embedding row 0 at resid_post), as float32."""
     n_layers = table.shape[0] - 1
@@ -130,7 +119,7 @@ def from_persona_vectors(
             f"from_persona_vectors: layers {bad} are outside this {n_layers}-block table."
         )
     picked = table.detach().float()[torch.tensor(rows, dtype=torch.long)]
-    return LayerVectors(vectors=picked, layers=block, hook=hook)
+    return _imported(picked, block, hook, "persona_vectors")
 
 
 def save_persona_vectors(
@@ -147,7 +136,7 @@ def save_persona_vectors(
 
 def load_persona_vectors(
     path: Path, layers: Sequence[int] | None = None, *, hook: str = "resid_post"
-) -> LayerVectors:
+) -> TraitVectors:
     """Read a persona_vectors ``.pt`` file; see :func:`from_persona_vectors`."""
     path = Path(path)
     try:
@@ -220,7 +209,7 @@ def _field_str(reader: gguf.GGUFReader, key: str) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def load_gguf(path: Path, *, hook: str = "resid_post") -> LayerVectors:
+def load_gguf(path: Path, *, hook: str = "resid_post") -> TraitVectors:
     """Read a GGUF control vector (ours, repeng's or llama.cpp's ``cvector-generator``).
 
     Rows come back sorted by block; ``direction.{i}`` becomes block ``i`` at resid_post
@@ -248,9 +237,18 @@ def load_gguf(path: Path, *, hook: str = "resid_post") -> LayerVectors:
     if not by_block:
         raise TLExtractError(f"{path}: no direction tensors.")
     block = sorted(by_block)
-    return LayerVectors(
-        vectors=torch.from_numpy(np.stack([by_block[b] for b in block])),
-        layers=block,
-        hook=hook,
-        model_hint=_field_str(reader, f"{GGUF_ARCH}.model_hint") or "",
-    )
+    vectors = torch.from_numpy(np.stack([by_block[b] for b in block]))
+    hint = _field_str(reader, f"{GGUF_ARCH}.model_hint") or ""
+    return _imported(vectors, block, hook, "gguf", model=hint)
+
+
+def _imported(
+    vectors: Float[Tensor, "layer d_model"],
+    layers: Sequence[int],
+    hook: str,
+    fmt: str,
+    model: str = "",
+) -> TraitVectors:
+    """Vectors read from another tool's file: no trait or method recorded there."""
+    return TraitVectors(trait="", method="imported", model=model, hook=hook, layers=tuple(layers),
+                        vectors=vectors, metadata={"format": fmt})  # fmt: skip

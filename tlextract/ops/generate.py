@@ -38,7 +38,15 @@ def next_token_logits(
     resid = model(
         tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers
     )
-    logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0, :].float()
+    return final_logits(model, resid[:, -1:, :])[:, 0, :]
+
+
+def final_logits(
+    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos vocab"]:
+    """Logits from final-block residuals: final norm, unembedding, the model's logit soft-cap
+    (Gemma 2), in float32."""
+    logits = model.unembed(model.ln_final(resid)).float()
     cap = model.cfg.output_logits_soft_cap
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
 

@@ -21,7 +21,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
-from tlextract.ops.methods import METHODS, run_method
 
 
 def project(
@@ -215,29 +214,6 @@ def evaluate_vectors(
         LayerMetrics(method=method, layer=int(block[i]), **{k: v[i] for k, v in values.items()})
         for i in range(n_layer)
     ]
-
-
-def evaluate(
-    train_pos: Float[Tensor, "n_train_pos layer d_model"],
-    train_neg: Float[Tensor, "n_train_neg layer d_model"],
-    test_pos: Float[Tensor, "n_test_pos layer d_model"],
-    test_neg: Float[Tensor, "n_test_neg layer d_model"],
-    methods: Sequence[str] = tuple(METHODS),
-    *,
-    layers: Sequence[int] | None = None,
-    seed: int = 0,
-) -> list[LayerMetrics]:
-    """Fit each method on the train activations and score it on the test ones.
-
-    Rows are ordered by method (in the order given), then layer.
-    """
-    rows: list[LayerMetrics] = []
-    for name in methods:
-        vectors = run_method(name, train_pos, train_neg, seed=seed)
-        rows += evaluate_vectors(
-            vectors, train_pos, train_neg, test_pos, test_neg, method=name, layers=layers
-        )
-    return rows
 
 
 RULES = ("auroc", "cohens_d", "accuracy")

@@ -20,8 +20,6 @@ from tlextract.model.hooks import has_hooks
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
 from tlextract.ops.generate import prefix_cache
 
-HOOKS = ("resid_pre", "resid_mid", "resid_post")
-
 
 def hook_name(hook: str, layer: int) -> str:
     return f"blocks.{layer}.hook_{hook}"
