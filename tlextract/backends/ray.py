@@ -14,22 +14,23 @@ run asks for this backend.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 import traceback
-from collections.abc import Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from transformer_lens import HookedTransformer
 
 from tlextract.analysis.evaluate import cross_evaluate
 from tlextract.errors import TLExtractError
-from tlextract.settings import STAGES, RunSettings
+from tlextract.settings import STAGES, RunSettings, experiment_report_dir
 from tlextract.stages.common import model_loader
 from tlextract.stages.run import run_trait
 from tlextract.store import META, write_json, write_text
@@ -68,13 +69,28 @@ def _stage_stamps(run: RunSettings) -> dict[str, int | None]:
 
 def _mean_diff_best(run: RunSettings) -> tuple[int | None, float | None]:
     """Best mean_diff layer and its held-out accuracy, as ``report`` computes them (same split
-    and rule), in memory: cheap, and never replaces a full report already on disk."""
+    and rule), in memory: cheap, and never replaces a full report already on disk. Computed by
+    the driver from the files the task wrote, after the task."""
     try:
         best = cross_evaluate(run, run, methods=("mean_diff",)).best["mean_diff"]
-    except TLExtractError as e:  # e.g. too few kept examples to hold any out
-        print(f"[{run.trait.name}] no held-out evaluation: {e}")
+    except TLExtractError as e:  # e.g. too few kept examples, or outputs not readable here
+        print(f"[ray] {task_name(run)}: no held-out evaluation: {e}")
         return None, None
     return best.layer, round(best.accuracy, 3)
+
+
+@contextmanager
+def _log_to(stream: TextIO) -> Iterator[None]:
+    """The library's log records into the task's log file while the task runs."""
+    logger = logging.getLogger("tlextract")
+    handler, level = logging.StreamHandler(stream), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 class TraitWorker:
@@ -105,7 +121,8 @@ class TraitWorker:
         log.parent.mkdir(parents=True, exist_ok=True)
         before, start = _stage_stamps(run), time.perf_counter()
         # Line-buffered, so a process killed mid-task still leaves its log up to the last line.
-        with open(log, "a", buffering=1) as f, redirect_stdout(f), redirect_stderr(f):
+        with open(log, "a", buffering=1) as f, redirect_stdout(f), redirect_stderr(f), \
+                _log_to(f):
             now = datetime.now().isoformat(timespec="seconds")
             print(f"=== {task_name(run)}: attempt at {now} on {host} ({device}), pid {os.getpid()}")
             try:
@@ -113,7 +130,6 @@ class TraitWorker:
             except BaseException:
                 traceback.print_exc()  # into the task's log; Ray also reports it to the caller
                 raise
-            best_layer, accuracy = _mean_diff_best(run) if vectors is not None else (None, None)
             after = _stage_stamps(run)
             ran = [s for s in STAGES if after[s] != before[s]]
             print(f"=== finished, stages run: {', '.join(ran) or 'none (up to date)'}")
@@ -128,8 +144,8 @@ class TraitWorker:
             "kept": None
             if vectors is None
             else {"pos": vectors.metadata["n_pos"], "neg": vectors.metadata["n_neg"]},
-            "best_layer": best_layer,
-            "held_out_accuracy": accuracy,
+            "best_layer": None,  # filled in by the driver (run_on_ray)
+            "held_out_accuracy": None,
             "wall_s": round(time.perf_counter() - start, 2),
             "device": device,
             "host": host,
@@ -218,6 +234,9 @@ def run_on_ray(
             f"running, {failed} failed, {len(pending)} waiting | log: {row['log']}"
         )
     _IDLE[pool] = idle
+    for i, row in rows.items():
+        if row["status"] == "done" and row["kept"] is not None:
+            row["best_layer"], row["held_out_accuracy"] = _mean_diff_best(runs[i])
     ordered = [rows[i] for i in range(len(runs))]
     for path in write_summaries(runs, ordered):
         print(f"[ray] summary -> {path}")
@@ -256,7 +275,7 @@ def write_summaries(runs: Sequence[RunSettings], rows: Sequence[dict[str, Any]])
         mine = [r for run, r in zip(runs, rows, strict=True) if run.experiment.path == exp.path]
         text = summary_markdown(mine)
         print(text, end="")
-        out = exp.path / "report"
+        out = experiment_report_dir(exp)
         write_text(out / "ray_summary.md", f"# Ray run of {exp.name}\n\n{text}")
         write_json(out / "ray_summary.json", mine)
         paths += [out / "ray_summary.md", out / "ray_summary.json"]
