@@ -69,6 +69,7 @@ bench-gpu: $(STAMP)
 
 check: $(STAMP)
 	$(PY) -m ruff check tlextract tests
+	$(PY) -m ruff format --check tlextract tests
 	$(PY) -m mypy tlextract
 
 clean-venv:

@@ -87,7 +87,7 @@ def test_no_import_cycle() -> None:
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -100,8 +100,11 @@ def test_no_import_cycle() -> None:
 
 
 def test_modules_are_small() -> None:
-    big = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines()))
-           > MAX_MODULE_LINES}
+    big = {
+        m: n
+        for m, p in _modules().items()
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"
 
 

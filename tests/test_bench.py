@@ -24,7 +24,10 @@ def test_gpu_benchmark_runs_on_cpu_with_the_tiny_model(
     )  # fmt: skip
     [measured] = results["workloads"]
     assert [(r["batch"], r["mode"]) for r in measured["pipeline"]] == [
-        (1, "two-stage"), (1, "combined"), (2, "two-stage"), (2, "combined")
+        (1, "two-stage"),
+        (1, "combined"),
+        (2, "two-stage"),
+        (2, "combined"),
     ]
     assert all(r["tokens"] > 0 and r["wall_s"] > 0 for r in measured["pipeline"])
     versus = measured["versus"]
@@ -43,7 +46,5 @@ def test_decode_floor_is_the_larger_of_streaming_and_arithmetic(tiny_model) -> N
     assert roof.decode_step(1000, 4, 16) == pytest.approx(32e-6)  # 32 kFLOP at 1 GFLOP/s
     cfg = tiny_model.cfg
     kv = cfg.n_key_value_heads or cfg.n_heads
-    per_layer = (
-        cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * kv) + 3 * cfg.d_model * cfg.d_mlp
-    )
+    per_layer = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * kv) + 3 * cfg.d_model * cfg.d_mlp
     assert product_weights(tiny_model) == cfg.n_layers * per_layer + cfg.d_model * cfg.d_vocab

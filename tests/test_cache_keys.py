@@ -26,16 +26,23 @@ from tlextract.stages.vectors import vectors_key
     ],
 )
 def test_default_experiment_keys_are_unchanged(variant, mode, responses, activations, judge):
-    run = settings_for(load_experiment("smollm2_cognitive"), "local_global", variant=variant,
-                       mode=mode)
+    run = settings_for(
+        load_experiment("smollm2_cognitive"), "local_global", variant=variant, mode=mode
+    )
     assert responses_key(run) == responses
     assert activations_key(run, responses) == activations
     assert judge_key(run, responses) == judge
 
 
 def test_overridden_settings_keys_are_unchanged() -> None:
-    run = settings_for(load_experiment("smollm2_cognitive"), "local_global", n_examples=8,
-                       batch_size=4, layers=[3, 7], judge="local")
+    run = settings_for(
+        load_experiment("smollm2_cognitive"),
+        "local_global",
+        n_examples=8,
+        batch_size=4,
+        layers=[3, 7],
+        judge="local",
+    )
     assert responses_key(run) == "0ad0129e03ff7ee4"
     assert activations_key(run, "0ad0129e03ff7ee4") == "6216c24f862e9472"
     assert judge_key(run, "0ad0129e03ff7ee4") == "9e20f80ef7759743"
@@ -44,6 +51,7 @@ def test_overridden_settings_keys_are_unchanged() -> None:
 def test_vectors_and_evaluation_keys_are_unchanged() -> None:
     kept = {"pos": [0, 1, 3], "neg": [0, 2]}
     assert vectors_key("f723c4a1922d59f3", kept, "mean_diff") == "47ea73082d01ba14"
-    acts = Activations(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), [0], [0], (0,), "resid_post",
-                       "f723c4a1922d59f3")
+    acts = Activations(
+        torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), [0], [0], (0,), "resid_post", "f723c4a1922d59f3"
+    )
     assert evaluation_key(acts, ["mean_diff", "probe"], 0.25, 0, "auroc") == "f20c3cb98b6bc511"

@@ -14,12 +14,9 @@ from conftest import write_experiment
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import tlextract.analysis.evaluate as evaluate
-from tlextract.analysis.evaluate import (
-    cross_evaluate,
-    evaluate_trait,
-    load_evaluation,
-    split_examples,
-)
+import tlextract.analysis.heldout as heldout
+from tlextract.analysis.evaluate import cross_evaluate, evaluate_trait, load_evaluation
+from tlextract.analysis.heldout import split_examples
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection
@@ -66,8 +63,8 @@ def fake_activations(
         }
         return Selection(kept=kept, judgments=[], summary={"judge": "fake"})
 
-    monkeypatch.setattr(evaluate, "load_activations", lambda run: by_variant[run.variant])
-    monkeypatch.setattr(evaluate, "load_selection", selection)
+    monkeypatch.setattr(heldout, "load_activations", lambda run: by_variant[run.variant])
+    monkeypatch.setattr(heldout, "load_selection", selection)
 
 
 def tiny_run(root: Path, trait: str = "alpha", variant: str = "instruction"):

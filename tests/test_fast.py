@@ -91,8 +91,14 @@ def prompt_ids(model: HookedTransformer) -> list[list[int]]:
     if model.cfg.model_name == "tiny-random":
         return [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     return [
-        list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=True)["input_ids"])
+        list(
+            tok.apply_chat_template(
+                [{"role": "user", "content": t}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
         for t in TEXTS
     ]
 
@@ -240,24 +246,51 @@ def test_captured_and_teacher_forced_pooled_activations_equal(pair) -> None:
 # --- small random configurations ---
 
 
-BASE = dict(n_layers=2, d_model=48, n_ctx=64, d_head=12, n_heads=4, d_vocab=61, d_mlp=96,
-            act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-            rotary_dim=12, gated_mlp=True, final_rms=True)
+BASE = dict(
+    n_layers=2,
+    d_model=48,
+    n_ctx=64,
+    d_head=12,
+    n_heads=4,
+    d_vocab=61,
+    d_mlp=96,
+    act_fn="silu",
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    rotary_dim=12,
+    gated_mlp=True,
+    final_rms=True,
+)
 CONFIGS = {
     "llama-gqa": dict(n_key_value_heads=2),
     "mha-adjacent-partial-rotary": dict(rotary_adjacent_pairs=True, rotary_dim=8),
     "gemma3-like": dict(
-        n_key_value_heads=1, use_qk_norm=True, use_local_attn=True,
-        attn_types=["local", "global"], window_size=3, rotary_base_local=100,
-        use_normalization_before_and_after=True, act_fn="gelu_pytorch_tanh",
+        n_key_value_heads=1,
+        use_qk_norm=True,
+        use_local_attn=True,
+        attn_types=["local", "global"],
+        window_size=3,
+        rotary_base_local=100,
+        use_normalization_before_and_after=True,
+        act_fn="gelu_pytorch_tanh",
     ),
     "gemma2-like": dict(
-        n_key_value_heads=2, use_local_attn=True, attn_types=["global", "local"], window_size=4,
-        attn_scores_soft_cap=5.0, output_logits_soft_cap=3.0,
-        use_normalization_before_and_after=True, act_fn="gelu_pytorch_tanh",
+        n_key_value_heads=2,
+        use_local_attn=True,
+        attn_types=["global", "local"],
+        window_size=4,
+        attn_scores_soft_cap=5.0,
+        output_logits_soft_cap=3.0,
+        use_normalization_before_and_after=True,
+        act_fn="gelu_pytorch_tanh",
     ),
-    "gpt2-like": dict(normalization_type="LN", positional_embedding_type="standard",
-                      gated_mlp=False, act_fn="gelu_new", final_rms=False),
+    "gpt2-like": dict(
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        gated_mlp=False,
+        act_fn="gelu_new",
+        final_rms=False,
+    ),
 }
 
 
@@ -316,8 +349,9 @@ def test_random_config_kv_cache_decoding(random_pair) -> None:
                 steps = [model(tokens, attention_mask=mask, past_kv_cache=cache)]
                 for t in range(7):  # past the local windows
                     new = torch.full((tokens.shape[0], 1), 3 + t)
-                    steps.append(model(new, attention_mask=torch.ones_like(new),
-                                       past_kv_cache=cache))
+                    steps.append(
+                        model(new, attention_mask=torch.ones_like(new), past_kv_cache=cache)
+                    )
             outs.append(torch.cat(steps, dim=1))
         assert_close(outs[0], outs[1], f"decode logits (sdpa={sdpa})")
     accelerate(fast, sdpa=True)
@@ -337,8 +371,9 @@ def test_random_config_shared_prefix_decodes_like_full_prompts(random_pair) -> N
                 steps = [model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1:]]
                 for t in range(3):
                     new = torch.full((len(seqs), 1), 3 + t)
-                    steps.append(model(new, attention_mask=torch.ones_like(new),
-                                       past_kv_cache=cache))
+                    steps.append(
+                        model(new, attention_mask=torch.ones_like(new), past_kv_cache=cache)
+                    )
             outs.append(torch.cat(steps, dim=1))
         assert n == (0 if model.cfg.use_local_attn else 5)
         assert_close(outs[0], outs[1], "logits with a shared prefix")

@@ -16,7 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = MIXED_LENGTH_TEXTS
 
 
-
 def _ids(model, texts):
     return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -116,9 +115,14 @@ def test_activations_captured_while_generating_equal_a_teacher_forced_pass(tiny_
 
 def _chat_ids(model, texts):
     return [
-        list(model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-            return_dict=True)["input_ids"])
+        list(
+            model.tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
         for t in texts
     ]
 
@@ -133,9 +137,15 @@ def test_chat_prompts_share_their_template_prefix_and_generate_as_one_by_one(tin
     greedy = GenerationSettings(max_new_tokens=10, do_sample=False)
     batched = generate_batch(tiny_model, ids, greedy, seeds=[0] * len(ids))
     for prompt, got in zip(ids, batched, strict=True):
-        ref = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
-                                  stop_at_eos=True, eos_token_id=stop_token_ids(tiny_model),
-                                  verbose=False, return_type="tokens")[0, len(prompt):].tolist()
+        ref = tiny_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=10,
+            do_sample=False,
+            stop_at_eos=True,
+            eos_token_id=stop_token_ids(tiny_model),
+            verbose=False,
+            return_type="tokens",
+        )[0, len(prompt) :].tolist()
         assert got.response_ids == ref[: len(got.response_ids)]
         assert len(got.response_ids) == 10 or ref[len(got.response_ids)] in stop_token_ids(
             tiny_model
@@ -187,6 +197,6 @@ def test_activations_with_a_shared_prefix_equal_each_example_run_alone(tiny_mode
     for row, i in enumerate(kept):
         full = torch.tensor([ids[i] + gens[i].response_ids])
         _, cache = tiny_model.run_with_cache(full, names_filter=names, return_type=None)
-        alone = torch.stack([cache[n][0, len(ids[i]):].mean(0) for n in names])
+        alone = torch.stack([cache[n][0, len(ids[i]) :].mean(0) for n in names])
         torch.testing.assert_close(gens[i].pooled, alone, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(teacher[row], alone, rtol=1e-4, atol=1e-4)

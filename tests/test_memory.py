@@ -100,8 +100,10 @@ def test_pipeline_recovers_from_out_of_memory_by_halving(
     shutil.copytree(experiments, clean)
     reference = run_trait(settings_for(load_experiment("tiny", clean), "alpha", batch_size=8))
 
-    stages = {"generate_batch": tlextract.stages.generate,
-              "pooled_activations": tlextract.stages.activations}
+    stages = {
+        "generate_batch": tlextract.stages.generate,
+        "pooled_activations": tlextract.stages.activations,
+    }
     for name, stage in stages.items():
         real = getattr(stage, name)
 

@@ -196,8 +196,15 @@ def test_evaluate_scores_every_method_and_finds_the_informative_layer():
     rows = [  # every method fitted on train, scored on test
         row
         for m in ("mean_diff", "probe")
-        for row in evaluate_vectors(run_method(m, pos[train], neg[train]), pos[train],
-                                    neg[train], pos[test], neg[test], method=m, layers=[4, 5, 6])
+        for row in evaluate_vectors(
+            run_method(m, pos[train], neg[train]),
+            pos[train],
+            neg[train],
+            pos[test],
+            neg[test],
+            method=m,
+            layers=[4, 5, 6],
+        )
     ]
     assert [(r.method, r.layer) for r in rows] == [
         (m, layer) for m in ("mean_diff", "probe") for layer in (4, 5, 6)

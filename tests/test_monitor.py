@@ -41,9 +41,11 @@ def _vectors(model, name: str, layers: tuple[int, ...], seed: int) -> TraitVecto
 @pytest.fixture
 def traits(tiny_model) -> dict[str, TraitVectors]:
     # a and b are read at block 1 (one hook for both), c at block 2.
-    return {"a": _vectors(tiny_model, "a", (0, 1, 2), 0),
-            "b": _vectors(tiny_model, "b", (1,), 1),
-            "c": _vectors(tiny_model, "c", (1, 2), 2)}
+    return {
+        "a": _vectors(tiny_model, "a", (0, 1, 2), 0),
+        "b": _vectors(tiny_model, "b", (1,), 1),
+        "c": _vectors(tiny_model, "c", (1, 2), 2),
+    }
 
 
 LAYERS = {"a": 1, "b": 1, "c": 2}
@@ -51,28 +53,32 @@ LAYERS = {"a": 1, "b": 1, "c": 2}
 
 def test_scores_equal_run_with_cache_on_the_final_text(tiny_model, traits) -> None:
     prompts = PROMPTS * 8
-    watched = monitor(tiny_model, prompts, traits, LAYERS, settings=HOT, seeds=range(32),
-                      batch_size=16)
+    watched = monitor(
+        tiny_model, prompts, traits, LAYERS, settings=HOT, seeds=range(32), batch_size=16
+    )
     stopped = [t.stopped for t in watched.texts]
     assert any(stopped) and not all(stopped), "needs early-stopped and full-budget rows"
     assert watched.hook_names == {t: f"blocks.{LAYERS[t]}.hook_resid_post" for t in traits}
     names = sorted(set(watched.hook_names.values()))
     for text in watched.texts:
-        _, cache = tiny_model.run_with_cache(torch.tensor([text.token_ids]), names_filter=names,
-                                             return_type=None)
+        _, cache = tiny_model.run_with_cache(
+            torch.tensor([text.token_ids]), names_filter=names, return_type=None
+        )
         for trait, tv in traits.items():
             v = tv[LAYERS[trait]]
             expected = cache[watched.hook_names[trait]][0] @ (v / v.norm())
-            torch.testing.assert_close(torch.tensor(text.scores[trait]), expected,
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                torch.tensor(text.scores[trait]), expected, atol=1e-4, rtol=1e-4
+            )
 
 
 def test_every_token_has_one_score_per_trait_and_prompt_tokens_are_marked(
     tiny_model, traits
 ) -> None:
     watched = monitor(tiny_model, PROMPTS, traits, LAYERS, settings=HOT, seeds=range(4))
-    ids = tokenize(tiny_model, [render_prompt(tiny_model.tokenizer, "chat", "", p)
-                                for p in PROMPTS], "chat")
+    ids = tokenize(
+        tiny_model, [render_prompt(tiny_model.tokenizer, "chat", "", p) for p in PROMPTS], "chat"
+    )
     for text, prompt_ids in zip(watched.texts, ids, strict=True):
         n = len(text.token_ids)
         assert len(text.tokens) == len(text.is_prompt) == n
@@ -86,11 +92,14 @@ def test_every_token_has_one_score_per_trait_and_prompt_tokens_are_marked(
 
 def test_answers_are_those_of_plain_generation_with_the_same_seeds(tiny_model, traits) -> None:
     watched = monitor(tiny_model, PROMPTS * 2, traits, settings=HOT, seeds=range(8))
-    ids = tokenize(tiny_model, [render_prompt(tiny_model.tokenizer, "chat", "", p)
-                                for p in PROMPTS * 2], "chat")
+    ids = tokenize(
+        tiny_model,
+        [render_prompt(tiny_model.tokenizer, "chat", "", p) for p in PROMPTS * 2],
+        "chat",
+    )
     plain = generate_batch(tiny_model, ids, HOT, seeds=range(8))
     for text, prompt_ids, g in zip(watched.texts, ids, plain, strict=True):
-        assert text.token_ids[len(prompt_ids):] == g.response_ids
+        assert text.token_ids[len(prompt_ids) :] == g.response_ids
         assert text.stopped == g.stopped
     assert watched.layers == {"a": 1, "b": 1, "c": 2}  # default: the middle of each trait's layers
 
@@ -101,8 +110,9 @@ def test_scores_do_not_depend_on_the_batch(tiny_model, traits) -> None:
     for x, y in zip(together.texts, alone.texts, strict=True):
         assert x.token_ids == y.token_ids
         for trait in traits:
-            torch.testing.assert_close(torch.tensor(x.scores[trait]),
-                                       torch.tensor(y.scores[trait]), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                torch.tensor(x.scores[trait]), torch.tensor(y.scores[trait]), atol=1e-4, rtol=1e-4
+            )
 
 
 def test_bad_inputs_are_named(tiny_model, traits) -> None:
@@ -137,7 +147,8 @@ def test_written_json_picture_and_page_line_up(tiny_model, traits, tmp_path: Pat
     saved = json.loads(paths[0].read_text())
     for text in saved["texts"]:
         assert {len(text["tokens"]), len(text["is_prompt"]), len(text["token_ids"])} == {
-            len(text["scores"]["c"])}
+            len(text["scores"]["c"])
+        }
     page = paths[-1].read_text()
     assert len(re.findall(r"<span class=", page)) == sum(len(t.tokens) for t in watched.texts)
     assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
@@ -146,8 +157,20 @@ def test_written_json_picture_and_page_line_up(tiny_model, traits, tmp_path: Pat
 def test_cli_monitor_writes_json_heatmaps_and_page(experiments: Path, capsys) -> None:
     base = ["--experiment", "tiny", "--experiments-dir", str(experiments)]
     assert main(["run", *base, "--n-examples", "4"]) == 0
-    code = main(["monitor", *base, "--prompt", "Hello there", "--prompt", "Why?",
-                 "--max-new-tokens", "5", "--color-trait", "beta"])
+    code = main(
+        [
+            "monitor",
+            *base,
+            "--prompt",
+            "Hello there",
+            "--prompt",
+            "Why?",
+            "--max-new-tokens",
+            "5",
+            "--color-trait",
+            "beta",
+        ]
+    )
     assert code == 0
     out = experiments / "tiny" / "monitor"
     saved = json.loads((out / "monitor.json").read_text())

@@ -19,18 +19,26 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch) -> None:
     # The experiment's definitions without its results, with fewer examples, layers and tokens,
     # so the notebook extracts from scratch in about a minute and never touches experiments/.
     exp = tmp_path / "smollm2_cognitive"
-    shutil.copytree(ROOT / "experiments" / "smollm2_cognitive", exp,
-                    ignore=shutil.ignore_patterns("extraction*", "report*", "monitor*"))
+    shutil.copytree(
+        ROOT / "experiments" / "smollm2_cognitive",
+        exp,
+        ignore=shutil.ignore_patterns("extraction*", "report*", "monitor*"),
+    )
     config = json.loads((exp / "experiment.json").read_text())
-    config.update(n_examples=6, layers=[10, 16, 22],
-                  generation={**config["generation"], "max_new_tokens": 12})
+    config.update(
+        n_examples=6, layers=[10, 16, 22], generation={**config["generation"], "max_new_tokens": 12}
+    )
     (exp / "experiment.json").write_text(json.dumps(config))
     monkeypatch.setenv("TLEXTRACT_EXPERIMENTS", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny matmuls, busy CPUs
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute()
 
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -69,13 +69,16 @@ def ray_cluster(crash_marker: Path):
 
 
 def _run_cli(root: Path, *extra: str) -> int:
-    return main(["run", "--experiment", "tiny", "--experiments-dir", str(root), "--traits",
-                 "all", *extra])
+    return main(
+        ["run", "--experiment", "tiny", "--experiments-dir", str(root), "--traits", "all", *extra]
+    )
 
 
 def _vectors(root: Path) -> dict[str, TraitVectors]:
-    return {str(p.relative_to(root)): TraitVectors.load(p)
-            for p in sorted(root.glob("tiny/*/extraction*/vectors/mean_diff.pt"))}
+    return {
+        str(p.relative_to(root)): TraitVectors.load(p)
+        for p in sorted(root.glob("tiny/*/extraction*/vectors/mean_diff.pt"))
+    }
 
 
 def _assert_same_vectors(local: Path, remote: Path, n: int) -> None:
@@ -87,8 +90,11 @@ def _assert_same_vectors(local: Path, remote: Path, n: int) -> None:
 
 
 def _mtimes(root: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in root.glob("tiny/*/extraction*/**/*")
-            if p.is_file() and p.name != TASK_LOG}
+    return {
+        p: p.stat().st_mtime_ns
+        for p in root.glob("tiny/*/extraction*/**/*")
+        if p.is_file() and p.name != TASK_LOG
+    }
 
 
 @pytest.mark.slow

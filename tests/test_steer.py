@@ -63,12 +63,15 @@ def test_steering_a_batch_equals_steering_each_prompt_alone(tiny_model, position
     ids, seeds = _ids(tiny_model), [11, 12, 13, 14]
     with steer(tiny_model, _direction(tiny_model), LAYER, 2.0, positions) as info:
         together = generate_batch(tiny_model, ids, settings, seeds)
-        alone = [generate_batch(tiny_model, [p], settings, [s])[0]
-                 for p, s in zip(ids, seeds, strict=True)]
+        alone = [
+            generate_batch(tiny_model, [p], settings, [s])[0]
+            for p, s in zip(ids, seeds, strict=True)
+        ]
     assert [g.response_ids for g in together] == [g.response_ids for g in alone]
     plain = generate_batch(tiny_model, ids, settings, seeds)
     assert [g.response_ids for g in plain] != [g.response_ids for g in together], (
-        f"steering by {info.alpha} x {info.scale:.2f} changed nothing: the test would be vacuous")
+        f"steering by {info.alpha} x {info.scale:.2f} changed nothing: the test would be vacuous"
+    )
 
 
 def test_steering_adds_alpha_times_scale_times_the_unit_vector(tiny_model) -> None:
@@ -140,8 +143,12 @@ def test_ablation_removes_the_direction_and_nothing_else(tiny_model) -> None:
 
 def test_residual_norm_is_the_median_token_norm_of_the_reference_texts(tiny_model) -> None:
     name = f"blocks.{LAYER}.hook_resid_post"
-    norms = torch.cat([_resid(tiny_model, torch.tensor([ids]), name).norm(dim=-1)
-                       for ids in _ids(tiny_model, REFERENCE_TEXTS)])
+    norms = torch.cat(
+        [
+            _resid(tiny_model, torch.tensor([ids]), name).norm(dim=-1)
+            for ids in _ids(tiny_model, REFERENCE_TEXTS)
+        ]
+    )
     assert residual_norm(tiny_model, LAYER) == pytest.approx(float(norms.median()), rel=1e-5)
 
 
@@ -198,25 +205,44 @@ def test_sweep_keeps_seeds_across_alphas_and_measures_each_answer(extracted, tin
     judge = HalfMissingJudge()
     sweep = alpha_sweep(tiny_model, run, vectors, LAYER, [-1.0, 0.0, 1.0], 3, judge=judge)
     assert [(c.intervention, c.alpha) for c in sweep.conditions] == [
-        ("steer", -1.0), ("steer", 0.0), ("steer", 1.0), ("ablate", 0.0)]
+        ("steer", -1.0),
+        ("steer", 0.0),
+        ("steer", 1.0),
+        ("ablate", 0.0),
+    ]
     zero = [a for a in sweep.answers if a.intervention == "steer" and a.alpha == 0.0]
     # alpha 0 is the unsteered model: same answers as plain generation with the same seeds.
     prompt_ids = tokenize(
-        tiny_model, [render_prompt(tiny_model.tokenizer, "chat", "", q) for q in sweep.questions],
-        "chat")
-    plain = generate_batch(tiny_model, prompt_ids, run.experiment.generation,
-                           [a.seed for a in zero])
+        tiny_model,
+        [render_prompt(tiny_model.tokenizer, "chat", "", q) for q in sweep.questions],
+        "chat",
+    )
+    plain = generate_batch(
+        tiny_model, prompt_ids, run.experiment.generation, [a.seed for a in zero]
+    )
     assert [a.n_tokens for a in zero] == [len(g.response_ids) for g in plain]
     filled = [i for i, g in enumerate(plain) if g.response_ids]
-    proj, logprob = reread(tiny_model, [prompt_ids[i] for i in filled],
-                           [plain[i].response_ids for i in filled], sweep.hook_name,
-                           vectors[LAYER] / vectors[LAYER].norm())
+    proj, logprob = reread(
+        tiny_model,
+        [prompt_ids[i] for i in filled],
+        [plain[i].response_ids for i in filled],
+        sweep.hook_name,
+        vectors[LAYER] / vectors[LAYER].norm(),
+    )
     assert [zero[i].projection for i in filled] == pytest.approx(proj, abs=1e-5)
     assert [zero[i].logprob for i in filled] == pytest.approx(logprob, abs=1e-5)
-    assert all(c.trait_missing == pytest.approx(
-        sum(a.trait is None for a in sweep.answers
-            if (a.intervention, a.alpha) == (c.intervention, c.alpha)) / 3)
-        for c in sweep.conditions)
+    assert all(
+        c.trait_missing
+        == pytest.approx(
+            sum(
+                a.trait is None
+                for a in sweep.answers
+                if (a.intervention, a.alpha) == (c.intervention, c.alpha)
+            )
+            / 3
+        )
+        for c in sweep.conditions
+    )
     assert 0 < sum(a.trait is None for a in sweep.answers) < len(sweep.answers)
     assert sweep.poles is not None and set(sweep.poles) == {"pos", "neg"}
 
@@ -230,10 +256,9 @@ def test_reread_logprob_matches_a_plain_forward_pass(tiny_model) -> None:
     u = _direction(tiny_model)
     u = u / u.norm()
     name = f"blocks.{LAYER}.hook_resid_post"
-    proj, got = reread(tiny_model, [prompt, _ids(tiny_model)[0]],
-                       [answer, answer], name, u)
+    proj, got = reread(tiny_model, [prompt, _ids(tiny_model)[0]], [answer, answer], name, u)
     assert got[0] == pytest.approx(expected, abs=1e-5)
-    resid = _resid(tiny_model, tokens, name)[len(prompt):] @ u
+    resid = _resid(tiny_model, tokens, name)[len(prompt) :] @ u
     assert proj[0] == pytest.approx(float(resid.mean()), abs=1e-5)
 
 

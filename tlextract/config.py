@@ -17,6 +17,7 @@ from tlextract.errors import TLExtractError
 from tlextract.inputs import read_json, require
 from tlextract.traits import VARIANTS, Trait, Variant, load_trait
 
+DEFAULT_EXPERIMENT = "smollm2_cognitive"
 # Block hooks with one d_model vector per token, the residual stream and what adds to it.
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 PROMPT_STYLES = ("chat", "completion")
@@ -142,22 +143,37 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 
 
 def validate_generation(gen: Any, where: Path) -> GenerationSettings:
-    require(isinstance(gen, dict) and not set(gen) - _GENERATION_KEYS, where, "generation",
-            f"must be an object with keys among {', '.join(sorted(_GENERATION_KEYS))}.")
+    require(
+        isinstance(gen, dict) and not set(gen) - _GENERATION_KEYS,
+        where,
+        "generation",
+        f"must be an object with keys among {', '.join(sorted(_GENERATION_KEYS))}.",
+    )
     defaults = GenerationSettings()
     do_sample = gen.get("do_sample", defaults.do_sample)
     require(_is(do_sample, bool), where, "generation.do_sample", "must be true or false.")
     n = gen.get("max_new_tokens", defaults.max_new_tokens)
-    require(_is(n, int) and n >= 1, where, "generation.max_new_tokens",
-            f"must be an integer of at least 1 (got {n!r}).")
+    require(
+        _is(n, int) and n >= 1,
+        where,
+        "generation.max_new_tokens",
+        f"must be an integer of at least 1 (got {n!r}).",
+    )
     temp = gen.get("temperature", defaults.temperature)
-    require(_is(temp, (int, float)) and (temp > 0 or not do_sample), where,
-            "generation.temperature",
-            f"must be a number above 0 when sampling (got {temp!r}); for greedy decoding set "
-            '"do_sample": false.')
+    require(
+        _is(temp, (int, float)) and (temp > 0 or not do_sample),
+        where,
+        "generation.temperature",
+        f"must be a number above 0 when sampling (got {temp!r}); for greedy decoding set "
+        '"do_sample": false.',
+    )
     top_p = gen.get("top_p", defaults.top_p)
-    require(top_p is None or (_is(top_p, (int, float)) and 0 < top_p <= 1), where,
-            "generation.top_p", f"must be above 0 and at most 1, or null (got {top_p!r}).")
+    require(
+        top_p is None or (_is(top_p, (int, float)) and 0 < top_p <= 1),
+        where,
+        "generation.top_p",
+        f"must be above 0 and at most 1, or null (got {top_p!r}).",
+    )
     return GenerationSettings(**gen)  # fmt: skip
 
 
@@ -174,8 +190,12 @@ def load_experiment(name: str, root: Path | None = None) -> Experiment:
     data = read_json(path)
     require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
     unknown = sorted(set(data) - _EXPERIMENT_KEYS)
-    require(not unknown, path, unknown[0] if unknown else "",
-            f"is not a known setting. Known settings: {', '.join(sorted(_EXPERIMENT_KEYS))}.")
+    require(
+        not unknown,
+        path,
+        unknown[0] if unknown else "",
+        f"is not a known setting. Known settings: {', '.join(sorted(_EXPERIMENT_KEYS))}.",
+    )
     _check_fields(data, path)
     exp = Experiment(
         name=name,
@@ -207,23 +227,47 @@ def _layers(layers: Any, path: Path) -> tuple[int, ...] | Literal["all"]:
 
 
 def _check_fields(data: dict[str, Any], path: Path) -> None:
-    require(isinstance(data.get("model"), str) and bool(data["model"]), path, "model",
-            'must name a model, e.g. "smollm2-135m-instruct".')
+    require(
+        isinstance(data.get("model"), str) and bool(data["model"]),
+        path,
+        "model",
+        'must name a model, e.g. "smollm2-135m-instruct".',
+    )
     hook = data.get("hook", "resid_post")
-    require(hook in HOOKS, path, "hook",
-            f"must be one of {', '.join(HOOKS)} (got {hook!r}): the block hook "
-            "blocks.{layer}.hook_<hook> read at each layer.")
-    require(data.get("prompt_style", "chat") in PROMPT_STYLES, path, "prompt_style",
-            'must be "chat" (chat template) or "completion" (plain Q/A text).')
+    require(
+        hook in HOOKS,
+        path,
+        "hook",
+        f"must be one of {', '.join(HOOKS)} (got {hook!r}): the block hook "
+        "blocks.{layer}.hook_<hook> read at each layer.",
+    )
+    require(
+        data.get("prompt_style", "chat") in PROMPT_STYLES,
+        path,
+        "prompt_style",
+        'must be "chat" (chat template) or "completion" (plain Q/A text).',
+    )
     for key in ("n_examples", "batch_size", "seed"):
         if key in data and not (key == "batch_size" and data[key] == "auto"):
-            require(_is(data[key], int) and data[key] >= (0 if key == "seed" else 1), path, key,
-                    "must be a positive integer" + (' or "auto".' if key == "batch_size" else "."))
-    require(data.get("variant", "instruction") in VARIANTS, path, "variant",
-            f"must be one of {', '.join(VARIANTS)}.")
+            require(
+                _is(data[key], int) and data[key] >= (0 if key == "seed" else 1),
+                path,
+                key,
+                "must be a positive integer" + (' or "auto".' if key == "batch_size" else "."),
+            )
+    require(
+        data.get("variant", "instruction") in VARIANTS,
+        path,
+        "variant",
+        f"must be one of {', '.join(VARIANTS)}.",
+    )
     traits_from = data.get("traits_from")
-    require(traits_from is None or (isinstance(traits_from, str) and bool(traits_from)), path,
-            "traits_from", "must name an experiment directory.")
+    require(
+        traits_from is None or (isinstance(traits_from, str) and bool(traits_from)),
+        path,
+        "traits_from",
+        "must name an experiment directory.",
+    )
     traits = data.get("traits", [])
     require(isinstance(traits, list) and len(traits) > 0
             and all(isinstance(t, str) and t for t in traits), path,

@@ -21,8 +21,7 @@ OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "gpu.md"
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_speed(benchmark, tmp_path: Path, capsys) -> None:
     result: dict = {}
-    benchmark.pedantic(lambda: result.update(gpu_benchmark(OUT, tmp_path)), rounds=1,
-                       iterations=1)
+    benchmark.pedantic(lambda: result.update(gpu_benchmark(OUT, tmp_path)), rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     with capsys.disabled():
         print("\n" + OUT.read_text())

@@ -120,8 +120,9 @@ def product_weights(model: HookedTransformer) -> int:
 
 def _workload_prompts(model: HookedTransformer, workload: Workload, root: Path, n: int) -> list:
     exp = load_experiment(workload.experiment, root)
-    examples = build_examples(exp.trait(workload.trait), n, model.tokenizer, exp.prompt_style,
-                              exp.variant)
+    examples = build_examples(
+        exp.trait(workload.trait), n, model.tokenizer, exp.prompt_style, exp.variant
+    )
     return tokenize(model, [e.prompt for e in examples], exp.prompt_style)
 
 
@@ -183,14 +184,21 @@ def _contenders(
 
     def ours(n: int, share: bool = True) -> int:
         greedy = GenerationSettings(max_new_tokens=n, do_sample=False)
-        gens = generate_batch(model, ids, greedy, [0] * len(ids), capture=capture,
-                              share_prefix=share)
+        gens = generate_batch(
+            model, ids, greedy, [0] * len(ids), capture=capture, share_prefix=share
+        )
         return sum(len(g.response_ids) + g.stopped for g in gens)
 
     def hf(n: int) -> int:
         with torch.inference_mode():
-            out = hf_model.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+            out = hf_model.generate(
+                input_ids=tokens,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
         return (out.shape[1] - tokens.shape[1]) * out.shape[0]
 
     if len(ids) == 1:  # nothing to share
@@ -213,15 +221,29 @@ def pipeline_rows(
         for mode in MODES:
             exp_root = root / f"{workload.experiment}-{mode}-{batch}"
             exp = _copy_experiments(exp_root, workload.experiment, n_new)
-            run = settings_for(exp, workload.trait, n_examples=n_examples, batch_size=batch,
-                               mode=mode, judge="none")
+            run = settings_for(
+                exp,
+                workload.trait,
+                n_examples=n_examples,
+                batch_size=batch,
+                mode=mode,
+                judge="none",
+            )
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
                 run_trait(run, get_model=lambda: model)
                 wall = time.perf_counter() - start
             tokens = read_json(run.stage_dir("generate") / "meta.json")["n_generated_tokens"]
-            rows.append({"batch": batch, "mode": mode, "wall_s": wall, "tokens": tokens,
-                         "tok_s": tokens / wall, "peak_mib": mem.peak / MiB})
+            rows.append(
+                {
+                    "batch": batch,
+                    "mode": mode,
+                    "wall_s": wall,
+                    "tokens": tokens,
+                    "tok_s": tokens / wall,
+                    "peak_mib": mem.peak / MiB,
+                }
+            )
     return rows
 
 
@@ -229,8 +251,11 @@ def _copy_experiments(root: Path, name: str, n_new: int):
     """The shipped experiments (definitions only) under ``root``, so outputs land there; the
     named one with the benchmark's new-token budget."""
     if not root.exists():
-        shutil.copytree(experiments_root(), root,
-                        ignore=shutil.ignore_patterns("extraction*", "report*", "*.ipynb"))
+        shutil.copytree(
+            experiments_root(),
+            root,
+            ignore=shutil.ignore_patterns("extraction*", "report*", "*.ipynb"),
+        )
     exp = load_experiment(name, root)
     return replace(exp, generation=replace(exp.generation, max_new_tokens=n_new))
 
@@ -293,12 +318,14 @@ def _measure_workload(workload: Workload, plan: BenchPlan, roof: Roofline, work_
     prompts = _workload_prompts(model, workload, root / "prompts", max(plan.versus_batch_sizes))
     # Warm-up run: first-call allocations, packed weights, lazy imports.
     warm = _copy_experiments(root / "warmup", workload.experiment, plan.n_new)
-    run_trait(settings_for(warm, workload.trait, n_examples=1, batch_size=1, judge="none"),
-              get_model=lambda: model)
-    versus = versus_transformers(model, prompts, plan.versus_batch_sizes, plan.n_new,
-                                 plan.rounds, roof)
-    pipeline = pipeline_rows(model, workload, root, plan.n_examples, plan.n_new,
-                             plan.batch_sizes)
+    run_trait(
+        settings_for(warm, workload.trait, n_examples=1, batch_size=1, judge="none"),
+        get_model=lambda: model,
+    )
+    versus = versus_transformers(
+        model, prompts, plan.versus_batch_sizes, plan.n_new, plan.rounds, roof
+    )
+    pipeline = pipeline_rows(model, workload, root, plan.n_examples, plan.n_new, plan.batch_sizes)
     return {"workload": workload.__dict__, "model": exp.model, "versus": versus,
             "pipeline": pipeline}  # fmt: skip
 

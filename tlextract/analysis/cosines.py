@@ -43,8 +43,10 @@ def saved_vectors(run: RunSettings, method: str = "mean_diff") -> TraitVectors |
         return None
     vectors = TraitVectors.load(path)
     kept = load_selection(run).kept
-    current = {"activations_fingerprint": current_activations_key(run),
-               **{f"n_{p}": len(kept[p]) for p in POLARITIES}}
+    current = {
+        "activations_fingerprint": current_activations_key(run),
+        **{f"n_{p}": len(kept[p]) for p in POLARITIES},
+    }
     return vectors if all(vectors.metadata.get(k) == v for k, v in current.items()) else None
 
 

@@ -17,15 +17,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.analysis.heldout import (
+    KeptRun,
+    Pair,
+    common_layers,
+    load_kept,
+    side_of,
+    split_examples,
+)
 from tlextract.errors import TLExtractError
-from tlextract.judge.keep import Selection
 from tlextract.ops.methods import METHODS, get_method, run_method
 from tlextract.ops.metrics import (
     RULES,
@@ -33,18 +40,13 @@ from tlextract.ops.metrics import (
     best_layer,
     evaluate_vectors,
     project,
-    split_indices,
 )
 from tlextract.ops.pool import hook_name
 from tlextract.settings import RunSettings, report_dir
-from tlextract.stages.activations import Activations, load_activations
-from tlextract.stages.judge import load_selection
+from tlextract.stages.activations import Activations
 from tlextract.store import META, fingerprint, read_json, stage_done, write_json, write_text
 from tlextract.traits import POLARITIES
 
-# (pos, neg) activations of one side of a split at the evaluated layers; "_" dims are unchecked
-# because train and test sides of different sizes meet in one call.
-Pair = tuple[Float[Tensor, "_n_pos sel d_model"], Float[Tensor, "_n_neg sel d_model"]]
 RULE_TEXT = {
     "auroc": "highest held-out AUROC, then highest Cohen's d, then lowest layer",
     "cohens_d": "highest held-out Cohen's d, then highest AUROC, then lowest layer",
@@ -54,36 +56,6 @@ RULE_TEXT = {
 
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExampleSplit:
-    """Which rows of each polarity's activations are train and which are test.
-
-    ``held_out`` holds the test *example indices*; a row is a test row exactly when its example
-    index is held out, whatever its polarity.
-    """
-
-    held_out: frozenset[int]
-    pos_train: list[int]
-    pos_test: list[int]
-    neg_train: list[int]
-    neg_test: list[int]
-
-
-def split_examples(
-    pos_index: Sequence[int], neg_index: Sequence[int], test_fraction: float = 0.25, seed: int = 0
-) -> ExampleSplit:
-    """Seeded split of the example indices present on either side (see ``split_indices``)."""
-    ids = sorted(set(pos_index) | set(neg_index))
-    _, test = split_indices(len(ids), test_fraction, seed)
-    held_out = frozenset(ids[i] for i in test.tolist())
-
-    def rows(index: Sequence[int], test_side: bool) -> list[int]:
-        return [r for r, i in enumerate(index) if (i in held_out) == test_side]
-
-    return ExampleSplit(held_out, rows(pos_index, False), rows(pos_index, True),
-                        rows(neg_index, False), rows(neg_index, True))
 
 
 @dataclass(frozen=True)
@@ -144,45 +116,6 @@ def _check_request(methods: Sequence[str], rule: str) -> None:
         raise TLExtractError(f"unknown best-layer rule {rule!r}; valid rules: {', '.join(RULES)}.")
 
 
-def kept_activations(acts: Activations, selection: Selection) -> Activations:
-    """Only the rows of examples the judge kept (what the vectors stage fits on); the key
-    covers the selection too."""
-
-    def keep(
-        x: Float[Tensor, "n layer d_model"], index: list[int], kept: list[int]
-    ) -> tuple[Float[Tensor, "k layer d_model"], list[int]]:
-        wanted = set(kept)
-        rows = [r for r, i in enumerate(index) if i in wanted]
-        return x[rows], [index[r] for r in rows]
-
-    (pos, pos_index), (neg, neg_index) = (
-        keep(acts.pos, acts.pos_index, selection.kept["pos"]),
-        keep(acts.neg, acts.neg_index, selection.kept["neg"]),
-    )
-    return replace(acts, pos=pos, neg=neg, pos_index=pos_index, neg_index=neg_index,
-                   key=fingerprint([acts.key, selection.kept]))
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    run: RunSettings
-    acts: Activations  # kept examples only
-    judge: str
-
-
-def load_kept(run: RunSettings) -> _Loaded:
-    """The run's activations of the examples the judge kept, and the judge's name."""
-    selection = load_selection(run)
-    return _Loaded(run, kept_activations(load_activations(run), selection),
-                   selection.summary["judge"])
-
-
-def _rows_at(
-    acts: Float[Tensor, "n layer d_model"], rows: list[int], columns: list[int]
-) -> Float[Tensor, "k sel d_model"]:
-    return acts[rows][:, columns]
-
-
 def _held_out(
     method: str,
     layer: int,
@@ -198,41 +131,24 @@ def _held_out(
     return HeldOut(method, layer, te_p.tolist(), te_n.tolist(), threshold)
 
 
-def _common_layers(source: Activations, target: Activations) -> list[int]:
-    if source.hook != target.hook:
-        raise TLExtractError(
-            f"cannot score {source.hook} vectors on {target.hook} activations; "
-            "use runs with the same hook."
-        )
-    layers = [layer for layer in source.layers if layer in target.layers]
-    if not layers:
-        raise TLExtractError(
-            f"no layer in common between {list(source.layers)} and {list(target.layers)}."
-        )
-    return layers
-
-
-def _side(acts: Activations, layers: list[int], split: ExampleSplit, test: bool) -> Pair:
-    """(pos, neg) rows of one side of ``split``, at ``layers``."""
-    columns = [acts.layers.index(layer) for layer in layers]
-    return (_rows_at(acts.pos, split.pos_test if test else split.pos_train, columns),
-            _rows_at(acts.neg, split.neg_test if test else split.neg_train, columns))
-
-
 def _evaluate(
-    source: _Loaded,
-    target: _Loaded,
+    source: KeptRun,
+    target: KeptRun,
     methods: Sequence[str],
     test_fraction: float,
     seed: int,
     rule: str,
 ) -> TraitEvaluation:
     """Fit on the train split of ``source``, score on the test split of ``target``."""
-    layers = _common_layers(source.acts, target.acts)
+    layers = common_layers(source.acts, target.acts)
     te_split = split_examples(target.acts.pos_index, target.acts.neg_index, test_fraction, seed)
-    train = _side(source.acts, layers, split_examples(
-        source.acts.pos_index, source.acts.neg_index, test_fraction, seed), test=False)
-    test = _side(target.acts, layers, te_split, test=True)
+    train = side_of(
+        source.acts,
+        layers,
+        split_examples(source.acts.pos_index, source.acts.neg_index, test_fraction, seed),
+        test=False,
+    )
+    test = side_of(target.acts, layers, te_split, test=True)
     rows: list[LayerMetrics] = []
     best: dict[str, LayerMetrics] = {}
     held_out: dict[str, HeldOut] = {}
@@ -241,8 +157,9 @@ def _evaluate(
         method_rows = evaluate_vectors(vectors, *train, *test, method=name, layers=layers)
         rows += method_rows
         best[name] = best_layer(method_rows, rule)
-        held_out[name] = _held_out(name, best[name].layer, layers.index(best[name].layer),
-                                   vectors, train, test)
+        held_out[name] = _held_out(
+            name, best[name].layer, layers.index(best[name].layer), vectors, train, test
+        )
     return TraitEvaluation(
         experiment=target.run.experiment.name,
         trait=target.run.trait.name,
@@ -269,8 +186,15 @@ def _evaluate(
 def evaluation_key(
     acts: Activations, methods: Sequence[str], test_fraction: float, seed: int, rule: str
 ) -> str:
-    return fingerprint({"activations": acts.key, "methods": list(methods),
-                        "test_fraction": test_fraction, "seed": seed, "rule": rule})
+    return fingerprint(
+        {
+            "activations": acts.key,
+            "methods": list(methods),
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "rule": rule,
+        }
+    )
 
 
 def evaluate_trait(
@@ -296,13 +220,25 @@ def evaluate_trait(
     ev = _evaluate(loaded, loaded, methods, test_fraction, seed, rule)
     write_json(out / "metrics.json", asdict(ev))
     write_text(out / "metrics.md", metrics_markdown(ev))
-    write_json(out / META, {
-        "stage": "evaluation", "fingerprint": key, "kept_activations_fingerprint": loaded.acts.key,
-        "judge": ev.judge, "experiment": run.experiment.name, "trait": run.trait.name,
-        "variant": run.variant,
-        "model": run.model, "methods": list(methods), "test_fraction": test_fraction,
-        "seed": seed, "rule": rule, "n_train": ev.n_train, "n_test": ev.n_test,
-    })
+    write_json(
+        out / META,
+        {
+            "stage": "evaluation",
+            "fingerprint": key,
+            "kept_activations_fingerprint": loaded.acts.key,
+            "judge": ev.judge,
+            "experiment": run.experiment.name,
+            "trait": run.trait.name,
+            "variant": run.variant,
+            "model": run.model,
+            "methods": list(methods),
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "rule": rule,
+            "n_train": ev.n_train,
+            "n_test": ev.n_test,
+        },
+    )
     summary = ", ".join(f"{m} L{b.layer} AUROC {b.auroc:.2f}" for m, b in ev.best.items())
     log.info("[%s] evaluation: %s -> %s", run.trait.name, summary, out)
     return ev
@@ -333,12 +269,14 @@ def cross_evaluate(
 def load_evaluation(path: Path) -> TraitEvaluation:
     """Read back a ``metrics.json`` written by :func:`evaluate_trait`."""
     d: dict[str, Any] = read_json(path)
-    return TraitEvaluation(**{
-        **d,
-        "rows": [LayerMetrics(**r) for r in d["rows"]],
-        "best": {m: LayerMetrics(**r) for m, r in d["best"].items()},
-        "held_out": {m: HeldOut(**h) for m, h in d["held_out"].items()},
-    })
+    return TraitEvaluation(
+        **{
+            **d,
+            "rows": [LayerMetrics(**r) for r in d["rows"]],
+            "best": {m: LayerMetrics(**r) for m, r in d["best"].items()},
+            "held_out": {m: HeldOut(**h) for m, h in d["held_out"].items()},
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +290,10 @@ def _fmt(x: float, digits: int = 3) -> str:
 def describe_split(ev: TraitEvaluation) -> str:
     train = "/".join(str(ev.n_train[p]) for p in POLARITIES)
     test = "/".join(str(ev.n_test[p]) for p in POLARITIES)
-    return (f"split by example index (seed {ev.seed}, test fraction {ev.test_fraction}): "
-            f"train {train} pos/neg rows, held-out {test}")
+    return (
+        f"split by example index (seed {ev.seed}, test fraction {ev.test_fraction}): "
+        f"train {train} pos/neg rows, held-out {test}"
+    )
 
 
 def metrics_markdown(ev: TraitEvaluation) -> str:
@@ -372,12 +312,17 @@ def metrics_markdown(ev: TraitEvaluation) -> str:
     ]
     for method in ev.methods:
         best = ev.best[method]
-        lines += ["", f"## {method} (best layer {best.layer})", "",
-                  "| layer | hook | accuracy | AUROC | Cohen's d | gap | best |",
-                  "|---:|---|---:|---:|---:|---:|:---:|"]
+        lines += [
+            "",
+            f"## {method} (best layer {best.layer})",
+            "",
+            "| layer | hook | accuracy | AUROC | Cohen's d | gap | best |",
+            "|---:|---|---:|---:|---:|---:|:---:|",
+        ]
         lines += [
             f"| {r.layer} | `{ev.hook_name(r.layer)}` | {_fmt(r.accuracy)} | {_fmt(r.auroc)} | "
             f"{_fmt(r.cohens_d, 2)} | {_fmt(r.gap, 4)} | {'**best**' if r == best else ''} |"
-            for r in ev.rows if r.method == method
+            for r in ev.rows
+            if r.method == method
         ]
     return "\n".join(lines) + "\n"

@@ -74,9 +74,12 @@ def held_out_questions(run: RunSettings, n: int) -> tuple[list[str], str]:
             f"instructions); the first {min(n, len(run.trait.questions))} are asked here without "
             "an instruction"
         )
-    source = (f"{len(unused)} of {len(run.trait.questions)} questions are not in the "
-              "extraction's responses" if found else
-              "no extraction responses found, so no question counts as used")
+    source = (
+        f"{len(unused)} of {len(run.trait.questions)} questions are not in the "
+        "extraction's responses"
+        if found
+        else "no extraction responses found, so no question counts as used"
+    )
     return unused[:n], f"{source}; the first {min(n, len(unused))} asked, without instruction"
 
 
@@ -91,9 +94,7 @@ def pole_means(
     if layer not in acts.layers:
         return None
     column = acts.layers.index(layer)
-    return {
-        pol: float((getattr(acts, pol)[:, column] @ unit.cpu()).mean()) for pol in POLARITIES
-    }
+    return {pol: float((getattr(acts, pol)[:, column] @ unit.cpu()).mean()) for pol in POLARITIES}
 
 
 @torch.inference_mode()
@@ -192,17 +193,27 @@ def _measure(
     measured: dict[int, tuple[float, float]] = {}
     for start in range(0, len(filled), batch_size):
         rows = filled[start : start + batch_size]
-        projections, logprobs = reread(model, [prompt_ids[i] for i in rows],
-                                       [response_ids[i] for i in rows], name, unit)
+        projections, logprobs = reread(
+            model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], name, unit
+        )
         measured |= dict(zip(rows, zip(projections, logprobs, strict=True), strict=True))
     texts = tokenizer_of(model).batch_decode(list(response_ids), skip_special_tokens=True)
     answers = []
     for i, (q, seed, ids) in enumerate(zip(questions, seeds, response_ids, strict=True)):
         projection, logprob = measured.get(i, (None, None))
-        answers.append(Answer(
-            intervention=kind, alpha=alpha, question=q, seed=seed, response=texts[i],
-            n_tokens=len(ids), projection=projection, logprob=logprob,
-            distinct=len(set(ids)) / len(ids) if ids else None))
+        answers.append(
+            Answer(
+                intervention=kind,
+                alpha=alpha,
+                question=q,
+                seed=seed,
+                response=texts[i],
+                n_tokens=len(ids),
+                projection=projection,
+                logprob=logprob,
+                distinct=len(set(ids)) / len(ids) if ids else None,
+            )
+        )
     return answers
 
 
@@ -266,6 +277,7 @@ def alpha_sweep(
     judge_cache: JudgeCache | None = None,
     batch_size: int = 8,
 ) -> Sweep:
+    # long: one loop over the conditions; the options alone take 14 lines of signature
     """Answer ``n_questions`` held-out questions under each steering strength in ``alphas``
     (and with the direction ablated), ``batch_size`` at a time with the experiment's
     generation settings, and measure the answers (see the module docstring). The judge, if any,
@@ -290,15 +302,22 @@ def alpha_sweep(
             responses = _generate(model, prompt_ids, gen, seeds, batch_size)
         answers += _measure(model, kind, alpha, questions, seeds, prompt_ids, responses, name,
                             unit, batch_size)  # fmt: skip
-        projection = _stats([a.projection for a in answers[-len(questions):]])[0]
+        projection = _stats([a.projection for a in answers[-len(questions) :]])[0]
         log.info("[%s] %s: mean projection %s", run.trait.name,
                  f"alpha {alpha:+g}" if kind == "steer" else "ablated",
                  "n/a" if projection is None else f"{projection:.2f}")  # fmt: skip
     if judge is not None:
-        verdicts = judge_responses(judge, run.trait.eval_prompt, [a.question for a in answers],
-                                   [a.response for a in answers], cache=judge_cache)
-        answers = [replace(a, trait=v.trait, coherence=v.coherence)
-                   for a, v in zip(answers, verdicts, strict=True)]
+        verdicts = judge_responses(
+            judge,
+            run.trait.eval_prompt,
+            [a.question for a in answers],
+            [a.response for a in answers],
+            cache=judge_cache,
+        )
+        answers = [
+            replace(a, trait=v.trait, coherence=v.coherence)
+            for a, v in zip(answers, verdicts, strict=True)
+        ]
     n = len(questions)
     return Sweep(
         experiment=run.experiment.name, trait=run.trait.name, variant=run.variant,

@@ -19,7 +19,8 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate, load_kept, split_examples
+from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate
+from tlextract.analysis.heldout import load_kept, split_examples
 from tlextract.ops.metrics import LayerMetrics, auroc, midpoint_accuracy
 from tlextract.settings import RunSettings
 from tlextract.stages.generate import load_responses

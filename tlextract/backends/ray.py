@@ -121,8 +121,7 @@ class TraitWorker:
         log.parent.mkdir(parents=True, exist_ok=True)
         before, start = _stage_stamps(run), time.perf_counter()
         # Line-buffered, so a process killed mid-task still leaves its log up to the last line.
-        with open(log, "a", buffering=1) as f, redirect_stdout(f), redirect_stderr(f), \
-                _log_to(f):
+        with open(log, "a", buffering=1) as f, redirect_stdout(f), redirect_stderr(f), _log_to(f):
             now = datetime.now().isoformat(timespec="seconds")
             print(f"=== {task_name(run)}: attempt at {now} on {host} ({device}), pid {os.getpid()}")
             try:
@@ -251,9 +250,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         if r["status"] != "done":
-            lines.append(
-                f"| {r['trait']} | {r['variant']} | | | | | | | failed: {r['error']} |"
-            )
+            lines.append(f"| {r['trait']} | {r['variant']} | | | | | | | failed: {r['error']} |")
             continue
         kept = f"{r['kept']['pos']}/{r['kept']['neg']}" if r["kept"] else ""
         lines.append(

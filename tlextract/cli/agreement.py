@@ -24,9 +24,7 @@ from tlextract.traits import VARIANTS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tlextract.cli.agreement", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m tlextract.cli.agreement", description=__doc__)
     parser.add_argument("--experiment", default="smollm2_cognitive")
     parser.add_argument("--traits", default="all")
     parser.add_argument("--variant", default="all", choices=(*VARIANTS, "all"))

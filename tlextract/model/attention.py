@@ -216,5 +216,6 @@ class FastGroupedQueryAttention(GroupedQueryAttention):
     _tlx_supported = FastAttention._tlx_supported
     forward = FastAttention.forward
 
+
 # What the helpers above take (a grouped-query layer is not a subclass of FastAttention).
 _Fast = FastAttention | FastGroupedQueryAttention

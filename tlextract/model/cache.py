@@ -71,8 +71,6 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tlextract"
 
 
-
-
 def ensure_cached(key: str, spec: Embedded) -> Path:
     """The cache directory of an embedded model, built if missing or damaged.
 

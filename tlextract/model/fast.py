@@ -177,6 +177,8 @@ def _fuse(module: nn.Module) -> None:
         module.__dict__["_tlx_out"] = FusedLinear(module, [("W_out", "in_out")], ["b_out"])
     elif isinstance(module, _FastUnembed):
         module.__dict__["_tlx_out"] = FusedLinear(module, [("W_U", "in_out")], ["b_U"])
+
+
 _FAST_CLASSES: dict[type, type] = {
     TransformerBlock: _FastTransformerBlock,
     Attention: FastAttention,

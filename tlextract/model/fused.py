@@ -256,8 +256,10 @@ def packed_weights(layers: Sequence[FusedLinear]) -> Iterator[None]:
     todo = [f for f in layers if f.packed is None]
     new_bytes = sum(f._weight.nbytes for f in todo if f._pack is None)
     if new_bytes and new_bytes > available_ram() // 4:
-        log.info("packed weights skipped: %.1f GiB would be over a quarter of free RAM",
-                 new_bytes / 2**30)
+        log.info(
+            "packed weights skipped: %.1f GiB would be over a quarter of free RAM",
+            new_bytes / 2**30,
+        )
         todo = [f for f in todo if f._pack is not None]
     entered = [f for f in todo if f.pack()]
     try:

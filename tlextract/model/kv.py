@@ -16,8 +16,6 @@ from tlextract.model.fused import no_type_check
 _KV_GROWTH = 64
 
 
-
-
 @no_type_check
 class ForwardMemo:
     """Rotary tables and masks of the current forward pass, shared by all attention layers.
@@ -43,7 +41,8 @@ class ForwardMemo:
     def get(self, attention_mask: Tensor | None, frame: tuple[int, int], name: Any) -> Any:
         # Inference tensors have no version counter (and cannot change outside inference mode).
         version = (
-            -1 if attention_mask is None or attention_mask.is_inference()
+            -1
+            if attention_mask is None or attention_mask.is_inference()
             else attention_mask._version
         )
         # Tensors made in inference mode must not reach a forward pass autograd records.
@@ -69,9 +68,17 @@ def _shared_rotary_table(memo: ForwardMemo, attn: AbstractAttention) -> int:
     if seen is not None and seen[0] is cos and seen[1] is sin:
         return seen[2]
     for i, (c, s) in enumerate(memo.rotary_tables):
-        if c is cos and s is sin or (
-            c.shape == cos.shape and c.dtype == cos.dtype and c.device == cos.device
-            and s.shape == sin.shape and torch.equal(c, cos) and torch.equal(s, sin)
+        if (
+            c is cos
+            and s is sin
+            or (
+                c.shape == cos.shape
+                and c.dtype == cos.dtype
+                and c.device == cos.device
+                and s.shape == sin.shape
+                and torch.equal(c, cos)
+                and torch.equal(s, sin)
+            )
         ):
             index = i
             break

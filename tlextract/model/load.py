@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
 @dataclass(frozen=True)
 class _Source:
     """Where a model's HF weights and tokenizer live and how to convert them."""

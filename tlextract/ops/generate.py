@@ -28,6 +28,7 @@ Hook = tuple[str | Callable[..., object], Callable[..., object]]
 # A common prefix shorter than this is not worth a pass of its own.
 MIN_SHARED_PREFIX = 4
 
+
 def next_token_logits(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
@@ -143,9 +144,7 @@ class _Capture:
     A response token is the input of the decode step after it was sampled, so only decode steps
     are recorded (``recording`` is off during the prompt pass)."""
 
-    def __init__(
-        self, names: Sequence[str], n_rows: int, d_model: int, device: str | torch.device
-    ):
+    def __init__(self, names: Sequence[str], n_rows: int, d_model: int, device: str | torch.device):
         self.names = list(names)
         # [hook, row, d_model] on the model's device: one contiguous index_add_ per hook and step
         # (a hook runs 30 times per decode step, so its cost is paid at every token).

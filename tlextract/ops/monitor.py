@@ -52,8 +52,9 @@ class TokenScores:
     def __post_init__(self) -> None:
         lengths = {len(self.tokens), len(self.is_prompt), *map(len, self.scores.values())}
         if lengths != {len(self.token_ids)}:
-            raise ValueError(f"tokens and scores do not line up: {lengths} vs "
-                             f"{len(self.token_ids)} tokens")
+            raise ValueError(
+                f"tokens and scores do not line up: {lengths} vs {len(self.token_ids)} tokens"
+            )
 
     @property
     def answer(self) -> str:
@@ -74,8 +75,11 @@ def _by_trait(
 ) -> dict[str, TraitVectors]:
     if isinstance(vectors, TraitVectors):
         vectors = [vectors]
-    items = list(vectors.items()) if isinstance(vectors, Mapping) else [
-        (tv.trait, tv) for tv in vectors]
+    items = (
+        list(vectors.items())
+        if isinstance(vectors, Mapping)
+        else [(tv.trait, tv) for tv in vectors]
+    )
     names = [name for name, _ in items]
     if not items or len(set(names)) != len(names):
         raise TLExtractError(f"monitor needs trait vectors with distinct names; got {names}.")
@@ -93,8 +97,10 @@ def _layers(
     unknown = sorted(set(layer) - set(vectors))
     missing = sorted(set(vectors) - set(layer))
     if unknown or missing:
-        raise TLExtractError(f"layer per trait: unknown trait(s) {unknown}, no layer for "
-                             f"{missing}; the traits are {sorted(vectors)}.")
+        raise TLExtractError(
+            f"layer per trait: unknown trait(s) {unknown}, no layer for "
+            f"{missing}; the traits are {sorted(vectors)}."
+        )
     return dict(layer)
 
 
@@ -126,21 +132,26 @@ def _per_token(
     # but the last of one that ran out of budget.
     fed = [len(g.response_ids) - (0 if g.stopped else 1) for g in gens]
     if len(steps) != max(fed, default=0):
-        raise RuntimeError(f"monitor: {len(steps)} decode steps for answers that need "
-                           f"{max(fed, default=0)}; generate_batch changed how it drops rows")
+        raise RuntimeError(
+            f"monitor: {len(steps)} decode steps for answers that need "
+            f"{max(fed, default=0)}; generate_batch changed how it drops rows"
+        )
     answers: list[list[Tensor]] = [[] for _ in gens]
     for s, step in enumerate(steps, start=1):
         alive = [r for r, n in enumerate(fed) if n >= s]
         if step.shape[0] != len(alive):
-            raise RuntimeError(f"monitor: decode step {s} has {step.shape[0]} rows, expected "
-                               f"{len(alive)}; generate_batch changed how it drops rows")
+            raise RuntimeError(
+                f"monitor: decode step {s} has {step.shape[0]} rows, expected "
+                f"{len(alive)}; generate_batch changed how it drops rows"
+            )
         for j, r in enumerate(alive):
             answers[r].append(step[j, 0])
     width = prompt_pass.shape[1]
     empty = prompt_pass.new_zeros(0, prompt_pass.shape[-1])
     return [
-        torch.cat([prompt_pass[r, width - len(ids):],
-                   torch.stack(answers[r]) if answers[r] else empty])
+        torch.cat(
+            [prompt_pass[r, width - len(ids) :], torch.stack(answers[r]) if answers[r] else empty]
+        )
         for r, ids in enumerate(prompt_ids)
     ]
 
@@ -204,17 +215,23 @@ def monitor(
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         for p, prompt_ids, (gen, scored) in zip(
-            prompts[chunk], ids[chunk],
-            _generate_scored(model, ids[chunk], settings, seeds[chunk], units), strict=True,
+            prompts[chunk],
+            ids[chunk],
+            _generate_scored(model, ids[chunk], settings, seeds[chunk], units),
+            strict=True,
         ):
             token_ids = [*prompt_ids, *gen.response_ids]
-            texts.append(TokenScores(
-                prompt=p,
-                token_ids=token_ids,
-                tokens=tok.batch_decode([[t] for t in token_ids]),
-                is_prompt=[i < len(prompt_ids) for i in range(len(token_ids))],
-                scores={t: scored[name][:, groups[name].index(t)].tolist()
-                        for t, name in hook_names.items()},
-                stopped=gen.stopped,
-            ))
+            texts.append(
+                TokenScores(
+                    prompt=p,
+                    token_ids=token_ids,
+                    tokens=tok.batch_decode([[t] for t in token_ids]),
+                    is_prompt=[i < len(prompt_ids) for i in range(len(token_ids))],
+                    scores={
+                        t: scored[name][:, groups[name].index(t)].tolist()
+                        for t, name in hook_names.items()
+                    },
+                    stopped=gen.stopped,
+                )
+            )
     return Monitoring(list(by_trait), layers, hook_names, asdict(settings), texts)

@@ -51,16 +51,15 @@ def _label(token: str) -> str:
     return shown or "∅"
 
 
-def plot_heatmap(
-    mon: Monitoring, index: int, path: Path, poles: Poles | None = None
-) -> Path:
+def plot_heatmap(mon: Monitoring, index: int, path: Path, poles: Poles | None = None) -> Path:
     """Answer ``index``: traits down, tokens across (wrapped every :data:`TOKENS_PER_ROW`)."""
     text = mon.texts[index]
     rows = [normalise(text, t, (poles or {}).get(t)) for t in mon.traits]
     n = len(text.tokens)
     chunks = [range(i, min(i + TOKENS_PER_ROW, n)) for i in range(0, n, TOKENS_PER_ROW)]
-    fig = Figure(figsize=(13, len(chunks) * (0.35 * len(mon.traits) + 1.3) + 1.0),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(13, len(chunks) * (0.35 * len(mon.traits) + 1.3) + 1.0), layout="constrained"
+    )
     axes = fig.subplots(len(chunks), 1, squeeze=False)[:, 0]
     norm = Normalize(-CLIP, CLIP)
     image = None
@@ -68,21 +67,26 @@ def plot_heatmap(
         values = [[row[0][i] for i in chunk] for row in rows]
         image = ax.imshow(values, cmap=CMAP, norm=norm, aspect="auto", interpolation="nearest")
         ax.set_xlim(-0.5, TOKENS_PER_ROW - 0.5)  # a short last row keeps the token width
-        ax.set_xticks(range(len(chunk)), [_label(text.tokens[i]) for i in chunk], rotation=90,
-                      fontsize=7)
+        ax.set_xticks(
+            range(len(chunk)), [_label(text.tokens[i]) for i in chunk], rotation=90, fontsize=7
+        )
         for tick, i in zip(ax.get_xticklabels(), chunk, strict=True):
             if text.is_prompt[i]:
                 tick.set_color("grey")
-        ax.set_yticks(range(len(mon.traits)),
-                      [f"{t} (L{mon.layers[t]})" for t in mon.traits], fontsize=8)
+        ax.set_yticks(
+            range(len(mon.traits)), [f"{t} (L{mon.layers[t]})" for t in mon.traits], fontsize=8
+        )
         boundary = sum(text.is_prompt) - chunk.start
         if 0 < boundary < len(chunk):
             ax.axvline(boundary - 0.5, color="black", linewidth=1.5)
     scales = sorted({label for _, label in rows})
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="; ".join(scales), shrink=0.8)
-    fig.suptitle(f"per-token projection on each trait vector · prompt tokens in grey, black line: "
-                 f"answer starts\n{text.prompt!r}", fontsize=10)
+    fig.suptitle(
+        f"per-token projection on each trait vector · prompt tokens in grey, black line: "
+        f"answer starts\n{text.prompt!r}",
+        fontsize=10,
+    )
     FigureCanvasAgg(fig)  # attach the Agg canvas: PNG without pyplot
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -100,11 +104,13 @@ def token_html(mon: Monitoring, trait: str, poles: Mapping[str, float] | None = 
             f'<span class="{"prompt" if p else "answer"}" '
             f'style="background:{to_hex(cmap(norm(v)))}" title="{raw:.3f} ({v:+.2f})">'
             f"{html.escape(tok)}</span>"
-            for tok, p, v, raw in zip(text.tokens, text.is_prompt, values, text.scores[trait],
-                                      strict=True)
+            for tok, p, v, raw in zip(
+                text.tokens, text.is_prompt, values, text.scores[trait], strict=True
+            )
         ]
-        parts.append(f"<h2>{html.escape(text.prompt)}</h2>\n<div class=\"text\">{''.join(spans)}"
-                     "</div>")
+        parts.append(
+            f'<h2>{html.escape(text.prompt)}</h2>\n<div class="text">{"".join(spans)}</div>'
+        )
     title = f"{trait} · layer {mon.layers[trait]} ({mon.hook_names[trait]})"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -128,10 +134,10 @@ def write_monitoring(
     """``monitor.json``, ``heatmap_<i>.png`` per answer and ``<color_trait>.html`` in ``out``."""
     write_json(out / "monitor.json", {**asdict(mon), "poles": dict(poles or {})})
     paths = [out / "monitor.json"]
-    paths += [plot_heatmap(mon, i, out / f"heatmap_{i}.png", poles)
-              for i in range(len(mon.texts))]
+    paths += [plot_heatmap(mon, i, out / f"heatmap_{i}.png", poles) for i in range(len(mon.texts))]
     page = out / f"{color_trait}.html"
     with atomic_path(page) as tmp:
-        tmp.write_text(token_html(mon, color_trait, (poles or {}).get(color_trait)),
-                       encoding="utf-8")
+        tmp.write_text(
+            token_html(mon, color_trait, (poles or {}).get(color_trait)), encoding="utf-8"
+        )
     return [*paths, page]

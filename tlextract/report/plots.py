@@ -47,10 +47,12 @@ def pos_neg(counts: dict[str, int]) -> str:
 
 def _title(ev: TraitEvaluation) -> str:
     fitted = f" · vectors fitted on {ev.train_trait}/{ev.train_variant}" if ev.is_cross else ""
-    return (f"{ev.trait} · {ev.model} · variant {ev.variant}{fitted} · "
-            f"hook blocks.<layer>.hook_{ev.hook}\n"
-            f"held-out n = {pos_neg(ev.n_test)} pos/neg (train {pos_neg(ev.n_train)}), "
-            f"split by example index, seed {ev.seed}")
+    return (
+        f"{ev.trait} · {ev.model} · variant {ev.variant}{fitted} · "
+        f"hook blocks.<layer>.hook_{ev.hook}\n"
+        f"held-out n = {pos_neg(ev.n_test)} pos/neg (train {pos_neg(ev.n_train)}), "
+        f"split by example index, seed {ev.seed}"
+    )
 
 
 def plot_metrics(ev: TraitEvaluation, path: Path) -> Path:
@@ -59,11 +61,23 @@ def plot_metrics(ev: TraitEvaluation, path: Path) -> Path:
     for ax, (field, label, chance) in zip(fig.subplots(1, 3), PANELS, strict=True):
         for method in ev.methods:
             rows = [r for r in ev.rows if r.method == method]
-            (line,) = ax.plot([r.layer for r in rows], [getattr(r, field) for r in rows],
-                              marker="o", markersize=3, label=method)
+            (line,) = ax.plot(
+                [r.layer for r in rows],
+                [getattr(r, field) for r in rows],
+                marker="o",
+                markersize=3,
+                label=method,
+            )
             best = ev.best[method]
-            ax.plot(best.layer, getattr(best, field), marker="*", markersize=15,
-                    color=line.get_color(), markeredgecolor="black", linestyle="none")
+            ax.plot(
+                best.layer,
+                getattr(best, field),
+                marker="*",
+                markersize=15,
+                color=line.get_color(),
+                markeredgecolor="black",
+                linestyle="none",
+            )
         ax.axhline(chance, color="grey", linestyle="--", linewidth=0.8)
         if field != "cohens_d":
             ax.set_ylim(-0.03, 1.03)
@@ -86,17 +100,25 @@ def plot_projections(ev: TraitEvaluation, path: Path) -> Path:
         values = [*held.pos, *held.neg, held.threshold]
         bins = torch.linspace(min(values), max(values) + 1e-9, 21).tolist()
         for pol, scores in (("pos", held.pos), ("neg", held.neg)):
-            ax.hist(scores, bins=bins, alpha=0.6, color=COLORS[pol],
-                    label=f"{pol} (n={len(scores)})")
-        ax.axvline(held.threshold, color="black", linestyle="--", linewidth=1,
-                   label="threshold (train midpoint)")
-        ax.set(title=f"{method} · best layer {held.layer}\naccuracy {best.accuracy:.2f} · "
-               f"AUROC {best.auroc:.2f} · d {best.cohens_d:.2f}",
-               xlabel=f"projection on unit vector at {ev.hook_name(held.layer)}",
-               ylabel="held-out examples")
+            ax.hist(
+                scores, bins=bins, alpha=0.6, color=COLORS[pol], label=f"{pol} (n={len(scores)})"
+            )
+        ax.axvline(
+            held.threshold,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="threshold (train midpoint)",
+        )
+        ax.set(
+            title=f"{method} · best layer {held.layer}\naccuracy {best.accuracy:.2f} · "
+            f"AUROC {best.auroc:.2f} · d {best.cohens_d:.2f}",
+            xlabel=f"projection on unit vector at {ev.hook_name(held.layer)}",
+            ylabel="held-out examples",
+        )
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
-    for ax in axes[len(ev.methods):]:
+    for ax in axes[len(ev.methods) :]:
         ax.set_visible(False)
     fig.suptitle(_title(ev))
     return save_figure(fig, path)
@@ -111,13 +133,21 @@ def plot_cosine(cm: CosineMatrix) -> Path:
     image = ax.imshow(cm.matrix, cmap="RdBu_r", vmin=-1, vmax=1)
     for i, row in enumerate(cm.matrix):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center",
-                    color="white" if abs(value) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                color="white" if abs(value) > 0.6 else "black",
+            )
     ax.set_xticks(range(k), cm.traits, rotation=30, ha="right")
     ax.set_yticks(range(k), [f"{t}\n(n={pos_neg(cm.counts[t])})" for t in cm.traits])
     ax.set(xlabel="trait", ylabel="trait (n = pos/neg examples behind the vector)")
     fig.colorbar(image, ax=ax, label="cosine similarity")
-    fig.suptitle(f"{cm.experiment}: cosine similarity of {cm.method} vectors\n"
-                 f"model {cm.model} · variant {cm.variant}\n"
-                 f"layer {cm.layer} ({cm.hook_name})")
+    fig.suptitle(
+        f"{cm.experiment}: cosine similarity of {cm.method} vectors\n"
+        f"model {cm.model} · variant {cm.variant}\n"
+        f"layer {cm.layer} ({cm.hook_name})"
+    )
     return save_figure(fig, cm.png)

@@ -131,27 +131,46 @@ def _link(label: str, target: Path, base: Path) -> str:
 
 def _trait_table(runs: Sequence[tuple[RunSettings, TraitEvaluation]], out: Path) -> list[str]:
     methods = runs[0][1].methods
-    lines = ["| trait | variant | judge | kept pos/neg | held-out pos/neg | "
-             + " | ".join(methods) + " | details |",
-             "|---|---|---|---:|---:|" + "---|" * len(methods) + "---|"]
+    lines = [
+        "| trait | variant | judge | kept pos/neg | held-out pos/neg | "
+        + " | ".join(methods)
+        + " | details |",
+        "|---|---|---|---:|---:|" + "---|" * len(methods) + "---|",
+    ]
     for run, ev in runs:
         n: dict[str, int] = {p: ev.n_train[p] + ev.n_test[p] for p in POLARITIES}
         folder = report_dir(run)
-        details = " · ".join(_link(label, folder / f, out) for label, f in (
-            ("table", "metrics.md"), ("by layer", "metrics_by_layer.png"),
-            ("projections", "projections.png")))
-        lines.append(f"| {ev.trait} | {ev.variant} | {ev.judge} | {pos_neg(n)} | "
-                     f"{pos_neg(ev.n_test)} | "
-                     + " | ".join(_best_cell(ev, m) for m in methods) + f" | {details} |")
+        details = " · ".join(
+            _link(label, folder / f, out)
+            for label, f in (
+                ("table", "metrics.md"),
+                ("by layer", "metrics_by_layer.png"),
+                ("projections", "projections.png"),
+            )
+        )
+        lines.append(
+            f"| {ev.trait} | {ev.variant} | {ev.judge} | {pos_neg(n)} | "
+            f"{pos_neg(ev.n_test)} | "
+            + " | ".join(_best_cell(ev, m) for m in methods)
+            + f" | {details} |"
+        )
     return lines
 
 
 def _cosine_section(cm: CosineMatrix, out: Path) -> list[str]:
-    lines = [f"## Cosine similarity of mean_diff vectors: {cm.variant}, layer {cm.layer} "
-             f"(`{cm.hook_name}`)", "", f"![cosine matrix]({cm.png.name})", "",
-             "| | " + " | ".join(cm.traits) + " |", "|---|" + "---:|" * len(cm.traits)]
-    lines += [f"| {t} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
-              for t, row in zip(cm.traits, cm.matrix, strict=True)]
+    lines = [
+        f"## Cosine similarity of mean_diff vectors: {cm.variant}, layer {cm.layer} "
+        f"(`{cm.hook_name}`)",
+        "",
+        f"![cosine matrix]({cm.png.name})",
+        "",
+        "| | " + " | ".join(cm.traits) + " |",
+        "|---|" + "---:|" * len(cm.traits),
+    ]
+    lines += [
+        f"| {t} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
+        for t, row in zip(cm.traits, cm.matrix, strict=True)
+    ]
     lines += [f"- left out {t}: {why}" for t, why in cm.missing.items()]
     return [*lines, "", f"Values: {_link(cm.json.name, cm.json, out)}", ""]
 
@@ -165,20 +184,27 @@ def summary_markdown(
 ) -> str:
     first = runs[0][1]
     lines = [
-        f"# Report: experiment `{experiment.name}`, model `{first.model}`", "",
+        f"# Report: experiment `{experiment.name}`, model `{first.model}`",
+        "",
         f"- hook `blocks.<layer>.hook_{first.hook}` (layer = TransformerLens block index)",
         f"- held-out evaluation: split by example index (seed {first.seed}, test fraction "
         f"{first.test_fraction}); each method fitted on the train split, scored on the held-out "
         "split",
         "- each method's cell: best layer: held-out accuracy / AUROC / Cohen's d "
         "(accuracy: balanced, threshold at the midpoint of the train class means)",
-        f"- best layer: {RULE_TEXT[first.rule]}", "",
-        "## Best layer per method", "", *_trait_table(runs, out), "",
+        f"- best layer: {RULE_TEXT[first.rule]}",
+        "",
+        "## Best layer per method",
+        "",
+        *_trait_table(runs, out),
+        "",
     ]
-    lines += [f"- not evaluated, no activations or judgments for these settings: {r.trait.name} "
-              f"({r.variant}); run `python -m tlextract run --experiment {experiment.name} "
-              f"--traits {r.trait.name} --variant {r.variant}` with the same settings"
-              for r in not_run]
+    lines += [
+        f"- not evaluated, no activations or judgments for these settings: {r.trait.name} "
+        f"({r.variant}); run `python -m tlextract run --experiment {experiment.name} "
+        f"--traits {r.trait.name} --variant {r.variant}` with the same settings"
+        for r in not_run
+    ]
     for cm in matrices:
         lines += ["", *_cosine_section(cm, out)]
     return "\n".join(lines).rstrip() + "\n"
@@ -192,8 +218,12 @@ def _compare(
     for run, ev in runs:
         by_trait.setdefault(run.trait.name, {})[run.variant] = (run, ev)
     return [
-        compare_variants({v: r for v, (r, _) in done.items()},
-                         {v: e for v, (_, e) in done.items()}, test_fraction, seed)
+        compare_variants(
+            {v: r for v, (r, _) in done.items()},
+            {v: e for v, (_, e) in done.items()},
+            test_fraction,
+            seed,
+        )
         for done in by_trait.values()
         if len(done) > 1
     ]
@@ -244,8 +274,9 @@ def build_report(
         done = [(run, ev) for run, ev in runs if run.variant == variant]
         if any(saved_vectors(run) for run, _ in done):
             at = layer if layer is not None else _default_layer([ev for _, ev in done])
-            matrices.append(cosine_matrix(experiment, at, variant, traits=traits, out_dir=out,
-                                          **overrides))
+            matrices.append(
+                cosine_matrix(experiment, at, variant, traits=traits, out_dir=out, **overrides)
+            )
     comparisons = _compare(runs, test_fraction, seed) if len(variants) > 1 else []
     if comparisons:
         write_json(out / "variants.json", comparison_json(comparisons))

@@ -1,0 +1,187 @@
+"""``steer`` and ``monitor``: they read a run's saved vectors, so they take no stage options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tlextract.config import DEFAULT_EXPERIMENT, Experiment
+from tlextract.errors import TLExtractError
+from tlextract.ops.vectors import TraitVectors
+from tlextract.settings import RunSettings, settings_for
+from tlextract.stages.common import model_loader
+from tlextract.traits import VARIANTS
+
+
+def parse_floats(text: str) -> list[float]:
+    """'-1,-0.5,0,0.5,1' (write --alphas=-1,... : argparse reads '-1,...' as an option)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated numbers") from None
+
+
+def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
+    helps = {
+        "steer": "steer held-out questions at several strengths (and ablate): sweep.json, plot",
+        "monitor": "score every token of the answers to --prompt on each trait's vector",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+        p.add_argument("--traits", "--trait", default="all", help="comma-separated, or 'all'")
+        p.add_argument("--experiments-dir", type=Path, default=None)
+        p.add_argument("--model", default=None, help="override the experiment's model")
+        p.add_argument(
+            "--variant",
+            default=None,
+            choices=VARIANTS,
+            help="whose vectors: the instruction or the natural run (default: the experiment's)",
+        )
+        p.add_argument(
+            "--layer",
+            type=int,
+            default=None,
+            help="block index (default: each trait's best mean_diff layer in its "
+            "report/metrics.json, else the middle of its layers)",
+        )
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    steer_p, monitor_p = (sub.choices[name] for name in helps)
+    steer_p.add_argument(
+        "--alphas",
+        type=parse_floats,
+        default=None,
+        help="strengths in typical residual norms, e.g. --alphas=-1,0,1 "
+        "(default -1,-0.5,-0.25,0,0.25,0.5,1)",
+    )
+    steer_p.add_argument("--n-questions", type=int, default=8, help="held-out questions")
+    steer_p.add_argument("--positions", default="all", choices=("all", "prompt", "response"))
+    steer_p.add_argument(
+        "--no-ablate", dest="ablate", action="store_false", help="skip the ablation condition"
+    )
+    steer_p.add_argument(
+        "--judge", default=None, choices=("none", "local"), help="override the experiment's judge"
+    )
+    monitor_p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="a user message to answer (repeat for more)",
+    )
+    monitor_p.add_argument(
+        "--color-trait",
+        default=None,
+        help="the trait that colours the HTML page (default: the first)",
+    )
+    monitor_p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the experiment's"
+    )
+
+
+def _saved_run(
+    args: argparse.Namespace, experiment: Experiment, trait: str
+) -> tuple[RunSettings, TraitVectors, int]:
+    """The run, its saved mean_diff vectors and the layer to use (said on stdout)."""
+    from tlextract.settings import report_dir
+
+    run = settings_for(
+        experiment,
+        trait,
+        model=args.model,
+        variant=args.variant,
+        device=args.device,
+        dtype=args.dtype,
+        judge=getattr(args, "judge", None),
+    )
+    path = run.stage_dir("vectors") / "mean_diff.pt"
+    if not path.exists():
+        raise TLExtractError(
+            f"{path}: no mean_diff vectors. Extract them first: python -m tlextract run "
+            f"--experiment {experiment.name} --traits {trait} --variant {run.variant}."
+        )
+    vectors = TraitVectors.load(path)
+    metrics = report_dir(run) / "metrics.json"
+    best = json.loads(metrics.read_text())["best"].get("mean_diff") if metrics.exists() else None
+    if args.layer is not None:
+        layer, why = args.layer, "--layer"
+    elif best is not None and best["layer"] in vectors.layers:
+        layer, why = best["layer"], f"best mean_diff layer {best['layer']} in {metrics}"
+    else:
+        layer = vectors.layers[len(vectors.layers) // 2]
+        why = "middle of the vectors' layers (no evaluation report: python -m tlextract report)"
+    print(f"[{trait}] layer {layer}: {why}")
+    return run, vectors, layer
+
+
+def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
+    from tlextract.analysis.sweep import DEFAULT_ALPHAS, alpha_sweep
+    from tlextract.config import split_judge
+    from tlextract.judge.cache import JudgeCache
+    from tlextract.judge.registry import make_judge
+    from tlextract.report.sweep_view import sweep_table, write_sweep
+
+    saved = [_saved_run(args, experiment, t) for t in _trait_names(args, experiment)]
+    get_model = model_loader(saved[0][0])
+    for run, vectors, layer in saved:
+        model = get_model()
+        judge = make_judge(split_judge(run.judge)[0], model=model)
+        out = run.out_dir / "steer"
+        sweep = alpha_sweep(
+            model,
+            run,
+            vectors,
+            layer,
+            args.alphas or DEFAULT_ALPHAS,
+            args.n_questions,
+            positions=args.positions,
+            ablation=args.ablate,
+            judge=judge,
+            judge_cache=JudgeCache(out / "judge_cache.jsonl") if judge is not None else None,
+        )
+        paths = write_sweep(sweep, out)
+        print(
+            sweep_table(sweep)
+            + f"[{run.trait.name}] steering sweep -> "
+            + ", ".join(map(str, paths))
+        )
+
+
+def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
+    from dataclasses import replace
+
+    from tlextract.analysis.sweep import pole_means
+    from tlextract.ops.monitor import monitor
+    from tlextract.ops.steer import unit_direction
+    from tlextract.report.monitor_view import write_monitoring
+
+    saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
+    if args.color_trait not in (None, *saved):
+        raise TLExtractError(f"--color-trait {args.color_trait!r} is not among {list(saved)}.")
+    first = next(iter(saved.values()))[0]
+    model = model_loader(first)()
+    gen = experiment.generation
+    mon = monitor(
+        model,
+        args.prompt,
+        {t: tv for t, (_, tv, _) in saved.items()},
+        {t: layer for t, (_, _, layer) in saved.items()},
+        style=experiment.prompt_style,
+        settings=replace(gen, max_new_tokens=args.max_new_tokens or gen.max_new_tokens),
+        seeds=[experiment.seed + i for i in range(len(args.prompt))],
+    )
+    poles = {
+        t: pole_means(run, layer, unit_direction(model, tv, layer)[1])
+        for t, (run, tv, layer) in saved.items()
+    }
+    out = experiment.path / ("monitor" + first.out_dir.name.removeprefix("extraction"))
+    paths = write_monitoring(mon, out, args.color_trait or mon.traits[0], poles)
+    print(f"monitor: {len(mon.texts)} answers -> {', '.join(map(str, paths))}")
+
+
+def _trait_names(args: argparse.Namespace, experiment: Experiment) -> tuple[str, ...]:
+    return experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
+
+
+INTERVENTIONS = {"steer": steer_command, "monitor": monitor_command}
