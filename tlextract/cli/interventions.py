@@ -9,7 +9,7 @@ from pathlib import Path
 from tlextract.config import DEFAULT_EXPERIMENT, Experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.vectors import TraitVectors
-from tlextract.settings import RunSettings, settings_for
+from tlextract.settings import RunSettings, monitor_dir, settings_for, steer_dir
 from tlextract.stages.common import model_loader
 from tlextract.traits import VARIANTS
 
@@ -127,7 +127,7 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
     for run, vectors, layer in saved:
         model = get_model()
         judge = make_judge(split_judge(run.judge)[0], model=model)
-        out = run.out_dir / "steer"
+        out = steer_dir(run)
         sweep = alpha_sweep(
             model,
             run,
@@ -175,7 +175,7 @@ def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
         t: pole_means(run, layer, unit_direction(model, tv, layer)[1])
         for t, (run, tv, layer) in saved.items()
     }
-    out = experiment.path / ("monitor" + first.out_dir.name.removeprefix("extraction"))
+    out = monitor_dir(first)
     paths = write_monitoring(mon, out, args.color_trait or mon.traits[0], poles)
     print(f"monitor: {len(mon.texts)} answers -> {', '.join(map(str, paths))}")
 
