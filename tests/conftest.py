@@ -32,6 +32,21 @@ NATURAL = {
 }
 
 
+def chat_ids(model, texts: list[str]) -> list[list[int]]:
+    """Each text as a user turn in the model's chat template, as token ids."""
+    return [
+        list(
+            model.tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for t in texts
+    ]
+
+
 def write_trait(root: Path, name: str, natural: bool = True, **overrides: object) -> Path:
     d = root / name
     d.mkdir(parents=True, exist_ok=True)

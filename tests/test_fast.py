@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import chat_ids
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -90,17 +91,7 @@ def prompt_ids(model: HookedTransformer) -> list[list[int]]:
     tok = model.tokenizer
     if model.cfg.model_name == "tiny-random":
         return [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    return [
-        list(
-            tok.apply_chat_template(
-                [{"role": "user", "content": t}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for t in TEXTS
-    ]
+    return chat_ids(model, TEXTS)
 
 
 def batch(model: HookedTransformer) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MIXED_LENGTH_TEXTS
+from conftest import MIXED_LENGTH_TEXTS, chat_ids
 
 from tlextract.config import GenerationSettings
 from tlextract.model.tokens import left_pad, stop_token_ids
@@ -26,21 +26,28 @@ def test_left_pad_puts_real_tokens_flush_right() -> None:
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+def _tl_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """TransformerLens' own generate on one prompt: the tokens after it (an end token and the
+    padding after it included)."""
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        do_sample=False,
+        stop_at_eos=True,
+        eos_token_id=stop_token_ids(model),
+        verbose=False,
+        return_type="tokens",
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 def test_greedy_batch_equals_transformerlens_generate_one_by_one(tiny_model) -> None:
     settings = GenerationSettings(max_new_tokens=12, do_sample=False)
     ids = _ids(tiny_model, TEXTS)
     batched = generate_batch(tiny_model, ids, settings, seeds=[0] * len(ids))
     stops = set(stop_token_ids(tiny_model))
     for prompt, got in zip(ids, batched, strict=True):
-        ref = tiny_model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=12,
-            do_sample=False,
-            stop_at_eos=True,
-            eos_token_id=sorted(stops),
-            verbose=False,
-            return_type="tokens",
-        )[0, len(prompt) :].tolist()
+        ref = _tl_greedy(tiny_model, prompt, 12)
         cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
         assert got.response_ids == ref[:cut]
         assert got.stopped == (cut < len(ref))
@@ -113,39 +120,17 @@ def test_activations_captured_while_generating_equal_a_teacher_forced_pass(tiny_
     assert [g.response_ids for g in plain] == [g.response_ids for g in gens]
 
 
-def _chat_ids(model, texts):
-    return [
-        list(
-            model.tokenizer.apply_chat_template(
-                [{"role": "user", "content": t}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
-        )
-        for t in texts
-    ]
-
-
 def test_chat_prompts_share_their_template_prefix_and_generate_as_one_by_one(tiny_model) -> None:
     """Chat prompts start with the same template tokens, computed once per batch: greedy output
     equals TransformerLens' generate on each prompt alone, sampled output equals each prompt
     generated alone (a batch of one shares nothing)."""
-    ids = _chat_ids(tiny_model, TEXTS) * 2
+    ids = chat_ids(tiny_model, TEXTS) * 2
     _, shared = prefix_cache(tiny_model, ids, min(map(len, ids)) - 1, share=True)
     assert shared >= MIN_SHARED_PREFIX
     greedy = GenerationSettings(max_new_tokens=10, do_sample=False)
     batched = generate_batch(tiny_model, ids, greedy, seeds=[0] * len(ids))
     for prompt, got in zip(ids, batched, strict=True):
-        ref = tiny_model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=10,
-            do_sample=False,
-            stop_at_eos=True,
-            eos_token_id=stop_token_ids(tiny_model),
-            verbose=False,
-            return_type="tokens",
-        )[0, len(prompt) :].tolist()
+        ref = _tl_greedy(tiny_model, prompt, 10)
         assert got.response_ids == ref[: len(got.response_ids)]
         assert len(got.response_ids) == 10 or ref[len(got.response_ids)] in stop_token_ids(
             tiny_model
@@ -171,7 +156,7 @@ def test_generation_and_teacher_forced_pass_share_the_prefix_unless_hooked(
 
     monkeypatch.setattr(tlextract.ops.generate, "prefix_cache", spy)
     monkeypatch.setattr(tlextract.ops.pool, "prefix_cache", spy)
-    ids = _chat_ids(tiny_model, TEXTS)
+    ids = chat_ids(tiny_model, TEXTS)
     greedy = GenerationSettings(max_new_tokens=3, do_sample=False)
     gens = generate_batch(tiny_model, ids, greedy, seeds=[0] * len(ids))
     pooled_activations(tiny_model, ids, [g.response_ids or [5] for g in gens], [0])
@@ -186,7 +171,7 @@ def test_activations_with_a_shared_prefix_equal_each_example_run_alone(tiny_mode
     template prefix once) against run_with_cache on each unpadded example by itself."""
     layers = list(range(tiny_model.cfg.n_layers))
     names = [hook_name("resid_post", layer) for layer in layers]
-    ids = _chat_ids(tiny_model, TEXTS)
+    ids = chat_ids(tiny_model, TEXTS)
     settings = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=2.0)
     gens = generate_batch(tiny_model, ids, settings, seeds=range(len(ids)), capture=names)
     kept = [i for i, g in enumerate(gens) if g.response_ids]
