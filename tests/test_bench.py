@@ -34,7 +34,9 @@ def test_gpu_benchmark_runs_on_cpu_with_the_tiny_model(
     assert {r["batch"] for r in versus} == {1, 2} and len(versus) == 5  # no sharing at 1
     hf = [r for r in versus if r["contender"].startswith("transformers")]
     assert all(r["ratio"] == pytest.approx(1.0) for r in hf)
-    assert all(0 < r["floor_fraction"] and r["floor_ms"] > 0 for r in versus)
+    assert all(r["floor_ms"] > 0 for r in versus)
+    # a step too cheap to time against noise has no figure, never a negative one
+    assert all(r["step_ms"] is None or r["step_ms"] > 0 < r["floor_fraction"] for r in versus)
     text = out.read_text()
     assert text.count("\n| 2 | ") == 5  # three generators and two pipeline modes at batch 2
     assert "fraction of floor" in text and "speedup vs serial two-stage" in text

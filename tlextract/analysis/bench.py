@@ -162,11 +162,13 @@ def versus_transformers(
         hf_rate = produced[HF] / best[HF][n_new]
         for name, times in best.items():
             step = (times[n_new] - times[1]) / (n_new - 1)
+            # Timing noise can outweigh a few cheap steps (the tiny test model): no figure then.
+            step_ms = step * 1e3 if step > 0 else None
             rate = produced[name] / times[n_new]
             rows.append({
                 "batch": batch, "contender": name, "tokens": produced[name],
-                "tok_s": rate, "ratio": rate / hf_rate, "step_ms": step * 1e3,
-                "floor_ms": floor * 1e3, "floor_fraction": floor / step,
+                "tok_s": rate, "ratio": rate / hf_rate, "step_ms": step_ms,
+                "floor_ms": floor * 1e3, "floor_fraction": floor / step if step > 0 else None,
             })  # fmt: skip
     return rows
 
@@ -330,6 +332,10 @@ def _measure_workload(workload: Workload, plan: BenchPlan, roof: Roofline, work_
             "pipeline": pipeline}  # fmt: skip
 
 
+def _num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def _render(
     workload: Workload, model: str, plan: BenchPlan, versus: list[dict], pipeline: list[dict]
 ) -> str:
@@ -344,7 +350,8 @@ def _render(
     ]  # fmt: skip
     lines += [
         f"| {r['batch']} | {r['contender']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x "
-        f"| {r['step_ms']:.3g} | {r['floor_ms']:.3g} | {r['floor_fraction']:.2f} |"
+        f"| {_num(r['step_ms'], '.3g')} | {r['floor_ms']:.3g} "
+        f"| {_num(r['floor_fraction'], '.2f')} |"
         for r in versus
     ]
     base = next(r["wall_s"] for r in pipeline if r["batch"] == 1 and r["mode"] == "two-stage")
