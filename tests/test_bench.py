@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tlextract.analysis.bench import Roofline, Workload, gpu_benchmark, product_weights
+from tlextract.analysis.bench import Workload, gpu_benchmark
+from tlextract.analysis.roofline import Roofline, product_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
