@@ -167,6 +167,8 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--rule", default="auroc", choices=RULES, help="best-layer rule")
+    p.add_argument("--folds", type=int, default=5,
+                   help="cross-validation folds (by example index), headline figures")  # fmt: skip
     p.add_argument("--layer", type=int, default=None,
                    help="layer of the cosine matrix (default: median best layer)")  # fmt: skip
 
@@ -206,6 +208,7 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
         test_fraction=args.test_fraction,
         seed=args.seed,
         rule=args.rule,
+        folds=args.folds,
         **_overrides(args),
     )
     print(f"report: {path}")

@@ -1,0 +1,223 @@
+"""The trustworthy figures of a trait run: nested cross-validation by example index
+(:mod:`tlextract.ops.crossval`), 95% bootstrap intervals over examples
+(:mod:`tlextract.ops.bootstrap`), the surface baselines the vectors must beat and two nulls.
+
+For each method the layer is chosen inside each outer fold on the other folds alone, so no
+example's score took part in any choice. Scored the same way, on the same folds:
+
+* baselines: response length in tokens, and a bag-of-words logistic regression on the text;
+* nulls: a random unit direction at the layer the trait vector chose (per fold), and the whole
+  procedure refitted on shuffled labels (each example's pos and neg swapped with probability
+  1/2) and scored against the true ones. Both should sit at chance.
+
+A method *beats the baselines* when its AUROC interval lies wholly above the interval of the
+better baseline. ``layer`` is the layer to use the full-data vectors at: the one whose
+out-of-fold AUROC over all folds is highest (what ``steer`` and ``monitor`` default to).
+
+Results go to ``<run.out_dir>/report/crossval.{json,md}`` and are read back when the
+activations, selection and settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tlextract.analysis.heldout import KeptRun, load_kept
+from tlextract.analysis.surface import BASELINES, surface_scores
+from tlextract.errors import TLExtractError
+from tlextract.ops.bootstrap import Interval, bootstrap
+from tlextract.ops.crossval import (
+    DEFAULT_FOLDS,
+    fold_of,
+    nested,
+    random_direction_scores,
+    shuffled_labels,
+)
+from tlextract.ops.methods import METHODS, get_method, run_method
+from tlextract.ops.metrics import auroc
+from tlextract.settings import RunSettings, report_dir
+from tlextract.stages.generate import load_responses
+from tlextract.store import fingerprint, read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+HEADLINE = "mean_diff"  # the method the nulls and the verdict are about
+N_BOOT = 2000
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One score source over every kept example: a method, a baseline or a null."""
+
+    name: str
+    kind: str  # "method", "baseline" or "null"
+    accuracy: Interval
+    auroc: Interval
+    cohens_d: Interval
+    layers: list[int]  # block index chosen in each outer fold (none for baselines)
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    experiment: str
+    trait: str
+    variant: str
+    judge: str
+    model: str
+    hook: str
+    folds: int
+    seed: int
+    n_boot: int
+    n: dict[str, int]  # rows per polarity, each scored once
+    layers: list[int]
+    scored: list[Scored]
+    layer: dict[str, int]  # method -> layer to use its full-data vectors at
+    per_layer_auroc: dict[str, list[float]]  # method -> out-of-fold AUROC at each layer
+    best_baseline: str
+    beats_baseline: dict[str, bool]  # method -> AUROC interval above the best baseline's
+
+    def get(self, name: str) -> Scored:
+        return next(s for s in self.scored if s.name == name)
+
+
+def _score(name: str, kind: str, z: Tensor, y: Tensor, groups: list[int], seed: int,
+           layers: list[int], n_boot: int) -> Scored:  # fmt: skip
+    g = torch.tensor(groups)
+    figures = bootstrap(z[y], z[~y], g[y].tolist(), g[~y].tolist(), n_boot, seed)
+    return Scored(name, kind, figures["accuracy"], figures["auroc"], figures["cohens_d"], layers)
+
+
+def _rows(kept: KeptRun) -> tuple[Tensor, Tensor, list[int], list[str], list[int]]:
+    """Activations, labels, example indices, texts and lengths of every kept row."""
+    acts = kept.acts
+    responses, _ = load_responses(kept.run)
+    by_key = {(r["polarity"], r["index"]): r for r in responses}
+    keys = [("pos", i) for i in acts.pos_index] + [("neg", i) for i in acts.neg_index]
+    y = torch.tensor([pol == "pos" for pol, _ in keys])
+    texts = [by_key[k]["response"] for k in keys]
+    lengths = [int(by_key[k]["n_response_tokens"]) for k in keys]
+    return torch.cat([acts.pos, acts.neg]), y, [i for _, i in keys], texts, lengths
+
+
+def _cross_validate(kept: KeptRun, methods: Sequence[str], folds: int, seed: int,
+                    n_boot: int) -> CrossValidation:  # fmt: skip
+    # long: one pass over methods, baselines and nulls, each scored the same way
+    x, y, groups, texts, lengths = _rows(kept)
+    fold = fold_of(groups, folds, seed)
+    layers = list(kept.acts.layers)
+    score = partial(_score, y=y, groups=groups, seed=seed, n_boot=n_boot)
+    scored, chosen, per_layer = [], {}, {}
+    for name in methods:
+        result = nested(x, y, fold, partial(run_method, name, seed=seed))
+        chosen[name] = [layers[c] for c in result.columns]
+        oof = result.per_layer
+        per_layer[name] = auroc(oof[y], oof[~y]).tolist()
+        scored.append(score(name, "method", result.scores, layers=chosen[name]))
+        if name == HEADLINE:
+            random = random_direction_scores(x, y, fold, result.columns, seed)
+            fake = nested(
+                x, shuffled_labels(y, groups, fold, seed), fold, partial(run_method, name)
+            )
+            scored += [
+                score("random direction", "null", random, layers=chosen[name]),
+                score("shuffled labels", "null", fake.scores,
+                      layers=[layers[c] for c in fake.columns]),
+            ]  # fmt: skip
+    baselines = [score(b, "baseline", surface_scores(texts, lengths, y, fold, b), layers=[])
+                 for b in BASELINES]  # fmt: skip
+    best = max(baselines, key=lambda s: s.auroc.value)
+    layer = {m: layers[max(range(len(layers)), key=lambda i: (a[i], -i))]
+             for m, a in per_layer.items()}  # fmt: skip
+    return CrossValidation(
+        experiment=kept.run.experiment.name, trait=kept.run.trait.name,
+        variant=kept.run.variant, judge=kept.judge, model=kept.run.model, hook=kept.acts.hook,
+        folds=folds, seed=seed, n_boot=n_boot,
+        n={"pos": int(y.sum()), "neg": int((~y).sum())}, layers=layers,
+        scored=scored + baselines, layer=layer, per_layer_auroc=per_layer,
+        best_baseline=best.name,
+        beats_baseline={s.name: s.auroc.above(best.auroc) for s in scored if s.kind == "method"},
+    )  # fmt: skip
+
+
+def cross_validate(
+    run: RunSettings,
+    methods: Sequence[str] = tuple(METHODS),
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    n_boot: int = N_BOOT,
+) -> CrossValidation:
+    """Nested cross-validated figures with intervals, baselines and nulls for ``run`` (kept
+    examples only), written to ``report/crossval.{json,md}``; an identical rerun reads them."""
+    for name in methods:
+        get_method(name)
+    kept = load_kept(run)
+    out = report_dir(run)
+    key = fingerprint({"activations": kept.acts.key, "methods": list(methods), "folds": folds,
+                       "seed": seed, "n_boot": n_boot, "version": 2})  # fmt: skip
+    path = out / "crossval.json"
+    if path.exists():
+        try:
+            saved = read_json(path)
+            if saved.get("fingerprint") == key:
+                return load_crossval(path)
+        except (TLExtractError, KeyError, TypeError):
+            log.info("[%s] %s: unreadable, recomputed", run.trait.name, path)
+    cv = _cross_validate(kept, methods, folds, seed, n_boot)
+    write_json(path, {"fingerprint": key, **asdict(cv)})
+    write_text(out / "crossval.md", crossval_markdown(cv))
+    head = cv.get(HEADLINE) if HEADLINE in methods else cv.scored[0]
+    base = cv.get(cv.best_baseline)
+    log.info("[%s] cross-validated %s AUROC %s (best baseline %s %s)", run.trait.name,
+             head.name, format(head.auroc), base.name, format(base.auroc))  # fmt: skip
+    return cv
+
+
+def load_crossval(path: Path) -> CrossValidation:
+    d: dict[str, Any] = read_json(path)
+    d.pop("fingerprint", None)
+    scored = [
+        Scored(**{**s, **{f: Interval(**s[f]) for f in ("accuracy", "auroc", "cohens_d")}})
+        for s in d.pop("scored")
+    ]
+    return CrossValidation(**d, scored=scored)
+
+
+def crossval_markdown(cv: CrossValidation) -> str:
+    lines = [
+        f"# Cross-validated evaluation: {cv.trait} ({cv.variant})",
+        "",
+        f"- experiment `{cv.experiment}`, model `{cv.model}`, hook `{cv.hook}`, examples kept by "
+        f"judge `{cv.judge}`: {cv.n['pos']} pos / {cv.n['neg']} neg responses, each scored once",
+        f"- {cv.folds} folds by example index (seed {cv.seed}); each fold's layer chosen by an "
+        "inner cross-validation of the other folds; 95% intervals: percentile bootstrap over "
+        f"examples ({cv.n_boot} resamples)",
+        "- accuracy: balanced, threshold at the midpoint of the training class means",
+        "",
+        "| scores | kind | accuracy | AUROC | Cohen's d | layer per fold |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s.name} | {s.kind} | {s.accuracy} | {s.auroc} | {s.cohens_d} | "
+        f"{', '.join(map(str, s.layers)) or '-'} |"
+        for s in cv.scored
+    ]
+    lines += ["", verdict(cv, HEADLINE if HEADLINE in cv.beats_baseline else next(iter(cv.layer)))]
+    lines += ["", "Layer to use (highest out-of-fold AUROC over all folds): " + ", ".join(
+        f"{m} {layer}" for m, layer in cv.layer.items())]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def verdict(cv: CrossValidation, method: str) -> str:
+    m, b = cv.get(method), cv.get(cv.best_baseline)
+    if cv.beats_baseline[method]:
+        return (f"{method} beats the best surface baseline ({b.name}): AUROC {m.auroc} vs "
+                f"{b.auroc}, intervals apart.")  # fmt: skip
+    return (f"{method} does NOT beat the best surface baseline ({b.name}) with non-overlapping "
+            f"intervals: AUROC {m.auroc} vs {b.auroc}.")  # fmt: skip
