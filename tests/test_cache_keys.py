@@ -26,8 +26,13 @@ from tlextract.stages.vectors import vectors_key
     ],
 )
 def test_default_experiment_keys_are_unchanged(variant, mode, responses, activations, judge):
+    # n_examples as shipped when the keys were pinned (the default is now 48).
     run = settings_for(
-        load_experiment("smollm2_cognitive"), "local_global", variant=variant, mode=mode
+        load_experiment("smollm2_cognitive"),
+        "local_global",
+        variant=variant,
+        mode=mode,
+        n_examples=20,
     )
     assert responses_key(run) == responses
     assert activations_key(run, responses) == activations
