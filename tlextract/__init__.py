@@ -16,6 +16,7 @@ Everything a notebook needs, at one level::
 import importlib
 from typing import Any
 
+from tlextract.analysis.calibrate import Calibration, best_threshold, calibrate
 from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate, evaluate_trait
 from tlextract.analysis.sweep import Sweep, alpha_sweep, pole_means
 from tlextract.config import Experiment, GenerationSettings, experiments_root, load_experiment
@@ -58,6 +59,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Activations",
+    "Calibration",
     "Experiment",
     "GenerationSettings",
     "Monitoring",
@@ -70,7 +72,9 @@ __all__ = [
     "TraitVectors",
     "ablate",
     "alpha_sweep",
+    "best_threshold",
     "build_report",
+    "calibrate",
     "cross_evaluate",
     "decode_session",
     "evaluate_trait",

@@ -38,6 +38,7 @@ from tlextract.errors import TLExtractError
 from tlextract.judge.base import Judge
 from tlextract.judge.cache import JudgeCache, judge_responses
 from tlextract.model.tokens import device_of, tokenize, tokenizer_of
+from tlextract.ops.fluency import mean_logprobs
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import pack
 from tlextract.ops.steer import (
@@ -112,13 +113,10 @@ def reread(
         prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
     )
     out, cache = model.run_with_cache(tokens, attention_mask=attn, names_filter=name)
-    logits = cast(Tensor, out)
     weights = response.float()
     proj = ((cache[name].float() @ unit) * weights).sum(1) / weights.sum(1)
-    # The token at position p is predicted at position p - 1.
-    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    target = response[:, 1:].float()
-    return proj.tolist(), ((logp * target).sum(1) / target.sum(1)).tolist()
+    logprobs = mean_logprobs(cast(Tensor, out), tokens, response)
+    return proj.tolist(), [float(x) for x in logprobs if x is not None]
 
 
 @dataclass(frozen=True)
@@ -248,7 +246,7 @@ def _summarise(intervention: str, alpha: float, answers: list[Answer], judged: b
     )
 
 
-def _generate(
+def generate_answers(
     model: HookedTransformer,
     prompt_ids: list[list[int]],
     gen: GenerationSettings,
@@ -299,7 +297,7 @@ def alpha_sweep(
             else ablate(model, vectors, layer, positions)
         )
         with intervention:
-            responses = _generate(model, prompt_ids, gen, seeds, batch_size)
+            responses = generate_answers(model, prompt_ids, gen, seeds, batch_size)
         answers += _measure(model, kind, alpha, questions, seeds, prompt_ids, responses, name,
                             unit, batch_size)  # fmt: skip
         projection = _stats([a.projection for a in answers[-len(questions) :]])[0]

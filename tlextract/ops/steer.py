@@ -43,18 +43,15 @@ from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
+from tlextract.ops.neutral import NEUTRAL_TEXTS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
 
 Positions = Literal["all", "prompt", "response"]
 POSITIONS: tuple[str, ...] = get_args(Positions)
 
-REFERENCE_TEXTS = (
-    "The weather today is mild, with a light breeze from the west and a few clouds over the hills.",
-    "To make tea, boil fresh water, pour it over the leaves and wait three minutes to drink it.",
-    "The library opens at nine in the morning and closes at six, except on public holidays.",
-    "She walked to the station, bought a ticket and read a newspaper while she waited.",
-)
+# The first four neutral sentences: scales measured before there were more stay the same.
+REFERENCE_TEXTS = NEUTRAL_TEXTS[:4]
 """Neutral text on which :func:`residual_norm` measures a layer's typical residual norm."""
 
 Edit = Callable[[Tensor], Tensor]

@@ -7,6 +7,12 @@ same layer, :func:`tlextract.analysis.sweep.pole_means`) a score is shown as
 average positive example, -1 like an average negative one. Without them, as a z-score over the
 answer's tokens. Colours are clipped at +/-2; prompt tokens (chat template included) are drawn but
 do not set the scale, since a few of them carry very large residuals.
+
+Thresholds. With ``thresholds`` (a :class:`tlextract.analysis.calibrate.Calibration` per trait)
+an answer token whose raw score is above its trait's threshold gets a black dot in the heatmap
+and is bold and underlined in the page (:func:`above_threshold`), and each trait's threshold,
+held-out TPR/TNR and false-alarm rate on neutral text are stated beside it. The colours stay on
+the scale above.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
 
+from tlextract.analysis.calibrate import Calibration
 from tlextract.ops.monitor import Monitoring, TokenScores
 from tlextract.store import atomic_path, write_json
 
 Poles = Mapping[str, Mapping[str, float] | None]
+Thresholds = Mapping[str, Calibration]
 CLIP = 2.0
 CMAP = "RdBu_r"
 TOKENS_PER_ROW = 40
@@ -51,14 +60,46 @@ def _label(token: str) -> str:
     return shown or "∅"
 
 
-def plot_heatmap(mon: Monitoring, index: int, path: Path, poles: Poles | None = None) -> Path:
-    """Answer ``index``: traits down, tokens across (wrapped every :data:`TOKENS_PER_ROW`)."""
+def above_threshold(text: TokenScores, trait: str, thresholds: Thresholds | None) -> list[bool]:
+    """Per token: an answer token whose raw score is above ``trait``'s threshold. Prompt tokens
+    never are: the false-alarm rate was measured on answer tokens, and template tokens carry
+    outsized residuals."""
+    cal = (thresholds or {}).get(trait)
+    if cal is None:
+        return [False] * len(text.tokens)
+    return [a and not p for a, p in zip(cal.above(text.scores[trait]), text.is_prompt, strict=True)]
+
+
+def _mark_above(ax: Axes, above: list[list[bool]], chunk: range) -> None:
+    """A black dot (white rim, seen on any colour) on each cell above its trait's threshold."""
+    cells = [(x, y) for y, row in enumerate(above) for x, i in enumerate(chunk) if row[i]]
+    if cells:
+        xs, ys = zip(*cells, strict=True)
+        ax.scatter(xs, ys, s=14, c="black", edgecolors="white", linewidths=0.6, zorder=3)
+
+
+def _legend(mon: Monitoring, thresholds: Thresholds | None) -> list[str]:
+    if thresholds is None:
+        return []
+    return ["black dot: answer token above the trait's threshold"] + [
+        thresholds[t].describe() if t in thresholds else f"{t}: no calibration" for t in mon.traits
+    ]
+
+
+def heatmap_figure(
+    mon: Monitoring, index: int, poles: Poles | None = None, thresholds: Thresholds | None = None
+) -> Figure:
+    """Answer ``index``: traits down, tokens across (wrapped every :data:`TOKENS_PER_ROW`),
+    cells above a trait's threshold dotted when ``thresholds`` are given."""
     text = mon.texts[index]
-    rows = [normalise(text, t, (poles or {}).get(t)) for t in mon.traits]
     n = len(text.tokens)
+    rows = [normalise(text, t, (poles or {}).get(t)) for t in mon.traits]
+    above = [above_threshold(text, t, thresholds) for t in mon.traits]
+    legend = _legend(mon, thresholds)
     chunks = [range(i, min(i + TOKENS_PER_ROW, n)) for i in range(0, n, TOKENS_PER_ROW)]
     fig = Figure(
-        figsize=(13, len(chunks) * (0.35 * len(mon.traits) + 1.3) + 1.0), layout="constrained"
+        figsize=(13, len(chunks) * (0.35 * len(mon.traits) + 1.3) + 1.0 + 0.2 * len(legend)),
+        layout="constrained",
     )
     axes = fig.subplots(len(chunks), 1, squeeze=False)[:, 0]
     norm = Normalize(-CLIP, CLIP)
@@ -66,6 +107,7 @@ def plot_heatmap(mon: Monitoring, index: int, path: Path, poles: Poles | None = 
     for ax, chunk in zip(axes, chunks, strict=True):
         values = [[row[0][i] for i in chunk] for row in rows]
         image = ax.imshow(values, cmap=CMAP, norm=norm, aspect="auto", interpolation="nearest")
+        _mark_above(ax, above, chunk)
         ax.set_xlim(-0.5, TOKENS_PER_ROW - 0.5)  # a short last row keeps the token width
         ax.set_xticks(
             range(len(chunk)), [_label(text.tokens[i]) for i in chunk], rotation=90, fontsize=7
@@ -83,29 +125,66 @@ def plot_heatmap(mon: Monitoring, index: int, path: Path, poles: Poles | None = 
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="; ".join(scales), shrink=0.8)
     fig.suptitle(
-        f"per-token projection on each trait vector · prompt tokens in grey, black line: "
-        f"answer starts\n{text.prompt!r}",
+        "\n".join(
+            [
+                "per-token projection on each trait vector · prompt tokens in grey, black line: "
+                "answer starts",
+                *legend,
+                repr(text.prompt),
+            ]
+        ),
         fontsize=10,
     )
+    return fig
+
+
+def plot_heatmap(
+    mon: Monitoring,
+    index: int,
+    path: Path,
+    poles: Poles | None = None,
+    thresholds: Thresholds | None = None,
+) -> Path:
+    """:func:`heatmap_figure` of answer ``index`` as a PNG."""
+    fig = heatmap_figure(mon, index, poles, thresholds)
     FigureCanvasAgg(fig)  # attach the Agg canvas: PNG without pyplot
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path
 
 
-def token_html(mon: Monitoring, trait: str, poles: Mapping[str, float] | None = None) -> str:
-    """A page with every answer, each token's background coloured by ``trait``'s score."""
+def _threshold_note(cal: Calibration | None) -> str:
+    if cal is None:
+        return ""
+    note = f"Bold and underlined: answer tokens above the trait's threshold. {cal.describe()}."
+    return f"\n<p>{html.escape(note)}</p>"
+
+
+def token_html(
+    mon: Monitoring,
+    trait: str,
+    poles: Mapping[str, float] | None = None,
+    thresholds: Thresholds | None = None,
+) -> str:
+    """A page with every answer, each token's background coloured by ``trait``'s score; tokens
+    above the trait's threshold in bold and underlined when ``thresholds`` has it."""
     cmap, norm = colormaps[CMAP], Normalize(-CLIP, CLIP)
+    cal = (thresholds or {}).get(trait)
     parts = []
     scale = ""
     for text in mon.texts:
         values, scale = normalise(text, trait, poles)
         spans = [
-            f'<span class="{"prompt" if p else "answer"}" '
+            f'<span class="{"prompt" if p else "answer"}{" above" if a else ""}" '
             f'style="background:{to_hex(cmap(norm(v)))}" title="{raw:.3f} ({v:+.2f})">'
             f"{html.escape(tok)}</span>"
-            for tok, p, v, raw in zip(
-                text.tokens, text.is_prompt, values, text.scores[trait], strict=True
+            for tok, p, v, raw, a in zip(
+                text.tokens,
+                text.is_prompt,
+                values,
+                text.scores[trait],
+                above_threshold(text, trait, thresholds),
+                strict=True,
             )
         ]
         parts.append(
@@ -118,26 +197,40 @@ def token_html(mon: Monitoring, trait: str, poles: Mapping[str, float] | None = 
 body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
 .text {{ white-space: pre-wrap; font-family: monospace; line-height: 1.8; }}
 .prompt {{ opacity: 0.45; }}
+.above {{ font-weight: bold; text-decoration: underline; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Each token is coloured by its residual's projection on the {html.escape(trait)} vector
 (red: more of the trait, blue: less; {html.escape(scale)}; clipped at &plusmn;{CLIP:g}).
-Faded: the prompt. Hover for the raw projection.</p>
+Faded: the prompt. Hover for the raw projection.</p>{_threshold_note(cal)}
 {chr(10).join(parts)}
 </body></html>
 """
 
 
 def write_monitoring(
-    mon: Monitoring, out: Path, color_trait: str, poles: Poles | None = None
+    mon: Monitoring,
+    out: Path,
+    color_trait: str,
+    poles: Poles | None = None,
+    thresholds: Thresholds | None = None,
 ) -> list[Path]:
-    """``monitor.json``, ``heatmap_<i>.png`` per answer and ``<color_trait>.html`` in ``out``."""
-    write_json(out / "monitor.json", {**asdict(mon), "poles": dict(poles or {})})
+    """``monitor.json`` (with the poles and calibrations), ``heatmap_<i>.png`` per answer and
+    ``<color_trait>.html`` in ``out``."""
+    calibration = {t: asdict(c) for t, c in (thresholds or {}).items()}
+    write_json(
+        out / "monitor.json",
+        {**asdict(mon), "poles": dict(poles or {}), "calibration": calibration},
+    )
     paths = [out / "monitor.json"]
-    paths += [plot_heatmap(mon, i, out / f"heatmap_{i}.png", poles) for i in range(len(mon.texts))]
+    paths += [
+        plot_heatmap(mon, i, out / f"heatmap_{i}.png", poles, thresholds)
+        for i in range(len(mon.texts))
+    ]
     page = out / f"{color_trait}.html"
     with atomic_path(page) as tmp:
         tmp.write_text(
-            token_html(mon, color_trait, (poles or {}).get(color_trait)), encoding="utf-8"
+            token_html(mon, color_trait, (poles or {}).get(color_trait), thresholds),
+            encoding="utf-8",
         )
     return [*paths, page]
