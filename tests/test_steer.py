@@ -272,17 +272,19 @@ def test_write_sweep_writes_json_and_plot(extracted, tiny_model, tmp_path: Path)
     assert table.read_text().count("| alpha ") == 2
 
 
-def test_cli_steer_defaults_to_the_best_layer_of_the_report(experiments: Path, capsys) -> None:
+def test_cli_steer_defaults_to_the_cross_validated_layer_of_the_report(
+    experiments: Path, capsys
+) -> None:
     base = ["--experiment", "tiny", "--experiments-dir", str(experiments), "--traits", "alpha"]
     assert main(["run", *base, "--n-examples", "8"]) == 0
     assert main(["report", *base, "--n-examples", "8", "--methods", "mean_diff"]) == 0
     out = experiments / "tiny" / "alpha" / "extraction"
-    best = json.loads((out / "report" / "metrics.json").read_text())["best"]["mean_diff"]["layer"]
+    best = json.loads((out / "report" / "crossval.json").read_text())["layer"]["mean_diff"]
     assert main(["steer", *base, "--alphas=-1,0,1", "--n-questions", "2", "--no-ablate"]) == 0
     sweep = json.loads((out / "steer" / "sweep.json").read_text())
     assert sweep["layer"] == best and [c["alpha"] for c in sweep["conditions"]] == [-1, 0, 1]
     assert (out / "steer" / "score_vs_alpha.png").exists()
-    assert f"best mean_diff layer {best}" in capsys.readouterr().out
+    assert f"layer {best}: highest cross-validated mean_diff AUROC" in capsys.readouterr().out
 
 
 def test_cli_steer_names_missing_vectors(experiments: Path, capsys) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlextract.config import DEFAULT_EXPERIMENT, Experiment
 from tlextract.errors import TLExtractError
@@ -12,6 +13,12 @@ from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings, monitor_dir, settings_for, steer_dir
 from tlextract.stages.common import model_loader
 from tlextract.traits import VARIANTS
+
+if TYPE_CHECKING:  # the commands import their heavy modules lazily
+    from transformer_lens import HookedTransformer
+
+    from tlextract.judge.base import Judge
+    from tlextract.judge.cache import JudgeCache
 
 
 def parse_floats(text: str) -> list[float]:
@@ -43,27 +50,13 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
             "--layer",
             type=int,
             default=None,
-            help="block index (default: each trait's best mean_diff layer in its "
-            "report/metrics.json, else the middle of its layers)",
+            help="block index (default: each trait's cross-validated mean_diff layer in its "
+            "report/crossval.json, else the middle of its layers)",
         )
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     steer_p, monitor_p = (sub.choices[name] for name in helps)
-    steer_p.add_argument(
-        "--alphas",
-        type=parse_floats,
-        default=None,
-        help="strengths in typical residual norms, e.g. --alphas=-1,0,1 "
-        "(default -1,-0.5,-0.25,0,0.25,0.5,1)",
-    )
-    steer_p.add_argument("--n-questions", type=int, default=8, help="held-out questions")
-    steer_p.add_argument("--positions", default="all", choices=("all", "prompt", "response"))
-    steer_p.add_argument(
-        "--no-ablate", dest="ablate", action="store_false", help="skip the ablation condition"
-    )
-    steer_p.add_argument(
-        "--judge", default=None, choices=("none", "local"), help="override the experiment's judge"
-    )
+    _add_steer_options(steer_p)
     monitor_p.add_argument(
         "--prompt",
         action="append",
@@ -77,6 +70,51 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
     )
     monitor_p.add_argument(
         "--max-new-tokens", type=int, default=None, help="default: the experiment's"
+    )
+    monitor_p.add_argument("--folds", type=int, default=5,
+                           help="cross-validation folds (by example index) of each trait's "
+                           "threshold")  # fmt: skip
+
+
+def _add_steer_options(steer_p: argparse.ArgumentParser) -> None:
+    steer_p.add_argument(
+        "--alphas",
+        type=parse_floats,
+        default=None,
+        help="strengths in typical residual norms, e.g. --alphas=-1,0,1 "
+        "(default -1,-0.5,-0.25,0,0.25,0.5,1)",
+    )
+    steer_p.add_argument(
+        "--n-questions",
+        type=int,
+        default=None,
+        help="held-out questions (default 8; --auto: 16 to choose on and 16 others to report on)",
+    )
+    steer_p.add_argument("--positions", default="all", choices=("all", "prompt", "response"))
+    steer_p.add_argument(
+        "--no-ablate", dest="ablate", action="store_false", help="skip the ablation condition"
+    )
+    steer_p.add_argument(
+        "--auto",
+        action="store_true",
+        help="choose the layer and alpha: largest classifier-measured shift toward --pole "
+        "within the fluency bounds, reported on other questions against a random direction",
+    )
+    steer_p.add_argument("--pole", default="pos", choices=("pos", "neg"), help="--auto: target")
+    steer_p.add_argument(
+        "--max-kl",
+        type=float,
+        default=None,
+        help="--auto: bound on KL(steered || unsteered) per neutral token, nats (default 0.3)",
+    )
+    steer_p.add_argument(
+        "--max-logprob-drop",
+        type=float,
+        default=None,
+        help="--auto: bound on the fall in log-prob per token of steered answers (default 1.0)",
+    )
+    steer_p.add_argument(
+        "--judge", default=None, choices=("none", "local"), help="override the experiment's judge"
     )
 
 
@@ -102,12 +140,14 @@ def _saved_run(
             f"--experiment {experiment.name} --traits {trait} --variant {run.variant}."
         )
     vectors = TraitVectors.load(path)
-    metrics = report_dir(run) / "metrics.json"
-    best = json.loads(metrics.read_text())["best"].get("mean_diff") if metrics.exists() else None
+    crossval = report_dir(run) / "crossval.json"
+    chosen = (
+        json.loads(crossval.read_text())["layer"].get("mean_diff") if crossval.exists() else None
+    )
     if args.layer is not None:
         layer, why = args.layer, "--layer"
-    elif best is not None and best["layer"] in vectors.layers:
-        layer, why = best["layer"], f"best mean_diff layer {best['layer']} in {metrics}"
+    elif chosen is not None and chosen in vectors.layers:
+        layer, why = chosen, f"highest cross-validated mean_diff AUROC in {crossval}"
     else:
         layer = vectors.layers[len(vectors.layers) // 2]
         why = "middle of the vectors' layers (no evaluation report: python -m tlextract report)"
@@ -128,17 +168,21 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
         model = get_model()
         judge = make_judge(split_judge(run.judge)[0], model=model)
         out = steer_dir(run)
+        cache = JudgeCache(out / "judge_cache.jsonl") if judge is not None else None
+        if args.auto:
+            _auto(args, run, vectors, layer, model, judge, cache)
+            continue
         sweep = alpha_sweep(
             model,
             run,
             vectors,
             layer,
             args.alphas or DEFAULT_ALPHAS,
-            args.n_questions,
+            args.n_questions or 8,
             positions=args.positions,
             ablation=args.ablate,
             judge=judge,
-            judge_cache=JudgeCache(out / "judge_cache.jsonl") if judge is not None else None,
+            judge_cache=cache,
         )
         paths = write_sweep(sweep, out)
         print(
@@ -148,13 +192,63 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
         )
 
 
-def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
-    from dataclasses import replace
+def _auto(
+    args: argparse.Namespace,
+    run: RunSettings,
+    vectors: TraitVectors,
+    layer: int,
+    model: HookedTransformer,
+    judge: Judge | None,
+    cache: JudgeCache | None,
+) -> None:
+    from tlextract.analysis.autosteer import (
+        ALPHAS,
+        MAX_KL,
+        MAX_LOGPROB_DROP,
+        N_QUESTIONS,
+        auto_steer,
+    )
+    from tlextract.report.autosteer_view import write_autosteer
 
+    result = auto_steer(
+        model,
+        run,
+        vectors,
+        args.pole,
+        layers=[args.layer] if args.layer is not None else None,
+        preferred_layer=layer,
+        alphas=[abs(a) for a in args.alphas if a] if args.alphas else ALPHAS,
+        max_kl=MAX_KL if args.max_kl is None else args.max_kl,
+        max_logprob_drop=(
+            MAX_LOGPROB_DROP if args.max_logprob_drop is None else args.max_logprob_drop
+        ),
+        n_questions=args.n_questions or N_QUESTIONS,
+        positions=args.positions,
+        judge=judge,
+        judge_cache=cache,
+    )
+    paths = write_autosteer(result, steer_dir(run))
+    c = result.chosen
+    if c is None:
+        print(f"[{run.trait.name}] steer --auto: no candidate within the bounds (see {paths[1]})")
+        return
+    line = ", ".join(f"{r.name} {r.shift:+.2f}" for r in result.report if r.shift is not None)
+    print(
+        f"[{run.trait.name}] steer --auto toward {args.pole}: layer {c.layer}, alpha "
+        f"{c.alpha:+g} (KL {c.kl:.3f} <= {result.max_kl}); shift in P({args.pole}) on "
+        f"{len(result.report_questions)} other questions: {line} -> " + ", ".join(map(str, paths))
+    )
+
+
+def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
+    from dataclasses import asdict, replace
+
+    from tlextract.analysis.calibrate import calibrate
     from tlextract.analysis.sweep import pole_means
     from tlextract.ops.monitor import monitor
     from tlextract.ops.steer import unit_direction
-    from tlextract.report.monitor_view import write_monitoring
+    from tlextract.report.monitor_view import above_threshold, write_monitoring
+    from tlextract.store import write_json
 
     saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
     if args.color_trait not in (None, *saved):
@@ -175,8 +269,24 @@ def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
         t: pole_means(run, layer, unit_direction(model, tv, layer)[1])
         for t, (run, tv, layer) in saved.items()
     }
+    thresholds = {}
+    for t, (run, tv, layer) in saved.items():
+        try:
+            thresholds[t] = calibrate(model, run, tv, layer, folds=args.folds)
+        except TLExtractError as err:  # e.g. no judged activations: monitor without a threshold
+            print(f"[{t}] no threshold: {err}")
+            continue
+        print(thresholds[t].describe())
     out = monitor_dir(first)
-    paths = write_monitoring(mon, out, args.color_trait or mon.traits[0], poles)
+    write_json(out / "calibration.json", {t: asdict(c) for t, c in thresholds.items()})
+    paths = [
+        out / "calibration.json",
+        *write_monitoring(mon, out, args.color_trait or mon.traits[0], poles, thresholds),
+    ]
+    for i, text in enumerate(mon.texts):
+        n = len(text.tokens) - sum(text.is_prompt)
+        counts = [f"{t} {sum(above_threshold(text, t, thresholds))}/{n}" for t in thresholds]
+        print(f"answer {i}: tokens above threshold: {', '.join(counts) or 'no thresholds'}")
     print(f"monitor: {len(mon.texts)} answers -> {', '.join(map(str, paths))}")
 
 
