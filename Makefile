@@ -22,7 +22,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
 BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP))
 
-.PHONY: install run traits report test test-fast bench bench-gpu check clean-venv
+.PHONY: install run traits report steer test test-fast bench bench-gpu check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -50,6 +50,11 @@ traits: $(STAMP) $(BACKEND_DEPS)
 
 report: $(STAMP)
 	$(PY) -m tlextract report --traits $(or $(trait),all) $(ARGS)
+
+# steer --auto: the layer and strength that move the text most toward the positive pole within
+# the fluency bounds, reported on other questions against a random direction.
+steer: $(STAMP)
+	$(PY) -m tlextract steer --auto --traits $(or $(trait),all) $(ARGS)
 
 test: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_experiment
 
 from tlextract import load_model
 from tlextract.analysis.autosteer import auto_steer, default_layers
@@ -19,8 +20,6 @@ from tlextract.ops.pool import pack
 from tlextract.ops.steer import residual_norm
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import settings_for, steer_dir
-
-from conftest import write_experiment
 
 POS_LETTERS = set("aeiou")
 

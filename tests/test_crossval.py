@@ -9,6 +9,9 @@ from statistics import mean
 import pytest
 import torch
 
+from tlextract.analysis.crossval import cross_validate, load_crossval, verdict
+from tlextract.analysis.heldout import load_kept
+from tlextract.config import load_experiment
 from tlextract.ops.bootstrap import Interval, bootstrap, weighted_figures
 from tlextract.ops.crossval import (
     fold_of,
@@ -18,6 +21,8 @@ from tlextract.ops.crossval import (
 )
 from tlextract.ops.directions import mean_diff
 from tlextract.ops.metrics import auroc, project, split_indices
+from tlextract.settings import report_dir, settings_for
+from tlextract.stages.run import run_trait
 
 
 def phi(x: float) -> float:
@@ -165,3 +170,49 @@ def test_random_direction_scores_near_chance_on_isotropic_noise():
         values.append(_auroc(z, y))
     # Oriented on training data, so a hair above 0.5: e0 is 1 of 64 dimensions.
     assert 0.45 < mean(values) < 0.62
+
+
+def test_trait_cross_validation_scores_every_kept_example_once_and_is_read_back(
+    experiments, tiny_model
+) -> None:
+    run = settings_for(load_experiment("tiny", experiments), "alpha", n_examples=10)
+    run_trait(run, get_model=lambda: tiny_model)
+    cv = cross_validate(run, ["mean_diff", "probe"], folds=5, n_boot=200)
+    kept = load_kept(run).acts
+    assert cv.n == {"pos": len(kept.pos_index), "neg": len(kept.neg_index)}
+    assert [s.name for s in cv.scored] == [
+        "mean_diff", "random direction", "shuffled labels", "probe", "length", "bag_of_words",
+    ]  # fmt: skip
+    assert all(len(s.layers) == 5 for s in cv.scored if s.kind == "method")
+    assert cv.layer["mean_diff"] in kept.layers
+    assert cv.beats_baseline["mean_diff"] == cv.get("mean_diff").auroc.above(
+        cv.get(cv.best_baseline).auroc
+    )
+    path = report_dir(run) / "crossval.json"
+    assert load_crossval(path) == cv
+    stamp = path.stat().st_mtime_ns
+    assert cross_validate(run, ["mean_diff", "probe"], folds=5, n_boot=200) == cv
+    assert path.stat().st_mtime_ns == stamp  # read back, not recomputed
+    assert verdict(cv, "mean_diff") in (report_dir(run) / "crossval.md").read_text()
+    assert cross_validate(run, ["mean_diff"], folds=4, n_boot=200).folds == 4
+
+
+def test_per_layer_auroc_matches_a_direct_out_of_fold_computation() -> None:
+    """The layer to use comes from out-of-fold scores at every layer: recompute one layer by
+    hand (fit on the other folds, standardise by the training rows) and compare."""
+    acts, y, groups = planted(3, layers=4)
+    fold = fold_of(groups, 5, 3)
+    result = nested(acts, y, fold, mean_diff)
+    layer = 2
+    z = torch.empty(len(y))
+    for f in range(5):
+        test = fold == f
+        v = acts[~test & y, layer].mean(0) - acts[~test & ~y, layer].mean(0)
+        proj = acts[:, layer] @ (v / v.norm())
+        tp, tn = proj[~test & y], proj[~test & ~y]
+        mid = (tp.mean() + tn.mean()) / 2
+        sd = (((tp - tp.mean()) ** 2).sum() + ((tn - tn.mean()) ** 2).sum()) / (
+            len(tp) + len(tn) - 2
+        )
+        z[test] = (proj[test] - mid) / sd.sqrt()
+    assert torch.allclose(result.per_layer[:, layer], z, atol=1e-4)

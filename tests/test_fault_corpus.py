@@ -228,6 +228,14 @@ CASES: list[tuple[str, Edit | None, list[str], str]] = [
     ("experiment-flag", None, ["run", "--experiment", "nope"], "unknown experiment 'nope'"),
     ("variant-flag", None, [*RUN, "--variant", "both"], "--variant"),
     ("dtype-flag", None, [*RUN, "--dtype", "int8"], "--dtype"),
+    ("folds-too-many", None, ["report", *RUN[1:], "--folds", "50"], "--folds 50: use 2 to"),
+    ("folds-one", None, ["report", *RUN[1:], "--folds", "1"], "--folds 1: use 2 to"),
+    (
+        "steer-auto-negative-kl",
+        None,
+        ["steer", *RUN[1:], "--auto", "--max-kl", "-1"],
+        "--max-kl",
+    ),
     ("model-flag-empty", None, [*RUN, "--model", " "], "--model"),
     (
         "model-flag-unknown",

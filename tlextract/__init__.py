@@ -7,16 +7,20 @@ Everything a notebook needs, at one level::
     run = tx.settings_for(exp, "local_global", n_examples=8)
     vectors = tx.run_trait(run)          # generate -> judge -> activations -> mean_diff vectors
     vectors[16], vectors.hook_name(16)   # direction at block 16, "blocks.16.hook_resid_post"
-    ev = tx.evaluate_trait(run)          # held-out accuracy, AUROC, Cohen's d per layer
+    cv = tx.cross_validate(run)          # nested CV: figures with 95% intervals, baselines, nulls
+    cv.get("mean_diff").auroc, cv.layer["mean_diff"]
     model = tx.load_model(exp.model)
-    with tx.steer(model, vectors, 16, alpha=0.5):
+    auto = tx.auto_steer(model, run, vectors)   # layer and alpha within fluency bounds
+    with tx.steer(model, vectors, auto.chosen.layer, alpha=auto.chosen.alpha):
         ...
 """
 
 import importlib
 from typing import Any
 
+from tlextract.analysis.autosteer import AutoSteer, auto_steer
 from tlextract.analysis.calibrate import Calibration, best_threshold, calibrate
+from tlextract.analysis.crossval import CrossValidation, cross_validate
 from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate, evaluate_trait
 from tlextract.analysis.sweep import Sweep, alpha_sweep, pole_means
 from tlextract.config import Experiment, GenerationSettings, experiments_root, load_experiment
@@ -24,6 +28,7 @@ from tlextract.errors import TLExtractError
 from tlextract.model.fast import decode_session
 from tlextract.model.load import load_model
 from tlextract.model.tokens import tokenize
+from tlextract.ops.bootstrap import Interval, bootstrap
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import Monitoring, TokenScores, monitor
 from tlextract.ops.pool import hook_name, pooled_activations
@@ -42,6 +47,8 @@ from tlextract.traits import Trait, load_trait, render_prompt
 # start without it.
 _RENDERING = {
     "build_report": "tlextract.report.summary",
+    "plot_autosteer": "tlextract.report.autosteer_view",
+    "plot_intervals": "tlextract.report.trust",
     "plot_heatmap": "tlextract.report.monitor_view",
     "plot_metrics": "tlextract.report.plots",
     "plot_projections": "tlextract.report.plots",
@@ -59,9 +66,12 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Activations",
+    "AutoSteer",
     "Calibration",
+    "CrossValidation",
     "Experiment",
     "GenerationSettings",
+    "Interval",
     "Monitoring",
     "RunSettings",
     "Sweep",
@@ -72,10 +82,13 @@ __all__ = [
     "TraitVectors",
     "ablate",
     "alpha_sweep",
+    "auto_steer",
     "best_threshold",
+    "bootstrap",
     "build_report",
     "calibrate",
     "cross_evaluate",
+    "cross_validate",
     "decode_session",
     "evaluate_trait",
     "experiments_root",
@@ -92,7 +105,9 @@ __all__ = [
     "load_trait",
     "model_loader",
     "monitor",
+    "plot_autosteer",
     "plot_heatmap",
+    "plot_intervals",
     "plot_metrics",
     "plot_projections",
     "plot_sweep",

@@ -167,6 +167,7 @@ def _try_layer(
             if kl > bounds[0]:
                 why = f"KL {kl:.3f} > {bounds[0]}; stronger alphas not tried"
                 out.append(Candidate(layer, alpha, kl, None, None, False, why))
+                log.info("[%s] L%d alpha %+g: %s", s.run.trait.name, layer, alpha, why)
                 break
             ids = _answers(s, s.prompts, s.seeds)
         texts = _texts(s, ids)

@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from jaxtyping import Float
-from sklearn.feature_extraction.text import CountVectorizer
-from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate
 from tlextract.analysis.heldout import load_kept, split_examples
+from tlextract.analysis.surface import TextClassifier
 from tlextract.ops.metrics import LayerMetrics, auroc, midpoint_accuracy
 from tlextract.settings import RunSettings
 from tlextract.stages.generate import load_responses
@@ -104,13 +103,13 @@ def surface_baselines(
     length = _score_baseline(
         *(torch.tensor([[float(r["n_response_tokens"])] for r in s]) for s in sides.values())
     )
-    words = CountVectorizer(lowercase=True)
-    train_text = [r["response"] for r in sides["train_pos"] + sides["train_neg"]]
-    labels = [1] * len(sides["train_pos"]) + [0] * len(sides["train_neg"])
-    clf = LogisticRegression(max_iter=2000).fit(words.fit_transform(train_text), labels)
+    clf = TextClassifier(
+        [r["response"] for r in sides["train_pos"] + sides["train_neg"]],
+        [True] * len(sides["train_pos"]) + [False] * len(sides["train_neg"]),
+    )
 
     def bow(side: list[dict]) -> Tensor:
-        scores = clf.decision_function(words.transform([r["response"] for r in side]))
+        scores = clf.decision([r["response"] for r in side])
         return torch.tensor(scores, dtype=torch.float32)[:, None]
 
     return length, _score_baseline(*(bow(s) for s in sides.values()))

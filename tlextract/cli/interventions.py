@@ -162,6 +162,10 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.judge.registry import make_judge
     from tlextract.report.sweep_view import sweep_table, write_sweep
 
+    bounds = {"--max-kl": args.max_kl, "--max-logprob-drop": args.max_logprob_drop}
+    for flag, value in bounds.items():
+        if value is not None and value <= 0:
+            raise TLExtractError(f"{flag} {value}: must be positive (nats per token).")
     saved = [_saved_run(args, experiment, t) for t in _trait_names(args, experiment)]
     get_model = model_loader(saved[0][0])
     for run, vectors, layer in saved:

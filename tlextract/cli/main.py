@@ -199,6 +199,12 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
 def report(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.report.summary import build_report  # matplotlib only when a report is asked for
 
+    n = args.n_examples or experiment.n_examples
+    if not 2 <= args.folds <= n:
+        raise TLExtractError(
+            f"--folds {args.folds}: use 2 to {n} (a fold needs examples of its own, and the "
+            f"runs have {n} per side); the default is 5."
+        )
     path = build_report(
         experiment,
         None if args.traits == "all" else args.traits.split(","),

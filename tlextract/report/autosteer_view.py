@@ -18,6 +18,13 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else f"{x:{spec}}"
 
 
+def _snippet(text: str | None, width: int = 90) -> str:
+    if text is None:
+        return "-"
+    flat = " ".join(text.split()).replace("|", "/")
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def autosteer_markdown(a: AutoSteer) -> str:
     lines = [
         f"# steer --auto: {a.trait} ({a.variant}) toward {a.pole}",
@@ -51,11 +58,12 @@ def autosteer_markdown(a: AutoSteer) -> str:
         ]
         lines.append("")
     lines += ["## Candidates (selection questions)", "",
-              "| layer | alpha | KL | log-prob drop | effect | verdict |",
-              "|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+              "| layer | alpha | KL | log-prob drop | effect | verdict | first answer |",
+              "|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     lines += [
         f"| {c.layer} | {c.alpha:+g} | {c.kl:.3f} | {_fmt(c.logprob_drop, '.2f')} | "
-        f"{_fmt(c.effect, '+.3f')} | {'**chosen**' if c == a.chosen else c.why} |"
+        f"{_fmt(c.effect, '+.3f')} | {'**chosen**' if c == a.chosen else c.why} | "
+        f"{_snippet(c.example)} |"
         for c in a.candidates
     ]
     return "\n".join(lines) + "\n"
