@@ -25,13 +25,13 @@ from pathlib import Path
 
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
 
 from tlextract.analysis.calibrate import Calibration
 from tlextract.ops.monitor import Monitoring, TokenScores
-from tlextract.store import atomic_path, write_json
+from tlextract.report.plots import save_figure
+from tlextract.store import write_json, write_text
 
 Poles = Mapping[str, Mapping[str, float] | None]
 Thresholds = Mapping[str, Calibration]
@@ -146,11 +146,7 @@ def plot_heatmap(
     thresholds: Thresholds | None = None,
 ) -> Path:
     """:func:`heatmap_figure` of answer ``index`` as a PNG."""
-    fig = heatmap_figure(mon, index, poles, thresholds)
-    FigureCanvasAgg(fig)  # attach the Agg canvas: PNG without pyplot
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+    return save_figure(heatmap_figure(mon, index, poles, thresholds), path, dpi=100)
 
 
 def _threshold_note(cal: Calibration | None) -> str:
@@ -228,9 +224,5 @@ def write_monitoring(
         for i in range(len(mon.texts))
     ]
     page = out / f"{color_trait}.html"
-    with atomic_path(page) as tmp:
-        tmp.write_text(
-            token_html(mon, color_trait, (poles or {}).get(color_trait), thresholds),
-            encoding="utf-8",
-        )
+    write_text(page, token_html(mon, color_trait, (poles or {}).get(color_trait), thresholds))
     return [*paths, page]
