@@ -11,6 +11,7 @@ import torch
 
 from tlextract.analysis.crossval import cross_validate, load_crossval, verdict
 from tlextract.analysis.heldout import load_kept
+from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.ops.bootstrap import Interval, bootstrap, weighted_figures
 from tlextract.ops.crossval import (
@@ -216,3 +217,21 @@ def test_per_layer_auroc_matches_a_direct_out_of_fold_computation() -> None:
         )
         z[test] = (proj[test] - mid) / sd.sqrt()
     assert torch.allclose(result.per_layer[:, layer], z, atol=1e-4)
+
+
+def test_a_run_ends_with_its_cross_validated_result_and_the_next_commands(
+    experiments, capsys
+) -> None:
+    base = ["--experiment", "tiny", "--experiments-dir", str(experiments), "--traits", "alpha"]
+    assert main(["run", *base]) == 0
+    out = capsys.readouterr().out
+    run = settings_for(load_experiment("tiny", experiments), "alpha")
+    cv = load_crossval(report_dir(run) / "crossval.json")
+    assert f"use layer {cv.layer['mean_diff']}" in out
+    assert f"AUROC {cv.get('mean_diff').auroc}" in out  # the saved figures, with intervals
+    assert verdict(cv, "mean_diff") in out
+    assert "next: make report trait=alpha experiment=tiny" in out
+    assert "python -m tlextract monitor --experiment tiny --traits alpha" in out
+    # Too few examples for 5 folds: the run still succeeds and says why there is no figure.
+    assert main(["run", *base, "--n-examples", "4"]) == 0
+    assert "no cross-validated figures: cross-validation: 5 folds need" in capsys.readouterr().out

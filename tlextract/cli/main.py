@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tlextract.cli.interventions import INTERVENTIONS, add_intervention_commands
+from tlextract.cli.result import result_card
 from tlextract.config import DEFAULT_EXPERIMENT, Experiment, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
@@ -277,10 +278,11 @@ def _main(args: argparse.Namespace) -> int:  # long: one dispatch over the comma
         for run in runs:
             start = time.perf_counter()
             run_trait(run, COMMANDS[args.command], get_model)
-            print(
-                f"[{run.trait.name}] done in {time.perf_counter() - start:.0f} s; "
-                f"results in {run.out_dir}"
-            )
+            seconds = time.perf_counter() - start
+            if "vectors" in COMMANDS[args.command]:
+                print("\n".join(result_card(run, seconds)))
+            else:
+                print(f"[{run.trait.name}] done in {seconds:.0f} s; results in {run.out_dir}")
     except TLExtractError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
