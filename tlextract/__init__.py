@@ -22,6 +22,7 @@ from tlextract.analysis.autosteer import AutoSteer, auto_steer
 from tlextract.analysis.calibrate import Calibration, best_threshold, calibrate
 from tlextract.analysis.crossval import CrossValidation, cross_validate
 from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate, evaluate_trait
+from tlextract.analysis.extract import Extraction, extract
 from tlextract.analysis.sweep import Sweep, alpha_sweep, pole_means
 from tlextract.config import Experiment, GenerationSettings, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
@@ -70,6 +71,7 @@ __all__ = [
     "Calibration",
     "CrossValidation",
     "Experiment",
+    "Extraction",
     "GenerationSettings",
     "Interval",
     "Monitoring",
@@ -92,6 +94,7 @@ __all__ = [
     "decode_session",
     "evaluate_trait",
     "experiments_root",
+    "extract",
     "extract_activations",
     "extract_vectors",
     "generate_batch",
