@@ -1,5 +1,8 @@
 """Export and import vectors in the formats other tools read.
 
+The readers themselves are in vector_files.py, which ``TraitVectors.load`` uses to open any of
+these files by content; this module wraps them and holds the writers.
+
 Index conventions (``layers[i]`` is always a TransformerLens block index, 0-based, and the
 vectors are read at ``blocks.{layer}.hook_{hook}``):
 
@@ -40,42 +43,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
+from tlextract.ops.vector_files import (
+    GGUF_ARCH,
+    check_layers,
+    gguf_layer_index,
+    hidden_state_index,
+    persona_fields,
+    read_gguf,
+    read_persona,
+)
 from tlextract.ops.vectors import TraitVectors
-from tlextract.store import atomic_path, load_tensors, save_tensors
-
-GGUF_ARCH = "controlvector"
-_OFFSET = {"resid_post": 1, "resid_pre": 0}  # hidden_states row = block + offset
-
-
-def _offset(hook: str) -> int:
-    if hook not in _OFFSET:
-        raise TLExtractError(
-            f"hook {hook!r} has no hidden_states equivalent; export vectors extracted at "
-            f"{' or '.join(_OFFSET)}."
-        )
-    return _OFFSET[hook]
-
-
-def hidden_state_index(layer: int, hook: str = "resid_post") -> int:
-    """Row of transformers' ``hidden_states`` (and of a persona_vectors tensor) that holds the
-    activation at ``blocks.{layer}.hook_{hook}``."""
-    return layer + _offset(hook)
-
-
-def gguf_layer_index(layer: int, hook: str = "resid_post") -> int:
-    """The ``i`` of the GGUF tensor ``direction.{i}`` for ``blocks.{layer}.hook_{hook}``: the
-    llama.cpp layer whose output the vector is added to (>= 1 for llama.cpp to accept it)."""
-    return hidden_state_index(layer, hook) - 1
-
-
-def _check_layers(layers: Sequence[int], n_vectors: int, what: str) -> list[int]:
-    out = [int(x) for x in layers]
-    if len(out) != n_vectors:
-        raise TLExtractError(f"{what}: {len(out)} layer indices for {n_vectors} vectors.")
-    if len(set(out)) != len(out):
-        raise TLExtractError(f"{what}: duplicate layer indices in {out}.")
-    return out
-
+from tlextract.store import atomic_path, save_tensors
 
 # ---------------------------------------------------------------------------------------------
 # persona_vectors
@@ -90,7 +68,7 @@ def to_persona_vectors(
 ) -> Float[Tensor, "hidden_state d_model"]:
     """The persona_vectors tensor [n_layers + 1, d_model] (float32, CPU) holding ``vectors[i]``
     at row ``hidden_state_index(layers[i], hook)`` and zeros elsewhere."""
-    block = _check_layers(layers, vectors.shape[0], "to_persona_vectors")
+    block = check_layers(layers, vectors.shape[0], "to_persona_vectors")
     bad = [b for b in block if not 0 <= b < n_layers]
     if bad:
         raise TLExtractError(
@@ -110,16 +88,7 @@ def from_persona_vectors(
 ) -> TraitVectors:
     """Inverse of :func:`to_persona_vectors`: the rows for ``layers`` (default: every block,
     ``0..n_layers-1``, which drops the embedding row 0 at resid_post), as float32."""
-    n_layers = table.shape[0] - 1
-    block = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    rows = [hidden_state_index(b, hook) for b in block]
-    bad = [b for b, r in zip(block, rows, strict=True) if not 0 <= r <= n_layers]
-    if bad:
-        raise TLExtractError(
-            f"from_persona_vectors: layers {bad} are outside this {n_layers}-block table."
-        )
-    picked = table.detach().float()[torch.tensor(rows, dtype=torch.long)]
-    return _imported(picked, block, hook, "persona_vectors")
+    return TraitVectors(**persona_fields(table, layers, hook=hook))
 
 
 def save_persona_vectors(
@@ -138,19 +107,7 @@ def load_persona_vectors(
     path: Path, layers: Sequence[int] | None = None, *, hook: str = "resid_post"
 ) -> TraitVectors:
     """Read a persona_vectors ``.pt`` file; see :func:`from_persona_vectors`."""
-    path = Path(path)
-    try:
-        table = load_tensors(path)
-    except Exception as err:  # unpickling errors come in many types
-        raise TLExtractError(f"{path}: not a readable torch file ({err}).") from err
-    if not (isinstance(table, Tensor) and table.ndim == 2 and table.is_floating_point()):
-        raise TLExtractError(
-            f"{path}: expected one float tensor [n_layers + 1, d_model] (persona_vectors "
-            f"layout), got {type(table).__name__}"
-            + (f" of shape {tuple(table.shape)}" if isinstance(table, Tensor) else "")
-            + "."
-        )
-    return from_persona_vectors(table, layers, hook=hook)
+    return TraitVectors(**read_persona(Path(path), layers, hook=hook))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +130,7 @@ def save_gguf(
     :func:`gguf_layer_index`) raise, or are left out with ``skip_unsupported=True``.
     Vectors are written as float32, in the order given.
     """
-    block = _check_layers(layers, vectors.shape[0], "save_gguf")
+    block = check_layers(layers, vectors.shape[0], "save_gguf")
     index = [gguf_layer_index(b, hook) for b in block]
     unsupported = [b for b, i in zip(block, index, strict=True) if i < 1]
     if unsupported and not skip_unsupported:
@@ -201,54 +158,10 @@ def save_gguf(
     return written
 
 
-def _field_str(reader: gguf.GGUFReader, key: str) -> str | None:
-    f = reader.get_field(key)
-    if f is None:
-        return None
-    value = f.contents()
-    return value if isinstance(value, str) else str(value)
-
-
 def load_gguf(path: Path, *, hook: str = "resid_post") -> TraitVectors:
     """Read a GGUF control vector (ours, repeng's or llama.cpp's ``cvector-generator``).
 
     Rows come back sorted by block; ``direction.{i}`` becomes block ``i`` at resid_post
     (``i + 1`` at resid_pre). Values are returned exactly as stored (float32).
     """
-    path = Path(path)
-    offset = _offset(hook)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # the reader raises ValueError, struct.error, ...
-        raise TLExtractError(f"{path}: not a readable GGUF file ({err}).") from err
-    arch = _field_str(reader, "general.architecture")
-    if arch != GGUF_ARCH:
-        raise TLExtractError(
-            f"{path}: general.architecture is {arch!r}, not {GGUF_ARCH!r}: not a control vector."
-        )
-    by_block: dict[int, np.ndarray] = {}
-    for t in reader.tensors:
-        prefix, _, suffix = t.name.partition(".")
-        if prefix != "direction" or not suffix.isdigit():
-            raise TLExtractError(f"{path}: unexpected tensor {t.name!r} (want direction.N).")
-        if t.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise TLExtractError(f"{path}: {t.name} is {t.tensor_type.name}, expected F32.")
-        by_block[int(suffix) + 1 - offset] = np.array(t.data, dtype=np.float32).reshape(-1)
-    if not by_block:
-        raise TLExtractError(f"{path}: no direction tensors.")
-    block = sorted(by_block)
-    vectors = torch.from_numpy(np.stack([by_block[b] for b in block]))
-    hint = _field_str(reader, f"{GGUF_ARCH}.model_hint") or ""
-    return _imported(vectors, block, hook, "gguf", model=hint)
-
-
-def _imported(
-    vectors: Float[Tensor, "layer d_model"],
-    layers: Sequence[int],
-    hook: str,
-    fmt: str,
-    model: str = "",
-) -> TraitVectors:
-    """Vectors read from another tool's file: no trait or method recorded there."""
-    return TraitVectors(trait="", method="imported", model=model, hook=hook, layers=tuple(layers),
-                        vectors=vectors, metadata={"format": fmt})  # fmt: skip
+    return TraitVectors(**read_gguf(Path(path), hook=hook))

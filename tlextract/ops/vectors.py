@@ -9,8 +9,9 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.ops import vector_files
 from tlextract.ops.pool import hook_name
-from tlextract.store import load_tensors, save_tensors
+from tlextract.store import save_tensors
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,17 @@ class TraitVectors:
             },
         )
 
+    def save_safetensors(self, path: Path) -> None:
+        """The portable copy: one tensor ``layers.{l}`` per block and string metadata that any
+        safetensors reader shows; see :func:`vector_files.save_safetensors`."""
+        vector_files.save_safetensors(
+            path, self.vectors, self.layers, trait=self.trait, method=self.method,
+            model=self.model, hook=self.hook, metadata=self.metadata,
+        )  # fmt: skip
+
     @classmethod
-    def load(cls, path: Path) -> TraitVectors:
-        d = load_tensors(path)
-        return cls(
-            trait=d["trait"],
-            method=d["method"],
-            model=d["model"],
-            hook=d["hook"],
-            layers=tuple(d["layers"]),
-            vectors=d["vectors"],
-            metadata=d["metadata"],
-        )
+    def load(cls, path: Path, *, hook: str = "resid_post") -> TraitVectors:
+        """Vectors from any file tlextract reads, recognised by content whatever its name: ours
+        (:meth:`save`), safetensors, persona_vectors ``.pt`` or a GGUF control vector. ``hook`` is
+        the hook of files that do not record one (persona_vectors, GGUF)."""
+        return cls(**vector_files.read_vectors(Path(path), hook=hook))

@@ -30,7 +30,10 @@ def extract_vectors(
     path = stage / f"{method}.pt"
     if stage_done(stage, key) and path.exists():
         log.info("[%s] vectors: up to date, skipped (%s)", run.trait.name, path)
-        return TraitVectors.load(path)
+        tv = TraitVectors.load(path)
+        if not path.with_suffix(".safetensors").exists():  # a run from before it was written
+            tv.save_safetensors(path.with_suffix(".safetensors"))
+        return tv
     pos, neg = (
         kept_rows(a, idx, selection.kept[p])
         for a, idx, p in ((acts.pos, acts.pos_index, "pos"), (acts.neg, acts.neg_index, "neg"))
@@ -46,6 +49,7 @@ def extract_vectors(
                   "activations_fingerprint": acts.key, "fingerprint": key, **judge},
     )  # fmt: skip
     tv.save(path)
+    tv.save_safetensors(path.with_suffix(".safetensors"))  # the portable copy
     write_json(stage / META, stage_meta(
         "vectors", key, run, method=method, layers=list(acts.layers), hook=acts.hook,
         hook_names=[tv.hook_name(layer) for layer in acts.layers],
