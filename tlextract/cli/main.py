@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tlextract.cli.interventions import INTERVENTIONS, add_intervention_commands
+from tlextract.cli.newtrait import NEW_TRAIT, add_new_trait_command, new_trait
 from tlextract.cli.result import result_card
 from tlextract.config import DEFAULT_EXPERIMENT, Experiment, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             add_backend_options(p)
     add_intervention_commands(sub)
+    add_new_trait_command(sub)
     return parser
 
 
@@ -161,6 +164,11 @@ def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="model weights; pooling and vectors are always float32")  # fmt: skip
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="read hub models from the local Hugging Face cache only (sets HF_HUB_OFFLINE=1)",
+    )
 
 
 def add_report_options(p: argparse.ArgumentParser) -> None:
@@ -229,13 +237,32 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with console_logging():
+    with console_logging(), _offline(getattr(args, "offline", False)):
         return _main(args)
+
+
+@contextmanager
+def _offline(on: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for this command only (tlextract.model.hub reads it when it fetches; a
+    local Ray worker started meanwhile inherits it); restored afterwards, so a notebook or test
+    process that calls main() is left as it was."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    if on:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        elif on and before is not None:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def _main(args: argparse.Namespace) -> int:  # long: one dispatch over the commands
     try:
         experiment = load_experiment(args.experiment, args.experiments_dir or experiments_root())
+        if args.command == NEW_TRAIT:
+            return new_trait(args, experiment)
         if args.command == "report":
             report(args, experiment)
             return 0

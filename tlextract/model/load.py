@@ -8,8 +8,11 @@ Names (case-insensitive):
   ``~/.cache/tlextract``); later loads read that cache.
 * ``tiny-random``: a seeded 3-layer llama-like model with a byte-level tokenizer and a chat
   template, for tests. Built offline and cached the same way.
-* a TransformerLens model name (e.g. ``google/gemma-2-2b-it``), read only from the local Hugging
-  Face cache, or the path of a local directory holding a Hugging Face model. Nothing is downloaded.
+* a TransformerLens model name or alias (e.g. ``google/gemma-2-2b-it``), or a Hugging Face id
+  ``org/name`` of an architecture TransformerLens builds from a config (llama, qwen2, mistral, ...):
+  downloaded with huggingface_hub, or read from the local Hugging Face cache only when offline
+  (``HF_HUB_OFFLINE=1``, ``--offline``); see :mod:`tlextract.model.hub`.
+* the path of a local directory holding a Hugging Face model.
 
 Weights are never folded or centred (the semantics of ``from_pretrained_no_processing``), so
 ``blocks.{l}.hook_resid_pre`` equals transformers' ``hidden_states[l]``. ``model.tokenizer`` is the
@@ -35,6 +38,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tlextract.errors import TLExtractError
+from tlextract.model import hub
 from tlextract.model.cache import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -158,42 +162,56 @@ def _resolve(name: str) -> _Source:
         return _Source(directory, spec.tl_name, spec.default_prepend_bos)
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TLExtractError(f"{path} holds no config.json: it is not a Hugging Face model")
-        arch = (json.loads((path / "config.json").read_text()).get("architectures") or [""])[0]
-        return _Source(path, None if arch == "LlamaForCausalLM" else str(path.resolve()), None)
+        return _local(path, str(path))
     try:
         official = tl_loading.get_official_model_name(name)
-    except ValueError:
+    except ValueError:  # its message lists every official name: not chained to ours
+        official = None
+    return _Source(hub.fetch(official), official, None) if official else _hub_model(name)
+
+
+def _hub_model(name: str) -> _Source:
+    """A Hugging Face id that TransformerLens does not list, of an architecture it supports."""
+    if not hub.is_repo_id(name):
         raise TLExtractError(
             f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}; "
-            f"{TINY_MODEL} for tests), not a model TransformerLens supports, and not a directory. "
-            "Pass an embedded name, a TransformerLens model name such as google/gemma-2-2b-it that "
-            "is in the Hugging Face cache, or a directory holding a Hugging Face model."
-        ) from None
-    return _Source(_hf_snapshot(official), official, None)
-
-
-def _hf_snapshot(official: str) -> Path:
-    """The local Hugging Face cache snapshot of ``official``; never downloads."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        snapshot = Path(snapshot_download(official, local_files_only=True))
-    except LocalEntryNotFoundError:
-        snapshot = None
-    if snapshot is None or not any(
-        p.suffix in (".safetensors", ".bin") for p in snapshot.iterdir()
-    ):
-        raise TLExtractError(
-            f"{official} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-            f"tlextract never downloads. Download it there with `hf download {official}` (older "
-            f"huggingface_hub: `huggingface-cli download {official}`; gated models need "
-            "`hf auth login` and accepted terms first), or pass the path of a local directory "
-            "holding the model."
+            f"{TINY_MODEL} for tests), not a TransformerLens model name, not a Hugging Face id "
+            "org/name and not a directory. Pass an embedded name, a TransformerLens model name "
+            "such as google/gemma-2-2b-it, a Hugging Face id of an architecture TransformerLens "
+            "supports, or a directory holding a Hugging Face model."
         )
-    return snapshot
+    _local(hub.fetch_config(name), name)  # an unsupported architecture fails before the weights
+    return _local(hub.fetch(name), name)
+
+
+def _local(directory: Path, label: str) -> _Source:
+    """A Hugging Face model directory that is not a TransformerLens model name: llama through our
+    converter (TransformerLens has no entry for SmolLM2-like models), other architectures
+    through TransformerLens' config of the directory, refused here when it has none."""
+    if not (directory / "config.json").is_file():
+        raise TLExtractError(f"{label} holds no config.json: it is not a Hugging Face model")
+    config = json.loads((directory / "config.json").read_text())
+    arch = (config.get("architectures") or ["(none in config.json)"])[0]
+    if arch == "LlamaForCausalLM":
+        return _Source(directory, None, None)
+    tl_name = str(directory.resolve())
+    try:
+        tl_loading.convert_hf_model_config(tl_name, local_files_only=True)
+    # AttributeError: TransformerLens guessed llama or gemma from the path and read no config.
+    except (NotImplementedError, AttributeError, ValueError) as e:
+        reason = next(iter(str(e).splitlines()), type(e).__name__)
+        raise TLExtractError(
+            f"{label}: TransformerLens {_tl_version()} cannot load architecture {arch} ({reason}); "
+            "use a TransformerLens model name or a model of a supported architecture (llama, "
+            "mistral, qwen2, gpt2, gpt_neox, phi, ...)"
+        ) from e
+    return _Source(directory, tl_name, None)
+
+
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
 
 
 def _load_hf(
