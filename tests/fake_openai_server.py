@@ -14,12 +14,15 @@ behaviour for a request is scripted by directives in the prompt text, ``[[name=v
 * ``hold=0.2`` every attempt sleeps 0.2 s (to measure concurrency).
 * ``status=500`` every attempt gets that status.
 * ``nologprobs`` the answer has ``"logprobs": null``.
+* ``draft=a.json,b.json`` a drafting request (no logprobs expected): attempt k answers with the
+  text of the k-th file as the assistant message (the last file for later attempts).
 
 Requests whose ``Authorization`` is not ``Bearer $FAKE_OPENAI_KEY`` (when that variable is set) get
 401 with a body that echoes the key they sent (as real servers partly do). A model other than
 ``$FAKE_OPENAI_MODEL`` (default ``judge-model``) gets 404.
 
-``GET /stats`` returns ``{"requests", "in_flight", "max_in_flight", "attempts": {prompt: n}}``;
+``GET /stats`` returns ``{"requests", "in_flight", "max_in_flight", "attempts": {prompt: n},
+"last_messages"}`` (the messages of the latest request, to check what a retry sent);
 ``POST /reset`` zeroes everything.
 """
 
@@ -39,12 +42,18 @@ EXPECTED_MODEL = os.environ.get("FAKE_OPENAI_MODEL", "judge-model")
 DIRECTIVES = re.compile(r"\[\[(.*?)\]\]", re.S)
 
 lock = threading.Lock()
-state: dict = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "attempts": {}}
+state: dict = {
+    "requests": 0,
+    "in_flight": 0,
+    "max_in_flight": 0,
+    "attempts": {},
+    "last_messages": [],
+}
 
 
 def reset() -> None:
     with lock:
-        state.update(requests=0, in_flight=0, max_in_flight=0, attempts={})
+        state.update(requests=0, in_flight=0, max_in_flight=0, attempts={}, last_messages=[])
 
 
 def parse_directives(prompt: str) -> dict[str, str]:
@@ -55,6 +64,25 @@ def parse_directives(prompt: str) -> dict[str, str]:
             if name.strip():
                 out[name.strip()] = value
     return out
+
+
+def draft_reply(model: str, files: str, attempt: int) -> dict:
+    paths = files.split(",")
+    with open(paths[min(attempt, len(paths)) - 1], encoding="utf-8") as f:
+        content = f.read()
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+    }
 
 
 def completion(model: str, directives: dict[str, str]) -> dict:
@@ -138,6 +166,7 @@ class Handler(BaseHTTPRequestHandler):
         with lock:
             attempt = state["attempts"].get(prompt, 0) + 1
             state["attempts"][prompt] = attempt
+            state["last_messages"] = body["messages"]
         d = parse_directives(prompt)
         auth = self.headers.get("Authorization", "")
         if EXPECTED_KEY is not None and auth != f"Bearer {EXPECTED_KEY}":
@@ -149,7 +178,7 @@ class Handler(BaseHTTPRequestHandler):
                 404, {"error": {"message": f"The model `{body.get('model')}` does not exist"}}
             )
             return
-        if not (body.get("logprobs") is True and body.get("max_tokens") == 1):
+        if "draft" not in d and not (body.get("logprobs") is True and body.get("max_tokens") == 1):
             self.send_json(400, {"error": {"message": "expected logprobs=true and max_tokens=1"}})
             return
         if "hold" in d:
@@ -167,6 +196,9 @@ class Handler(BaseHTTPRequestHandler):
                 headers = {"Retry-After": d["retry_after"]} if "retry_after" in d else None
                 self.send_json(int(status), {"error": {"message": "scripted failure"}}, headers)
                 return
+        if "draft" in d:
+            self.send_json(200, draft_reply(body["model"], d["draft"], attempt))
+            return
         self.send_json(200, completion(body["model"], d))
 
 
