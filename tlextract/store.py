@@ -7,17 +7,21 @@ fingerprint of the settings and inputs that produced it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tlextract.errors import TLExtractError
 
 META = "meta.json"
 
@@ -28,33 +32,105 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# What the filesystem refuses, and what to do about it: one line instead of a traceback.
+_DISK_FAULTS = {
+    errno.EROFS: ("read-only file system", "point the run at a writable directory "
+                  "(--experiments-dir or TLEXTRACT_EXPERIMENTS)"),
+    errno.ENOSPC: ("no space left on the device", "free some space and run again (finished "
+                   "batches are kept)"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run again (finished batches are "
+                   "kept)"),
+    errno.EACCES: ("permission denied", "make it writable for this user, or point the run at "
+                   "another directory (--experiments-dir)"),
+    errno.EPERM: ("operation not permitted", "make it writable for this user, or point the run "
+                  "at another directory (--experiments-dir)"),
+}  # fmt: skip
+
+
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a known filesystem refusal while writing ``path`` into one TLExtractError line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        fault = _fault_of(e)
+        if fault is None:
+            raise
+        what, fix = _DISK_FAULTS[fault]
+        raise TLExtractError(f"{path}: cannot write it: {what}; {fix}.") from None
+
+
+def _fault_of(error: OSError | RuntimeError) -> int | None:
+    """The errno of a known refusal; libraries that write for us (pyarrow for datasets) may
+    report one in their message only."""
+    code = getattr(error, "errno", None)
+    if code in _DISK_FAULTS:
+        return code
+    return next((c for c in _DISK_FAULTS if os.strerror(c) in str(error)), None)
+
+
+def make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; return the ones created, deepest first."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the directories ``created`` (deepest first) that are still empty: a failed write
+    leaves no empty stage directory behind."""
+    for d in created:
+        with suppress(OSError):
+            d.rmdir()
+
+
+def _sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
+
+    The temporary file is created like any new file (mode 0o666 less the umask, unlike
+    ``mkstemp``'s 0o600), so a shared experiment directory stays readable by the group."""
+    created: list[Path] = []
+    tmp = _sibling(path)
+    ok = False
+    with disk_errors(path):
+        try:
+            created = make_parents(path.parent)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            yield tmp
+            os.replace(tmp, path)
+            ok = True
+        finally:
+            tmp.unlink(missing_ok=True)
+            if not ok:
+                remove_empty(created)
 
 
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; it replaces ``path`` (a directory) only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    """Yield a fresh temporary directory (umask permissions); it replaces ``path`` (a
+    directory) only on success."""
+    created: list[Path] = []
+    tmp = _sibling(path)
+    ok = False
+    with disk_errors(path):
+        try:
+            created = make_parents(path.parent)
+            tmp.mkdir(mode=0o777)
+            yield tmp
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            ok = True
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if not ok:
+                remove_empty(created)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -72,9 +148,12 @@ def read_json(path: Path) -> Any:
 
 
 def save_tensors(path: Path, obj: Any) -> None:
-    """torch.save, atomically."""
+    """torch.save, atomically. Serialised in memory first: torch's own writer reports a full
+    disk as a RuntimeError without an errno, a plain write as ENOSPC."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_tensors(path: Path) -> Any:
@@ -84,7 +163,10 @@ def load_tensors(path: Path) -> Any:
 def stage_done(stage_dir: Path, key: str) -> bool:
     """True when the stage in ``stage_dir`` finished with the settings fingerprint ``key``."""
     meta = stage_dir / META
-    return meta.exists() and read_json(meta).get("fingerprint") == key
+    try:
+        return meta.exists() and read_json(meta).get("fingerprint") == key
+    except (OSError, ValueError, AttributeError):  # torn or foreign meta.json: not finished
+        return False
 
 
 def shard_dir(stage_dir: Path, key: str) -> Path:

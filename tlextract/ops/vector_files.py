@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
@@ -296,8 +296,9 @@ def save_safetensors(
     tensors = {
         f"layers.{b}": row.clone() for b, row in zip(block, vectors.detach().cpu(), strict=True)
     }
+    data = save(tensors, metadata=header)  # bytes: safetensors' own file writer makes it 0600
     with atomic_path(Path(path)) as tmp:
-        save_file(tensors, tmp, metadata=header)
+        tmp.write_bytes(data)
 
 
 def read_safetensors(path: Path, *, hook: str = "resid_post") -> VectorFields:
