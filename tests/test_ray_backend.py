@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tlextract.backends.ray import TASK_LOG, run_on_ray
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
+from tlextract.locks import run_lock
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import STAGES, settings_for
 from tlextract.traits import VARIANTS
@@ -177,3 +180,30 @@ def test_a_failing_task_is_reported_and_the_others_finish(
     assert ok["status"] == "done" and failed["status"] == "failed"
     assert "natural_pos.txt" in failed["error"]
     assert "Traceback" in Path(failed["log"]).read_text()
+
+
+@pytest.mark.slow
+def test_two_tasks_of_one_run_at_once_write_it_one_after_the_other(
+    tmp_path: Path, ray_cluster
+) -> None:
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    for root in (local, remote):
+        write_experiment(root, traits=["alpha"])
+    assert _run_cli(local) == 0
+    run = settings_for(load_experiment("tiny", remote), "alpha")
+    log = run.out_dir / TASK_LOG
+    rows: list[dict] = []
+    # Held here until both tasks (one on each actor) wait for it, so they then race for it.
+    with run_lock(run.out_dir):
+        both = threading.Thread(target=lambda: rows.extend(run_on_ray([run, run])))
+        both.start()
+        deadline = time.monotonic() + 300
+        while not (log.exists() and log.read_text().count("waiting (use --no-wait") == 2):
+            assert time.monotonic() < deadline and both.is_alive(), "both tasks never waited"
+            time.sleep(0.1)
+    both.join(timeout=300)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    text = log.read_text()
+    assert text.count("responses: up to date, skipped") == 1, text  # the second found it done
+    assert "Traceback" not in text
+    _assert_same_vectors(local, remote, n=1)

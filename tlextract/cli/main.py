@@ -169,6 +169,12 @@ def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
         action="store_true",
         help="read hub models from the local Hugging Face cache only (sets HF_HUB_OFFLINE=1)",
     )
+    p.add_argument(
+        "--no-wait",
+        dest="no_wait",
+        action="store_true",
+        help="if another run of the same trait is writing, exit (status 2) instead of waiting",
+    )
 
 
 def add_report_options(p: argparse.ArgumentParser) -> None:
@@ -304,7 +310,7 @@ def _main(args: argparse.Namespace) -> int:  # long: one dispatch over the comma
         get_model = model_loader(runs[0])  # one model for all traits of this command
         for run in runs:
             start = time.perf_counter()
-            run_trait(run, COMMANDS[args.command], get_model)
+            run_trait(run, COMMANDS[args.command], get_model, wait=not args.no_wait)
             seconds = time.perf_counter() - start
             if "vectors" in COMMANDS[args.command]:
                 print("\n".join(result_card(run, seconds)))

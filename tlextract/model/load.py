@@ -163,15 +163,21 @@ def _resolve(name: str) -> _Source:
     path = Path(name).expanduser()
     if path.is_dir():
         return _local(path, str(path))
-    try:
-        official = tl_loading.get_official_model_name(name)
-    except ValueError:  # its message lists every official name: not chained to ours
-        official = None
+    official = _official(name)
     return _Source(hub.fetch(official), official, None) if official else _hub_model(name)
 
 
-def _hub_model(name: str) -> _Source:
-    """A Hugging Face id that TransformerLens does not list, of an architecture it supports."""
+def _official(name: str) -> str | None:
+    try:
+        return tl_loading.get_official_model_name(name)
+    except ValueError:  # its message lists every official name: not chained to ours
+        return None
+
+
+def check_model_name(name: str) -> None:
+    """Fail, without loading or downloading anything, on a name that cannot be a model at all."""
+    if embedded(name.lower()) or Path(name).expanduser().is_dir() or _official(name):
+        return
     if not hub.is_repo_id(name):
         raise TLExtractError(
             f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}; "
@@ -180,6 +186,11 @@ def _hub_model(name: str) -> _Source:
             "such as google/gemma-2-2b-it, a Hugging Face id of an architecture TransformerLens "
             "supports, or a directory holding a Hugging Face model."
         )
+
+
+def _hub_model(name: str) -> _Source:
+    """A Hugging Face id that TransformerLens does not list, of an architecture it supports."""
+    check_model_name(name)
     _local(hub.fetch_config(name), name)  # an unsupported architecture fails before the weights
     return _local(hub.fetch(name), name)
 

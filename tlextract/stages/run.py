@@ -15,6 +15,8 @@ from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection
+from tlextract.locks import run_lock
+from tlextract.model.load import check_model_name
 from tlextract.ops.pool import resolve_layers
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import STAGES, RunSettings
@@ -34,26 +36,33 @@ def run_trait(
     run: RunSettings,
     stages: Sequence[str] = STAGES,
     get_model: Callable[[], HookedTransformer] | None = None,
+    *,
+    wait: bool = True,
 ) -> TraitVectors | None:
-    """Run the given stages of one trait in order; returns the vectors when that stage ran."""
+    """Run the given stages of one trait in order; returns the vectors when that stage ran.
+
+    One process at a time writes a trait run: another run of it waits for this one to finish,
+    or with ``wait=False`` raises TLExtractError naming the holder."""
     get_model = get_model or model_loader(run)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TLExtractError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}.")
+    check_model_name(run.model)
     if "activations" in stages and run.layers != "all" and not activations_done(run):
-        # Fail on impossible layers before any stage writes a file.
+        # Fail on impossible layers before any stage (or the lock) writes a file.
         resolve_layers(run.layers, get_model().cfg.n_layers)
-    acts: Activations | None = None
-    selection: Selection | None = None
-    vectors = None
-    if "generate" in stages:
-        generate_responses(run, get_model)
-    if "judge" in stages:
-        selection = select_responses(run, get_model)
-    if "activations" in stages:
-        acts = extract_activations(run, get_model)
-    if "vectors" in stages:
-        vectors = extract_vectors(
-            run, acts or load_activations(run), selection or load_selection(run)
-        )
-    return vectors
+    with run_lock(run.out_dir, wait=wait):
+        acts: Activations | None = None
+        selection: Selection | None = None
+        vectors = None
+        if "generate" in stages:
+            generate_responses(run, get_model)
+        if "judge" in stages:
+            selection = select_responses(run, get_model)
+        if "activations" in stages:
+            acts = extract_activations(run, get_model)
+        if "vectors" in stages:
+            vectors = extract_vectors(
+                run, acts or load_activations(run), selection or load_selection(run)
+            )
+        return vectors
