@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -18,7 +19,7 @@ from transformer_lens import HookedTransformer
 from tlextract.errors import TLExtractError
 from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
 from tlextract.settings import RunSettings
-from tlextract.stages.common import batch_size, run_sharded, stage_meta
+from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
 from tlextract.stages.generate import load_pooled, load_responses, responses_key
 from tlextract.store import (
     META,
@@ -72,8 +73,14 @@ def activations_done(run: RunSettings) -> bool:
 
 
 def _load(stage: Path, key: str) -> Activations:
+    """The stage's activations, checked against its meta.json (rows, layers, index)."""
     meta = read_json(stage / META)
     data = {p: load_tensors(stage / f"{p}.pt") for p in POLARITIES}
+    for p in POLARITIES:
+        acts, index = data[p]["acts"], data[p]["index"]
+        if acts.shape[:2] != (meta["counts"][p], len(meta["layers"])) or len(index) != len(acts):
+            expected = f"{meta['counts'][p]} rows x {len(meta['layers'])} layers"
+            raise ValueError(f"{p}.pt holds {tuple(acts.shape)}, meta.json says {expected}")
     return Activations(
         pos=data["pos"]["acts"],
         neg=data["neg"]["acts"],
@@ -90,9 +97,10 @@ def extract_activations(
 ) -> Activations:
     responses, responses_fp = load_responses(run)
     stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
-    if stage_done(stage, key):
+    done = reuse(stage, key, lambda: _load(stage, key), f"[{run.trait.name}] activations")
+    if done is not None:
         log.info("[%s] activations: up to date, skipped (%s)", run.trait.name, stage)
-        return _load(stage, key)
+        return done
     if run.mode == "combined":
         pooled = load_pooled(run)
         layers = read_json(run.stage_dir("generate") / META)["layers"]
@@ -108,9 +116,14 @@ def extract_activations(
         responses = [rows[i]["response_ids"] for i in chunk]
         return list(pooled_activations(model, prompts, responses, layers, run.experiment.hook))
 
+    def valid(idx: list[int], shard: Any) -> bool:
+        acts = shard.get("acts") if isinstance(shard, dict) else None
+        shape = (len(idx), len(layers), model.cfg.d_model)
+        return isinstance(acts, Tensor) and shard["rows"] == idx and acts.shape == shape
+
     shards, _ = run_sharded(stage, key, total, size, compute,
                             lambda idx, acts: {"rows": idx, "acts": torch.stack(acts)}, model,
-                            f"[{run.trait.name}] activations")  # fmt: skip
+                            f"[{run.trait.name}] activations", valid)  # fmt: skip
     pooled = {
         (rows[i]["polarity"], rows[i]["index"]): acts
         for shard in shards
@@ -154,8 +167,9 @@ def _write(
 def load_activations(run: RunSettings) -> Activations:
     _, responses_fp = load_responses(run)
     stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
-    if not stage_done(stage, key):
+    acts = reuse(stage, key, lambda: _load(stage, key), f"[{run.trait.name}] activations")
+    if acts is None:
         raise TLExtractError(
             f"{stage}: no activations for these settings yet. Run the 'activations' stage first."
         )
-    return _load(stage, key)
+    return acts

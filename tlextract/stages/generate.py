@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, load_from_disk
@@ -21,7 +22,7 @@ from tlextract.model.tokens import tokenize, tokenizer_of
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import hook_name, resolve_layers
 from tlextract.settings import RunSettings
-from tlextract.stages.common import batch_size, run_sharded, stage_meta
+from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
 from tlextract.store import (
     META,
     atomic_dir,
@@ -29,11 +30,12 @@ from tlextract.store import (
     derive_seed,
     fingerprint,
     load_tensors,
+    read_json,
     save_tensors,
     stage_done,
     write_json,
 )
-from tlextract.traits import POLARITIES, build_examples
+from tlextract.traits import POLARITIES, Example, build_examples
 
 log = logging.getLogger(__name__)
 POOLED = "pooled.pt"  # combined mode: {(polarity, index): [layer, d_model]}
@@ -67,9 +69,10 @@ def responses_done(run: RunSettings) -> bool:
 
 def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Dataset:
     stage, key = run.stage_dir("generate"), responses_key(run)
-    if stage_done(stage, key):
+    done = reuse(stage, key, lambda: _read_back(run, stage), f"[{run.trait.name}] responses")
+    if done is not None:
         log.info("[%s] responses: up to date, skipped (%s)", run.trait.name, stage)
-        return load_from_disk(str(stage / "dataset"))
+        return done
     model = get_model()
     examples = build_examples(
         run.trait, run.n_examples, model.tokenizer, run.experiment.prompt_style, run.variant
@@ -83,7 +86,6 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     size = batch_size(run, model, max(lengths) + gen.max_new_tokens, len(prompt_ids), layers)
     seeds = [derive_seed(run.experiment.seed, run.trait.name, e.polarity, e.index)
              for e in examples]  # fmt: skip
-    tok = tokenizer_of(model)
 
     def compute(chunk: list[int]) -> list:
         ids, chunk_seeds = [prompt_ids[i] for i in chunk], [seeds[i] for i in chunk]
@@ -92,16 +94,17 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     def to_shard(idx: list[int], gens: list) -> list[dict[str, Any]]:
         return [
             {**asdict(examples[i]), "prompt_ids": prompt_ids[i], "response_ids": g.response_ids,
-             "response": tok.decode(g.response_ids, skip_special_tokens=True),
+             "response": tokenizer_of(model).decode(g.response_ids, skip_special_tokens=True),
              "n_prompt_tokens": len(prompt_ids[i]), "n_response_tokens": len(g.response_ids),
              "stopped": g.stopped, "acts": g.pooled}
             for i, g in zip(idx, gens, strict=True)
         ]  # fmt: skip
 
+    valid = _shard_check(examples, (len(capture), model.cfg.d_model) if combined else None)
     # One decode session for the stage: packed weights are checked once, not once per batch.
     with decode_session(model):
         shards, halving = run_sharded(stage, key, lengths, size, compute, to_shard, model,
-                                      f"[{run.trait.name}] generate")  # fmt: skip
+                                      f"[{run.trait.name}] generate", valid)  # fmt: skip
     records = sorted((r for shard in shards for r in shard),
                      key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))  # fmt: skip
     pooled = {(r["polarity"], r["index"]): r.pop("acts") for r in records}
@@ -126,15 +129,57 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     return load_from_disk(str(stage / "dataset"))
 
 
+def _shard_check(
+    examples: list[Example], acts_shape: tuple[int, int] | None
+) -> Callable[[list[int], Any], bool]:
+    """Whether a saved shard holds the records of its batch's examples, in order (and, in
+    combined mode, their activations with ``acts_shape``)."""
+
+    def acts_ok(acts: Any, empty: bool) -> bool:  # an empty response has no activations
+        if acts_shape is None or empty:
+            return acts is None
+        return isinstance(acts, Tensor) and acts.shape == acts_shape
+
+    def record_ok(r: Any, e: Example) -> bool:
+        return (
+            isinstance(r, dict)
+            and isinstance(r.get("response_ids"), list)
+            and (r.get("polarity"), r.get("index")) == (e.polarity, e.index)
+            and acts_ok(r.get("acts"), not r["response_ids"])
+        )
+
+    def valid(idx: list[int], shard: Any) -> bool:
+        return (
+            isinstance(shard, list)
+            and len(shard) == len(idx)
+            and all(record_ok(r, examples[i]) for i, r in zip(idx, shard, strict=True))
+        )
+
+    return valid
+
+
+def _read_back(run: RunSettings, stage: Path) -> Dataset:
+    """The finished stage's dataset, checked against its meta.json (and the pooled activations
+    of combined mode, which the next stage reads)."""
+    responses = load_from_disk(str(stage / "dataset"))
+    expected = sum(read_json(stage / META)["counts"].values())
+    if len(responses) != expected:
+        raise ValueError(f"{len(responses)} responses, meta.json says {expected}")
+    if run.mode == "combined":
+        load_tensors(stage / POOLED)
+    return responses
+
+
 def load_responses(run: RunSettings) -> tuple[Dataset, str]:
-    stage = run.stage_dir("generate")
-    if not stage_done(stage, responses_key(run)):
+    stage, key = run.stage_dir("generate"), responses_key(run)
+    responses = reuse(stage, key, lambda: _read_back(run, stage), f"[{run.trait.name}] responses")
+    if responses is None:
         raise TLExtractError(
             f"{stage}: no responses for these settings yet. Run the 'generate' stage first "
             f"(python -m tlextract generate --experiment {run.experiment.name} "
             f"--traits {run.trait.name})."
         )
-    return load_from_disk(str(stage / "dataset")), responses_key(run)
+    return responses, key
 
 
 def load_pooled(run: RunSettings) -> dict[tuple[str, int], Tensor]:

@@ -12,7 +12,7 @@ from transformer_lens import HookedTransformer
 from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection, select
 from tlextract.settings import RunSettings
-from tlextract.stages.common import stage_meta
+from tlextract.stages.common import reuse, stage_meta
 from tlextract.stages.generate import load_responses, responses_key
 from tlextract.store import META, fingerprint, read_json, stage_done, write_json
 
@@ -28,9 +28,10 @@ def judge_key(run: RunSettings, responses_fp: str) -> str:
 def select_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Selection:
     responses, responses_fp = load_responses(run)
     stage, key = run.stage_dir("judge"), judge_key(run, responses_fp)
-    if stage_done(stage, key):
+    done = reuse(stage, key, lambda: _load(stage), f"[{run.trait.name}] judge")
+    if done is not None:
         log.info("[%s] judge: up to date, skipped (%s)", run.trait.name, stage)
-        return _load(stage)
+        return done
     sel = select(
         list(responses),
         run.trait.eval_prompt,
@@ -49,12 +50,14 @@ def select_responses(run: RunSettings, get_model: Callable[[], HookedTransformer
 
 
 def _load(stage: Path) -> Selection:
+    """The stage's selection, its judgments checked against the count in meta.json."""
     meta = read_json(stage / META)
     keys = ("judge", "rules", "generated", "judged", "missing", "kept", "mean_score")
+    judgments = read_json(stage / "judgments.json")
+    if len(judgments) != sum(meta["generated"].values()):
+        raise ValueError(f"{len(judgments)} judgments, meta.json says {meta['generated']}")
     return Selection(
-        kept=meta["kept_index"],
-        judgments=read_json(stage / "judgments.json"),
-        summary={k: meta[k] for k in keys},
+        kept=meta["kept_index"], judgments=judgments, summary={k: meta[k] for k in keys}
     )
 
 
@@ -64,7 +67,8 @@ def judge_done(run: RunSettings) -> bool:
 
 
 def load_selection(run: RunSettings) -> Selection:
-    stage = run.stage_dir("judge")
-    if not judge_done(run):
+    stage, key = run.stage_dir("judge"), judge_key(run, responses_key(run))
+    selection = reuse(stage, key, lambda: _load(stage), f"[{run.trait.name}] judge")
+    if selection is None:
         raise TLExtractError(f"{stage}: responses not judged yet. Run the 'judge' stage first.")
-    return _load(stage)
+    return selection

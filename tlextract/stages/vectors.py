@@ -12,8 +12,8 @@ from tlextract.ops import methods
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings
 from tlextract.stages.activations import Activations
-from tlextract.stages.common import stage_meta
-from tlextract.store import META, fingerprint, stage_done, write_json
+from tlextract.stages.common import reuse, stage_meta
+from tlextract.store import META, fingerprint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,12 @@ def extract_vectors(
     stage = run.stage_dir("vectors")
     key = vectors_key(acts.key, selection.kept, method)
     path = stage / f"{method}.pt"
-    if stage_done(stage, key) and path.exists():
+    done = reuse(stage, key, lambda: TraitVectors.load(path), f"[{run.trait.name}] vectors")
+    if done is not None:
         log.info("[%s] vectors: up to date, skipped (%s)", run.trait.name, path)
-        tv = TraitVectors.load(path)
         if not path.with_suffix(".safetensors").exists():  # a run from before it was written
-            tv.save_safetensors(path.with_suffix(".safetensors"))
-        return tv
+            done.save_safetensors(path.with_suffix(".safetensors"))
+        return done
     pos, neg = (
         kept_rows(a, idx, selection.kept[p])
         for a, idx, p in ((acts.pos, acts.pos_index, "pos"), (acts.neg, acts.neg_index, "neg"))
