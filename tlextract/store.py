@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -94,41 +94,44 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     The temporary file is created like any new file (mode 0o666 less the umask, unlike
     ``mkstemp``'s 0o600), so a shared experiment directory stays readable by the group."""
-    created: list[Path] = []
-    tmp = _sibling(path)
-    ok = False
-    with disk_errors(path):
-        try:
-            created = make_parents(path.parent)
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            yield tmp
-            os.replace(tmp, path)
-            ok = True
-        finally:
-            tmp.unlink(missing_ok=True)
-            if not ok:
-                remove_empty(created)
+    with _staged(path, _new_file) as tmp:
+        yield tmp
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory (umask permissions); it replaces ``path`` (a
     directory) only on success."""
+    with _staged(path, lambda tmp: tmp.mkdir(mode=0o777)) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _staged(path: Path, create: Callable[[Path], None]) -> Iterator[Path]:
+    """A sibling of ``path`` made by ``create``, moved over ``path`` only on success. Whatever
+    happens, no temporary is left, nor, on failure, a directory made for it; a filesystem
+    refusal becomes one line (:func:`disk_errors`)."""
     created: list[Path] = []
     tmp = _sibling(path)
     ok = False
     with disk_errors(path):
         try:
             created = make_parents(path.parent)
-            tmp.mkdir(mode=0o777)
+            create(tmp)
             yield tmp
-            if path.exists():
+            if tmp.is_dir() and path.exists():  # os.replace cannot replace a full directory
                 shutil.rmtree(path)
             os.replace(tmp, path)
             ok = True
         finally:
-            if tmp.exists():
+            if tmp.is_dir():
                 shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
             if not ok:
                 remove_empty(created)
 
