@@ -26,12 +26,13 @@ import hashlib
 import json
 import os
 import re
-import sys
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from local_server import serve
 
 LFS_SUFFIXES = (".safetensors", ".bin")
 API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+))?$")
@@ -165,14 +166,7 @@ def main() -> None:
     for spec, gated in [(s, False) for s in args.repos] + [(s, True) for s in args.gated]:
         repo_id, _, directory = spec.partition("=")
         repos[repo_id] = load_repo(repo_id, Path(directory), gated)
-    ThreadingHTTPServer.daemon_threads = True
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    print(f"PORT {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.05)
-    except KeyboardInterrupt:
-        pass
-    sys.exit(0)
+    serve(Handler)
 
 
 if __name__ == "__main__":

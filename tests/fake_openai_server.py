@@ -32,10 +32,11 @@ import json
 import math
 import os
 import re
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from local_server import serve
 
 EXPECTED_KEY = os.environ.get("FAKE_OPENAI_KEY")
 EXPECTED_MODEL = os.environ.get("FAKE_OPENAI_MODEL", "judge-model")
@@ -203,15 +204,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
-    ThreadingHTTPServer.daemon_threads = True
-    ThreadingHTTPServer.request_queue_size = 64
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    print(f"PORT {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.05)
-    except KeyboardInterrupt:
-        pass
-    sys.exit(0)
+    serve(Handler, queue=64)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +17,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from conftest import write_experiment
+from local_server import started
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tlextract.cli.main import main
@@ -93,16 +92,8 @@ def serving(repos: dict[str, Path]) -> Iterator[str]:
     args = [f"{r}={d}" for r, d in repos.items() if r != GATED]
     args += ["--gated", f"{GATED}={repos[GATED]}"]
     env = dict(os.environ, FAKE_HUB_TOKEN=TOKEN)
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT), *args], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.startswith("PORT "), f"server did not start: {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with started(SERVER_SCRIPT, *args, env=env) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
+import os
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from local_server import control, started, use
 
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import (
@@ -391,37 +390,15 @@ def test_local_judge_on_tiny_random_matches_brute_force(tiny_digits, packed) -> 
 
 @pytest.fixture(scope="module")
 def server():
-    import os
-
     env = dict(os.environ, FAKE_OPENAI_KEY=SECRET, FAKE_OPENAI_MODEL="judge-model")
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), f"server did not start: {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def control(base: str, path: str) -> dict:
-    method = "POST" if path == "/reset" else "GET"
-    data = b"{}" if method == "POST" else None
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(urllib.request.Request(base + path, data=data, method=method), timeout=5) as r:
-        return json.loads(r.read())
+    with started(SERVER_SCRIPT, env=env) as base:
+        yield base
 
 
 @pytest.fixture
 def http(server, monkeypatch):
     """The server's base URL, reset, with the key in the environment and no proxy."""
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    for var in ("NO_PROXY", "no_proxy"):
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    control(server, "/reset")
-    return server
+    return use(server, monkeypatch, KEY_ENV, SECRET)
 
 
 def make_http_judge(base: str, **kwargs):

@@ -7,13 +7,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import write_experiment
+from local_server import control, started, use
 
 from tlextract.cli.main import main
 from tlextract.judge.draft import drafting_prompt, parse_reply
@@ -49,34 +48,14 @@ def draft(**overrides: object) -> dict:
 @pytest.fixture(scope="module")
 def server():
     env = dict(os.environ, FAKE_OPENAI_KEY=SECRET, FAKE_OPENAI_MODEL=MODEL)
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), f"server did not start: {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def control(base: str, path: str) -> dict:
-    method = "POST" if path == "/reset" else "GET"
-    data = b"{}" if method == "POST" else None
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(urllib.request.Request(base + path, data=data, method=method), timeout=5) as r:
-        return json.loads(r.read())
+    with started(SERVER_SCRIPT, env=env) as base:
+        yield base
 
 
 @pytest.fixture
 def http(server, monkeypatch):
     """The server's base URL, reset, with the key in the environment and no proxy."""
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    for var in ("NO_PROXY", "no_proxy"):
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    control(server, "/reset")
-    return server
+    return use(server, monkeypatch, KEY_ENV, SECRET)
 
 
 def reply_file(tmp_path: Path, name: str, data: dict, fenced: bool = False) -> Path:
