@@ -123,6 +123,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
+        self.done()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -155,9 +156,17 @@ class Handler(BaseHTTPRequestHandler):
             state["requests"] += 1
             state["in_flight"] += 1
             state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+        self.in_flight = True
         try:
             self.answer(raw)
         finally:
+            self.done()
+
+    def done(self) -> None:
+        """No longer in flight: called before the answer is sent, since the client may send its
+        next request as soon as it has this one's answer."""
+        if getattr(self, "in_flight", False):
+            self.in_flight = False
             with lock:
                 state["in_flight"] -= 1
 
