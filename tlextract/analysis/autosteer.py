@@ -27,11 +27,11 @@ import torch
 from transformer_lens import HookedTransformer
 
 from tlextract.analysis.surface import TextClassifier, TextScorer
-from tlextract.analysis.sweep import generate_answers, held_out_questions
+from tlextract.analysis.sweep import generate_answers, held_out_questions, question_prompts
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import Judge
 from tlextract.judge.cache import JudgeCache, judge_responses
-from tlextract.model.tokens import tokenize, tokenizer_of
+from tlextract.model.tokens import tokenizer_of
 from tlextract.ops.bootstrap import Interval, mean_interval
 from tlextract.ops.fluency import answer_logprob, answer_logprobs, kl_divergence, neutral_answers
 from tlextract.ops.steer import Positions, residual_norm, steer
@@ -39,7 +39,6 @@ from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings, settings_for
 from tlextract.stages.generate import load_responses
 from tlextract.store import derive_seed
-from tlextract.traits import render_prompt
 
 log = logging.getLogger(__name__)
 ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8)  # typical residual norms; signed by the pole
@@ -192,10 +191,7 @@ def default_layers(vectors: TraitVectors, preferred: int | None, n: int = N_LAYE
 def _report(s: _Setup, vectors: TraitVectors, chosen: Candidate, questions: list[str],
             judge: Judge | None, cache: JudgeCache | None) -> list[Condition]:  # fmt: skip
     """Unsteered, steered and random-direction answers to the report questions."""
-    style = s.run.experiment.prompt_style
-    tok = tokenizer_of(s.model)
-    prompts = tokenize(s.model, [render_prompt(tok, style, "", q) for q in questions], style)
-    seeds = [derive_seed(s.run.experiment.seed, s.run.trait.name, "steer", q) for q in questions]
+    prompts, seeds = question_prompts(s.model, s.run, questions)
     d_model = vectors.vectors.shape[-1]
     gen = torch.Generator().manual_seed(derive_seed(s.run.experiment.seed, "random direction"))
     random_dir = torch.randn(d_model, generator=gen)
@@ -270,12 +266,9 @@ def auto_steer(
     random.Random(run.experiment.seed).shuffle(questions)
     half = len(questions) // 2
     selection, held = questions[:half], questions[half:]
-    style, tok = run.experiment.prompt_style, tokenizer_of(model)
-    neutral = neutral_answers(model, style)
+    neutral = neutral_answers(model, run.experiment.prompt_style)
     s = _Setup(
-        model, run, classifier, pole,
-        tokenize(model, [render_prompt(tok, style, "", q) for q in selection], style),
-        [derive_seed(run.experiment.seed, run.trait.name, "steer", q) for q in selection],
+        model, run, classifier, pole, *question_prompts(model, run, selection),
         neutral, answer_logprobs(model, *neutral), batch_size, positions,
     )  # fmt: skip
     ids = _answers(s, s.prompts, s.seeds)

@@ -30,14 +30,13 @@ from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
-from tlextract.model.tokens import tokenize, tokenizer_of
-from tlextract.ops.bootstrap import Interval, bootstrap
+from tlextract.model.tokens import text_ids, tokenizer_of, user_prompts
+from tlextract.ops.bootstrap import Interval, bootstrap_rows
 from tlextract.ops.crossval import DEFAULT_FOLDS, fold_of, nested, pick_layer
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.methods import get_method, run_method
 from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
 from tlextract.ops.vectors import TraitVectors
-from tlextract.traits import render_prompt
 
 Pooling = Literal["response", "prompt_last"]
 Mode = Literal["two-stage", "combined"]
@@ -64,9 +63,7 @@ class Extraction(TraitVectors):
         y = torch.tensor([True] * len(self.pos) + [False] * len(self.neg))
         fold = fold_of(groups, folds, seed)
         result = nested(x, y, fold, lambda p, n: run_method(self.method, p, n, seed=seed))
-        g = torch.tensor(groups)
-        figures = bootstrap(result.scores[y], result.scores[~y], g[y].tolist(), g[~y].tolist(),
-                            n_boot, seed)  # fmt: skip
+        figures = bootstrap_rows(result.scores, y, groups, n_boot, seed)
         return {"layer": self.layers[pick_layer(result.per_layer, y)], **figures}
 
 
@@ -112,12 +109,12 @@ def _side(
     responses they were pooled over."""
     texts, given = _split(examples, what)
     tok = tokenizer_of(model)
-    prompts = tokenize(model, [render_prompt(tok, opts.style, "", t) for t in texts], opts.style)
+    prompts = user_prompts(model, texts, opts.style)
     if opts.pooling == "prompt_last":
         return _pool(model, [p[:-1] for p in prompts], [p[-1:] for p in prompts], opts.names,
                      opts.layers, opts.hook, opts.batch_size), []  # fmt: skip
     if given is not None:
-        responses = [list(ids) for ids in tok(given, add_special_tokens=False)["input_ids"]]
+        responses = text_ids(model, given)
     else:
         gens = [
             g

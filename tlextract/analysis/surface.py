@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
-from tlextract.ops.crossval import standardize
+from tlextract.ops.crossval import standardize, standardize_oriented
 
 BASELINES = ("length", "bag_of_words")
 
@@ -49,15 +49,13 @@ class TextClassifier:
 def _fold_scores(
     texts: Sequence[str], lengths: Sequence[int], y: Tensor, train: Tensor, kind: str
 ) -> Float[Tensor, " n_test"]:
-    rows = torch.arange(len(texts))
     if kind == "length":
         raw = torch.tensor([float(n) for n in lengths])[:, None]
         # Longer is not "pos" by definition: the training folds say which way it points.
-        sign = 1.0 if raw[train & y].mean() >= raw[train & ~y].mean() else -1.0
-        raw = sign * raw
-    else:
-        clf = TextClassifier([texts[i] for i in rows[train]], y[train].tolist())
-        raw = torch.tensor(clf.decision(texts), dtype=torch.float32)[:, None]
+        return standardize_oriented(raw[train], y[train], raw[~train])[:, 0]
+    rows = torch.arange(len(texts))
+    clf = TextClassifier([texts[i] for i in rows[train]], y[train].tolist())
+    raw = torch.tensor(clf.decision(texts), dtype=torch.float32)[:, None]
     return standardize(raw[train], y[train], raw[~train])[:, 0]
 
 

@@ -37,7 +37,7 @@ from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import Judge
 from tlextract.judge.cache import JudgeCache, judge_responses
-from tlextract.model.tokens import device_of, tokenize, tokenizer_of
+from tlextract.model.tokens import device_of, tokenizer_of, user_prompts
 from tlextract.ops.fluency import mean_logprobs
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import pack
@@ -53,7 +53,7 @@ from tlextract.settings import RunSettings
 from tlextract.stages.activations import activations_done, load_activations
 from tlextract.stages.generate import load_responses
 from tlextract.store import derive_seed
-from tlextract.traits import POLARITIES, render_prompt
+from tlextract.traits import POLARITIES
 
 log = logging.getLogger(__name__)
 DEFAULT_ALPHAS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
@@ -246,6 +246,15 @@ def _summarise(intervention: str, alpha: float, answers: list[Answer], judged: b
     )
 
 
+def question_prompts(
+    model: HookedTransformer, run: RunSettings, questions: Sequence[str]
+) -> tuple[list[list[int]], list[int]]:
+    """The questions as user prompts in the experiment's style, and one seed per question,
+    shared by every condition of a steering comparison: they differ only by the intervention."""
+    seeds = [derive_seed(run.experiment.seed, run.trait.name, "steer", q) for q in questions]
+    return user_prompts(model, questions, run.experiment.prompt_style), seeds
+
+
 def generate_answers(
     model: HookedTransformer,
     prompt_ids: list[list[int]],
@@ -283,11 +292,8 @@ def alpha_sweep(
     name, unit = unit_direction(model, vectors, layer)
     scale = residual_norm(model, layer, hook=vectors.hook)
     questions, source = held_out_questions(run, n_questions)
-    style, gen = run.experiment.prompt_style, run.experiment.generation
-    prompt_ids = tokenize(model, [render_prompt(model.tokenizer, style, "", q) for q in questions],
-                          style)  # fmt: skip
-    # One seed per question, shared by every condition: they differ only by the intervention.
-    seeds = [derive_seed(run.experiment.seed, run.trait.name, "steer", q) for q in questions]
+    gen = run.experiment.generation
+    prompt_ids, seeds = question_prompts(model, run, questions)
     conditions = [("steer", float(a)) for a in alphas] + ([("ablate", 0.0)] if ablation else [])
     answers: list[Answer] = []
     for kind, alpha in conditions:

@@ -11,6 +11,7 @@ from transformer_lens import HookedTransformer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tlextract.errors import TLExtractError
+from tlextract.traits import render_prompt
 
 # End-of-turn markers of chat templates; generation stops at these as well as at eos.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
@@ -43,6 +44,19 @@ def tokenize(model: HookedTransformer, texts: Sequence[str], style: str) -> list
     own (e.g. BOS)."""
     enc = tokenizer_of(model)(list(texts), add_special_tokens=(style == "completion"))
     return [list(ids) for ids in enc["input_ids"]]
+
+
+def text_ids(model: HookedTransformer, texts: Sequence[str]) -> list[list[int]]:
+    """Plain text (an answer, a reference sentence) as token ids, no special tokens added."""
+    enc = tokenizer_of(model)(list(texts), add_special_tokens=False)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def user_prompts(model: HookedTransformer, texts: Sequence[str], style: str) -> list[list[int]]:
+    """Each text as a user message with no instruction, rendered in ``style`` and tokenized as
+    the pipeline's prompts are."""
+    tok = tokenizer_of(model)
+    return tokenize(model, [render_prompt(tok, style, "", t) for t in texts], style)
 
 
 def left_pad(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from einops import einsum
-from jaxtyping import Float, Real
+from jaxtyping import Bool, Float, Real
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
@@ -96,12 +96,27 @@ def bootstrap(
     ok = (w_pos.sum(-1) > 0) & (w_neg.sum(-1) > 0)
     boot = weighted_figures(pos, neg, w_pos[ok], w_neg[ok])
     point = weighted_figures(pos, neg, torch.ones(1, len(pos)), torch.ones(1, len(neg)))
+    return {name: _interval(float(point[name][0]), boot[name], level) for name in FIGURES}
+
+
+def bootstrap_rows(
+    scores: Float[Tensor, " n"],
+    y: Bool[Tensor, " n"],
+    groups: Sequence[int],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """:func:`bootstrap` of the pos rows (``y``) against the others, ``groups[i]`` being row
+    ``i``'s example."""
+    g = torch.tensor(list(groups))
+    return bootstrap(scores[y], scores[~y], g[y].tolist(), g[~y].tolist(), n_boot, seed)
+
+
+def _interval(value: float, samples: Float[Tensor, " b"], level: float) -> Interval:
+    """``value`` with the central ``level`` percentile interval of ``samples``."""
     tail = (1 - level) / 2
-    out = {}
-    for name in FIGURES:
-        lo, hi = torch.quantile(boot[name], torch.tensor([tail, 1 - tail], dtype=torch.float64))
-        out[name] = Interval(float(point[name][0]), float(lo), float(hi))
-    return out
+    lo, hi = torch.quantile(samples, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return Interval(value, float(lo), float(hi))
 
 
 def mean_interval(
@@ -114,6 +129,4 @@ def mean_interval(
     x = torch.tensor(list(values), dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     means = x[torch.randint(len(x), (n_boot, len(x)), generator=gen)].mean(-1)
-    tail = (1 - level) / 2
-    lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
-    return Interval(float(x.mean()), float(lo), float(hi))
+    return _interval(float(x.mean()), means, level)

@@ -58,6 +58,17 @@ def standardize(
     return ((test.double() - mid) / torch.where(sd > 0, sd, 1.0)).float()
 
 
+def standardize_oriented(
+    train: Float[Tensor, "n_train layer"],
+    y_train: Bool[Tensor, " n_train"],
+    test: Float[Tensor, "n_test layer"],
+) -> Float[Tensor, "n_test layer"]:
+    """:func:`standardize` of a score with no sign of its own (a random direction, a response
+    length): flipped first if the training pos mean is the lower, so positive reads "pos"."""
+    sign = 1.0 if train[y_train].mean() >= train[~y_train].mean() else -1.0
+    return standardize(sign * train, y_train, sign * test)
+
+
 def fit_and_score(
     acts: Float[Tensor, "n layer d_model"],
     y: Bool[Tensor, " n"],
@@ -146,12 +157,8 @@ def random_direction_scores(
     for f, column in enumerate(columns):
         test = fold == f
         direction = torch.randn(1, acts.shape[-1], generator=gen)
-        proj = project(acts[:, column : column + 1], direction)[:, 0]
-        train = ~test
-        sign = 1.0 if proj[train & y].mean() >= proj[train & ~y].mean() else -1.0
-        scores[test] = standardize(sign * proj[train, None], y[train], sign * proj[test, None])[
-            :, 0
-        ]
+        proj = project(acts[:, column : column + 1], direction)
+        scores[test] = standardize_oriented(proj[~test], y[~test], proj[test])[:, 0]
     return scores
 
 

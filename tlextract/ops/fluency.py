@@ -16,10 +16,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tlextract.model.tokens import device_of, tokenize, tokenizer_of
+from tlextract.model.tokens import device_of, text_ids, tokenizer_of, user_prompts
 from tlextract.ops.neutral import NEUTRAL_QUESTIONS, NEUTRAL_TEXTS
 from tlextract.ops.pool import pack
-from tlextract.traits import render_prompt
 
 
 def neutral_answers(
@@ -27,13 +26,11 @@ def neutral_answers(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, answer ids): each text as the answer to a neutral question, in turn,
     rendered as the pipeline renders prompts."""
-    tok = tokenizer_of(model)
     questions = [NEUTRAL_QUESTIONS[i % len(NEUTRAL_QUESTIONS)] for i in range(len(texts))]
-    prompts = tokenize(model, [render_prompt(tok, style, "", q) for q in questions], style)
+    prompts = user_prompts(model, questions, style)
     # After "A:" a completion model writes a space first.
     texts = [f" {t}" if style == "completion" else t for t in texts]
-    answers = [list(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-    return prompts, answers
+    return prompts, text_ids(model, texts)
 
 
 @torch.inference_mode()
@@ -44,10 +41,7 @@ def answer_logprobs(
 ) -> Float[Tensor, "n_answer_tokens vocab"]:
     """Log-probabilities of the next token at every position that predicts an answer token
     (under whatever hooks are active), in float32 on the CPU."""
-    tokens, attn, answer = pack(
-        prompt_ids, answer_ids, tokenizer_of(model).pad_token_id, device_of(model)
-    )
-    logits = model(tokens, attention_mask=attn)
+    logits, _, answer = _read_answers(model, prompt_ids, answer_ids)
     # Position p predicts token p + 1: keep the positions whose next token is an answer token.
     return logits[:, :-1][answer[:, 1:]].float().log_softmax(-1).cpu()
 
@@ -72,10 +66,20 @@ def answer_logprob(
 ) -> list[float | None]:
     """Mean log-probability per token of each answer under the model as it is (no hooks
     expected): how natural the unsteered model finds a steered model's text."""
+    return mean_logprobs(*_read_answers(model, prompt_ids, answer_ids))
+
+
+def _read_answers(
+    model: HookedTransformer,
+    prompt_ids: Sequence[Sequence[int]],
+    answer_ids: Sequence[Sequence[int]],
+) -> tuple[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """One teacher-forced pass over each prompt followed by its answer: logits, tokens, and
+    which positions hold answer tokens."""
     tokens, attn, answer = pack(
         prompt_ids, answer_ids, tokenizer_of(model).pad_token_id, device_of(model)
     )
-    return mean_logprobs(model(tokens, attention_mask=attn), tokens, answer)
+    return model(tokens, attention_mask=attn), tokens, answer
 
 
 def kl_divergence(

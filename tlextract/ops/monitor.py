@@ -31,11 +31,10 @@ from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
-from tlextract.model.tokens import tokenize, tokenizer_of
+from tlextract.model.tokens import tokenizer_of, user_prompts
 from tlextract.ops.generate import Generation, generate_batch
 from tlextract.ops.steer import unit_direction
 from tlextract.ops.vectors import TraitVectors
-from tlextract.traits import render_prompt
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ def monitor(
     if len(seeds) != len(prompts):
         raise TLExtractError(f"{len(seeds)} seeds for {len(prompts)} prompts.")
     tok = tokenizer_of(model)
-    ids = tokenize(model, [render_prompt(tok, style, "", p) for p in prompts], style)
+    ids = user_prompts(model, prompts, style)
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)

@@ -42,7 +42,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
-from tlextract.model.tokens import device_of, left_pad, tokenizer_of
+from tlextract.model.tokens import device_of, left_pad, text_ids, tokenizer_of
 from tlextract.ops.neutral import NEUTRAL_TEXTS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
@@ -111,8 +111,7 @@ def residual_norm(
             f"layer {layer} does not exist: this model has blocks 0..{model.cfg.n_layers - 1}."
         )
     tok = tokenizer_of(model)
-    ids = [list(s) for s in tok(list(texts), add_special_tokens=False)["input_ids"]]
-    tokens, mask = left_pad(ids, tok.pad_token_id, device_of(model))
+    tokens, mask = left_pad(text_ids(model, texts), tok.pad_token_id, device_of(model))
     name = hook_name(hook, layer)
     _, cache = model.run_with_cache(
         tokens, attention_mask=mask, names_filter=name, return_type=None, stop_at_layer=layer + 1
