@@ -198,6 +198,24 @@ def test_trait_cross_validation_scores_every_kept_example_once_and_is_read_back(
     assert cross_validate(run, ["mean_diff"], folds=4, n_boot=200).folds == 4
 
 
+def test_a_subset_of_methods_is_read_from_a_saved_superset_and_equals_its_own_computation(
+    experiments, tiny_model
+) -> None:
+    run = settings_for(load_experiment("tiny", experiments), "alpha", n_examples=10)
+    run_trait(run, get_model=lambda: tiny_model)
+    full = cross_validate(run, ["mean_diff", "probe"], folds=5, n_boot=200)
+    path = report_dir(run) / "crossval.json"
+    stamp = path.stat().st_mtime_ns
+    alone = cross_validate(run, ["mean_diff"], folds=5, n_boot=200)
+    assert path.stat().st_mtime_ns == stamp  # read from the report's file, which keeps probe
+    assert [s.name for s in alone.scored] == [
+        "mean_diff", "random direction", "shuffled labels", "length", "bag_of_words",
+    ]  # fmt: skip
+    path.unlink()
+    assert cross_validate(run, ["mean_diff"], folds=5, n_boot=200) == alone  # computed alone
+    assert cross_validate(run, ["mean_diff", "probe"], folds=5, n_boot=200) == full
+
+
 def test_per_layer_auroc_matches_a_direct_out_of_fold_computation() -> None:
     """The layer to use comes from out-of-fold scores at every layer: recompute one layer by
     hand (fit on the other folds, standardise by the training rows) and compare."""

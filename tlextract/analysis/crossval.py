@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from torch import Tensor
 from tlextract.analysis.heldout import KeptRun, load_kept
 from tlextract.analysis.surface import BASELINES, surface_scores
 from tlextract.errors import TLExtractError
-from tlextract.ops.bootstrap import Interval, bootstrap
+from tlextract.ops.bootstrap import Interval, bootstrap_rows
 from tlextract.ops.crossval import (
     DEFAULT_FOLDS,
     fold_of,
@@ -93,8 +93,7 @@ class CrossValidation:
 
 def _score(name: str, kind: str, z: Tensor, y: Tensor, groups: list[int], seed: int,
            layers: list[int], n_boot: int) -> Scored:  # fmt: skip
-    g = torch.tensor(groups)
-    figures = bootstrap(z[y], z[~y], g[y].tolist(), g[~y].tolist(), n_boot, seed)
+    figures = bootstrap_rows(z, y, groups, n_boot, seed)
     return Scored(name, kind, figures["accuracy"], figures["auroc"], figures["cohens_d"], layers)
 
 
@@ -173,16 +172,15 @@ def cross_validate(
         get_method(name)
     kept = load_kept(run)
     out = report_dir(run)
-    key = fingerprint({"activations": kept.acts.key, "methods": list(methods), "folds": folds,
-                       "seed": seed, "n_boot": n_boot, "version": 3})  # fmt: skip
+    # Methods are not in the key: each is scored alone, so a saved file with more methods holds
+    # these ones' figures too (the run's result card reads what the report wrote, and the other
+    # way round the report recomputes and keeps them all).
+    key = fingerprint({"activations": kept.acts.key, "folds": folds, "seed": seed,
+                       "n_boot": n_boot, "version": 3})  # fmt: skip
     path = out / "crossval.json"
-    if path.exists():
-        try:
-            saved = read_json(path)
-            if saved.get("fingerprint") == key:
-                return load_crossval(path)
-        except (TLExtractError, KeyError, TypeError):
-            log.info("[%s] %s: unreadable, recomputed", run.trait.name, path)
+    saved = _saved(path, key, methods)
+    if saved is not None:
+        return saved
     cv = _cross_validate(kept, methods, folds, seed, n_boot)
     write_json(path, {"fingerprint": key, **asdict(cv)})
     write_text(out / "crossval.md", crossval_markdown(cv))
@@ -191,6 +189,35 @@ def cross_validate(
     log.info("[%s] cross-validated %s AUROC %s (best baseline %s %s)", run.trait.name,
              head.name, format(head.auroc), base.name, format(base.auroc))  # fmt: skip
     return cv
+
+
+def _saved(path: Path, key: str, methods: Sequence[str]) -> CrossValidation | None:
+    """The saved figures of ``methods`` under ``key``, or None when they are not all there."""
+    if not path.exists():
+        return None
+    try:
+        if read_json(path).get("fingerprint") != key:
+            return None
+        cv = load_crossval(path)
+    except (TLExtractError, KeyError, TypeError, ValueError):
+        log.info("%s: unreadable, recomputed", path)
+        return None
+    if not set(methods) <= set(cv.layer):
+        return None
+    return replace(
+        cv,
+        scored=[s for s in cv.scored if _asked(s, methods)],
+        layer={m: cv.layer[m] for m in methods},
+        per_layer_auroc={m: cv.per_layer_auroc[m] for m in methods},
+        beats_baseline={m: cv.beats_baseline[m] for m in methods},
+    )
+
+
+def _asked(s: Scored, methods: Sequence[str]) -> bool:
+    """Whether ``s`` is among what scoring ``methods`` alone gives (nulls come with HEADLINE)."""
+    if s.kind == "method":
+        return s.name in methods
+    return s.kind == "baseline" or HEADLINE in methods
 
 
 def load_crossval(path: Path) -> CrossValidation:
