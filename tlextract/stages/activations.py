@@ -17,6 +17,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
+from tlextract.model.tokens import device_of
 from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
 from tlextract.settings import RunSettings
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
@@ -122,8 +123,8 @@ def extract_activations(
         return isinstance(acts, Tensor) and shard["rows"] == idx and acts.shape == shape
 
     shards, _ = run_sharded(stage, key, total, size, compute,
-                            lambda idx, acts: {"rows": idx, "acts": torch.stack(acts)}, model,
-                            f"[{run.trait.name}] activations", valid)  # fmt: skip
+                            lambda idx, acts: {"rows": idx, "acts": torch.stack(acts)},
+                            device_of(model), f"[{run.trait.name}] activations", valid)  # fmt: skip
     pooled = {
         (rows[i]["polarity"], rows[i]["index"]): acts
         for shard in shards

@@ -18,7 +18,6 @@ from transformer_lens import HookedTransformer
 
 from tlextract.model.load import load_model
 from tlextract.model.memory import GiB, HalvingBatches
-from tlextract.model.tokens import device_of
 from tlextract.settings import RunSettings
 from tlextract.stages.autobatch import auto_batch_size
 from tlextract.store import (
@@ -133,7 +132,7 @@ def run_sharded(
     size: int,
     compute: Callable[[list[int]], list],
     to_shard: Callable[[list[int], list], Any],
-    model: HookedTransformer,
+    device: Any,
     desc: str,
     valid: Callable[[list[int], Any], bool] = lambda idx, shard: True,
 ) -> tuple[list[Any], HalvingBatches]:
@@ -146,7 +145,7 @@ def run_sharded(
     the halving state."""
     shards = shard_dir(stage, fingerprint([key, size]))
     clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
-    halving = HalvingBatches(size, device_of(model))
+    halving = HalvingBatches(size, device)
     contents = []
     for b, idx in enumerate(tqdm(batches(lengths, size), desc=desc, unit="batch")):
         path = shards / f"batch_{b:05d}.pt"

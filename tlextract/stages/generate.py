@@ -1,14 +1,17 @@
 """Stage 1, responses: n sampled responses per polarity, batched, one seed per example.
 
-In combined mode the activations are recorded while generating; this stage then also saves them
-(``pooled.pt``), and the activations stage reads them from here.
+The run's engine generates: TransformerLens (in combined mode recording the activations while it
+generates; this stage then also saves them, ``pooled.pt``, and the activations stage reads them
+from here) or vLLM (token ids in and out; the TransformerLens model is not loaded until the
+activations stage). Sharding, resuming and damage checks are the same for both.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,13 @@ from datasets import Dataset, load_from_disk
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tlextract.engines.base import Engine, engine_identity
+from tlextract.engines.tl import TLEngine
+from tlextract.engines.vllm import AUTO_BATCH, vllm_engine
 from tlextract.errors import TLExtractError
 from tlextract.model.fast import decode_session
-from tlextract.model.tokens import tokenize, tokenizer_of
-from tlextract.ops.generate import generate_batch
+from tlextract.model.load import load_tokenizer
+from tlextract.model.tokens import device_of, tokenize
 from tlextract.ops.pool import hook_name, resolve_layers
 from tlextract.settings import RunSettings
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
@@ -43,6 +49,7 @@ POOLED = "pooled.pt"  # combined mode: {(polarity, index): [layer, d_model]}
 
 def responses_key(run: RunSettings) -> str:
     exp, trait = run.experiment, run.trait
+    engine = engine_identity(run.engine)  # None for TransformerLens: earlier keys unchanged
     return fingerprint(
         {
             "model": run.model,
@@ -59,6 +66,7 @@ def responses_key(run: RunSettings) -> str:
             "generation": asdict(exp.generation),
             # Combined mode records activations while generating, so its responses stage owns them.
             "capture": [run.layers, exp.hook] if run.mode == "combined" else None,
+            **({"engine": engine} if engine else {}),
         }
     )
 
@@ -73,44 +81,42 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     if done is not None:
         log.info("[%s] responses: up to date, skipped (%s)", run.trait.name, stage)
         return done
-    model = get_model()
+    tokenizer = get_model().tokenizer if run.engine.kind == "tl" else load_tokenizer(run.model)
     examples = build_examples(
-        run.trait, run.n_examples, model.tokenizer, run.experiment.prompt_style, run.variant
+        run.trait, run.n_examples, tokenizer, run.experiment.prompt_style, run.variant
     )
-    prompt_ids = tokenize(model, [e.prompt for e in examples], run.experiment.prompt_style)
-    layers = resolve_layers(run.layers, model.cfg.n_layers)
-    combined = run.mode == "combined"
-    capture = [hook_name(run.experiment.hook, layer) for layer in layers] if combined else []
+    prompt_ids = tokenize(tokenizer, [e.prompt for e in examples], run.experiment.prompt_style)
     gen = run.experiment.generation
     lengths = [len(p) for p in prompt_ids]
-    size = batch_size(run, model, max(lengths) + gen.max_new_tokens, len(prompt_ids), layers)
     seeds = [derive_seed(run.experiment.seed, run.trait.name, e.polarity, e.index)
              for e in examples]  # fmt: skip
-
-    def compute(chunk: list[int]) -> list:
-        ids, chunk_seeds = [prompt_ids[i] for i in chunk], [seeds[i] for i in chunk]
-        return generate_batch(model, ids, gen, chunk_seeds, capture=capture)
 
     def to_shard(idx: list[int], gens: list) -> list[dict[str, Any]]:
         return [
             {**asdict(examples[i]), "prompt_ids": prompt_ids[i], "response_ids": g.response_ids,
-             "response": tokenizer_of(model).decode(g.response_ids, skip_special_tokens=True),
+             "response": tokenizer.decode(g.response_ids, skip_special_tokens=True),
              "n_prompt_tokens": len(prompt_ids[i]), "n_response_tokens": len(g.response_ids),
              "stopped": g.stopped, "acts": g.pooled}
             for i, g in zip(idx, gens, strict=True)
         ]  # fmt: skip
 
-    valid = _shard_check(examples, (len(capture), model.cfg.d_model) if combined else None)
-    # One decode session for the stage: packed weights are checked once, not once per batch.
-    with decode_session(model):
-        shards, halving = run_sharded(stage, key, lengths, size, compute, to_shard, model,
-                                      f"[{run.trait.name}] generate", valid)  # fmt: skip
+    longest = max(lengths) + gen.max_new_tokens
+    with _open_engine(run, get_model, tokenizer, longest, len(prompt_ids)) as (engine, plan):
+
+        def compute(chunk: list[int]) -> list:
+            ids, chunk_seeds = [prompt_ids[i] for i in chunk], [seeds[i] for i in chunk]
+            return engine.generate(ids, gen, chunk_seeds)
+
+        valid = _shard_check(examples, plan.acts_shape)
+        desc = f"[{run.trait.name}] generate"
+        shards, halving = run_sharded(stage, key, lengths, plan.size, compute, to_shard,
+                                      plan.device, desc, valid)  # fmt: skip
     records = sorted((r for shard in shards for r in shard),
                      key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))  # fmt: skip
     pooled = {(r["polarity"], r["index"]): r.pop("acts") for r in records}
     with atomic_dir(stage / "dataset") as tmp:
         Dataset.from_list(records).save_to_disk(str(tmp))
-    if combined:
+    if plan.layers is not None:
         save_tensors(stage / POOLED, {k: v for k, v in pooled.items() if v is not None})
     n_tokens = sum(r["n_response_tokens"] for r in records)
     write_json(stage / META, stage_meta(
@@ -119,14 +125,49 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
         n_generated_tokens=n_tokens,
         n_empty_responses=sum(r["n_response_tokens"] == 0 for r in records),
         prompt_style=run.experiment.prompt_style, generation=asdict(gen),
-        seed=run.experiment.seed, batch_size=size, batch_size_requested=run.batch_size,
-        batch_size_after_oom=halving.size if halving.size != size else None, mode=run.mode,
-        layers=list(layers) if combined else None,
+        seed=run.experiment.seed, batch_size=plan.size, batch_size_requested=run.batch_size,
+        batch_size_after_oom=halving.size if halving.size != plan.size else None, mode=run.mode,
+        layers=plan.layers, engine=engine_identity(run.engine) or {"kind": "tl"},
     ))  # fmt: skip
     clear_other_shards(stage)
     log.info("[%s] responses: %d (%d tokens) -> %s", run.trait.name, len(records), n_tokens,
              stage)  # fmt: skip
     return load_from_disk(str(stage / "dataset"))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    size: int  # examples per shard
+    device: Any
+    layers: list[int] | None  # combined mode: the layers recorded while generating
+    acts_shape: tuple[int, int] | None  # combined mode: [hook, d_model] per response
+
+
+@contextmanager
+def _open_engine(
+    run: RunSettings,
+    get_model: Callable[[], HookedTransformer],
+    tokenizer: Any,
+    longest: int,
+    n_items: int,
+) -> Iterator[tuple[Engine, _Plan]]:
+    """The run's engine for the stage, and how the stage batches for it."""
+    if run.engine.kind == "vllm":
+        size = AUTO_BATCH if run.batch_size == "auto" else run.batch_size
+        log_path = run.stage_dir("generate") / "vllm-server.log"
+        with vllm_engine(run.engine, run.model, run.dtype, tokenizer, longest, log_path) as vllm:
+            yield vllm, _Plan(size, "cpu", None, None)
+        return
+    model = get_model()
+    layers = resolve_layers(run.layers, model.cfg.n_layers)
+    combined = run.mode == "combined"
+    capture = [hook_name(run.experiment.hook, layer) for layer in layers] if combined else []
+    plan = _Plan(batch_size(run, model, longest, n_items, layers), device_of(model),
+                 list(layers) if combined else None,
+                 (len(capture), model.cfg.d_model) if combined else None)  # fmt: skip
+    # One decode session for the stage: packed weights are checked once, not once per batch.
+    with decode_session(model):
+        yield TLEngine(model, capture), plan
 
 
 def _shard_check(

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from transformer_lens import HookedTransformer
 
+from tlextract.engines.base import engine_identity
 from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection
 from tlextract.locks import run_lock
@@ -48,6 +49,8 @@ def run_trait(
     if unknown:
         raise TLExtractError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}.")
     check_model_name(run.model)
+    if "generate" in stages:
+        engine_identity(run.engine)  # vLLM installed, or its server reachable: before any file
     if "activations" in stages and run.layers != "all" and not activations_done(run):
         # Fail on impossible layers before any stage (or the lock) writes a file.
         resolve_layers(run.layers, get_model().cfg.n_layers)
