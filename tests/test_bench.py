@@ -22,6 +22,7 @@ def test_gpu_benchmark_runs_on_cpu_with_the_tiny_model(
     results = gpu_benchmark(
         out, work / "runs", workloads=[Workload("tiny", "alpha")], device="cpu",
         dtype="float32", n_examples=2, n_new=3, batch_sizes=(1, 2), rounds=1,
+        vllm=False,  # tests/test_vllm.py runs the vLLM tables against the real engine
     )  # fmt: skip
     [measured] = results["workloads"]
     assert [(r["batch"], r["mode"]) for r in measured["pipeline"]] == [

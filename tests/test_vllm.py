@@ -20,6 +20,7 @@ from datasets import load_from_disk
 
 import tlextract.engines.vllm_server as vllm_server
 from tests.conftest import write_experiment
+from tlextract.analysis import bench_engines
 from tlextract.cli.main import main
 from tlextract.config import EngineSettings, GenerationSettings, load_experiment
 from tlextract.engines.tl import TLEngine
@@ -215,10 +216,15 @@ def test_a_server_of_another_model_is_refused(server, tmp_path: Path, capsys) ->
 
 
 def _card(out: str) -> list[str]:
-    """The result card without the wall time and the engine's directory name."""
+    """The result card without the wall time and the engine's name (directory, next commands)."""
     lines = [x for x in out.splitlines() if x.strip()]
     start = next(i for i, x in enumerate(lines) if "] done in" in x)
-    return [x.replace("extraction-natural-vllm", "extraction-natural") for x in lines[start + 1 :]]
+    engine = (("extraction-natural-vllm", "extraction-natural"), (" engine=vllm", ""),
+              (" --engine vllm", ""))  # fmt: skip
+    card = lines[start + 1 :]
+    for old, new in engine:
+        card = [x.replace(old, new) for x in card]
+    return card
 
 
 @pytest.mark.slow
@@ -256,8 +262,10 @@ def test_pipeline_vllm_equals_tl_and_resumes_after_the_server_dies(
     killer.start()
     assert main([*args, "--engine", "vllm"]) == 2
     killer.join()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "did not answer" in err[0] and "resume" in err[0]
+    text = capsys.readouterr().err  # progress bars, then the one error line
+    err = [x for x in text.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in text and len(err) == 1
+    assert "did not answer" in err[0] and "resume" in err[0]
     kept = sorted(p.name for p in out.glob("shards-*/batch_*.pt"))
     assert kept and len(kept) < 4  # 16 examples in batches of 4: some, not all, were finished
 
@@ -291,3 +299,22 @@ def test_an_architecture_vllm_cannot_load_is_one_line(tmp_path: Path, capsys, mo
     assert main(_cli(tmp_path, "--engine", "vllm")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "vLLM could not start" in err and "NoSuchLM" in err
+
+
+@pytest.mark.slow
+def test_engine_benchmark_tables_run_against_the_real_engine(server, smollm2, tmp_path) -> None:
+    url = server.root + "/v1"
+    prompts = _prompts(smollm2, 2)
+    alone = bench_engines.vllm_alone_rows(
+        SMOLLM2, "float32", prompts, (1, 2), 4, tmp_path / "log", rounds=1,
+        engine=EngineSettings(kind="vllm", base_url=url),
+    )  # fmt: skip
+    assert [r["batch"] for r in alone["rows"]] == [1, 2]
+    assert all(r["tokens"] > 0 and r["tok_s"] > 0 for r in alone["rows"])
+    write_experiment(tmp_path, model=SMOLLM2, variant="natural", n_examples=2,
+                     generation={"max_new_tokens": 4, "do_sample": False})  # fmt: skip
+    exp = load_experiment("tiny", tmp_path)
+    rows = bench_engines.vllm_pipeline_rows(lambda b: exp, "alpha", 2, (2,), smollm2, url)
+    assert rows[0]["tokens"] > 0 and rows[0]["wall_s"] > 0 and rows[0]["engine"] == "vllm"
+    text = "\n".join(bench_engines.render(alone, rows, base_wall=2 * rows[0]["wall_s"]))
+    assert "| 2 | vllm |" in text and "| 2.00x |" in text

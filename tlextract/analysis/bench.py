@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
+from tlextract.analysis import bench_engines
 from tlextract.analysis.roofline import Roofline, measure_roofline, product_weights, sync
 from tlextract.config import GenerationSettings, experiments_root, load_experiment
 from tlextract.model.load import load_hf_model, load_model
@@ -226,6 +227,7 @@ class BenchPlan:
     batch_sizes: tuple[int, ...]  # pipeline table
     versus_batch_sizes: tuple[int, ...]  # tlextract vs transformers
     rounds: int
+    vllm: bool = False  # also the engine=vllm tables (analysis/bench_engines.py)
 
 
 def run_benchmark(
@@ -239,8 +241,17 @@ def run_benchmark(
     for workload in workloads:
         measured = _measure_workload(workload, plan, roof, work_dir)
         results["workloads"].append(measured)
-        sections.append(_render(workload, measured["model"], plan, measured["versus"],
-                                measured["pipeline"]))  # fmt: skip
+        section = _render(workload, measured["model"], plan, measured["versus"],
+                          measured["pipeline"])  # fmt: skip
+        if plan.vllm:
+            base = _serial_wall(measured["pipeline"])
+            section += (
+                "\n".join(
+                    bench_engines.render(measured["vllm_alone"], measured["vllm_pipeline"], base)
+                )
+                + "\n"
+            )
+        sections.append(section)
     load_after = os.getloadavg()[0]
     header = [
         f"# {title}", "",
@@ -272,12 +283,25 @@ def _measure_workload(workload: Workload, plan: BenchPlan, roof: Roofline, work_
         model, prompts, plan.versus_batch_sizes, plan.n_new, plan.rounds, roof
     )
     pipeline = pipeline_rows(model, workload, root, plan.n_examples, plan.n_new, plan.batch_sizes)
-    return {"workload": workload.__dict__, "model": exp.model, "versus": versus,
-            "pipeline": pipeline}  # fmt: skip
+    measured = {"workload": workload.__dict__, "model": exp.model, "versus": versus,
+                "pipeline": pipeline}  # fmt: skip
+    if plan.vllm:
+        measured["vllm_alone"] = bench_engines.vllm_alone_rows(
+            exp.model, plan.dtype, prompts, plan.versus_batch_sizes, plan.n_new,
+            root / "vllm-alone.log", plan.rounds)  # fmt: skip
+        measured["vllm_pipeline"] = bench_engines.vllm_pipeline_rows(
+            lambda b: _copy_experiments(root / f"{workload.experiment}-vllm-{b}",
+                                        workload.experiment, plan.n_new),
+            workload.trait, plan.n_examples, plan.batch_sizes, model)  # fmt: skip
+    return measured
 
 
 def _num(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def _serial_wall(pipeline: list[dict]) -> float:
+    return next(r["wall_s"] for r in pipeline if r["batch"] == 1 and r["mode"] == "two-stage")
 
 
 def _render(
@@ -298,7 +322,7 @@ def _render(
         f"| {_num(r['floor_fraction'], '.2f')} |"
         for r in versus
     ]
-    base = next(r["wall_s"] for r in pipeline if r["batch"] == 1 and r["mode"] == "two-stage")
+    base = _serial_wall(pipeline)
     lines += [
         "",
         f"Pipeline: {n_examples} pos + {n_examples} neg examples, sampled with the experiment's "
@@ -322,7 +346,8 @@ GEMMA_WORKLOAD = Workload("gemma3_270m_cognitive", "local_global")
 
 def cpu_benchmark(out: Path, work_dir: Path, n_examples: int = 32, n_new: int = 32) -> dict:
     """``make bench``: the default model in float32 on the CPU, batch 1 to 16."""
-    plan = BenchPlan("cpu", "float32", n_examples, n_new, (1, 4, 8, 16), (1, 8, 16), rounds=3)
+    plan = BenchPlan("cpu", "float32", n_examples, n_new, (1, 4, 8, 16), (1, 8, 16), rounds=3,
+                     vllm=True)  # fmt: skip
     return run_benchmark([DEFAULT_WORKLOAD], plan, work_dir, out, "Speed on the CPU (`make bench`)")
 
 
@@ -337,10 +362,11 @@ def gpu_benchmark(
     n_new: int = 32,
     batch_sizes: Sequence[int] = (1, 4, 8, 16, 32, 64),
     rounds: int = 2,
+    vllm: bool = True,
 ) -> dict:
     """``make bench-gpu``: the original study's workload shape (200 examples, 100 per polarity)
     on both embedded models in bfloat16, batch 1 to 64. A test runs it on the CPU with the tiny
     model and small sizes, so it keeps working between GPU runs."""
     sizes = tuple(batch_sizes)
-    plan = BenchPlan(device, dtype, n_examples, n_new, sizes, sizes, rounds)
+    plan = BenchPlan(device, dtype, n_examples, n_new, sizes, sizes, rounds, vllm)
     return run_benchmark(workloads, plan, work_dir, out, f"Speed on {device} (`make bench-gpu`)")

@@ -55,6 +55,8 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
         )
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+        p.add_argument("--engine", default=None, choices=("tl", "vllm"),
+                       help="the vectors of the run this engine generated for")  # fmt: skip
     steer_p, monitor_p = (sub.choices[name] for name in helps)
     _add_steer_options(steer_p)
     monitor_p.add_argument(
@@ -132,6 +134,7 @@ def _saved_run(
         device=args.device,
         dtype=args.dtype,
         judge=getattr(args, "judge", None),
+        engine=args.engine,
     )
     path = run.stage_dir("vectors") / "mean_diff.pt"
     if not path.exists():

@@ -151,7 +151,7 @@ def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
         default=None,
         choices=("tl", "vllm"),
         help="what generates the responses: tl (TransformerLens) or vllm (a vLLM server "
-        "tlextract starts, or --vllm-url); default: the experiment's \"engine\", else tl",
+        'tlextract starts, or --vllm-url); default: the experiment\'s "engine", else tl',
     )
     p.add_argument(
         "--vllm-url",

@@ -15,7 +15,11 @@ def _next_commands(run: RunSettings) -> list[str]:
         make += f" experiment={run.experiment.name}"
     if run.variant != run.experiment.variant:
         make += f" variant={run.variant}"
+    if run.engine.kind != run.experiment.engine.kind:
+        make += f" engine={run.engine.kind}"
     cli = f"--experiment {run.experiment.name} --traits {run.trait.name} --variant {run.variant}"
+    if run.engine.kind != run.experiment.engine.kind:
+        cli += f" --engine {run.engine.kind}"
     return [
         f"  next: make report {make}   (every method, layer plots, cosine matrix)",
         f"        make steer {make}    (layer and strength chosen, random-direction control)",

@@ -41,6 +41,7 @@ class VLLMClient:
         self.model = model
         self.timeout = timeout
         self.what = what  # "the vLLM server tlextract started (log: ...)" or the URL
+        self.peak_rss: int | None = None  # a server tlextract started: its peak memory, bytes
         key = os.environ.get("VLLM_API_KEY")  # what `vllm serve --api-key` checks by default
         self._headers = {"Content-Type": "application/json"}
         if key:

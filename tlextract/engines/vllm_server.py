@@ -145,6 +145,7 @@ def managed_server(
         _wait_until_up(proc, client, float(engine.startup_timeout), log_path)
         yield client
     finally:
+        client.peak_rss = group_peak_rss(proc.pid)
         _stop(proc)
     if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
         log.info("vLLM server exited with status %s", proc.returncode)
@@ -184,6 +185,23 @@ def last_error(log_path: Path) -> str:
     if not causes:
         return "no error message in its log"
     return f"{causes[-1].group(1)}: {causes[-1].group(2).strip()[:300]}"
+
+
+def group_peak_rss(pgid: int) -> int:
+    """Peak resident memory (bytes) summed over the live processes of a process group (the
+    server and its engine core), from /proc; 0 where /proc is not there."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # fields after the name: state, ppid, pgrp, ...
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        total += int(hwm.group(1)) * 1024 if hwm else 0
+    return total
 
 
 def _stop(proc: subprocess.Popen) -> None:

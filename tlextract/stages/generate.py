@@ -128,6 +128,7 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
         seed=run.experiment.seed, batch_size=plan.size, batch_size_requested=run.batch_size,
         batch_size_after_oom=halving.size if halving.size != plan.size else None, mode=run.mode,
         layers=plan.layers, engine=engine_identity(run.engine) or {"kind": "tl"},
+        engine_peak_rss_mib=_peak_mib(engine),
     ))  # fmt: skip
     clear_other_shards(stage)
     log.info("[%s] responses: %d (%d tokens) -> %s", run.trait.name, len(records), n_tokens,
@@ -168,6 +169,12 @@ def _open_engine(
     # One decode session for the stage: packed weights are checked once, not once per batch.
     with decode_session(model):
         yield TLEngine(model, capture), plan
+
+
+def _peak_mib(engine: Engine) -> float | None:
+    """A vLLM server's peak memory (this process's is the stage's usual measure)."""
+    peak = getattr(getattr(engine, "client", None), "peak_rss", None)
+    return round(peak / 2**20, 1) if peak else None
 
 
 def _shard_check(

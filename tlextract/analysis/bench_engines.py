@@ -1,0 +1,120 @@
+"""The engines side by side in one benchmark run (``make bench``, ``make bench-gpu``).
+
+1. **vLLM generation alone**: one server started for the table (its start-up time reported
+   once), then greedy generation of the workload's prompts at each batch size (that many
+   requests in flight), timed from the first request to the last answer: what vLLM itself
+   delivers, no activations.
+2. **The pipeline with engine=vllm**, next to the pipeline table's engine=tl rows: generate
+   (a server started for the stage, its start-up included, as a user pays it), judge none, the
+   teacher-forced TransformerLens pass over every layer, vectors; wall time, generated
+   tokens/s, and peak memory of this process and of the vLLM server.
+
+Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from transformer_lens import HookedTransformer
+
+from tlextract.config import EngineSettings, Experiment, GenerationSettings
+from tlextract.engines.vllm import max_model_len, vllm_engine
+from tlextract.model.load import load_tokenizer
+from tlextract.model.memory import PeakMemory
+from tlextract.model.tokens import device_of
+from tlextract.settings import settings_for
+from tlextract.stages.run import run_trait
+from tlextract.store import read_json
+
+MiB = 2**20
+
+
+def vllm_alone_rows(
+    model: str,
+    dtype: str,
+    prompt_ids: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int],
+    n_new: int,
+    log_path: Path,
+    rounds: int = 2,
+    engine: EngineSettings | None = None,
+) -> dict:
+    """Table 1: {"startup_s", "rows": [{batch, tokens, tok_s}]} (best of ``rounds``); a server
+    started for it unless ``engine.base_url`` names one."""
+    greedy = GenerationSettings(max_new_tokens=n_new, do_sample=False)
+    longest = max(map(len, prompt_ids)) + n_new
+    start = time.perf_counter()
+    rows = []
+    with vllm_engine(engine or EngineSettings(kind="vllm"), model, dtype, load_tokenizer(model),
+                     max_model_len(longest), log_path) as engine:  # fmt: skip
+        startup = time.perf_counter() - start
+        engine.generate(prompt_ids[:2], greedy, [0, 1])  # warm-up
+        for batch in batch_sizes:
+            ids = [prompt_ids[i % len(prompt_ids)] for i in range(batch)]
+            best, tokens = float("inf"), 0
+            for _ in range(rounds):
+                t = time.perf_counter()
+                gens = engine.generate(ids, greedy, list(range(batch)))
+                best = min(best, time.perf_counter() - t)
+                tokens = sum(len(g.response_ids) + g.stopped for g in gens)
+            rows.append({"batch": batch, "tokens": tokens, "tok_s": tokens / best})
+    return {"startup_s": startup, "rows": rows}
+
+
+def vllm_pipeline_rows(
+    experiment_for: Callable[[int], Experiment],
+    trait: str,
+    n_examples: int,
+    batch_sizes: Sequence[int],
+    model: HookedTransformer,
+    vllm_url: str | None = None,
+) -> list[dict]:
+    """Table 2's engine=vllm rows; ``experiment_for(batch)`` gives each a fresh output
+    directory; ``model`` is the loaded TransformerLens model the activations pass uses; a
+    server is started for each run unless ``vllm_url`` names one."""
+    rows = []
+    for batch in batch_sizes:
+        run = settings_for(experiment_for(batch), trait, n_examples=n_examples, batch_size=batch,
+                           judge="none", engine="vllm", vllm_url=vllm_url)  # fmt: skip
+        with PeakMemory(device_of(model)) as mem:
+            start = time.perf_counter()
+            run_trait(run, get_model=lambda: model)
+            wall = time.perf_counter() - start
+        meta = read_json(run.stage_dir("generate") / "meta.json")
+        tokens = meta["n_generated_tokens"]
+        rows.append({"batch": batch, "mode": "two-stage", "engine": "vllm", "wall_s": wall,
+                     "tokens": tokens, "tok_s": tokens / wall, "peak_mib": mem.peak / MiB,
+                     "server_peak_mib": meta.get("engine_peak_rss_mib")})  # fmt: skip
+    return rows
+
+
+def render(alone: dict, pipeline: list[dict], base_wall: float) -> list[str]:
+    """Markdown for both tables; ``base_wall`` is serial two-stage engine=tl's wall time."""
+    lines = [
+        "",
+        f"vLLM generation alone (greedy, requests in flight = batch; server start-up "
+        f"{alone['startup_s']:.0f} s, not counted):",
+        "",
+        "| batch | generated tokens | tokens/s |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {r['batch']} | {r['tokens']} | {r['tok_s']:.1f} |" for r in alone["rows"]]
+    lines += [
+        "",
+        "Pipeline with engine=vllm (same examples and settings as the table above; the server's "
+        "start-up is in the wall time):",
+        "",
+        "| batch | engine | wall s | generated tokens | tokens/s | speedup vs serial two-stage tl "
+        "| peak memory beyond the model (MiB) | vLLM server peak (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch']} | vllm | {r['wall_s']:.1f} | {r['tokens']} | {r['tok_s']:.1f} "
+        f"| {base_wall / r['wall_s']:.2f}x | {r['peak_mib']:.0f} "
+        f"| {r['server_peak_mib'] or 'n/a'} |"
+        for r in pipeline
+    ]
+    return lines
