@@ -233,8 +233,10 @@ def test_pipeline_vllm_equals_tl_and_resumes_after_the_server_dies(
 ) -> None:
     # long: one scenario: the TransformerLens reference, a managed server killed mid-run, resume
     root = tmp_path
+    # enforce_eager: the server this test starts skips vLLM's compilation (a minute here).
     write_experiment(root, model=SMOLLM2, variant="natural", n_examples=8, batch_size=4,
-                     generation={"max_new_tokens": 16, "do_sample": False})  # fmt: skip
+                     generation={"max_new_tokens": 16, "do_sample": False},
+                     engine={"kind": "tl", "enforce_eager": True})  # fmt: skip
     args = _cli(root)
     assert main(args) == 0
     reference = _card(capsys.readouterr().out)
@@ -303,18 +305,16 @@ def test_an_architecture_vllm_cannot_load_is_one_line(tmp_path: Path, capsys, mo
 
 @pytest.mark.slow
 def test_engine_benchmark_tables_run_against_the_real_engine(server, smollm2, tmp_path) -> None:
-    url = server.root + "/v1"
-    prompts = _prompts(smollm2, 2)
-    alone = bench_engines.vllm_alone_rows(
-        SMOLLM2, "float32", prompts, (1, 2), 4, tmp_path / "log", rounds=1,
-        engine=EngineSettings(kind="vllm", base_url=url),
-    )  # fmt: skip
-    assert [r["batch"] for r in alone["rows"]] == [1, 2]
-    assert all(r["tokens"] > 0 and r["tok_s"] > 0 for r in alone["rows"])
     write_experiment(tmp_path, model=SMOLLM2, variant="natural", n_examples=2,
                      generation={"max_new_tokens": 4, "do_sample": False})  # fmt: skip
     exp = load_experiment("tiny", tmp_path)
-    rows = bench_engines.vllm_pipeline_rows(lambda b: exp, "alpha", 2, (2,), smollm2, url)
-    assert rows[0]["tokens"] > 0 and rows[0]["wall_s"] > 0 and rows[0]["engine"] == "vllm"
-    text = "\n".join(bench_engines.render(alone, rows, base_wall=2 * rows[0]["wall_s"]))
+    measured = bench_engines.measure(
+        smollm2, "float32", _prompts(smollm2, 2), 4, (1, 2), (lambda b: exp, "alpha", 2, (2,)),
+        tmp_path / "log", rounds=1, engine=EngineSettings(kind="vllm", base_url=server.root),
+    )  # fmt: skip
+    assert [r["batch"] for r in measured["alone"]] == [1, 2]
+    assert all(r["tokens"] > 0 and r["tok_s"] > 0 for r in measured["alone"])
+    [row] = measured["pipeline"]
+    assert row["tokens"] > 0 and row["wall_s"] > 0 and row["engine"] == "vllm"
+    text = "\n".join(bench_engines.render(measured, base_wall=2 * row["wall_s"]))
     assert "| 2 | vllm |" in text and "| 2.00x |" in text

@@ -245,12 +245,7 @@ def run_benchmark(
                           measured["pipeline"])  # fmt: skip
         if plan.vllm:
             base = _serial_wall(measured["pipeline"])
-            section += (
-                "\n".join(
-                    bench_engines.render(measured["vllm_alone"], measured["vllm_pipeline"], base)
-                )
-                + "\n"
-            )
+            section += "\n".join(bench_engines.render(measured["vllm"], base)) + "\n"
         sections.append(section)
     load_after = os.getloadavg()[0]
     header = [
@@ -286,13 +281,15 @@ def _measure_workload(workload: Workload, plan: BenchPlan, roof: Roofline, work_
     measured = {"workload": workload.__dict__, "model": exp.model, "versus": versus,
                 "pipeline": pipeline}  # fmt: skip
     if plan.vllm:
-        measured["vllm_alone"] = bench_engines.vllm_alone_rows(
-            exp.model, plan.dtype, prompts, plan.versus_batch_sizes, plan.n_new,
-            root / "vllm-alone.log", plan.rounds)  # fmt: skip
-        measured["vllm_pipeline"] = bench_engines.vllm_pipeline_rows(
-            lambda b: _copy_experiments(root / f"{workload.experiment}-vllm-{b}",
-                                        workload.experiment, plan.n_new),
-            workload.trait, plan.n_examples, plan.batch_sizes, model)  # fmt: skip
+
+        def experiment_for(batch: int):
+            return _copy_experiments(root / f"{workload.experiment}-vllm-{batch}",
+                                     workload.experiment, plan.n_new)  # fmt: skip
+
+        measured["vllm"] = bench_engines.measure(
+            model, plan.dtype, prompts, plan.n_new, plan.versus_batch_sizes,
+            (experiment_for, workload.trait, plan.n_examples, plan.batch_sizes),
+            root / "vllm-server.log", plan.rounds)  # fmt: skip
     return measured
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -11,6 +11,7 @@ from tlextract.config import EngineSettings, GenerationSettings
 from tlextract.ops.generate import Generation
 
 
+@runtime_checkable
 class Engine(Protocol):
     tokenizer: PreTrainedTokenizerBase
 

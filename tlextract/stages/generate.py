@@ -25,7 +25,7 @@ from tlextract.engines.vllm import AUTO_BATCH, vllm_engine
 from tlextract.errors import TLExtractError
 from tlextract.model.fast import decode_session
 from tlextract.model.load import load_tokenizer
-from tlextract.model.tokens import device_of, tokenize
+from tlextract.model.tokens import device_of, tokenize, tokenizer_of
 from tlextract.ops.pool import hook_name, resolve_layers
 from tlextract.settings import RunSettings
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
@@ -81,7 +81,8 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     if done is not None:
         log.info("[%s] responses: up to date, skipped (%s)", run.trait.name, stage)
         return done
-    tokenizer = get_model().tokenizer if run.engine.kind == "tl" else load_tokenizer(run.model)
+    vllm = run.engine.kind == "vllm"  # then the TransformerLens model waits for the next stage
+    tokenizer = load_tokenizer(run.model) if vllm else tokenizer_of(get_model())
     examples = build_examples(
         run.trait, run.n_examples, tokenizer, run.experiment.prompt_style, run.variant
     )
