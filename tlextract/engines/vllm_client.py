@@ -13,7 +13,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,12 +36,20 @@ def api_root(base_url: str) -> str:
 
 
 class VLLMClient:
-    def __init__(self, base_url: str, model: str, timeout: float, what: str) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        timeout: float,
+        what: str,
+        explain: Callable[[], str] | None = None,
+    ) -> None:
         self.root = api_root(base_url)
         self.model = model
         self.timeout = timeout
         self.what = what  # "the vLLM server tlextract started (log: ...)" or the URL
         self.peak_rss: int | None = None  # a server tlextract started: its peak memory, bytes
+        self.explain = explain  # a server tlextract started: the root cause from its log
         key = os.environ.get("VLLM_API_KEY")  # what `vllm serve --api-key` checks by default
         self._headers = {"Content-Type": "application/json"}
         if key:
@@ -55,13 +63,22 @@ class VLLMClient:
                 body = reply.read()
                 return json.loads(body) if body else None  # /health answers 200 with no body
         except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:300]
+            detail = " ".join(e.read().decode(errors="replace")[:300].split())
             raise TLExtractError(
-                f"{self.what} answered {path} with HTTP {e.code}: {detail.strip()}"
+                f"{self.what} answered {path} with HTTP {e.code}: {detail}{self._cause(e.code)}"
             ) from None
         except (OSError, ValueError) as e:  # refused, reset, timeout, a torn or non-JSON reply
             reason = getattr(e, "reason", e)
-            raise ServerGone(f"{self.what} did not answer {path} ({reason})") from None
+            raise ServerGone(
+                f"{self.what} did not answer {path} ({reason}){self._cause()}"
+            ) from None
+
+    def _cause(self, status: int = 500) -> str:
+        """What the server's log says went wrong, for a server error of a server we started."""
+        if self.explain is None or status < 500:
+            return ""
+        return (f"; vLLM's log says {self.explain()} (if vLLM cannot run this model, use "
+                "--engine tl)")  # fmt: skip
 
     def check_model(self, tokenizer: Any, label: str) -> None:
         """The server serves ``self.model`` with the same tokenizer as ``label`` here (token ids

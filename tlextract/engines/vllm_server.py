@@ -140,7 +140,8 @@ def managed_server(
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     what = f"the vLLM server tlextract started (log: {log_path})"
-    client = VLLMClient(f"http://127.0.0.1:{port}", served, float(engine.request_timeout), what)
+    client = VLLMClient(f"http://127.0.0.1:{port}", served, float(engine.request_timeout), what,
+                        explain=lambda: last_error(log_path))  # fmt: skip
     try:
         _wait_until_up(proc, client, float(engine.startup_timeout), log_path)
         yield client
@@ -180,7 +181,8 @@ def last_error(log_path: Path) -> str:
     the wrappers vLLM adds around it, which this skips)."""
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
     found = [m for line in lines if (m := _ERROR.search(line))]
-    wrappers = ("Engine core initialization failed", "Worker failed with error")
+    wrappers = ("Engine core initialization failed", "Worker failed with error",
+                "EngineCore encountered an issue")  # fmt: skip
     causes = [m for m in found if not m.group(2).startswith(wrappers)] or found
     if not causes:
         return "no error message in its log"
