@@ -38,8 +38,15 @@ from typing import Any, NoReturn, TypeVar
 
 from tlextract.errors import TLExtractError
 
-__all__ = ["ChatEndpoint", "Failures", "GaveUp", "Malformed", "Retryable", "parse_retry_after",
-           "public_url"]
+__all__ = [
+    "ChatEndpoint",
+    "Failures",
+    "GaveUp",
+    "Malformed",
+    "Retryable",
+    "parse_retry_after",
+    "public_url",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

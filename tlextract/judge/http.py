@@ -128,9 +128,7 @@ class OpenAIJudge(ChatEndpoint):
 
     def _score_one(self, prompt: str, abort: threading.Event, failures: Failures) -> Score:
         try:
-            return self.call(
-                lambda: self._parse(self.post(self._payload(prompt))), abort, failures
-            )
+            return self.call(lambda: self._parse(self.post(self._payload(prompt))), abort, failures)
         except GaveUp as e:
             return Score.failure(str(e))
 
