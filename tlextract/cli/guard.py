@@ -39,7 +39,7 @@ def guarded(command: Callable[[], int], *, debug: bool, log_dirs: list[Path]) ->
         try:
             return command()
         except TLExtractError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or a KeyboardInterrupt from a library
             interrupt = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
@@ -49,10 +49,16 @@ def guarded(command: Callable[[], int], *, debug: bool, log_dirs: list[Path]) ->
             message = fault_message(e)
             if message is None:
                 return _bug(e, debug, log_dirs)
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {one_line(message)}", file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 - a bug: said in one line, traceback to a file
             return _bug(e, debug, log_dirs)
+
+
+def one_line(message: str) -> str:
+    """``message`` with control characters escaped: a name the user wrote with a newline or a
+    carriage return in it (found by the fuzzer) must not split the line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def interrupted_line(e: Interrupted, where: str) -> str:
