@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tlextract.model.load import load_model
+from tlextract.store import load_tensors
 
 QUESTIONS = [f"Tell me about topic number {i}." for i in range(24)]
 PAIRS = [
@@ -83,6 +84,18 @@ def write_experiment(root: Path, name: str = "tiny", **overrides: object) -> Pat
         for t in config["traits"]:
             write_trait(exp, t)
     return exp
+
+
+def assert_nothing_partial(root: Path) -> None:
+    """No temporary file, no empty directory, and every file there is whole."""
+    for p in root.rglob("*"):
+        assert not p.name.endswith(".tmp"), p
+        if p.is_dir():
+            assert any(p.iterdir()), f"empty directory left behind: {p}"
+        elif p.suffix == ".pt":
+            load_tensors(p)
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ behaviour for a request is scripted by directives in the prompt text, ``[[name=v
 * ``hold=0.2`` every attempt sleeps 0.2 s (to measure concurrency).
 * ``status=500`` every attempt gets that status.
 * ``nologprobs`` the answer has ``"logprobs": null``.
+* ``malformed`` the answer is HTTP 200 with a body that is no chat completion.
 * ``draft=a.json,b.json`` a drafting request (no logprobs expected): attempt k answers with the
   text of the k-th file as the assistant message (the last file for later attempts).
 
@@ -208,6 +209,9 @@ class Handler(BaseHTTPRequestHandler):
                 return
         if "draft" in d:
             self.send_json(200, draft_reply(body["model"], d["draft"], attempt))
+            return
+        if "malformed" in d:
+            self.send_json(200, "not a chat completion")
             return
         self.send_json(200, completion(body["model"], d))
 

@@ -8,7 +8,6 @@ permission bit stops, and cannot mount a small filesystem."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pathlib
 import shutil
@@ -18,12 +17,12 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import assert_nothing_partial
 
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import settings_for
-from tlextract.store import load_tensors
 
 ARGV = ["run", "--experiment", "tiny", "--traits", "alpha", "--batch-size", "2"]
 FULL = "no space left on the device; free some space and run again (finished batches are kept)."
@@ -44,18 +43,6 @@ def _assert_one_error(err: str, *needles: str) -> str:
     assert len(errors) == 1 and "Traceback" not in err, err
     assert all(n in errors[0] for n in needles), errors[0]
     return errors[0]
-
-
-def _assert_nothing_partial(root: Path) -> None:
-    """No temporary file, no empty directory, and every file there is whole."""
-    for p in root.rglob("*"):
-        assert not p.name.endswith(".tmp"), p
-        if p.is_dir():
-            assert any(p.iterdir()), f"empty directory left behind: {p}"
-        elif p.suffix == ".pt":
-            load_tensors(p)
-        elif p.suffix == ".json":
-            json.loads(p.read_text())
 
 
 def _full_after(monkeypatch, root: Path, writes: int) -> None:
@@ -96,7 +83,7 @@ def test_a_full_disk_gives_one_line_leaves_nothing_partial_and_the_run_resumes(
     code, err = _cli(experiments, capsys)
     assert code == 2
     _assert_one_error(err, f"{_out_dir(experiments)}/", FULL)
-    _assert_nothing_partial(root)
+    assert_nothing_partial(root)
     assert not (_out_dir(experiments) / ".lock").exists()
 
     monkeypatch.undo()  # space freed: the run goes on from the batches it kept
@@ -120,7 +107,7 @@ def test_a_full_disk_while_the_datasets_library_writes_gives_the_same_line(
     code, err = _cli(experiments, capsys)
     assert code == 2
     _assert_one_error(err, f"{_out_dir(experiments) / 'responses' / 'dataset'}: ", FULL)
-    _assert_nothing_partial(experiments)
+    assert_nothing_partial(experiments)
     assert not (_out_dir(experiments) / "responses" / "dataset").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -694,3 +695,42 @@ def test_make_judge_rejects_bad_configs(config: dict, match: str) -> None:
 def test_make_judge_loads_a_named_local_model(tiny_random) -> None:
     judge = make_judge({"kind": "local", "model": "tiny-random"})
     assert judge is not None and judge.name.startswith("local:tiny-random#")
+
+
+def test_a_server_failing_every_request_gives_one_warning_per_cause_with_a_count(
+    http, caplog
+) -> None:
+    judge = make_http_judge(http, max_retries=2)
+    prompts = [f"[[status=503]] q{i}" for i in range(6)] + ["[[fail=429x1]] ok [[dist=40:0.9]]"]
+    with caplog.at_level(logging.WARNING, logger="tlextract"):
+        scores = judge.score(prompts)
+    assert all(s.failed for s in scores[:6]) and scores[6].value == pytest.approx(40)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings  # HTTP 503 and HTTP 429, not one per attempt
+    (busy,) = [w for w in warnings if "HTTP 503" in w]
+    assert "18 failed attempts" in busy and "6 requests gave up" in busy
+    (once,) = [w for w in warnings if "HTTP 429" in w]
+    assert "1 failed attempts" in once and "every request then succeeded" in once
+
+
+def test_a_malformed_response_is_not_retried(http) -> None:
+    judge = make_http_judge(http, max_retries=3)
+    (score,) = judge.score(["[[malformed]] q"])
+    assert score.failed and "malformed response" in score.error
+    assert control(http, "/stats")["attempts"] == {"[[malformed]] q": 1}
+
+
+def test_api_key_env_null_is_a_valid_setting_and_sends_no_key(http, monkeypatch) -> None:
+    """The unset-key error says to set "api_key_env" to null; the validator takes it."""
+    from tlextract.config import validate_judge
+    from tlextract.judge.registry import make_judge
+
+    monkeypatch.delenv(KEY_ENV)
+    config = {"kind": "openai", "base_url": http, "model": "judge-model", "api_key_env": None}
+    assert validate_judge(config, "experiment.json") == config
+    judge = make_judge(config)
+    assert judge is not None and judge._api_key is None
+    with pytest.raises(TLExtractError, match="no key is sent because api_key_env is null"):
+        judge.score(["[[dist=40:0.9]] q"])  # this server wants a key: 401, said plainly
+    with pytest.raises(TLExtractError, match='set "api_key_env" to null'):
+        make_judge({**config, "api_key_env": KEY_ENV})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tlextract.errors import TLExtractError
-from tlextract.inputs import read_json, require
+from tlextract.inputs import PathArg, read_json, require, require_directory
 from tlextract.traits import VARIANTS, Trait, Variant, load_trait
 
 DEFAULT_EXPERIMENT = "smollm2_cognitive"
@@ -35,16 +35,21 @@ _JUDGE_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "none": {},
     "local": {"model": str, "batch_size": int, "min_mass": (int, float), "chat": bool,
               "packed": bool},
-    "openai": {"base_url": str, "model": str, "api_key_env": str, "max_concurrency": int,
+    # api_key_env null: a keyless server (a local vLLM), no Authorization header is sent.
+    "openai": {"base_url": str, "model": str, "api_key_env": (str, type(None)),
+               "max_concurrency": int,
                "timeout": (int, float), "max_retries": int, "min_mass": (int, float),
                "backoff_base": (int, float), "backoff_max": (int, float), "top_logprobs": int},
 }  # fmt: skip
 _JUDGE_REQUIRED: dict[str, tuple[str, ...]] = {"openai": ("base_url", "model")}
 
 
+ROOT_VARIABLE = "TLEXTRACT_EXPERIMENTS"
+
+
 def experiments_root() -> Path:
     """``$TLEXTRACT_EXPERIMENTS`` or ./experiments."""
-    return Path(os.environ.get("TLEXTRACT_EXPERIMENTS", "experiments"))
+    return Path(os.environ.get(ROOT_VARIABLE, "experiments"))
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,8 @@ def validate_judge(config: Any, where: Path | str, name: str = "judge") -> dict[
 def _type_name(kind: type | tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return "a number" if float in kinds else names[kinds[0]]
+    name = "a number" if float in kinds else names[kinds[0]]
+    return f"{name} or null" if type(None) in kinds else name
 
 
 def validate_generation(gen: Any, where: Path) -> GenerationSettings:
@@ -234,9 +240,13 @@ def validate_generation(gen: Any, where: Path) -> GenerationSettings:
     return GenerationSettings(**gen)  # fmt: skip
 
 
-def load_experiment(name: str, root: Path | None = None) -> Experiment:
+def load_experiment(name: str, root: PathArg | None = None) -> Experiment:
     """Load and validate ``<root>/<name>/experiment.json`` (root: ``experiments_root()``)."""
-    root = experiments_root() if root is None else root
+    if root is None:
+        root, arg = experiments_root(), f"${ROOT_VARIABLE}" if ROOT_VARIABLE in os.environ else ""
+    else:
+        root, arg = Path(root), "load_experiment(root=...)"
+    require_directory(root, arg, "the experiment directories")
     path = root / name / "experiment.json"
     if not path.exists():
         known = sorted(p.parent.name for p in root.glob("*/experiment.json"))

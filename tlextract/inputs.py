@@ -4,10 +4,14 @@ every defect is one :class:`TLExtractError` naming the file, the field and the f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from tlextract.errors import TLExtractError
+
+# What a public function takes as a path: notebooks pass strings, libraries pathlib objects.
+PathArg: TypeAlias = str | os.PathLike[str]
 
 
 def read_text(path: Path) -> str:
@@ -33,6 +37,16 @@ def read_json(path: Path) -> Any:
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
             "Fix the syntax, e.g. a missing comma or quote."
         ) from None
+
+
+def require_directory(path: Path, arg: str, holds: str) -> None:
+    """One line when ``path`` (given as ``arg``: the caller's flag, keyword or variable) exists
+    but is not a directory; ``holds`` says what the directory should hold."""
+    if path.exists() and not path.is_dir():
+        raise TLExtractError(
+            f"{arg + ': ' if arg else ''}{path} is a file, not a directory; name the directory "
+            f"that holds {holds}."
+        )
 
 
 def require(cond: bool, path: Path | str, field_name: str, fix: str) -> None:

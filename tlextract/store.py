@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from tlextract.errors import TLExtractError
+from tlextract.inputs import PathArg
 
 META = "meta.json"
 
@@ -44,20 +45,47 @@ _DISK_FAULTS = {
                    "another directory (--experiments-dir)"),
     errno.EPERM: ("operation not permitted", "make it writable for this user, or point the run "
                   "at another directory (--experiments-dir)"),
+    # A file where a directory must be (or the other way round): say which one is in the way.
+    errno.EEXIST: ("a file is in the way of a directory", "move or remove that file"),
+    errno.ENOTDIR: ("a file is in the way of a directory", "move or remove that file"),
+    errno.EISDIR: ("a directory is in the way of the file", "move or remove that directory"),
+    errno.ENAMETOOLONG: ("the file name is too long for the file system", "use shorter "
+                         "experiment, trait or model names, or a shorter --experiments-dir"),
+    errno.ELOOP: ("too many levels of symbolic links", "fix the symbolic link that points back "
+                  "into itself"),
 }  # fmt: skip
 
 
 @contextmanager
-def disk_errors(path: Path) -> Iterator[None]:
+def disk_errors(path: PathArg) -> Iterator[None]:
     """Turn a known filesystem refusal while writing ``path`` into one TLExtractError line."""
     try:
         yield
     except (OSError, RuntimeError) as e:
-        fault = _fault_of(e)
-        if fault is None:
+        message = fault_message(e, path)
+        if message is None:
             raise
-        what, fix = _DISK_FAULTS[fault]
-        raise TLExtractError(f"{path}: cannot write it: {what}; {fix}.") from None
+        raise TLExtractError(message) from None
+
+
+def fault_message(error: OSError | RuntimeError, writing: PathArg | None = None) -> str | None:
+    """One line for a known filesystem refusal, or None: ``writing`` is the path being written,
+    else the error's own file name is named (a path read or looked up)."""
+    fault = _fault_of(error)
+    if fault is None:
+        return None
+    what, fix = _DISK_FAULTS[fault]
+    name = writing if writing is not None else getattr(error, "filename", None)
+    blocker = in_the_way(Path(name)) if name and fault in (errno.EEXIST, errno.ENOTDIR) else None
+    if blocker is not None:
+        what = f"{blocker} is a file, not a directory"
+    verb = "cannot write it" if writing is not None else "cannot use it"
+    return f"{name}: {verb}: {what}; {fix}." if name else f"{what}; {fix}."
+
+
+def in_the_way(path: Path) -> Path | None:
+    """The nearest of ``path``'s parents that exists and is not a directory, if any."""
+    return next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _fault_of(error: OSError | RuntimeError) -> int | None:
@@ -89,7 +117,7 @@ def _sibling(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: PathArg) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
 
     The temporary file is created like any new file (mode 0o666 less the umask, unlike
@@ -103,7 +131,7 @@ def _new_file(path: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
+def atomic_dir(path: PathArg) -> Iterator[Path]:
     """Yield a fresh temporary directory (umask permissions); it replaces ``path`` (a
     directory) only on success."""
     with _staged(path, lambda tmp: tmp.mkdir(mode=0o777)) as tmp:
@@ -111,10 +139,11 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def _staged(path: Path, create: Callable[[Path], None]) -> Iterator[Path]:
-    """A sibling of ``path`` made by ``create``, moved over ``path`` only on success. Whatever
+def _staged(target: PathArg, create: Callable[[Path], None]) -> Iterator[Path]:
+    """A sibling of ``target`` made by ``create``, moved over it only on success. Whatever
     happens, no temporary is left, nor, on failure, a directory made for it; a filesystem
     refusal becomes one line (:func:`disk_errors`)."""
+    path = Path(target)
     created: list[Path] = []
     tmp = _sibling(path)
     ok = False
@@ -130,27 +159,28 @@ def _staged(path: Path, create: Callable[[Path], None]) -> Iterator[Path]:
         finally:
             if tmp.is_dir():
                 shutil.rmtree(tmp)
-            else:
-                tmp.unlink(missing_ok=True)
+            else:  # never made when a file blocks its directory (ENOTDIR)
+                with suppress(FileNotFoundError, NotADirectoryError):
+                    tmp.unlink()
             if not ok:
                 remove_empty(created)
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: PathArg, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: PathArg, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def read_json(path: PathArg) -> Any:
+    return json.loads(Path(path).read_text())
 
 
-def save_tensors(path: Path, obj: Any) -> None:
+def save_tensors(path: PathArg, obj: Any) -> None:
     """torch.save, atomically. Serialised in memory first: torch's own writer reports a full
     disk as a RuntimeError without an errno, a plain write as ENOSPC."""
     buffer = io.BytesIO()
@@ -159,7 +189,7 @@ def save_tensors(path: Path, obj: Any) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def load_tensors(path: Path) -> Any:
+def load_tensors(path: PathArg) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tlextract.errors import TLExtractError
-from tlextract.inputs import read_json, read_text, require
+from tlextract.inputs import PathArg, read_json, read_text, require
 
 MIN_INSTRUCTION_PAIRS = 5
 MIN_QUESTIONS = 20
@@ -116,8 +116,9 @@ def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def load_trait(trait_dir: Path) -> Trait:
+def load_trait(trait_dir: PathArg) -> Trait:
     """Load and validate ``<trait_dir>/trait_definition.json``; one clear error per defect."""
+    trait_dir = Path(trait_dir)
     path = trait_dir / "trait_definition.json"
     data = read_json(path)
     require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")

@@ -77,6 +77,7 @@ def held_out_projections(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     method: str = "mean_diff",
+    folds_arg: str = "folds=",
 ) -> tuple[list[float], list[float]]:
     """(pos, neg) out-of-fold projections at ``layer``, in the rows' order: each fold (by example
     index, :func:`fold_of`) projected on the unit vector ``method`` fits on the other folds.
@@ -89,7 +90,7 @@ def held_out_projections(
     column = acts.layers.index(layer)
     x = torch.cat([acts.pos, acts.neg])[:, column : column + 1]
     y = torch.tensor([True] * len(acts.pos_index) + [False] * len(acts.neg_index))
-    fold = fold_of([*acts.pos_index, *acts.neg_index], folds, seed)
+    fold = fold_of([*acts.pos_index, *acts.neg_index], folds, seed, arg=folds_arg)
     proj = torch.empty(len(y))
     for f in range(folds):
         test = fold == f
@@ -97,7 +98,7 @@ def held_out_projections(
         if not len(pos) or not len(neg):
             raise TLExtractError(
                 f"calibration: the folds other than fold {f} have no pos or no neg response; "
-                "extract more examples or use fewer --folds."
+                f"extract more examples or use fewer folds ({folds_arg})."
             )
         proj[test] = project(x[test], run_method(method, pos, neg, seed=seed))[:, 0]
     return proj[y].tolist(), proj[~y].tolist()
@@ -168,6 +169,8 @@ def calibrate(
     layer: int,
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
+    *,
+    folds_arg: str = "calibrate(folds=...)",
 ) -> Calibration:
     """The calibration of ``vectors`` at ``layer`` (see the module docstring).
 
@@ -179,7 +182,7 @@ def calibrate(
         raise TLExtractError(
             f"{vectors.hook} vectors cannot be calibrated on {kept.acts.hook} activations."
         )
-    pos, neg = held_out_projections(kept, layer, folds, seed, vectors.method)
+    pos, neg = held_out_projections(kept, layer, folds, seed, vectors.method, folds_arg)
     threshold, tpr, tnr = best_threshold(pos, neg)
     name, unit = unit_direction(model, vectors, layer)
     neutral = neutral_token_scores(model, unit, name, run.experiment.prompt_style)

@@ -23,7 +23,8 @@ activations, selection and settings are unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -66,6 +67,7 @@ class Scored:
     cohens_d: Interval
     layers: list[int]  # block index chosen in each outer fold (none for baselines; the
     # shuffled-label null: every layer any repeat chose)
+    unavailable: str = ""  # why it could not be scored on these data (figures are then NaN)
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,22 @@ def _rows(kept: KeptRun) -> tuple[Tensor, Tensor, list[int], list[str], list[int
     return torch.cat([acts.pos, acts.neg]), y, [i for _, i in keys], texts, lengths
 
 
+def _baseline(name: str, score: Callable[..., Scored], texts: list[str], lengths: list[int],
+              y: Tensor, fold: Tensor) -> Scored:  # fmt: skip
+    """A surface baseline's figures, or the baseline marked unavailable (and why) when these
+    responses cannot give it, e.g. no words for the bag of words."""
+    try:
+        return score(name, "baseline", surface_scores(texts, lengths, y, fold, name), layers=[])
+    except TLExtractError as e:
+        nan = Interval(math.nan, math.nan, math.nan)
+        return Scored(name, "baseline", nan, nan, nan, [], unavailable=str(e))
+
+
 def _cross_validate(kept: KeptRun, methods: Sequence[str], folds: int, seed: int,
-                    n_boot: int) -> CrossValidation:  # fmt: skip
+                    n_boot: int, folds_arg: str) -> CrossValidation:  # fmt: skip
     # long: one pass over methods, baselines and nulls, each scored the same way
     x, y, groups, texts, lengths = _rows(kept)
-    fold = fold_of(groups, folds, seed)
+    fold = fold_of(groups, folds, seed, arg=folds_arg)
     layers = list(kept.acts.layers)
     score = partial(_score, y=y, groups=groups, seed=seed, n_boot=n_boot)
     scored, chosen, per_layer = [], {}, {}
@@ -143,9 +156,9 @@ def _cross_validate(kept: KeptRun, methods: Sequence[str], folds: int, seed: int
         scored.append(score(name, "method", result.scores, layers=chosen[name]))
         if name == HEADLINE:
             scored += _nulls(x, y, groups, fold, result.columns, layers, seed, n_boot)
-    baselines = [score(b, "baseline", surface_scores(texts, lengths, y, fold, b), layers=[])
-                 for b in BASELINES]  # fmt: skip
-    best = max(baselines, key=lambda s: s.auroc.value)
+    baselines = [_baseline(b, score, texts, lengths, y, fold) for b in BASELINES]
+    # The length baseline is always available (every response has a length).
+    best = max((b for b in baselines if not b.unavailable), key=lambda s: s.auroc.value)
     layer = {m: layers[max(range(len(layers)), key=lambda i: (a[i], -i))]
              for m, a in per_layer.items()}  # fmt: skip
     return CrossValidation(
@@ -165,9 +178,12 @@ def cross_validate(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     n_boot: int = N_BOOT,
+    *,
+    folds_arg: str = "cross_validate(folds=...)",
 ) -> CrossValidation:
     """Nested cross-validated figures with intervals, baselines and nulls for ``run`` (kept
-    examples only), written to ``report/crossval.{json,md}``; an identical rerun reads them."""
+    examples only), written to ``report/crossval.{json,md}``; an identical rerun reads them.
+    ``folds_arg``: how the caller sets ``folds``, named when there are too few examples."""
     for name in methods:
         get_method(name)
     kept = load_kept(run)
@@ -181,7 +197,7 @@ def cross_validate(
     saved = _saved(path, key, methods)
     if saved is not None:
         return saved
-    cv = _cross_validate(kept, methods, folds, seed, n_boot)
+    cv = _cross_validate(kept, methods, folds, seed, n_boot, folds_arg)
     write_json(path, {"fingerprint": key, **asdict(cv)})
     write_text(out / "crossval.md", crossval_markdown(cv))
     head = cv.get(HEADLINE) if HEADLINE in methods else cv.scored[0]
@@ -247,6 +263,8 @@ def crossval_markdown(cv: CrossValidation) -> str:
     lines += [
         f"| {s.name} | {s.kind} | {s.accuracy} | {s.auroc} | {s.cohens_d} | "
         f"{', '.join(map(str, s.layers)) or '-'} |"
+        if not s.unavailable
+        else f"| {s.name} | {s.kind} | unavailable: {s.unavailable} | | | - |"
         for s in cv.scored
     ]
     lines += ["", verdict(cv, HEADLINE if HEADLINE in cv.beats_baseline else next(iter(cv.layer)))]
@@ -257,8 +275,10 @@ def crossval_markdown(cv: CrossValidation) -> str:
 
 def verdict(cv: CrossValidation, method: str) -> str:
     m, b = cv.get(method), cv.get(cv.best_baseline)
+    missing = "".join(f" The {s.name} baseline is unavailable: {s.unavailable}" for s in cv.scored
+                      if s.unavailable)  # fmt: skip
     if cv.beats_baseline[method]:
         return (f"{method} beats the best surface baseline ({b.name}): AUROC {m.auroc} vs "
-                f"{b.auroc}, intervals apart.")  # fmt: skip
+                f"{b.auroc}, intervals apart.{missing}")  # fmt: skip
     return (f"{method} does NOT beat the best surface baseline ({b.name}) with non-overlapping "
-            f"intervals: AUROC {m.auroc} vs {b.auroc}.")  # fmt: skip
+            f"intervals: AUROC {m.auroc} vs {b.auroc}.{missing}")  # fmt: skip

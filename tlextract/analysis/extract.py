@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,6 +29,7 @@ from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
+from tlextract.inputs import PathArg
 from tlextract.model.tokens import text_ids, tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
 from tlextract.ops.crossval import DEFAULT_FOLDS, fold_of, nested, pick_layer
@@ -61,7 +61,7 @@ class Extraction(TraitVectors):
         groups = list(range(len(self.pos))) + list(range(len(self.neg)))
         x = torch.cat([self.pos, self.neg])
         y = torch.tensor([True] * len(self.pos) + [False] * len(self.neg))
-        fold = fold_of(groups, folds, seed)
+        fold = fold_of(groups, folds, seed, arg="evaluate(folds=...)")
         result = nested(x, y, fold, lambda p, n: run_method(self.method, p, n, seed=seed))
         figures = bootstrap_rows(result.scores, y, groups, n_boot, seed)
         return {"layer": self.layers[pick_layer(result.per_layer, y)], **figures}
@@ -163,7 +163,7 @@ def extract(
     seeds: Sequence[int] | None = None,
     batch_size: int = 8,
     trait: str = "trait",
-    save: Path | None = None,
+    save: PathArg | None = None,
 ) -> Extraction:
     # long: checks, both polarities, the fit and the record; each step is one call
     """Vectors of ``method`` from ``pos`` and ``neg`` (see the module docstring).

@@ -34,8 +34,15 @@ class TextClassifier:
         if len(set(labels)) != 2:
             raise TLExtractError("text classifier: needs pos and neg responses to train on.")
         self.words = CountVectorizer(lowercase=True)
+        try:
+            counts = self.words.fit_transform(list(texts))
+        except ValueError:  # sklearn's "empty vocabulary": no word of 2+ letters in any text
+            raise TLExtractError(
+                f"text classifier: the {len(texts)} responses hold no words (e.g. one token each, "
+                "or only punctuation); generate longer responses (generation.max_new_tokens)."
+            ) from None
         self.model = LogisticRegression(max_iter=2000)
-        self.model.fit(self.words.fit_transform(list(texts)), [int(x) for x in labels])
+        self.model.fit(counts, [int(x) for x in labels])
         self.n_train = len(texts)
 
     def decision(self, texts: Sequence[str]) -> np.ndarray:

@@ -10,6 +10,7 @@ directly with ``report/metrics.json``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -20,6 +21,7 @@ from torch import Tensor
 from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate
 from tlextract.analysis.heldout import load_kept, split_examples
 from tlextract.analysis.surface import TextClassifier
+from tlextract.errors import TLExtractError
 from tlextract.ops.metrics import LayerMetrics, auroc, midpoint_accuracy
 from tlextract.settings import RunSettings
 from tlextract.stages.generate import load_responses
@@ -30,10 +32,15 @@ METHOD = "mean_diff"
 @dataclass(frozen=True)
 class Baseline:
     """Held-out balanced accuracy (midpoint of the train class means) and AUROC of a score
-    computed from the response text alone."""
+    computed from the response text alone; NaN when the texts cannot give it (no words)."""
 
     accuracy: float
     auroc: float
+
+    def __format__(self, spec: str) -> str:
+        if math.isnan(self.auroc):
+            return "n/a (no words)"
+        return f"{self.accuracy:.2f} / {self.auroc:.2f}"
 
 
 @dataclass(frozen=True)
@@ -103,10 +110,13 @@ def surface_baselines(
     length = _score_baseline(
         *(torch.tensor([[float(r["n_response_tokens"])] for r in s]) for s in sides.values())
     )
-    clf = TextClassifier(
-        [r["response"] for r in sides["train_pos"] + sides["train_neg"]],
-        [True] * len(sides["train_pos"]) + [False] * len(sides["train_neg"]),
-    )
+    try:
+        clf = TextClassifier(
+            [r["response"] for r in sides["train_pos"] + sides["train_neg"]],
+            [True] * len(sides["train_pos"]) + [False] * len(sides["train_neg"]),
+        )
+    except TLExtractError:  # no words to count: unavailable, shown as n/a
+        return length, Baseline(math.nan, math.nan)
 
     def bow(side: list[dict]) -> Tensor:
         scores = clf.decision([r["response"] for r in side])
@@ -161,8 +171,7 @@ def comparison_markdown(comparisons: Sequence[TraitComparison]) -> list[str]:
         for f in c.variants.values():
             lines.append(
                 f"| {c.trait} | {f.variant} | {f.layer} | {f.accuracy:.2f} | {f.auroc:.2f} | "
-                f"{f.cohens_d:.2f} | {f.length.accuracy:.2f} / {f.length.auroc:.2f} | "
-                f"{f.bag_of_words.accuracy:.2f} / {f.bag_of_words.auroc:.2f} | "
+                f"{f.cohens_d:.2f} | {f.length} | {f.bag_of_words} | "
                 f"{f.n_test['pos']}/{f.n_test['neg']} |"
             )
     if any(c.transfers for c in comparisons):

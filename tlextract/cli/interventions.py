@@ -279,7 +279,7 @@ def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     thresholds = {}
     for t, (run, tv, layer) in saved.items():
         try:
-            thresholds[t] = calibrate(model, run, tv, layer, folds=args.folds)
+            thresholds[t] = calibrate(model, run, tv, layer, folds=args.folds, folds_arg="--folds")
         except TLExtractError as err:  # e.g. no judged activations: monitor without a threshold
             print(f"[{t}] no threshold: {err}")
             continue

@@ -12,11 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tlextract.cli.guard import guarded
 from tlextract.cli.interventions import INTERVENTIONS, add_intervention_commands
 from tlextract.cli.newtrait import NEW_TRAIT, add_new_trait_command, new_trait
 from tlextract.cli.result import result_card
-from tlextract.config import DEFAULT_EXPERIMENT, Experiment, experiments_root, load_experiment
-from tlextract.errors import TLExtractError
+from tlextract.config import DEFAULT_EXPERIMENT, Experiment, load_experiment
+from tlextract.errors import TLExtractError, during
+from tlextract.inputs import require_directory
 from tlextract.ops.methods import METHODS
 from tlextract.ops.metrics import RULES
 from tlextract.settings import DTYPES, MODES, STAGES, settings_for
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
             add_backend_options(p)
     add_intervention_commands(sub)
     add_new_trait_command(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true",
+                       help="on a bug, print the full traceback here too (it is always saved to "
+                       "a log file)")  # fmt: skip
     return parser
 
 
@@ -243,6 +249,7 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
         seed=args.seed,
         rule=args.rule,
         folds=args.folds,
+        folds_arg="--folds",
         **_overrides(args),
     )
     print(f"report: {path}")
@@ -255,9 +262,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line's exit status: 0 done, 2 a known fault (one line), 130/143 interrupted,
+    1 a bug (one line; the traceback in a log file, see :mod:`tlextract.cli.guard`)."""
     args = build_parser().parse_args(argv)
+    log_dirs: list[Path] = []  # where the command has got to: a bug's traceback goes there
     with console_logging(), _offline(getattr(args, "offline", False)):
-        return _main(args)
+        return guarded(lambda: _main(args, log_dirs), debug=args.debug, log_dirs=log_dirs)
 
 
 @contextmanager
@@ -277,9 +287,13 @@ def _offline(on: bool) -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = before
 
 
-def _main(args: argparse.Namespace) -> int:  # long: one dispatch over the commands
-    try:
-        experiment = load_experiment(args.experiment, args.experiments_dir or experiments_root())
+def _main(args: argparse.Namespace, log_dirs: list[Path]) -> int:
+    # long: one dispatch over the commands
+    if args.experiments_dir is not None:
+        require_directory(args.experiments_dir, "--experiments-dir", "the experiment directories")
+    with during(args.command):
+        experiment = load_experiment(args.experiment, args.experiments_dir)
+        log_dirs.append(experiment.path)
         if args.command == NEW_TRAIT:
             return new_trait(args, experiment)
         if args.command == "report":
@@ -322,14 +336,13 @@ def _main(args: argparse.Namespace) -> int:  # long: one dispatch over the comma
             return 0
         get_model = model_loader(runs[0])  # one model for all traits of this command
         for run in runs:
+            log_dirs.append(run.out_dir)
             start = time.perf_counter()
             run_trait(run, COMMANDS[args.command], get_model, wait=not args.no_wait)
             seconds = time.perf_counter() - start
             if "vectors" in COMMANDS[args.command]:
-                print("\n".join(result_card(run, seconds)))
+                with during(f"[{run.trait.name}] the result card"):
+                    print("\n".join(result_card(run, seconds)))
             else:
                 print(f"[{run.trait.name}] done in {seconds:.0f} s; results in {run.out_dir}")
-    except TLExtractError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0

@@ -32,7 +32,7 @@ def result_card(run: RunSettings, seconds: float) -> list[str]:
     name = run.trait.name
     lines = [f"[{name}] done in {seconds:.0f} s; results in {run.out_dir}"]
     try:
-        cv = cross_validate(run, [HEADLINE])
+        cv = cross_validate(run, [HEADLINE], folds_arg="the report command's --folds")
     except TLExtractError as e:  # e.g. fewer examples than folds: say so, the run still worked
         lines.append(f"  no cross-validated figures: {e}")
         return lines + _next_commands(run)

@@ -6,7 +6,10 @@ Errors:
 
 * 429, 408, 409, 425, 5xx, timeouts and connection errors are transient: :meth:`ChatEndpoint.call`
   retries them with exponential backoff and jitter (``Retry-After`` is honoured, up to
-  ``backoff_max``) and raises :class:`GaveUp` when every attempt failed.
+  ``backoff_max``) and raises :class:`GaveUp` when every attempt failed. Failed attempts are
+  counted per cause and said in one warning per cause (:class:`Failures`), not one per attempt.
+* A response that cannot be read (not JSON, no choices) is :class:`Malformed`: not retried, the
+  server would answer the same; the call gives up at once.
 * 401/403, 404, a redirect and any other 4xx raise TLExtractError at once: they would fail every
   request the same way.
 
@@ -35,7 +38,15 @@ from typing import Any, NoReturn, TypeVar
 
 from tlextract.errors import TLExtractError
 
-__all__ = ["ChatEndpoint", "GaveUp", "Retryable", "parse_retry_after", "public_url"]
+__all__ = [
+    "ChatEndpoint",
+    "Failures",
+    "GaveUp",
+    "Malformed",
+    "Retryable",
+    "parse_retry_after",
+    "public_url",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,8 +63,38 @@ class Retryable(Exception):
         self.retry_after = retry_after
 
 
+class Malformed(Exception):
+    """A response that cannot be read: the same request would get the same answer, so it is not
+    retried."""
+
+
 class GaveUp(Exception):
-    """Every attempt failed transiently, or the call was cancelled (the message says which)."""
+    """Every attempt failed transiently, a response could not be read, or the call was cancelled
+    (the message says which)."""
+
+
+class Failures:
+    """Failed attempts counted by cause across calls (and threads), said once per cause in
+    :meth:`report` instead of once per attempt."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}  # cause -> [failed attempts, calls given up]
+
+    def add(self, cause: str, gave_up: bool) -> None:
+        with self._lock:
+            count = self._counts.setdefault(cause, [0, 0])
+            count[0] += 1
+            count[1] += gave_up
+
+    def report(self, role: str, where: str) -> None:
+        """One warning per cause, then forget them."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        for cause, (attempts, gave_up) in counts.items():
+            outcome = f"{gave_up} requests gave up" if gave_up else "every request then succeeded"
+            log.warning("%s requests to %s: %d failed attempts (%s); %s", role, where, attempts,
+                        cause, outcome)  # fmt: skip
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -156,28 +197,36 @@ class ChatEndpoint:
             f"model={self.model!r}, api_key_env={self.api_key_env!r})"
         )
 
-    def call(self, attempt: Callable[[], T], abort: threading.Event | None = None) -> T:
+    def call(
+        self, attempt: Callable[[], T], abort: threading.Event | None = None,
+        failures: Failures | None = None,
+    ) -> T:  # fmt: skip
         """``attempt()`` (a request and the reading of its answer), retried while it raises
-        Retryable. Raises GaveUp after the last retry or when ``abort`` is set, TLExtractError at
-        once on a non-retryable error."""
+        Retryable. Raises GaveUp after the last retry, on a Malformed answer or when ``abort``
+        is set, TLExtractError at once on a non-retryable error. Failed attempts are counted
+        in ``failures`` (default: said when this call ends)."""
+        if failures is None:
+            failures = Failures()
+            try:
+                return self.call(attempt, abort, failures)
+            finally:
+                failures.report(self.role, public_url(self.url))
         abort = abort or threading.Event()
-        where, error = public_url(self.url), ""
+        error = ""
         for n in range(self.max_retries + 1):
             if abort.is_set():
                 raise GaveUp("cancelled")
             try:
                 return attempt()
+            except Malformed as e:
+                failures.add(str(e), gave_up=True)
+                raise GaveUp(f"{e}; not retried: the server would answer the same") from None
             except Retryable as e:
                 error = str(e)
                 delay = e.retry_after if e.retry_after is not None else self._backoff(n)
-            delay = min(delay, self.backoff_max)
-            if n < self.max_retries:
-                log.warning("%s request to %s failed (%s); retry %d/%d in %.2fs", self.role,
-                            where, error, n + 1, self.max_retries, delay)  # fmt: skip
-                if abort.wait(delay):
-                    raise GaveUp("cancelled")
-        log.warning("%s request to %s gave up after %d attempts: %s", self.role, where,
-                    self.max_retries + 1, error)  # fmt: skip
+            failures.add(error, gave_up=n == self.max_retries)
+            if n < self.max_retries and abort.wait(min(delay, self.backoff_max)):
+                raise GaveUp("cancelled")
         raise GaveUp(f"gave up after {self.max_retries + 1} attempts: {error}")
 
     def complete(self, messages: list[dict[str, str]]) -> str:
@@ -194,14 +243,14 @@ class ChatEndpoint:
             choice = json.loads(body)["choices"][0]
             content = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise Retryable(f"malformed response ({type(e).__name__})") from None
+            raise Malformed(f"malformed response ({type(e).__name__})") from None
         if choice.get("finish_reason") == "length":
             raise TLExtractError(
                 f"the {self.role} server {public_url(self.url)} cut the reply off at its output "
                 f"token limit; use a model or server that allows longer replies"
             )
         if not isinstance(content, str):
-            raise Retryable("malformed response (no text content)")
+            raise Malformed("malformed response (no text content)")
         return content
 
     def post(self, payload: dict[str, Any]) -> bytes:

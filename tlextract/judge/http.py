@@ -11,7 +11,8 @@ as an integer 0-100 (surrounding whitespace ignored, as persona_vectors' ``int(t
 probability to that integer, then :func:`tlextract.judge.base.aggregate_score` applies.
 
 Errors and the API key are handled as :mod:`tlextract.judge.chat` describes: transient failures
-are retried, and a prompt that still fails gets a *failed* Score (never a number, never cached);
+are retried (one warning per cause per batch, with a count), a malformed response is not, and a
+prompt that still fails gets a *failed* Score (never a number, never cached);
 401/403, 404, a redirect, any other 4xx, and a server that returns no logprobs raise TLExtractError
 at once. The key never reaches ``name`` (the cache key), logs or messages. Only the standard
 library is used.
@@ -27,7 +28,14 @@ from typing import Any
 
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import DEFAULT_MIN_MASS, Score, aggregate_score
-from tlextract.judge.chat import ChatEndpoint, GaveUp, Retryable, parse_retry_after, public_url
+from tlextract.judge.chat import (
+    ChatEndpoint,
+    Failures,
+    GaveUp,
+    Malformed,
+    parse_retry_after,
+    public_url,
+)
 
 __all__ = ["OpenAIJudge", "parse_retry_after", "top_logprobs_to_probs"]
 
@@ -97,11 +105,13 @@ class OpenAIJudge(ChatEndpoint):
         TLExtractError (after cancelling what has not started) on a non-retryable error."""
         if not prompts:
             return []
-        abort = threading.Event()
+        abort, failures = threading.Event(), Failures()
         pool = ThreadPoolExecutor(
             max_workers=min(self.max_concurrency, len(prompts)), thread_name_prefix="judge-http"
         )
-        futures: list[Future[Score]] = [pool.submit(self._score_one, p, abort) for p in prompts]
+        futures: list[Future[Score]] = [
+            pool.submit(self._score_one, p, abort, failures) for p in prompts
+        ]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in done:
@@ -111,12 +121,14 @@ class OpenAIJudge(ChatEndpoint):
             abort.set()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        finally:
+            failures.report(self.role, public_url(self.url))
         pool.shutdown(wait=True)
         return results
 
-    def _score_one(self, prompt: str, abort: threading.Event) -> Score:
+    def _score_one(self, prompt: str, abort: threading.Event, failures: Failures) -> Score:
         try:
-            return self.call(lambda: self._parse(self.post(self._payload(prompt))), abort)
+            return self.call(lambda: self._parse(self.post(self._payload(prompt))), abort, failures)
         except GaveUp as e:
             return Score.failure(str(e))
 
@@ -135,7 +147,7 @@ class OpenAIJudge(ChatEndpoint):
             data = json.loads(body)
             choice = data["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise Retryable(f"malformed response ({type(e).__name__})") from None
+            raise Malformed(f"malformed response ({type(e).__name__})") from None
         logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
         content = logprobs.get("content") if isinstance(logprobs, dict) else None
         if content is None:

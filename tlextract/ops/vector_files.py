@@ -30,6 +30,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
+from tlextract.inputs import PathArg
 from tlextract.ops.pool import hook_name
 from tlextract.store import atomic_path
 
@@ -261,7 +262,7 @@ def _imported(
 
 
 def save_safetensors(
-    path: Path,
+    path: PathArg,
     vectors: Float[Tensor, "layer d_model"],
     layers: Sequence[int],
     *,

@@ -9,6 +9,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.inputs import PathArg
 from tlextract.ops import vector_files
 from tlextract.ops.pool import hook_name
 from tlextract.store import save_tensors
@@ -35,7 +36,7 @@ class TraitVectors:
             raise KeyError(f"no {self.method} vector for layer {layer}; have {list(self.layers)}")
         return self.vectors[self.layers.index(layer)]
 
-    def save(self, path: Path) -> None:
+    def save(self, path: PathArg) -> None:
         save_tensors(
             path,
             {
@@ -50,7 +51,7 @@ class TraitVectors:
             },
         )
 
-    def save_safetensors(self, path: Path) -> None:
+    def save_safetensors(self, path: PathArg) -> None:
         """The portable copy: one tensor ``layers.{l}`` per block and string metadata that any
         safetensors reader shows; see :func:`vector_files.save_safetensors`."""
         vector_files.save_safetensors(
@@ -59,7 +60,7 @@ class TraitVectors:
         )  # fmt: skip
 
     @classmethod
-    def load(cls, path: Path, *, hook: str = "resid_post") -> TraitVectors:
+    def load(cls, path: PathArg, *, hook: str = "resid_post") -> TraitVectors:
         """Vectors from any file tlextract reads, recognised by content whatever its name: ours
         (:meth:`save`), safetensors, persona_vectors ``.pt`` or a GGUF control vector. ``hook`` is
         the hook of files that do not record one (persona_vectors, GGUF)."""

@@ -250,6 +250,7 @@ def build_report(
     seed: int = 0,
     rule: str = "auroc",
     folds: int = DEFAULT_FOLDS,
+    folds_arg: str = "build_report(folds=...)",
     **overrides: Any,
 ) -> Path:
     # long: one pass over the runs (evaluate, cross-validate, plot), then the experiment pages
@@ -277,7 +278,7 @@ def build_report(
             plot_metrics(ev, report_dir(run) / "metrics_by_layer.png")
             plot_projections(ev, report_dir(run) / "projections.png")
             cv = cross_validate(run, [HEADLINE, *(m for m in methods if m != HEADLINE)],
-                                folds, seed)  # fmt: skip
+                                folds, seed, folds_arg=folds_arg)  # fmt: skip
             plot_intervals(cv, report_dir(run) / "crossval.png")
             runs.append((run, ev))
             cvs.append((cv, _link("table", report_dir(run) / "crossval.md", out) + " · "

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tlextract.errors import during
 from tlextract.model.load import load_model
 from tlextract.model.memory import GiB, HalvingBatches
 from tlextract.settings import RunSettings
@@ -146,12 +147,14 @@ def run_sharded(
     shards = shard_dir(stage, fingerprint([key, size]))
     clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
     halving = HalvingBatches(size, device)
-    contents = []
-    for b, idx in enumerate(tqdm(batches(lengths, size), desc=desc, unit="batch")):
-        path = shards / f"batch_{b:05d}.pt"
-        shard = _read_shard(stage, path, idx, valid) if path.exists() else None
-        if shard is None:
-            save_tensors(path, to_shard(idx, halving.run(idx, compute)))
-            shard = load_tensors(path)  # what a resumed run would read: CPU tensors
-        contents.append(shard)
+    contents: list[Any] = []
+    todo = batches(lengths, size)
+    with during(lambda: f"{desc} ({len(contents)} of {len(todo)} batches finished and kept)"):
+        for b, idx in enumerate(tqdm(todo, desc=desc, unit="batch")):
+            path = shards / f"batch_{b:05d}.pt"
+            shard = _read_shard(stage, path, idx, valid) if path.exists() else None
+            if shard is None:
+                save_tensors(path, to_shard(idx, halving.run(idx, compute)))
+                shard = load_tensors(path)  # what a resumed run would read: CPU tensors
+            contents.append(shard)
     return contents, halving

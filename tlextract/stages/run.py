@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from transformer_lens import HookedTransformer
 
 from tlextract.engines.base import engine_identity
-from tlextract.errors import TLExtractError
+from tlextract.errors import TLExtractError, during
 from tlextract.judge.keep import Selection
 from tlextract.locks import run_lock
 from tlextract.model.load import check_model_name
@@ -58,14 +58,19 @@ def run_trait(
         acts: Activations | None = None
         selection: Selection | None = None
         vectors = None
+        name = f"[{run.trait.name}]"
         if "generate" in stages:
-            generate_responses(run, get_model)
+            with during(f"{name} generate"):
+                generate_responses(run, get_model)
         if "judge" in stages:
-            selection = select_responses(run, get_model)
+            with during(f"{name} judge (answered judge calls are cached)"):
+                selection = select_responses(run, get_model)
         if "activations" in stages:
-            acts = extract_activations(run, get_model)
+            with during(f"{name} activations"):
+                acts = extract_activations(run, get_model)
         if "vectors" in stages:
-            vectors = extract_vectors(
-                run, acts or load_activations(run), selection or load_selection(run)
-            )
+            with during(f"{name} vectors"):
+                vectors = extract_vectors(
+                    run, acts or load_activations(run), selection or load_selection(run)
+                )
         return vectors
