@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -313,3 +315,42 @@ def test_engine_benchmark_tables_run_against_the_real_engine(server, smollm2, tm
     assert row["tokens"] > 0 and row["wall_s"] > 0 and row["engine"] == "vllm"
     text = "\n".join(bench_engines.render(measured, base_wall=2 * row["wall_s"]))
     assert "| 2 | vllm |" in text and "| 2.00x |" in text
+
+
+def _vllm_pids() -> set[int]:
+    """Processes of vLLM (its server and engine core) on this machine."""
+    pids = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "vllm" in text.lower():
+            pids.add(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_during_vllm_generation_is_one_line_and_stops_the_server(tmp_path: Path) -> None:
+    write_experiment(tmp_path, model=SMOLLM2, variant="natural", n_examples=8, batch_size=2,
+                     generation={"max_new_tokens": 16, "do_sample": False},
+                     engine={"kind": "vllm", "enforce_eager": True})  # fmt: skip
+    before = _vllm_pids()
+    err = tmp_path / "stderr.txt"
+    env = {**os.environ, vllm_server.ENV_PYTHON: _vllm_python(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "tlextract", *_cli(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=err.open("w"), env=env)  # fmt: skip
+    shards = tmp_path / "tiny" / "alpha" / "extraction-natural-vllm" / "responses"
+    deadline = time.monotonic() + 600
+    while not list(shards.glob("shards-*/batch_*.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    text = err.read_text()
+    lines = [x for x in text.replace("\r", "\n").splitlines() if x.startswith("interrupted")]
+    assert "Traceback" not in text and len(lines) == 1 and "resume" in lines[0]
+    deadline = time.monotonic() + 60  # the server and its engine core are gone with it
+    while _vllm_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _vllm_pids() - before

@@ -55,7 +55,9 @@ def measure(
         experiment_for, trait, n_examples, sizes = pipeline
         url = vllm.client.root + "/v1"
         rows = vllm_pipeline_rows(experiment_for, trait, n_examples, sizes, model, url)
-    return {"startup_s": startup, "alone": alone, "pipeline": rows}
+    peak = vllm.client.peak_rss  # set as the server stops; None for one already running
+    return {"startup_s": startup, "alone": alone, "pipeline": rows,
+            "server_peak_mib": peak / MiB if peak else None}  # fmt: skip
 
 
 def vllm_alone_rows(
@@ -103,8 +105,8 @@ def vllm_pipeline_rows(
         meta = read_json(run.stage_dir("generate") / "meta.json")
         tokens = meta["n_generated_tokens"]
         rows.append({"batch": batch, "mode": "two-stage", "engine": "vllm", "wall_s": wall,
-                     "tokens": tokens, "tok_s": tokens / wall, "peak_mib": mem.peak / MiB,
-                     "server_peak_mib": meta.get("engine_peak_rss_mib")})  # fmt: skip
+                     "tokens": tokens, "tok_s": tokens / wall,
+                     "peak_mib": mem.peak / MiB})  # fmt: skip
     return rows
 
 
@@ -125,16 +127,20 @@ def render(measured: dict, base_wall: float) -> list[str]:
         "",
         "Pipeline with engine=vllm on that server (same examples and settings as the pipeline "
         "table above; the idle server busy-waits on a core during the TransformerLens pass, "
-        "which a run's own server, stopped after generation, does not):",
+        "which a run's own server, stopped after generation, does not; the server's own peak "
+        f"memory over both tables: {_mib(measured.get('server_peak_mib'))} MiB):",
         "",
         "| batch | engine | wall s | generated tokens | tokens/s | speedup vs serial two-stage tl "
-        "| peak memory beyond the model (MiB) | vLLM server peak (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| peak memory beyond the model (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r['batch']} | vllm | {r['wall_s']:.1f} | {r['tokens']} | {r['tok_s']:.1f} "
-        f"| {base_wall / r['wall_s']:.2f}x | {r['peak_mib']:.0f} "
-        f"| {r['server_peak_mib'] or 'n/a'} |"
+        f"| {base_wall / r['wall_s']:.2f}x | {r['peak_mib']:.0f} |"
         for r in pipeline
     ]
     return lines
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"

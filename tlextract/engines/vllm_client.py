@@ -107,13 +107,17 @@ class VLLMClient:
         stops: Sequence[int],
     ) -> list[Generation]:
         """All prompts in flight at once (the server batches them), one seed each."""
-        with ThreadPoolExecutor(max_workers=max(1, len(prompt_ids))) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, len(prompt_ids)))
+        try:
             jobs = [pool.submit(self._one, p, settings, s, stops)
                     for p, s in zip(prompt_ids, seeds, strict=True)]  # fmt: skip
-            try:
-                return [job.result() for job in jobs]
-            except ServerGone as e:
-                raise ServerGone(f"{e} during generation; {RESUME}.") from None
+            return [job.result() for job in jobs]
+        except ServerGone as e:
+            raise ServerGone(f"{e} during generation; {RESUME}.") from None
+        finally:
+            # On an error or Ctrl-C, do not wait for requests in flight: the stage stops the
+            # server it started, which ends them.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _one(
         self, prompt: Sequence[int], settings: GenerationSettings, seed: int, stops: Sequence[int]
