@@ -140,10 +140,11 @@ def managed_server(
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     what = f"the vLLM server tlextract started (log: {log_path})"
-    client = VLLMClient(f"http://127.0.0.1:{port}", served, float(engine.request_timeout), what,
-                        explain=lambda: last_error(log_path))  # fmt: skip
+    client = VLLMClient(f"http://127.0.0.1:{port}", served, float(engine.request_timeout), what)
     try:
         _wait_until_up(proc, client, float(engine.startup_timeout), log_path)
+        # Only once it is up: the startup poll's refusals are expected, not worth a log read.
+        client.explain = lambda: last_error(log_path)
         yield client
     finally:
         client.peak_rss = group_peak_rss(proc.pid)
