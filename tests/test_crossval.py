@@ -17,6 +17,7 @@ from tlextract.ops.bootstrap import Interval, bootstrap, weighted_figures
 from tlextract.ops.crossval import (
     fold_of,
     nested,
+    pick_layer,
     random_direction_scores,
     shuffled_labels,
 )
@@ -253,3 +254,14 @@ def test_a_run_ends_with_its_cross_validated_result_and_the_next_commands(
     # Too few examples for 5 folds: the run still succeeds and says why there is no figure.
     assert main(["run", *base, "--n-examples", "4"]) == 0
     assert "no cross-validated figures: cross-validation: 5 folds need" in capsys.readouterr().out
+
+
+def test_pick_layer_is_auroc_then_cohens_d_then_the_lower_layer() -> None:
+    # the one best-layer rule (every layer tlextract names comes from it)
+    y = torch.tensor([True, True, False, False])
+    weak = [1.0, 0.0, 0.5, -1.0]  # AUROC 0.75
+    tight = [1.0, 2.0, 0.0, 0.5]  # AUROC 1
+    wide = [3.0, 4.0, 0.0, 0.5]  # AUROC 1, larger d
+    z = torch.tensor([weak, tight, wide, wide, [float("nan")] * 4]).T
+    assert pick_layer(z, y) == 2  # AUROC tie -> larger d -> the lower of two equal layers
+    assert pick_layer(z[:, [4, 0]], y) == 1  # NaN never wins

@@ -82,6 +82,37 @@ def test_prompt_last_reads_the_last_prompt_token_without_generating(tiny_model) 
     assert got.responses == {"pos": [], "neg": []}
 
 
+def test_prompt_last_on_pairs_reads_the_last_token_of_prompt_and_answer(tiny_model) -> None:
+    # Shared prompts, different answers: the contrast is in the answers, so it must be read.
+    pos = [("Describe the sea.", "It is vast and calm."), ("Describe a cat.", "Soft and warm.")]
+    neg = [("Describe the sea.", "Wet."), ("Describe a cat.", "An animal.")]
+    got = extract(tiny_model, pos, neg, pooling="prompt_last", batch_size=2)
+    tok = tiny_model.tokenizer
+
+    def last_tokens(pairs):
+        prompts = tokenize(tiny_model, [render_prompt(tok, "chat", "", p) for p, _ in pairs],
+                           "chat")  # fmt: skip
+        rows = []
+        for ids, (_, answer) in zip(prompts, pairs, strict=True):
+            full = ids + tok(answer, add_special_tokens=False)["input_ids"]
+            _, cache = tiny_model.run_with_cache(torch.tensor([full]))
+            rows.append(torch.stack([cache[f"blocks.{b}.hook_resid_post"][0, -1]
+                                     for b in range(3)]))  # fmt: skip
+        return torch.stack(rows)
+
+    assert torch.allclose(got.pos, last_tokens(pos), atol=1e-4)
+    assert torch.allclose(got.neg, last_tokens(neg), atol=1e-4)
+    assert got.vectors.norm(dim=-1).min() > 0
+
+
+def test_sides_that_read_the_same_tokens_are_refused_not_zero(tiny_model) -> None:
+    same = [("Describe the sea.", "It is vast."), ("Describe a cat.", "Soft.")]
+    with pytest.raises(TLExtractError, match="same mean, so every vector would be zero"):
+        extract(tiny_model, same, list(same), pooling="prompt_last")
+    with pytest.raises(TLExtractError, match="same mean"):  # prompts alone, shared
+        extract(tiny_model, ["Be precise."], ["Be precise."], pooling="prompt_last")
+
+
 def test_the_result_steers_monitors_evaluates_and_saves(tiny_model, tmp_path: Path) -> None:
     got = extract(tiny_model, NATURAL["pos"][:N], NATURAL["neg"][:N], save=tmp_path / "v.pt")
     assert isinstance(got, TraitVectors)

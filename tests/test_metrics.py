@@ -15,7 +15,6 @@ from tlextract.ops.methods import run_method
 from tlextract.ops.metrics import (
     LayerMetrics,
     auroc,
-    best_layer,
     cohens_d,
     evaluate_vectors,
     grouped_split_indices,
@@ -211,8 +210,8 @@ def test_evaluate_scores_every_method_and_finds_the_informative_layer():
     ]
     for r in rows:
         assert all(math.isfinite(getattr(r, f)) for f in ("auroc", "cohens_d", "accuracy", "gap"))
-    assert best_layer(rows, method="mean_diff").layer == 5
-    assert best_layer(rows, method="probe").layer == 5
+    for m in ("mean_diff", "probe"):
+        assert max((r for r in rows if r.method == m), key=lambda r: r.auroc).layer == 5
     strong = [r for r in rows if r.layer == 5]
     assert all(r.auroc > 0.95 and r.accuracy > 0.85 and r.cohens_d > 2 for r in strong)
 
@@ -237,27 +236,3 @@ def test_evaluate_vectors_uses_held_out_scores():
         norm=1.0,
     )
     assert row.cohens_d == pytest.approx(1.25 / math.sqrt((2 + 6.125) / 2))
-
-
-def row(
-    layer: int, auroc: float, d: float, accuracy: float = 0.5, method: str = "m"
-) -> LayerMetrics:
-    return LayerMetrics(method, layer, auroc, d, accuracy, 0.0, 1.0, 1.0)
-
-
-def test_best_layer_rule_and_tie_breaks():
-    rows = [row(0, 0.9, 1.0), row(1, 0.95, 1.0), row(2, 0.95, 2.0), row(3, 0.95, 2.0)]
-    assert best_layer(rows).layer == 2  # top AUROC tie -> larger d -> lower layer
-    assert best_layer(rows, "cohens_d").layer == 2
-    rows.append(row(4, float("nan"), 9.0, accuracy=0.9))
-    assert best_layer(rows).layer == 2  # NaN never wins
-    assert best_layer(rows, "accuracy").layer == 4
-
-
-def test_best_layer_filters_by_method_and_rejects_bad_requests():
-    rows = [row(0, 0.9, 1.0, method="a"), row(1, 0.6, 1.0, method="b")]
-    assert best_layer(rows, method="b").layer == 1
-    with pytest.raises(TLExtractError, match="valid rules"):
-        best_layer(rows, "f1")
-    with pytest.raises(TLExtractError, match="no metrics"):
-        best_layer(rows, method="c")

@@ -11,7 +11,7 @@ import torch
 from datasets import load_from_disk
 
 import tlextract.engines.tl
-import tlextract.stages.activations
+import tlextract.stages.compute
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
@@ -87,7 +87,7 @@ def test_pos_and_neg_examples_are_matched_by_question(experiments: Path) -> None
 # Where each stage looks up the function a test replaces.
 STAGE_OF = {
     "generate_batch": tlextract.engines.tl,
-    "pooled_activations": tlextract.stages.activations,
+    "pooled_activations": tlextract.stages.compute,
 }
 
 

@@ -22,7 +22,7 @@ from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.locks import run_lock
 from tlextract.ops.vectors import TraitVectors
-from tlextract.settings import STAGES, settings_for
+from tlextract.settings import STAGES, report_dir, settings_for
 from tlextract.traits import VARIANTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,6 +118,11 @@ def test_ray_tasks_match_the_local_backend_and_a_rerun_does_no_work(
     assert [(r["trait"], r["variant"]) for r in rows] == [(t, v) for v in VARIANTS for t in TRAITS]
     assert all(r["status"] == "done" and r["stages_run"] == list(STAGES) for r in rows)
     assert all(r["kept"] == {"pos": 6, "neg": 6} and r["best_layer"] is not None for r in rows)
+    # The Ray summary names the layer the local run's result card named (one rule).
+    exp = load_experiment("tiny", local)
+    for r in rows:
+        card = report_dir(settings_for(exp, r["trait"], variant=r["variant"])) / "crossval.json"
+        assert json.loads(card.read_text())["layer"]["mean_diff"] == r["best_layer"]
     # Six tasks on two actors: each actor loads the model at most once and reuses it.
     assert sum(r["loaded_model"] for r in rows) <= len({r["pid"] for r in rows}) == 2
     assert "attempt at" in Path(rows[0]["log"]).read_text()  # per-task log

@@ -25,8 +25,8 @@ from tlextract.errors import TLExtractError
 from tlextract.traits import VARIANTS, Trait, Variant
 
 STAGES = ("generate", "judge", "activations", "vectors")
-MODES = ("two-stage", "combined")
 Mode = Literal["two-stage", "combined"]
+MODES: tuple[Mode, ...] = ("two-stage", "combined")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -46,12 +46,11 @@ from tlextract.model.memory import PeakMemory
 from tlextract.model.tokens import device_of, left_pad, tokenize
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import hook_name
-from tlextract.settings import Mode, settings_for
+from tlextract.settings import MODES, settings_for
 from tlextract.stages.run import run_trait
 from tlextract.store import read_json, write_text
 from tlextract.traits import build_examples
 
-MODES: tuple[Mode, ...] = ("two-stage", "combined")
 MiB = 2**20
 
 

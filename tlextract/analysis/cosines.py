@@ -11,8 +11,9 @@ from torch import Tensor
 
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings
-from tlextract.stages.activations import activations_done, current_activations_key
-from tlextract.stages.judge import judge_done, load_selection
+from tlextract.stages.activations import current_activations_key
+from tlextract.stages.judge import load_selection
+from tlextract.stages.run import is_done
 from tlextract.traits import POLARITIES
 
 
@@ -39,7 +40,7 @@ def saved_vectors(run: RunSettings, method: str = "mean_diff") -> TraitVectors |
     """The run's saved vectors if they come from its current activations and as many kept
     examples as its current judgments keep (vectors files record no more than that)."""
     path = run.stage_dir("vectors") / f"{method}.pt"
-    if not (path.exists() and activations_done(run) and judge_done(run)):
+    if not (path.exists() and is_done(run, "activations") and is_done(run, "judge")):
         return None
     vectors = TraitVectors.load(path)
     kept = load_selection(run).kept

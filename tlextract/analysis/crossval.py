@@ -14,7 +14,9 @@ example's score took part in any choice. Scored the same way, on the same folds:
 
 A method *beats the baselines* when its AUROC interval lies wholly above the interval of the
 better baseline. ``layer`` is the layer to use the full-data vectors at: the one whose
-out-of-fold AUROC over all folds is highest (what ``steer`` and ``monitor`` default to).
+out-of-fold AUROC over all folds is highest, then Cohen's d, then the lower layer
+(:func:`tlextract.ops.crossval.pick_layer`, the one rule; what ``steer`` and ``monitor`` default
+to).
 
 Results go to ``<run.out_dir>/report/crossval.{json,md}`` and are read back when the
 activations, selection and settings are unchanged.
@@ -46,9 +48,11 @@ from tlextract.ops.crossval import (
 )
 from tlextract.ops.methods import METHODS, get_method, run_method
 from tlextract.ops.metrics import auroc
+from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings, report_dir
 from tlextract.stages.generate import load_responses
-from tlextract.store import fingerprint, read_json, write_json, write_text
+from tlextract.stages.vectors import vectors_key
+from tlextract.store import META, fingerprint, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 HEADLINE = "mean_diff"  # the method the nulls and the verdict are about
@@ -147,10 +151,11 @@ def _cross_validate(kept: KeptRun, methods: Sequence[str], folds: int, seed: int
     fold = fold_of(groups, folds, seed, arg=folds_arg)
     layers = list(kept.acts.layers)
     score = partial(_score, y=y, groups=groups, seed=seed, n_boot=n_boot)
-    scored, chosen, per_layer = [], {}, {}
+    scored, chosen, per_layer, layer = [], {}, {}, {}
     for name in methods:
         result = nested(x, y, fold, partial(run_method, name, seed=seed))
         chosen[name] = [layers[c] for c in result.columns]
+        layer[name] = layers[result.layer]
         oof = result.per_layer
         per_layer[name] = auroc(oof[y], oof[~y]).tolist()
         scored.append(score(name, "method", result.scores, layers=chosen[name]))
@@ -159,8 +164,6 @@ def _cross_validate(kept: KeptRun, methods: Sequence[str], folds: int, seed: int
     baselines = [_baseline(b, score, texts, lengths, y, fold) for b in BASELINES]
     # The length baseline is always available (every response has a length).
     best = max((b for b in baselines if not b.unavailable), key=lambda s: s.auroc.value)
-    layer = {m: layers[max(range(len(layers)), key=lambda i: (a[i], -i))]
-             for m, a in per_layer.items()}  # fmt: skip
     return CrossValidation(
         experiment=kept.run.experiment.name, trait=kept.run.trait.name,
         variant=kept.run.variant, judge=kept.judge, model=kept.run.model, hook=kept.acts.hook,
@@ -191,8 +194,7 @@ def cross_validate(
     # Methods are not in the key: each is scored alone, so a saved file with more methods holds
     # these ones' figures too (the run's result card reads what the report wrote, and the other
     # way round the report recomputes and keeps them all).
-    key = fingerprint({"activations": kept.acts.key, "folds": folds, "seed": seed,
-                       "n_boot": n_boot, "version": 3})  # fmt: skip
+    key = _key(kept.acts.key, folds, seed, n_boot)
     path = out / "crossval.json"
     saved = _saved(path, key, methods)
     if saved is not None:
@@ -205,6 +207,53 @@ def cross_validate(
     log.info("[%s] cross-validated %s AUROC %s (best baseline %s %s)", run.trait.name,
              head.name, format(head.auroc), base.name, format(base.auroc))  # fmt: skip
     return cv
+
+
+def _key(activations_key: str, folds: int, seed: int, n_boot: int) -> str:
+    return fingerprint({"activations": activations_key, "folds": folds, "seed": seed,
+                        "n_boot": n_boot, "version": 4})  # fmt: skip
+
+
+def chosen_layers(
+    kept: KeptRun, methods: Sequence[str], folds: int = DEFAULT_FOLDS, seed: int = 0
+) -> dict[str, int]:
+    """Each method's layer to use, by the nested cross-validation :func:`cross_validate` runs
+    (the same folds and rule, without its baselines, nulls and intervals)."""
+    acts = kept.acts
+    x, y = (
+        torch.cat([acts.pos, acts.neg]),
+        torch.tensor([True] * len(acts.pos) + [False] * len(acts.neg)),
+    )
+    fold = fold_of(acts.pos_index + acts.neg_index, folds, seed)
+    return {m: acts.layers[nested(x, y, fold, partial(run_method, m, seed=seed)).layer]
+            for m in methods}  # fmt: skip
+
+
+def layer_for(run: RunSettings, vectors: TraitVectors) -> tuple[int, str]:
+    """The layer to use ``run``'s saved mean_diff ``vectors`` at, and where it comes from: the
+    report's (or result card's) cross-validation of the very rows they were fitted on, else
+    one computed now for the run's settings (the result card's call)."""
+    path = report_dir(run) / "crossval.json"
+    try:
+        if path.exists() and _fitted_on(run, vectors, read_json(path)):
+            return read_json(path)["layer"][HEADLINE], (
+                f"highest cross-validated {HEADLINE} AUROC in {path}"
+            )
+    except (TLExtractError, KeyError, TypeError, ValueError):
+        log.info("%s: unreadable, cross-validating again", path)
+    layer = cross_validate(run, [HEADLINE], folds_arg="--layer").layer[HEADLINE]
+    return layer, f"highest cross-validated {HEADLINE} AUROC (as the result card, {path})"
+
+
+def _fitted_on(run: RunSettings, vectors: TraitVectors, saved: dict[str, Any]) -> bool:
+    """Whether the saved cross-validation scored the rows ``vectors`` were fitted on (their
+    activations and the judge's kept examples, as its key and the vectors' key record)."""
+    acts = vectors.metadata.get("activations_fingerprint")
+    kept = read_json(run.stage_dir("judge") / META)["kept_index"]
+    if acts is None or vectors_key(acts, kept, vectors.method) != vectors.metadata["fingerprint"]:
+        return False
+    rows = fingerprint([acts, kept])  # what load_kept keys the kept rows by
+    return saved["fingerprint"] == _key(rows, saved["folds"], saved["seed"], saved["n_boot"])
 
 
 def _saved(path: Path, key: str, methods: Sequence[str]) -> CrossValidation | None:

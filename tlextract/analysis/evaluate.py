@@ -5,18 +5,19 @@ topic), so the split is by *example index*: both sides of a held-out index are i
 and neither is in the train set, otherwise the test set would contain the question the vector
 was fitted on. Only the examples the judge kept are used, as in the vectors stage. Each method
 is fitted on the train rows and scored on the test rows with
-:func:`tlextract.ops.metrics.evaluate_vectors`; the best layer per method follows
-:func:`tlextract.ops.metrics.best_layer`.
+:func:`tlextract.ops.metrics.evaluate_vectors`; each method's "best" row is the one at its
+cross-validated layer (:mod:`tlextract.analysis.crossval`, the one best-layer rule of
+tlextract), so the split's figures are read where the result card says to use the vectors.
 
 Results go to ``<run.out_dir>/report/``: ``metrics.json`` (everything), ``metrics.md`` (a table
-per method) and ``meta.json`` (fingerprint of activations + methods + split + rule), so a rerun
-with the same inputs reads the results back instead of refitting.
+per method) and ``meta.json`` (fingerprint of activations + methods + split + the layers read
+at), so a rerun with the same inputs reads the results back instead of refitting.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.analysis.crossval import chosen_layers
 from tlextract.analysis.heldout import (
     KeptRun,
     Pair,
@@ -35,9 +37,7 @@ from tlextract.analysis.heldout import (
 from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS, get_method, run_method
 from tlextract.ops.metrics import (
-    RULES,
     LayerMetrics,
-    best_layer,
     evaluate_vectors,
     project,
 )
@@ -47,12 +47,7 @@ from tlextract.stages.activations import Activations
 from tlextract.store import META, fingerprint, read_json, stage_done, write_json, write_text
 from tlextract.traits import POLARITIES
 
-RULE_TEXT = {
-    "auroc": "highest held-out AUROC, then highest Cohen's d, then lowest layer",
-    "cohens_d": "highest held-out Cohen's d, then highest AUROC, then lowest layer",
-    "accuracy": "highest held-out accuracy, then highest AUROC, then highest Cohen's d, "
-    "then lowest layer",
-}
+BEST_TEXT = "the method's cross-validated layer (crossval.md), not chosen on this split"
 
 
 log = logging.getLogger(__name__)
@@ -60,7 +55,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Held-out projections at one method's best layer, for plotting."""
+    """Held-out projections at one method's cross-validated layer, for plotting."""
 
     method: str
     layer: int
@@ -88,7 +83,6 @@ class TraitEvaluation:
     hook: str
     layers: list[int]
     methods: list[str]
-    rule: str
     test_fraction: float
     seed: int
     n_train: dict[str, int]
@@ -106,14 +100,21 @@ class TraitEvaluation:
         return (self.trait, self.variant) != (self.train_trait, self.train_variant)
 
 
-def _check_request(methods: Sequence[str], rule: str) -> None:
-    """Fail on a bad method or rule before any activations are loaded."""
+def _check_request(methods: Sequence[str]) -> None:
+    """Fail on a bad method before any activations are loaded."""
     if not methods:
         raise TLExtractError(f"no methods to evaluate; choose from {', '.join(METHODS)}.")
     for name in methods:
         get_method(name)
-    if rule not in RULES:
-        raise TLExtractError(f"unknown best-layer rule {rule!r}; valid rules: {', '.join(RULES)}.")
+
+
+def _layers_of(
+    kept: KeptRun, methods: Sequence[str], seed: int, layers: Mapping[str, int] | None
+) -> dict[str, int]:
+    """Each method's cross-validated layer (computed, or as the caller already has it)."""
+    if layers is None:
+        layers = chosen_layers(kept, methods, seed=seed)
+    return {m: layers[m] for m in methods}
 
 
 def _held_out(
@@ -137,10 +138,18 @@ def _evaluate(
     methods: Sequence[str],
     test_fraction: float,
     seed: int,
-    rule: str,
+    at: dict[str, int],
 ) -> TraitEvaluation:
-    """Fit on the train split of ``source``, score on the test split of ``target``."""
+    """Fit on the train split of ``source``, score on the test split of ``target``; each
+    method's "best" row is the one at layer ``at[method]``."""
     layers = common_layers(source.acts, target.acts)
+    missing = {m: layer for m, layer in at.items() if layer not in layers}
+    if missing:
+        raise TLExtractError(
+            f"{target.run.trait.name} ({target.run.variant}) has no activations at the "
+            f"cross-validated layers {missing} of {source.run.trait.name} "
+            f"({source.run.variant}); extract both runs at the same layers."
+        )
     te_split = split_examples(target.acts.pos_index, target.acts.neg_index, test_fraction, seed)
     train = side_of(
         source.acts,
@@ -156,7 +165,7 @@ def _evaluate(
         vectors = run_method(name, *train, seed=seed)
         method_rows = evaluate_vectors(vectors, *train, *test, method=name, layers=layers)
         rows += method_rows
-        best[name] = best_layer(method_rows, rule)
+        best[name] = next(r for r in method_rows if r.layer == at[name])
         held_out[name] = _held_out(
             name, best[name].layer, layers.index(best[name].layer), vectors, train, test
         )
@@ -171,7 +180,6 @@ def _evaluate(
         hook=target.acts.hook,
         layers=layers,
         methods=list(methods),
-        rule=rule,
         test_fraction=test_fraction,
         seed=seed,
         n_train={"pos": train[0].shape[0], "neg": train[1].shape[0]},
@@ -184,15 +192,17 @@ def _evaluate(
 
 
 def evaluation_key(
-    acts: Activations, methods: Sequence[str], test_fraction: float, seed: int, rule: str
+    acts: Activations, methods: Sequence[str], test_fraction: float, seed: int, at: object
 ) -> str:
+    """``at``: where each method's best row is read (its cross-validated layers); until 0.5
+    a best-layer rule's name stood here, so earlier keys are unchanged in form."""
     return fingerprint(
         {
             "activations": acts.key,
             "methods": list(methods),
             "test_fraction": test_fraction,
             "seed": seed,
-            "rule": rule,
+            "rule": at,
         }
     )
 
@@ -202,22 +212,25 @@ def evaluate_trait(
     methods: Sequence[str] = tuple(METHODS),
     test_fraction: float = 0.25,
     seed: int = 0,
-    rule: str = "auroc",
+    layers: Mapping[str, int] | None = None,
 ) -> TraitEvaluation:
     """Held-out metrics of every method at every layer of ``run``'s activations.
 
     Uses the examples the judge kept, splits them by example index (seeded), fits each method
     on train, scores on test, and writes
     ``<run.out_dir>/report/{metrics.json,metrics.md,meta.json}``; an identical rerun reads
-    ``metrics.json`` back instead.
+    ``metrics.json`` back instead. ``layers``: each method's cross-validated layer when the
+    caller has it (computed here otherwise).
     """
-    _check_request(methods, rule)
+    _check_request(methods)
     loaded = load_kept(run)
-    out, key = report_dir(run), evaluation_key(loaded.acts, methods, test_fraction, seed, rule)
+    at = _layers_of(loaded, methods, seed, layers)
+    out = report_dir(run)
+    key = evaluation_key(loaded.acts, methods, test_fraction, seed, {"crossval": at})
     if stage_done(out, key) and (out / "metrics.json").exists():
         log.info("[%s] evaluation: up to date, skipped (%s)", run.trait.name, out)
         return load_evaluation(out / "metrics.json")
-    ev = _evaluate(loaded, loaded, methods, test_fraction, seed, rule)
+    ev = _evaluate(loaded, loaded, methods, test_fraction, seed, at)
     write_json(out / "metrics.json", asdict(ev))
     write_text(out / "metrics.md", metrics_markdown(ev))
     write_json(
@@ -234,7 +247,7 @@ def evaluate_trait(
             "methods": list(methods),
             "test_fraction": test_fraction,
             "seed": seed,
-            "rule": rule,
+            "best_at_crossval_layers": at,
             "n_train": ev.n_train,
             "n_test": ev.n_test,
         },
@@ -250,7 +263,7 @@ def cross_evaluate(
     methods: Sequence[str] = tuple(METHODS),
     test_fraction: float = 0.25,
     seed: int = 0,
-    rule: str = "auroc",
+    layers: Mapping[str, int] | None = None,
 ) -> TraitEvaluation:
     """Vectors fitted on ``train_run``'s train split, scored on ``test_run``'s held-out split
     (kept examples only, on both sides).
@@ -259,16 +272,20 @@ def cross_evaluate(
     ones ``evaluate_trait(test_run)`` scores and the two tables compare directly. The accuracy
     threshold comes from ``train_run``'s train projections (no label of ``test_run`` is used),
     so accuracy measures transfer of the threshold as well as of the direction; AUROC and
-    Cohen's d measure the direction alone. Only layers present in both runs are scored.
+    Cohen's d measure the direction alone. Only layers present in both runs are scored; the
+    "best" rows are at ``train_run``'s cross-validated layers (``layers``, or computed).
     Not cached: fitting is cheap next to extraction.
     """
-    _check_request(methods, rule)
-    return _evaluate(load_kept(train_run), load_kept(test_run), methods, test_fraction, seed, rule)
+    _check_request(methods)
+    source = load_kept(train_run)
+    at = _layers_of(source, methods, seed, layers)
+    return _evaluate(source, load_kept(test_run), methods, test_fraction, seed, at)
 
 
 def load_evaluation(path: Path) -> TraitEvaluation:
     """Read back a ``metrics.json`` written by :func:`evaluate_trait`."""
     d: dict[str, Any] = read_json(path)
+    d.pop("rule", None)  # written until 0.5, when the best row followed a rule of its own
     return TraitEvaluation(
         **{
             **d,
@@ -308,7 +325,7 @@ def metrics_markdown(ev: TraitEvaluation) -> str:
         f"{ev.held_out_examples}",
         "- accuracy: balanced accuracy of the midpoint between the train class means; "
         "gap: held-out mean projection pos - neg (activation units, unit vector)",
-        f"- best layer: {RULE_TEXT[ev.rule]}",
+        f"- best layer: {BEST_TEXT}",
     ]
     for method in ev.methods:
         best = ev.best[method]

@@ -2,25 +2,27 @@
 unless asked.
 
 :func:`extract` takes positive and negative user messages (the model answers them, as the
-pipeline's natural variant does) or (message, response) pairs (no generation), pools the residual
-the way the pipeline does, with the same functions (:func:`tlextract.ops.generate.generate_batch`,
-:func:`tlextract.ops.pool.pooled_activations`), and fits a method. The result is a
+pipeline's natural variant does) or (message, response) pairs (no generation), and runs the
+pipeline's own computation on them in memory (:mod:`tlextract.stages.compute`: the functions the
+generate and activations stages save shards of), then fits a method. The result is a
 :class:`TraitVectors`, so :func:`tlextract.steer` and :func:`tlextract.monitor` take it as it is;
 it also carries the pooled activations and responses, and :meth:`Extraction.evaluate` gives the
 nested cross-validated figures.
 
 Pooling: ``"response"`` averages over the response tokens (the pipeline's only pooling);
-``"prompt_last"`` takes the last token of the rendered prompt (the contrast steering-vectors and
-repeng read off prompts alone, no generation). Mode (generated responses only): ``"two-stage"``
-generates and then re-reads each prompt and response in one teacher-forced pass;
+``"prompt_last"`` takes the residual at the last token the model reads, no generation: the
+rendered prompt's, or the given response's last token for (message, response) pairs (the
+contrast steering-vectors and repeng read). Sides whose activations have the same mean (every
+vector zero) are refused with an error, never returned. Mode (generated responses only):
+``"two-stage"`` generates and then re-reads each prompt and response in one teacher-forced pass;
 ``"combined"`` averages the residual while generating.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -28,18 +30,18 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
+from tlextract.engines.tl import TLEngine
 from tlextract.errors import TLExtractError
 from tlextract.inputs import PathArg
-from tlextract.model.tokens import text_ids, tokenizer_of, user_prompts
+from tlextract.model.tokens import device_of, text_ids, tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
-from tlextract.ops.crossval import DEFAULT_FOLDS, fold_of, nested, pick_layer
-from tlextract.ops.generate import generate_batch
+from tlextract.ops.crossval import DEFAULT_FOLDS, fold_of, nested
 from tlextract.ops.methods import get_method, run_method
-from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
 from tlextract.ops.vectors import TraitVectors
+from tlextract.settings import MODES, Mode
+from tlextract.stages.compute import Capture, generate_records, in_memory, pool_records
 
 Pooling = Literal["response", "prompt_last"]
-Mode = Literal["two-stage", "combined"]
 Examples = Sequence[str] | Sequence[tuple[str, str]]
 
 
@@ -64,7 +66,7 @@ class Extraction(TraitVectors):
         fold = fold_of(groups, folds, seed, arg="evaluate(folds=...)")
         result = nested(x, y, fold, lambda p, n: run_method(self.method, p, n, seed=seed))
         figures = bootstrap_rows(result.scores, y, groups, n_boot, seed)
-        return {"layer": self.layers[pick_layer(result.per_layer, y)], **figures}
+        return {"layer": self.layers[result.layer], **figures}
 
 
 def _split(examples: Examples, what: str) -> tuple[list[str], list[str] | None]:
@@ -80,72 +82,68 @@ def _split(examples: Examples, what: str) -> tuple[list[str], list[str] | None]:
     )
 
 
-def _pool(
+@dataclass(frozen=True)
+class _Options:
+    capture: Capture
+    pooling: Pooling
+    style: str
+    generation: GenerationSettings
+    batch_size: int
+
+
+def _records(
     model: HookedTransformer,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    names: list[str],
-    layers: tuple[int, ...],
-    hook: str,
-    batch_size: int,
-) -> Float[Tensor, "n layer d_model"]:
-    rows = [
-        pooled_activations(
-            model, prompts[i : i + batch_size], responses[i : i + batch_size], layers, hook
+    examples: Examples,
+    polarity: str,
+    opts: _Options,
+    seeds: Sequence[int],
+) -> tuple[list[dict[str, Any]], Capture]:
+    """Records of one polarity as the responses stage writes them, and how to pool them:
+    generated (the pipeline's :func:`generate_records`, in ``opts``' mode) or the given
+    responses (read in a teacher-forced pass); for ``prompt_last`` the last token of what the
+    model reads (the prompt, and the given response when there is one) plays the response,
+    one token long."""
+    texts, given = _split(examples, "positive" if polarity == "pos" else "negative")
+    prompts = user_prompts(model, texts, opts.style)
+    meta = [{"polarity": polarity, "index": i} for i in range(len(prompts))]
+    if given is None and opts.pooling == "response":
+        names = opts.capture.while_generating
+        acts_shape = (len(names), model.cfg.d_model) if names else None
+        records, _ = generate_records(
+            TLEngine(model, names), tokenizer_of(model), prompts, meta, seeds, opts.generation,
+            opts.batch_size, in_memory, device_of(model), f"extract {polarity}", acts_shape,
         )  # fmt: skip
-        for i in range(0, len(prompts), batch_size)
-    ]
-    return torch.cat(rows) if rows else torch.empty(0, len(names), model.cfg.d_model)
+        return records, opts.capture
+    answers = text_ids(model, given) if given is not None else [[] for _ in prompts]
+    if opts.pooling == "prompt_last":
+        read = [p + a for p, a in zip(prompts, answers, strict=True)]
+        prompts, answers = [r[:-1] for r in read], [r[-1:] for r in read]
+    records = [{**m, "prompt_ids": p, "response_ids": a, "n_response_tokens": len(a)}
+               for m, p, a in zip(meta, prompts, answers, strict=True)]  # fmt: skip
+    return records, replace(opts.capture, mode="two-stage")
 
 
 def _side(
     model: HookedTransformer,
     examples: Examples,
-    what: str,
+    polarity: str,
     opts: _Options,
     seeds: Sequence[int],
 ) -> tuple[Float[Tensor, "n layer d_model"], list[str]]:
-    """Pooled activations of one polarity (rows with an empty response dropped) and the
-    responses they were pooled over."""
-    texts, given = _split(examples, what)
-    tok = tokenizer_of(model)
-    prompts = user_prompts(model, texts, opts.style)
+    """Pooled activations of one polarity (rows with an empty response left out, as the
+    pipeline leaves them out) and the responses they were pooled over."""
+    records, capture = _records(model, examples, polarity, opts, seeds)
+    pooled = pool_records(model, records, capture, opts.batch_size, in_memory,
+                          device_of(model), f"extract pool {polarity}")  # fmt: skip
+    keep = [r for r in records if (r["polarity"], r["index"]) in pooled]
+    if not keep:
+        return torch.empty(0), []
+    acts = torch.stack([pooled[(r["polarity"], r["index"])] for r in keep]).cpu()
     if opts.pooling == "prompt_last":
-        return _pool(model, [p[:-1] for p in prompts], [p[-1:] for p in prompts], opts.names,
-                     opts.layers, opts.hook, opts.batch_size), []  # fmt: skip
-    if given is not None:
-        responses = text_ids(model, given)
-    else:
-        gens = [
-            g
-            for i in range(0, len(prompts), opts.batch_size)
-            for g in generate_batch(model, prompts[i : i + opts.batch_size], opts.generation,
-                                    seeds[i : i + opts.batch_size],
-                                    capture=opts.names if opts.mode == "combined" else ())
-        ]  # fmt: skip
-        responses = [g.response_ids for g in gens]
-        if opts.mode == "combined":
-            pooled = [g.pooled for g in gens if g.pooled is not None]
-            kept = [r for r in responses if r]
-            return (torch.stack(pooled).cpu() if pooled else torch.empty(0)), tok.batch_decode(
-                kept, skip_special_tokens=True
-            )
-    keep = [i for i, r in enumerate(responses) if r]
-    acts = _pool(model, [prompts[i] for i in keep], [responses[i] for i in keep], opts.names,
-                 opts.layers, opts.hook, opts.batch_size)  # fmt: skip
-    return acts, tok.batch_decode([responses[i] for i in keep], skip_special_tokens=True)
-
-
-@dataclass(frozen=True)
-class _Options:
-    layers: tuple[int, ...]
-    names: list[str]
-    hook: str
-    pooling: Pooling
-    mode: Mode
-    style: str
-    generation: GenerationSettings
-    batch_size: int
+        return acts, []
+    texts = tokenizer_of(model).batch_decode([r["response_ids"] for r in keep],
+                                             skip_special_tokens=True)  # fmt: skip
+    return acts, texts
 
 
 def extract(
@@ -171,26 +169,31 @@ def extract(
     ``seeds`` (one per example, pos then neg; default 0, 1, 2, ...) decide each generated
     response alone, as in the pipeline; ``generation`` defaults to the pipeline's (40 sampled
     tokens at temperature 1). ``save`` writes the vectors there (tlextract's format)."""
-    if pooling not in ("response", "prompt_last") or mode not in ("two-stage", "combined"):
+    if pooling not in ("response", "prompt_last") or mode not in MODES:
         raise TLExtractError(
             f"extract: pooling {pooling!r} / mode {mode!r}: use response or prompt_last, and "
             "two-stage or combined."
         )
     get_method(method)
-    blocks = resolve_layers(layers, model.cfg.n_layers)
-    opts = _Options(blocks, [hook_name(hook, b) for b in blocks], hook, pooling, mode, style,
-                    generation or GenerationSettings(), batch_size)  # fmt: skip
+    capture = Capture.of(mode, hook, layers, model.cfg.n_layers)
+    opts = _Options(capture, pooling, style, generation or GenerationSettings(), batch_size)
     n_pos = len(pos)
     seeds = list(seeds) if seeds is not None else list(range(n_pos + len(neg)))
     if len(seeds) != n_pos + len(neg):
         raise TLExtractError(f"extract: {len(seeds)} seeds for {n_pos + len(neg)} examples.")
-    pos_acts, pos_texts = _side(model, pos, "positive", opts, seeds[:n_pos])
-    neg_acts, neg_texts = _side(model, neg, "negative", opts, seeds[n_pos:])
+    pos_acts, pos_texts = _side(model, pos, "pos", opts, seeds[:n_pos])
+    neg_acts, neg_texts = _side(model, neg, "neg", opts, seeds[n_pos:])
     if not len(pos_acts) or not len(neg_acts):
         raise TLExtractError("extract: every response on one side was empty; nothing to fit.")
+    if torch.equal(pos_acts.mean(0), neg_acts.mean(0)):
+        raise TLExtractError(
+            f"extract: the {pooling} activations of both sides have the same mean, so every "
+            "vector would be zero (e.g. prompt_last on pairs that share their prompts and "
+            "responses). Give the sides different text, or pool over the responses."
+        )
     vectors = run_method(method, pos_acts, neg_acts)
     result = Extraction(
-        trait=trait, method=method, model=model.cfg.model_name, hook=hook, layers=blocks,
+        trait=trait, method=method, model=model.cfg.model_name, hook=hook, layers=capture.layers,
         vectors=vectors,
         metadata={"n_pos": len(pos_acts), "n_neg": len(neg_acts), "pooling": pooling,
                   "mode": mode, "norms": [round(float(n), 6) for n in vectors.norm(dim=-1)]},

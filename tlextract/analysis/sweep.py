@@ -50,8 +50,9 @@ from tlextract.ops.steer import (
 )
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings
-from tlextract.stages.activations import activations_done, load_activations
+from tlextract.stages.activations import load_activations
 from tlextract.stages.generate import load_responses
+from tlextract.stages.run import is_done
 from tlextract.store import derive_seed
 from tlextract.traits import POLARITIES
 
@@ -89,7 +90,7 @@ def pole_means(
 ) -> dict[str, float] | None:
     """Mean projection of the extraction's pos and neg examples (response-averaged activations
     at ``layer``) on ``unit``; None when the run has no current activations at that layer."""
-    if not activations_done(run):
+    if not is_done(run, "activations"):
         return None
     acts = load_activations(run)
     if layer not in acts.layers:

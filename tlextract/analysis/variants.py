@@ -147,7 +147,14 @@ def compare_variants(
         )  # fmt: skip
     transfers = []
     for source, target in ((a, b) for a in runs for b in runs if a != b):
-        ev = cross_evaluate(runs[source], runs[target], [METHOD], test_fraction, seed)
+        ev = cross_evaluate(
+            runs[source],
+            runs[target],
+            [METHOD],
+            test_fraction,
+            seed,
+            layers={METHOD: figures[source].layer},
+        )
         m = _at(ev, figures[source].layer)
         transfers.append(Transfer(source, target, m.layer, m.accuracy, m.auroc, m.cohens_d))
     trait = next(iter(runs.values())).trait.name

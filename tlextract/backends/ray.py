@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import torch
 from transformer_lens import HookedTransformer
 
-from tlextract.analysis.evaluate import cross_evaluate
+from tlextract.analysis.crossval import HEADLINE, cross_validate
 from tlextract.errors import TLExtractError
 from tlextract.settings import STAGES, RunSettings, experiment_report_dir
 from tlextract.stages.common import model_loader
@@ -67,16 +67,16 @@ def _stage_stamps(run: RunSettings) -> dict[str, int | None]:
     return stamps
 
 
-def _mean_diff_best(run: RunSettings) -> tuple[int | None, float | None]:
-    """Best mean_diff layer and its held-out accuracy, as ``report`` computes them (same split
-    and rule), in memory: cheap, and never replaces a full report already on disk. Computed by
-    the driver from the files the task wrote, after the task."""
+def _mean_diff_best(run: RunSettings) -> tuple[int | None, str | None]:
+    """The mean_diff layer to use and its cross-validated AUROC: the result card's figures
+    (:func:`tlextract.analysis.crossval.cross_validate`, read back when the task or a report
+    already wrote them). Computed by the driver from the files the task wrote, after the task."""
     try:
-        best = cross_evaluate(run, run, methods=("mean_diff",)).best["mean_diff"]
+        cv = cross_validate(run, [HEADLINE], folds_arg="the report command's --folds")
     except TLExtractError as e:  # e.g. too few kept examples, or outputs not readable here
-        print(f"[ray] {task_name(run)}: no held-out evaluation: {e}")
+        print(f"[ray] {task_name(run)}: no cross-validated figures: {e}")
         return None, None
-    return best.layer, round(best.accuracy, 3)
+    return cv.layer[HEADLINE], str(cv.get(HEADLINE).auroc)
 
 
 @contextmanager
@@ -144,7 +144,7 @@ class TraitWorker:
             if vectors is None
             else {"pos": vectors.metadata["n_pos"], "neg": vectors.metadata["n_neg"]},
             "best_layer": None,  # filled in by the driver (run_on_ray)
-            "held_out_accuracy": None,
+            "crossval_auroc": None,
             "wall_s": round(time.perf_counter() - start, 2),
             "device": device,
             "host": host,
@@ -235,7 +235,7 @@ def run_on_ray(
     _IDLE[pool] = idle
     for i, row in rows.items():
         if row["status"] == "done" and row["kept"] is not None:
-            row["best_layer"], row["held_out_accuracy"] = _mean_diff_best(runs[i])
+            row["best_layer"], row["crossval_auroc"] = _mean_diff_best(runs[i])
     ordered = [rows[i] for i in range(len(runs))]
     for path in write_summaries(runs, ordered):
         print(f"[ray] summary -> {path}")
@@ -244,8 +244,8 @@ def run_on_ray(
 
 def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        "| trait | variant | kept pos/neg | best layer | held-out accuracy | stages run "
-        "| wall s | device | status |\n|---|---|---|---:|---:|---|---:|---|---|\n"
+        "| trait | variant | kept pos/neg | use layer | cross-validated AUROC | stages run "
+        "| wall s | device | status |\n|---|---|---|---:|---|---|---:|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -255,7 +255,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
         kept = f"{r['kept']['pos']}/{r['kept']['neg']}" if r["kept"] else ""
         lines.append(
             f"| {r['trait']} | {r['variant']} | {kept} | {_cell(r['best_layer'])} "
-            f"| {_cell(r['held_out_accuracy'])} | {', '.join(r['stages_run']) or 'up to date'} "
+            f"| {_cell(r['crossval_auroc'])} | {', '.join(r['stages_run']) or 'up to date'} "
             f"| {r['wall_s']:.1f} | {r['host']} {r['device']} | done |"
         )
     return head + "\n".join(lines) + "\n"

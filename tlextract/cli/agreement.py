@@ -18,7 +18,8 @@ from tlextract.judge.local import LocalJudge
 from tlextract.model.load import load_model
 from tlextract.settings import experiment_report_dir, settings_for
 from tlextract.stages.common import model_loader
-from tlextract.stages.generate import load_responses, responses_done
+from tlextract.stages.generate import load_responses
+from tlextract.stages.run import is_done
 from tlextract.store import write_json, write_text
 from tlextract.traits import VARIANTS
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traits = exp.traits if args.traits == "all" else tuple(args.traits.split(","))
         variants = VARIANTS if args.variant == "all" else (args.variant,)
         runs = [settings_for(exp, t, variant=v) for v in variants for t in traits]
-        runs = [r for r in runs if responses_done(r)]
+        runs = [r for r in runs if is_done(r, "generate")]
         if not runs:
             raise TLExtractError(f"{exp.name}: no responses yet; run `make traits` first.")
         model = load_model(args.judge_model) if args.judge_model else None

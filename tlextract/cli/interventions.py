@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,7 +123,7 @@ def _saved_run(
     args: argparse.Namespace, experiment: Experiment, trait: str
 ) -> tuple[RunSettings, TraitVectors, int]:
     """The run, its saved mean_diff vectors and the layer to use (said on stdout)."""
-    from tlextract.settings import report_dir
+    from tlextract.analysis.crossval import layer_for
 
     run = settings_for(
         experiment,
@@ -143,17 +142,14 @@ def _saved_run(
             f"--experiment {experiment.name} --traits {trait} --variant {run.variant}."
         )
     vectors = TraitVectors.load(path)
-    crossval = report_dir(run) / "crossval.json"
-    chosen = (
-        json.loads(crossval.read_text())["layer"].get("mean_diff") if crossval.exists() else None
-    )
     if args.layer is not None:
         layer, why = args.layer, "--layer"
-    elif chosen is not None and chosen in vectors.layers:
-        layer, why = chosen, f"highest cross-validated mean_diff AUROC in {crossval}"
     else:
-        layer = vectors.layers[len(vectors.layers) // 2]
-        why = "middle of the vectors' layers (no evaluation report: python -m tlextract report)"
+        try:  # the result card's layer: one rule (tlextract.ops.crossval.pick_layer)
+            layer, why = layer_for(run, vectors)
+        except TLExtractError as e:  # too few examples to cross-validate: say so, still run
+            layer = vectors.layers[len(vectors.layers) // 2]
+            why = f"middle of the vectors' layers (no cross-validated layer: {e})"
     print(f"[{trait}] layer {layer}: {why}")
     return run, vectors, layer
 

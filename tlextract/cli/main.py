@@ -20,7 +20,6 @@ from tlextract.config import DEFAULT_EXPERIMENT, Experiment, load_experiment
 from tlextract.errors import TLExtractError, during
 from tlextract.inputs import require_directory
 from tlextract.ops.methods import METHODS
-from tlextract.ops.metrics import RULES
 from tlextract.settings import DTYPES, MODES, STAGES, settings_for
 from tlextract.stages.common import model_loader
 from tlextract.stages.run import run_trait
@@ -200,11 +199,10 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--rule", default="auroc", choices=RULES, help="best-layer rule")
     p.add_argument("--folds", type=int, default=5,
                    help="cross-validation folds (by example index), headline figures")  # fmt: skip
     p.add_argument("--layer", type=int, default=None,
-                   help="layer of the cosine matrix (default: median best layer)")  # fmt: skip
+                   help="cosine matrix layer (default: median cross-validated layer)")  # fmt: skip
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -247,7 +245,6 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
         layer=args.layer,
         test_fraction=args.test_fraction,
         seed=args.seed,
-        rule=args.rule,
         folds=args.folds,
         folds_arg="--folds",
         **_overrides(args),

@@ -16,6 +16,7 @@ A direction's sign is kept (a reversed vector scores below 0.5 AUROC, never sile
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -91,9 +92,16 @@ def fit_and_score(
 
 
 def pick_layer(z: Float[Tensor, "n layer"], y: Bool[Tensor, " n"]) -> int:
-    """Column with the highest AUROC, then Cohen's d, then the lowest index."""
-    a, d = auroc(z[y], z[~y]).tolist(), cohens_d(z[y], z[~y]).tolist()
-    return max(range(z.shape[1]), key=lambda i: (a[i], d[i], -i))
+    """tlextract's one best-layer rule, on out-of-fold scores: the column with the highest
+    AUROC, then Cohen's d, then the lowest index (NaN counts as worst).
+
+    Every layer tlextract names comes from here: each outer fold's choice inside
+    :func:`nested` and :attr:`Nested.layer`, which the result card, the report, the Ray
+    summary, ``Extraction.evaluate`` and the steer/monitor defaults all read."""
+    broken = z.isnan().any(dim=0)  # a NaN score would rank as a perfect one
+    a = auroc(z[y], z[~y]).masked_fill(broken, -1.0)
+    d = cohens_d(z[y], z[~y]).masked_fill(broken, -math.inf)
+    return max(range(z.shape[1]), key=lambda i: (float(a[i]), float(d[i]), -i))
 
 
 def out_of_fold(
@@ -122,6 +130,7 @@ class Nested:
     columns: list[int]
     per_layer: Float[Tensor, "n layer"]  # outer scores at every layer (descriptive only)
     directions: list[Float[Tensor, " d_model"]]  # fold f's direction at its column
+    layer: int  # the column to use full-data vectors at: :func:`pick_layer` of ``per_layer``
 
 
 def nested(
@@ -142,7 +151,7 @@ def nested(
         scores[test], per_layer[test] = z[:, column], z
         columns.append(column)
         directions.append(vectors[column])
-    return Nested(scores, columns, per_layer, directions)
+    return Nested(scores, columns, per_layer, directions, pick_layer(per_layer, y))
 
 
 def random_direction_scores(

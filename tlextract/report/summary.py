@@ -29,7 +29,7 @@ import torch
 from tlextract.analysis.cosines import CosineMatrix, cosines, saved_vectors
 from tlextract.analysis.crossval import HEADLINE, CrossValidation, cross_validate
 from tlextract.analysis.evaluate import (
-    RULE_TEXT,
+    BEST_TEXT,
     TraitEvaluation,
     evaluate_trait,
 )
@@ -48,8 +48,7 @@ from tlextract.ops.vectors import TraitVectors
 from tlextract.report.plots import plot_cosine, plot_metrics, plot_projections, pos_neg
 from tlextract.report.trust import crossval_section, plot_intervals
 from tlextract.settings import RunSettings, experiment_report_dir, report_dir, settings_for
-from tlextract.stages.activations import activations_done
-from tlextract.stages.judge import judge_done
+from tlextract.stages.run import is_done
 from tlextract.store import write_json, write_text
 from tlextract.traits import POLARITIES, Variant
 
@@ -204,7 +203,7 @@ def summary_markdown(
         "each method fitted on the train split, scored on the held-out split",
         "- each method's cell: best layer: held-out accuracy / AUROC / Cohen's d "
         "(accuracy: balanced, threshold at the midpoint of the train class means)",
-        f"- best layer: {RULE_TEXT[first.rule]}",
+        f"- best layer: {BEST_TEXT}",
         "",
         *_trait_table(runs, out),
         "",
@@ -248,7 +247,6 @@ def build_report(
     layer: int | None = None,
     test_fraction: float = 0.25,
     seed: int = 0,
-    rule: str = "auroc",
     folds: int = DEFAULT_FOLDS,
     folds_arg: str = "build_report(folds=...)",
     **overrides: Any,
@@ -271,14 +269,14 @@ def build_report(
     for variant in variants:
         for name in traits or experiment.traits:
             run = settings_for(experiment, name, variant=variant, **overrides)
-            if not (activations_done(run) and judge_done(run)):
+            if not (is_done(run, "activations") and is_done(run, "judge")):
                 not_run.append(run)
                 continue
-            ev = evaluate_trait(run, methods, test_fraction, seed, rule)
-            plot_metrics(ev, report_dir(run) / "metrics_by_layer.png")
-            plot_projections(ev, report_dir(run) / "projections.png")
             cv = cross_validate(run, [HEADLINE, *(m for m in methods if m != HEADLINE)],
                                 folds, seed, folds_arg=folds_arg)  # fmt: skip
+            ev = evaluate_trait(run, methods, test_fraction, seed, cv.layer)
+            plot_metrics(ev, report_dir(run) / "metrics_by_layer.png")
+            plot_projections(ev, report_dir(run) / "projections.png")
             plot_intervals(cv, report_dir(run) / "crossval.png")
             runs.append((run, ev))
             cvs.append((cv, _link("table", report_dir(run) / "crossval.md", out) + " · "

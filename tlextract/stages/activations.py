@@ -8,19 +8,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
+from datasets import Dataset
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import device_of
-from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
+from tlextract.ops.pool import hook_name
 from tlextract.settings import RunSettings
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
+from tlextract.stages.compute import Capture, pool_records
 from tlextract.stages.generate import load_pooled, load_responses, responses_key
 from tlextract.store import (
     META,
@@ -29,7 +31,6 @@ from tlextract.store import (
     load_tensors,
     read_json,
     save_tensors,
-    stage_done,
     write_json,
 )
 from tlextract.traits import POLARITIES
@@ -68,11 +69,6 @@ def current_activations_key(run: RunSettings) -> str:
     return activations_key(run, responses_key(run))
 
 
-def activations_done(run: RunSettings) -> bool:
-    """Whether activations of these settings exist (and the responses they come from)."""
-    return stage_done(run.stage_dir("activations"), current_activations_key(run))
-
-
 def _load(stage: Path, key: str) -> Activations:
     """The stage's activations, checked against its meta.json (rows, layers, index)."""
     meta = read_json(stage / META)
@@ -94,43 +90,30 @@ def _load(stage: Path, key: str) -> Activations:
 
 
 def extract_activations(
-    run: RunSettings, get_model: Callable[[], HookedTransformer]
+    run: RunSettings,
+    get_model: Callable[[], HookedTransformer],
+    responses: Dataset | None = None,
 ) -> Activations:
-    responses, responses_fp = load_responses(run)
-    stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
+    """The pooled activations; ``responses``: the generate stage's output when the caller
+    has it."""
+    responses = responses if responses is not None else load_responses(run)[0]
+    stage, key = run.stage_dir("activations"), current_activations_key(run)
     done = reuse(stage, key, lambda: _load(stage, key), f"[{run.trait.name}] activations")
     if done is not None:
         log.info("[%s] activations: up to date, skipped (%s)", run.trait.name, stage)
         return done
-    if run.mode == "combined":
+    if run.mode == "combined":  # recorded while generating: the responses stage has them
         pooled = load_pooled(run)
         layers = read_json(run.stage_dir("generate") / META)["layers"]
         return _write(run, key, tuple(layers), pooled)
     model = get_model()
-    layers = resolve_layers(run.layers, model.cfg.n_layers)
+    capture = Capture.of(run.mode, run.experiment.hook, run.layers, model.cfg.n_layers)
     rows = [r for r in responses if r["n_response_tokens"] > 0]
-    total = [len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows]
-    size = batch_size(run, model, max(total), len(rows), layers)
-
-    def compute(chunk: list[int]) -> list:
-        prompts = [rows[i]["prompt_ids"] for i in chunk]
-        responses = [rows[i]["response_ids"] for i in chunk]
-        return list(pooled_activations(model, prompts, responses, layers, run.experiment.hook))
-
-    def valid(idx: list[int], shard: Any) -> bool:
-        acts = shard.get("acts") if isinstance(shard, dict) else None
-        shape = (len(idx), len(layers), model.cfg.d_model)
-        return isinstance(acts, Tensor) and shard["rows"] == idx and acts.shape == shape
-
-    shards, _ = run_sharded(stage, key, total, size, compute,
-                            lambda idx, acts: {"rows": idx, "acts": torch.stack(acts)},
-                            device_of(model), f"[{run.trait.name}] activations", valid)  # fmt: skip
-    pooled = {
-        (rows[i]["polarity"], rows[i]["index"]): acts
-        for shard in shards
-        for i, acts in zip(shard["rows"], shard["acts"], strict=True)
-    }
-    result = _write(run, key, layers, pooled)
+    longest = max(len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows)
+    size = batch_size(run, model, longest, len(rows), capture.layers)
+    pooled = pool_records(model, rows, capture, size, partial(run_sharded, stage, key),
+                          device_of(model), f"[{run.trait.name}] activations")  # fmt: skip
+    result = _write(run, key, capture.layers, pooled)
     clear_other_shards(stage)
     return result
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ from tlextract.errors import TLExtractError
 from tlextract.model.fast import decode_session
 from tlextract.model.load import load_tokenizer
 from tlextract.model.tokens import device_of, tokenize, tokenizer_of
-from tlextract.ops.pool import hook_name, resolve_layers
 from tlextract.settings import RunSettings
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
+from tlextract.stages.compute import Capture, generate_records
 from tlextract.store import (
     META,
     atomic_dir,
@@ -38,10 +39,9 @@ from tlextract.store import (
     load_tensors,
     read_json,
     save_tensors,
-    stage_done,
     write_json,
 )
-from tlextract.traits import POLARITIES, Example, build_examples
+from tlextract.traits import POLARITIES, build_examples
 
 log = logging.getLogger(__name__)
 POOLED = "pooled.pt"  # combined mode: {(polarity, index): [layer, d_model]}
@@ -71,10 +71,6 @@ def responses_key(run: RunSettings) -> str:
     )
 
 
-def responses_done(run: RunSettings) -> bool:
-    return stage_done(run.stage_dir("generate"), responses_key(run))
-
-
 def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Dataset:
     stage, key = run.stage_dir("generate"), responses_key(run)
     done = reuse(stage, key, lambda: _read_back(run, stage), f"[{run.trait.name}] responses")
@@ -88,32 +84,16 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     )
     prompt_ids = tokenize(tokenizer, [e.prompt for e in examples], run.experiment.prompt_style)
     gen = run.experiment.generation
-    lengths = [len(p) for p in prompt_ids]
     seeds = [derive_seed(run.experiment.seed, run.trait.name, e.polarity, e.index)
              for e in examples]  # fmt: skip
-
-    def to_shard(idx: list[int], gens: list) -> list[dict[str, Any]]:
-        return [
-            {**asdict(examples[i]), "prompt_ids": prompt_ids[i], "response_ids": g.response_ids,
-             "response": tokenizer.decode(g.response_ids, skip_special_tokens=True),
-             "n_prompt_tokens": len(prompt_ids[i]), "n_response_tokens": len(g.response_ids),
-             "stopped": g.stopped, "acts": g.pooled}
-            for i, g in zip(idx, gens, strict=True)
-        ]  # fmt: skip
-
-    longest = max(lengths) + gen.max_new_tokens
+    longest = max(len(p) for p in prompt_ids) + gen.max_new_tokens
     with _open_engine(run, get_model, tokenizer, longest, len(prompt_ids)) as (engine, plan):
-
-        def compute(chunk: list[int]) -> list:
-            ids, chunk_seeds = [prompt_ids[i] for i in chunk], [seeds[i] for i in chunk]
-            return engine.generate(ids, gen, chunk_seeds)
-
-        valid = _shard_check(examples, plan.acts_shape)
-        desc = f"[{run.trait.name}] generate"
-        shards, halving = run_sharded(stage, key, lengths, plan.size, compute, to_shard,
-                                      plan.device, desc, valid)  # fmt: skip
-    records = sorted((r for shard in shards for r in shard),
-                     key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))  # fmt: skip
+        records, halving = generate_records(
+            engine, tokenizer, prompt_ids, [asdict(e) for e in examples], seeds, gen, plan.size,
+            partial(run_sharded, stage, key), plan.device, f"[{run.trait.name}] generate",
+            plan.acts_shape,
+        )  # fmt: skip
+    records.sort(key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))
     pooled = {(r["polarity"], r["index"]): r.pop("acts") for r in records}
     with atomic_dir(stage / "dataset") as tmp:
         Dataset.from_list(records).save_to_disk(str(tmp))
@@ -161,50 +141,20 @@ def _open_engine(
             yield vllm, _Plan(size, "cpu", None, None)
         return
     model = get_model()
-    layers = resolve_layers(run.layers, model.cfg.n_layers)
-    combined = run.mode == "combined"
-    capture = [hook_name(run.experiment.hook, layer) for layer in layers] if combined else []
-    plan = _Plan(batch_size(run, model, longest, n_items, layers), device_of(model),
-                 list(layers) if combined else None,
-                 (len(capture), model.cfg.d_model) if combined else None)  # fmt: skip
+    capture = Capture.of(run.mode, run.experiment.hook, run.layers, model.cfg.n_layers)
+    names = capture.while_generating
+    plan = _Plan(batch_size(run, model, longest, n_items, capture.layers), device_of(model),
+                 list(capture.layers) if names else None,
+                 (len(names), model.cfg.d_model) if names else None)  # fmt: skip
     # One decode session for the stage: packed weights are checked once, not once per batch.
     with decode_session(model):
-        yield TLEngine(model, capture), plan
+        yield TLEngine(model, names), plan
 
 
 def _peak_mib(engine: Engine) -> float | None:
     """A vLLM server's peak memory (this process's is the stage's usual measure)."""
     peak = getattr(getattr(engine, "client", None), "peak_rss", None)
     return round(peak / 2**20, 1) if peak else None
-
-
-def _shard_check(
-    examples: list[Example], acts_shape: tuple[int, int] | None
-) -> Callable[[list[int], Any], bool]:
-    """Whether a saved shard holds the records of its batch's examples, in order (and, in
-    combined mode, their activations with ``acts_shape``)."""
-
-    def acts_ok(acts: Any, empty: bool) -> bool:  # an empty response has no activations
-        if acts_shape is None or empty:
-            return acts is None
-        return isinstance(acts, Tensor) and acts.shape == acts_shape
-
-    def record_ok(r: Any, e: Example) -> bool:
-        return (
-            isinstance(r, dict)
-            and isinstance(r.get("response_ids"), list)
-            and (r.get("polarity"), r.get("index")) == (e.polarity, e.index)
-            and acts_ok(r.get("acts"), not r["response_ids"])
-        )
-
-    def valid(idx: list[int], shard: Any) -> bool:
-        return (
-            isinstance(shard, list)
-            and len(shard) == len(idx)
-            and all(record_ok(r, examples[i]) for i, r in zip(idx, shard, strict=True))
-        )
-
-    return valid
 
 
 def _read_back(run: RunSettings, stage: Path) -> Dataset:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from datasets import Dataset
 from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
@@ -14,7 +15,7 @@ from tlextract.judge.keep import Selection, select
 from tlextract.settings import RunSettings
 from tlextract.stages.common import reuse, stage_meta
 from tlextract.stages.generate import load_responses, responses_key
-from tlextract.store import META, fingerprint, read_json, stage_done, write_json
+from tlextract.store import META, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,14 @@ def judge_key(run: RunSettings, responses_fp: str) -> str:
     )
 
 
-def select_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Selection:
-    responses, responses_fp = load_responses(run)
-    stage, key = run.stage_dir("judge"), judge_key(run, responses_fp)
+def select_responses(
+    run: RunSettings,
+    get_model: Callable[[], HookedTransformer],
+    responses: Dataset | None = None,
+) -> Selection:
+    """The kept examples; ``responses``: the generate stage's output when the caller has it."""
+    responses = responses if responses is not None else load_responses(run)[0]
+    stage, key = run.stage_dir("judge"), current_judge_key(run)
     done = reuse(stage, key, lambda: _load(stage), f"[{run.trait.name}] judge")
     if done is not None:
         log.info("[%s] judge: up to date, skipped (%s)", run.trait.name, stage)
@@ -61,13 +67,13 @@ def _load(stage: Path) -> Selection:
     )
 
 
-def judge_done(run: RunSettings) -> bool:
-    """Whether judgments of these settings exist (for the responses of these settings)."""
-    return stage_done(run.stage_dir("judge"), judge_key(run, responses_key(run)))
+def current_judge_key(run: RunSettings) -> str:
+    """The key judgments of these settings have (whether or not they exist yet)."""
+    return judge_key(run, responses_key(run))
 
 
 def load_selection(run: RunSettings) -> Selection:
-    stage, key = run.stage_dir("judge"), judge_key(run, responses_key(run))
+    stage, key = run.stage_dir("judge"), current_judge_key(run)
     selection = reuse(stage, key, lambda: _load(stage), f"[{run.trait.name}] judge")
     if selection is None:
         raise TLExtractError(f"{stage}: responses not judged yet. Run the 'judge' stage first.")

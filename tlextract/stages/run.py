@@ -1,42 +1,87 @@
-"""One trait run: the stages in order, each skipped when its output is up to date.
+"""One trait run: the stages, each declared once, run in order by one runner, each skipped
+when its output is up to date.
 
 Each stage writes into ``experiments/<exp>/<trait>/extraction/<stage>/`` and finishes by writing
-``meta.json`` with a fingerprint of everything its output depends on. A rerun with the same
-settings skips the stage; a changed setting recomputes that stage and the ones after it. While a
-stage runs, each batch is saved as a shard, so an interrupted run resumes at the first missing
-batch.
+``meta.json`` with a fingerprint of everything its output depends on (its key). A rerun with the
+same settings skips the stage; a changed setting recomputes that stage and the ones after it.
+While a stage runs, each batch is saved as a shard, so an interrupted run resumes at the first
+missing batch. The computation inside the stages is :mod:`tlextract.stages.compute`'s, the one
+``tx.extract`` runs in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from transformer_lens import HookedTransformer
 
 from tlextract.engines.base import engine_identity
 from tlextract.errors import TLExtractError, during
-from tlextract.judge.keep import Selection
 from tlextract.locks import run_lock
 from tlextract.model.load import check_model_name
 from tlextract.ops.pool import resolve_layers
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import STAGES, RunSettings
 from tlextract.stages.activations import (
-    Activations,
-    activations_done,
+    current_activations_key,
     extract_activations,
     load_activations,
 )
 from tlextract.stages.common import model_loader
-from tlextract.stages.generate import generate_responses
-from tlextract.stages.judge import load_selection, select_responses
-from tlextract.stages.vectors import extract_vectors
+from tlextract.stages.generate import generate_responses, responses_key
+from tlextract.stages.judge import current_judge_key, load_selection, select_responses
+from tlextract.stages.vectors import current_vectors_key, extract_vectors
+from tlextract.store import stage_done
+
+GetModel = Callable[[], HookedTransformer]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An on-disk stage: what it reads (earlier stages' outputs, handed over by the runner
+    when they ran in this call, read back otherwise), what it writes, its key under the run's
+    settings, and how it runs (checking and reusing what a finished run of it wrote)."""
+
+    name: str
+    reads: tuple[str, ...]
+    writes: str
+    key: Callable[[RunSettings], str]
+    run: Callable[[RunSettings, GetModel, Mapping[str, Any]], Any]
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("generate", (), "dataset/ (+ pooled.pt in combined mode)", responses_key,
+          lambda run, model, got: generate_responses(run, model)),
+    Stage("judge", ("generate",), "judgments.json, the kept examples", current_judge_key,
+          lambda run, model, got: select_responses(run, model, got.get("generate"))),
+    Stage("activations", ("generate",), "pos.pt, neg.pt", current_activations_key,
+          lambda run, model, got: extract_activations(run, model, got.get("generate"))),
+    Stage("vectors", ("judge", "activations"), "mean_diff.pt, mean_diff.safetensors",
+          current_vectors_key,
+          lambda run, model, got: extract_vectors(
+              run, got.get("activations") or load_activations(run),
+              got.get("judge") or load_selection(run))),
+)  # fmt: skip
+BY_NAME = {s.name: s for s in PIPELINE}
+assert tuple(BY_NAME) == STAGES, "settings.STAGES names the stages in PIPELINE order"
+
+
+def is_done(run: RunSettings, name: str) -> bool:
+    """Whether stage ``name`` finished with these settings (and the stages it reads)."""
+    stage = BY_NAME[name]
+    try:
+        key = stage.key(run)
+    except TLExtractError:  # an earlier stage it needs for its key has not run
+        return False
+    return stage_done(run.stage_dir(name), key) and all(is_done(run, r) for r in stage.reads)
 
 
 def run_trait(
     run: RunSettings,
     stages: Sequence[str] = STAGES,
-    get_model: Callable[[], HookedTransformer] | None = None,
+    get_model: GetModel | None = None,
     *,
     wait: bool = True,
 ) -> TraitVectors | None:
@@ -51,26 +96,16 @@ def run_trait(
     check_model_name(run.model)
     if "generate" in stages:
         engine_identity(run.engine)  # vLLM installed, or its server reachable: before any file
-    if "activations" in stages and run.layers != "all" and not activations_done(run):
+    if "activations" in stages and run.layers != "all" and not is_done(run, "activations"):
         # Fail on impossible layers before any stage (or the lock) writes a file.
         resolve_layers(run.layers, get_model().cfg.n_layers)
     with run_lock(run.out_dir, wait=wait):
-        acts: Activations | None = None
-        selection: Selection | None = None
-        vectors = None
-        name = f"[{run.trait.name}]"
-        if "generate" in stages:
-            with during(f"{name} generate"):
-                generate_responses(run, get_model)
-        if "judge" in stages:
-            with during(f"{name} judge (answered judge calls are cached)"):
-                selection = select_responses(run, get_model)
-        if "activations" in stages:
-            with during(f"{name} activations"):
-                acts = extract_activations(run, get_model)
-        if "vectors" in stages:
-            with during(f"{name} vectors"):
-                vectors = extract_vectors(
-                    run, acts or load_activations(run), selection or load_selection(run)
-                )
-        return vectors
+        got: dict[str, Any] = {}
+        for stage in PIPELINE:
+            if stage.name in stages:
+                what = f"[{run.trait.name}] {stage.name}"
+                if stage.name == "judge":
+                    what += " (answered judge calls are cached)"
+                with during(what):
+                    got[stage.name] = stage.run(run, get_model, got)
+        return got.get("vectors")

@@ -11,8 +11,9 @@ from tlextract.judge.keep import Selection
 from tlextract.ops import methods
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings
-from tlextract.stages.activations import Activations
+from tlextract.stages.activations import Activations, current_activations_key
 from tlextract.stages.common import reuse, stage_meta
+from tlextract.stages.judge import load_selection
 from tlextract.store import META, fingerprint, write_json
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 
 def vectors_key(activations_fp: str, kept: dict[str, list[int]], method: str) -> str:
     return fingerprint({"activations": activations_fp, "kept": kept, "method": method})
+
+
+def current_vectors_key(run: RunSettings, method: str = "mean_diff") -> str:
+    """The key vectors of these settings have (reads the judge stage's kept examples)."""
+    return vectors_key(current_activations_key(run), load_selection(run).kept, method)
 
 
 def extract_vectors(
