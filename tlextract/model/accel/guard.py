@@ -24,9 +24,9 @@ from transformer_lens import HookedTransformerConfig
 
 log = logging.getLogger(__name__)
 
-# Releases the fast forwards were tested against (tests/test_fast.py, tests/test_accel.py); a
-# local build tag (torch's "+cpu", "+cu128") does not count. Add one only after those tests pass
-# on it with accelerate(..., untested=True).
+# Releases the fast forwards were tested against; a local build tag (torch's "+cpu", "+cu128")
+# does not count. To add one: add it here, then tests/test_fast.py, tests/test_accel.py and the
+# fast/stock suites (test_models, test_generation, test_activations) must pass on it.
 TESTED: dict[str, tuple[str, ...]] = {"transformer-lens": ("3.9.0",), "torch": ("2.13.0",)}
 
 _warned: set[str] = set()

@@ -113,8 +113,8 @@ def accelerate(
     attention runs TransformerLens' explicit operations and outputs are bitwise equal on CPU.
 
     On a TransformerLens or torch release the accelerator was not tested with (guard.TESTED) it
-    logs one warning and changes nothing, unless ``untested`` (for checking a new release with
-    the equality tests). A component that does not match what its fast forward expects (see
+    logs one warning and changes nothing, unless ``untested`` (the user's risk: the numbers are
+    then unchecked). A component that does not match what its fast forward expects (see
     guard.py) stays stock, with one warning for the whole model."""
     if not isinstance(model, HookedTransformer):
         raise TypeError(f"accelerate expects a HookedTransformer, got {type(model).__name__}")
