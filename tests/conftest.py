@@ -112,6 +112,20 @@ def tiny_model():
     return load_model("tiny-random")
 
 
+FAST_AND_STOCK = [pytest.param(True, id="fast"), pytest.param(False, id="stock")]
+
+
+def fast_and_stock(name: str):
+    """A module-scoped fixture: ``load_model(name)`` accelerated, then stock (``fast=False``).
+    ``tiny_model = fast_and_stock("tiny-random")`` in a test module runs its tests on both."""
+
+    @pytest.fixture(scope="module", params=FAST_AND_STOCK)
+    def model(request):
+        return load_model(name, fast=request.param)
+
+    return model
+
+
 @pytest.fixture
 def experiments(tmp_path: Path) -> Path:
     """A temporary experiments root holding the 'tiny' experiment with traits alpha and beta."""

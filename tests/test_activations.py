@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fast_and_stock
 
 from tlextract.errors import TLExtractError
 from tlextract.ops.pool import masked_mean, pack, pooled_activations, resolve_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+tiny_model = fast_and_stock("tiny-random")  # every test here on both
 
 PROMPTS = ["Hi", "A much longer prompt with many more tokens in it than the others", "Mid size"]
 RESPONSES = [" ok then", " x", " a fairly long response that goes on for a while"]

@@ -121,3 +121,24 @@ def test_long_functions_say_why() -> None:
                 if n > MAX_FUNCTION_LINES and not any(LONG_REASON in x for x in own):
                     long.append(f"{module}.{node.name} ({n} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines without '{LONG_REASON}': {long}"
+
+
+ACCEL = "tlextract.model.accel"
+# What only the accelerator may do: private torch ops and hook dicts, libc, swapping classes.
+ACCEL_ONLY = ("torch.ops.mkldnn", "_global_forward", "ctypes", ".__class__ =", "mallopt")
+
+
+def test_the_accelerator_has_one_door() -> None:
+    """Outside tlextract/model/accel/ nothing imports its modules (only the package) and nothing
+    calls private torch ops or libc or swaps a class."""
+    inside = [m for m in _modules() if m == ACCEL or m.startswith(ACCEL + ".")]
+    assert inside, "no accelerator subpackage"
+    found = []
+    for module, path in _modules().items():
+        if module in inside:
+            continue
+        private = [t for t in _imports(module, path) if t in inside and t != ACCEL]
+        found += [f"{module} imports {t}" for t in private]
+        text = path.read_text()
+        found += [f"{module} uses {word}" for word in ACCEL_ONLY if word in text]
+    assert not found, "\n".join(found)

@@ -21,8 +21,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.components import GroupedQueryAttention, TransformerBlock
 
 from tlextract.config import GenerationSettings
-from tlextract.model.fast import accelerate
-from tlextract.model.hooks import has_hooks
+from tlextract.model.accel import accelerate, has_hooks
 from tlextract.model.load import load_model
 from tlextract.model.tokens import left_pad
 from tlextract.ops.generate import generate_batch, prefix_cache

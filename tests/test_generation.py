@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MIXED_LENGTH_TEXTS, chat_ids
+from conftest import MIXED_LENGTH_TEXTS, chat_ids, fast_and_stock
 
 from tlextract.config import GenerationSettings
 from tlextract.model.tokens import left_pad, stop_token_ids
@@ -13,6 +13,7 @@ from tlextract.ops.generate import MIN_SHARED_PREFIX, generate_batch, prefix_cac
 from tlextract.ops.pool import hook_name, pooled_activations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+tiny_model = fast_and_stock("tiny-random")  # every test here on both
 TEXTS = MIXED_LENGTH_TEXTS
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import FAST_AND_STOCK, fast_and_stock
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tlextract.errors import TLExtractError
@@ -24,6 +25,8 @@ from tlextract.model.cache import DEFAULT_MODEL, EMBEDDED_MODELS, GEMMA_MODEL, T
 from tlextract.model.load import load_hf_model, load_model, model_info
 
 FRANCE = "What is the capital of France?"
+# Against transformers, on the accelerated model and on TransformerLens' own.
+tiny_model = fast_and_stock(TINY_MODEL)
 
 
 def _go_offline(mp: pytest.MonkeyPatch) -> list[object]:
@@ -319,22 +322,22 @@ def test_local_directories(tmp_path: Path, tiny_model, offline: None) -> None:
 # --- the embedded models (default cache: built once, then seconds) ---
 
 
-def _load_pair(name: str):
+def _load_pair(name: str, fast: bool):
     with pytest.MonkeyPatch.context() as mp:
         attempts = _go_offline(mp)
-        pair = load_model(name, device="cpu"), load_hf_model(name)
+        pair = load_model(name, device="cpu", fast=fast), load_hf_model(name)
     assert attempts == []
     return pair
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return _load_pair(DEFAULT_MODEL)
+@pytest.fixture(scope="module", params=FAST_AND_STOCK)
+def smollm2(request):
+    return _load_pair(DEFAULT_MODEL, request.param)
 
 
-@pytest.fixture(scope="module")
-def gemma():
-    return _load_pair(GEMMA_MODEL)
+@pytest.fixture(scope="module", params=FAST_AND_STOCK)
+def gemma(request):
+    return _load_pair(GEMMA_MODEL, request.param)
 
 
 def _max_logit_diff(model, hf, tokens: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ from tlextract.analysis.extract import Extraction, extract
 from tlextract.analysis.sweep import Sweep, alpha_sweep, pole_means
 from tlextract.config import Experiment, GenerationSettings, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.model.fast import decode_session
+from tlextract.model.accel import accelerate, decode_session, is_accelerated, restore
 from tlextract.model.load import load_model
 from tlextract.model.tokens import tokenize
 from tlextract.ops.bootstrap import Interval, bootstrap
@@ -83,6 +83,7 @@ __all__ = [
     "TraitEvaluation",
     "TraitVectors",
     "ablate",
+    "accelerate",
     "alpha_sweep",
     "auto_steer",
     "best_threshold",
@@ -100,6 +101,7 @@ __all__ = [
     "generate_batch",
     "generate_responses",
     "hook_name",
+    "is_accelerated",
     "load_activations",
     "load_experiment",
     "load_model",
@@ -119,6 +121,7 @@ __all__ = [
     "render_prompt",
     "report_dir",
     "residual_norm",
+    "restore",
     "run_trait",
     "select_responses",
     "settings_for",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from tlextract.model.fused import linear
+from tlextract.model.accel import linear
 
 # The matrix-product weights of a block (TransformerLens names; _W_K/_W_V for grouped queries).
 _PRODUCT_WEIGHT = re.compile(

@@ -1,1 +1,1 @@
-"""Loading models, the fast forward pass, tokenizer/device/padding helpers, memory."""
+"""Loading models, tokenizer/device/padding helpers, memory; the accelerator in ``accel/``."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from tlextract.errors import TLExtractError
 from tlextract.model import hub
+from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, accelerate, keep_freed_memory
 from tlextract.model.cache import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -46,8 +48,6 @@ from tlextract.model.cache import (
     embedded,
     ensure_cached,
 )
-from tlextract.model.fast import accelerate
-from tlextract.model.memory import keep_freed_memory
 from tlextract.model.tokens import prepare_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,12 @@ def load_model(
 
     ``device=None`` picks CUDA when available, else CPU. Raises TLExtractError for unknown names and
     for models that are not available offline, before loading anything heavy. ``fast`` (default)
-    returns it :func:`tlextract.model.fast.accelerate`-d: same hooks, parameters, state dict and
-    values (up to float32 rounding), several times faster forward passes; ``fast=False`` keeps
-    TransformerLens' own components.
+    returns it :func:`tlextract.accelerate`-d: same hooks, parameters, state dict and values (up
+    to float32 rounding), several times faster forward passes (``tlextract.restore(model)`` or
+    ``fast=False``: TransformerLens' own components). A fast model on CPU also sets glibc's
+    malloc to keep freed memory for reuse, for the whole process and for good
+    (:func:`tlextract.model.accel.keep_freed_memory`; environment variable
+    ``TLEXTRACT_KEEP_FREED_MEMORY=0`` leaves malloc alone); nothing else here changes the process.
     """
     torch_dtype = _torch_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +117,8 @@ def load_model(
     model.cfg.model_name = name.lower() if embedded(name.lower()) else name
     if not fast:
         return model
-    if model.cfg.device is None or torch.device(model.cfg.device).type == "cpu":
+    on_cpu = model.cfg.device is None or torch.device(model.cfg.device).type == "cpu"
+    if on_cpu and os.environ.get(KEEP_FREED_MEMORY_ENV, "1") != "0":
         keep_freed_memory()
     return accelerate(model)
 

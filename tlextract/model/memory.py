@@ -11,7 +11,6 @@ on the real work (generation and the teacher-forced pass) at a few small shapes.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import TypeVar
 import torch
 
 from tlextract.errors import TLExtractError
+from tlextract.model.accel import available_ram, release_free_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,33 +30,6 @@ def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         line = next(x for x in f if x.startswith(field + ":"))
     return int(line.split()[1])
-
-
-# mallopt parameters (glibc malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed activations for reuse instead of handing them back to the OS.
-
-    By default blocks of a few MB are mmap-ed and unmapped again, so every such activation
-    of a CPU forward pass is page-faulted in anew: a quarter of a batch-16 teacher-forced pass
-    here. Blocks up to 32 MB now come from the heap and up to 1 GB of free heap is kept
-    (process-wide; PeakMemory trims before it measures). No effect off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
-    except (OSError, AttributeError):
-        pass
-
-
-def _release_free_memory() -> None:
-    """Hand memory that malloc keeps cached back to the OS, so new allocations show in RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class PeakMemory:
@@ -78,7 +51,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        _release_free_memory()
+        release_free_memory()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
@@ -138,13 +111,6 @@ def default_budget(device: torch.device | str | None) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.8 * free)
     return available_ram() // 2
-
-
-def available_ram() -> int:
-    """Bytes of RAM available to new allocations now (Linux ``MemAvailable``)."""
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -19,8 +19,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from tlextract.config import GenerationSettings
-from tlextract.model.fast import decode_session
-from tlextract.model.hooks import has_hooks
+from tlextract.model.accel import decode_session, has_hooks
 from tlextract.model.tokens import device_of, left_pad, stop_token_ids, tokenizer_of
 
 Hook = tuple[str | Callable[..., object], Callable[..., object]]

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
-from tlextract.model.hooks import has_hooks
+from tlextract.model.accel import has_hooks
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
 from tlextract.ops.generate import prefix_cache
 

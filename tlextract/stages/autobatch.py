@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
-from tlextract.model.fast import decode_session
+from tlextract.model.accel import decode_session
 from tlextract.model.memory import GiB, MemoryModel, PeakMemory, default_budget, fit_memory_model
 from tlextract.model.tokens import tokenizer_of
 from tlextract.ops.generate import generate_batch

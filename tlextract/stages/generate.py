@@ -24,7 +24,7 @@ from tlextract.engines.base import Engine, engine_identity
 from tlextract.engines.tl import TLEngine
 from tlextract.engines.vllm import AUTO_BATCH, vllm_engine
 from tlextract.errors import TLExtractError
-from tlextract.model.fast import decode_session
+from tlextract.model.accel import decode_session
 from tlextract.model.load import load_tokenizer
 from tlextract.model.tokens import device_of, tokenize, tokenizer_of
 from tlextract.settings import RunSettings

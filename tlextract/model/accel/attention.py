@@ -4,7 +4,7 @@ cache in growing buffers, SDPA when nothing needs the explicit scores."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,10 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.components import AbstractAttention, Attention, GroupedQueryAttention
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from tlextract.model.fused import FusedLinear, linear, no_type_check
-from tlextract.model.hooks import is_hooked, keep_name, run_hook
-from tlextract.model.kv import (
+from tlextract.model.accel.fused import FusedLinear, linear, no_type_check
+from tlextract.model.accel.guard import Expects
+from tlextract.model.accel.hooks import is_hooked, keep_name, run_hook
+from tlextract.model.accel.kv import (
     ForwardMemo,
     append_kv,
     causal_mask,
@@ -26,6 +27,35 @@ from tlextract.model.kv import (
 
 # Architectures whose attention normalises or clips Q/K on the full projection (TL special cases).
 _SPECIAL_QK_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+_CFG_READ = (
+    # _tlx_supported
+    "load_in_4bit", "positional_embedding_type", "use_attention_sinks", "use_logn_attn",
+    "use_dynamic_ntk_rope", "clip_qkv", "original_architecture", "n_devices",
+    # forward
+    "use_attn_result", "use_split_qkv_input", "use_attn_in", "ungroup_grouped_query_attention",
+    "attention_dir", "n_heads", "d_head", "use_qk_norm", "rotary_dim", "rotary_adjacent_pairs",
+    "n_ctx", "window_size", "attn_scores_soft_cap",
+)  # fmt: skip
+
+
+def _expects(cfg: Any, kv_weights: tuple[str, ...], n_kv: str) -> Expects:
+    """What the fast attention reads: Q/K/V/O weights of TransformerLens' shapes (``kv_weights``
+    with ``n_kv`` heads), its hook points and the helpers it calls."""
+    w_k, w_v, b_k, b_v = kv_weights
+    heads_in, kv_in = ("n_heads", "d_model", "d_head"), (n_kv, "d_model", "d_head")
+    rotary = getattr(cfg, "positional_embedding_type", None) == "rotary"
+    qk_norm = getattr(cfg, "use_qk_norm", False)
+    return Expects(
+        params={"W_Q": heads_in, w_k: kv_in, w_v: kv_in, "W_O": ("n_heads", "d_head", "d_model"),
+                "b_Q": ("n_heads", "d_head"), b_k: (n_kv, "d_head"), b_v: (n_kv, "d_head"),
+                "b_O": ("d_model",)},
+        attrs=("hook_q", "hook_k", "hook_v", "hook_z", "hook_attn_scores", "hook_pattern",
+               "attn_scale", "IGNORE", "attn_type", "_attention_dir_override",
+               *(("hook_rot_q", "hook_rot_k", "rotary_cos", "rotary_sin",
+                  "_extend_rotary_embeddings") if rotary else ()),
+               *(("q_norm", "k_norm", "_apply_qk_norm") if qk_norm else ())),
+        cfg=_CFG_READ,
+    )  # fmt: skip
 
 
 @no_type_check
@@ -38,6 +68,10 @@ class FastAttention(Attention):
     _tlx_qkv: FusedLinear  # set by _fuse
     _tlx_out: FusedLinear
     _tlx_kv_weights = ("W_K", "W_V", "b_K", "b_V")
+
+    @staticmethod
+    def _tlx_expects(cfg: Any) -> Expects:
+        return _expects(cfg, FastAttention._tlx_kv_weights, "n_heads")
 
     def _tlx_supported(self) -> bool:
         """Static configuration the fast path covers (runtime flags are checked per call)."""
@@ -215,6 +249,10 @@ class FastGroupedQueryAttention(GroupedQueryAttention):
     _tlx_out: FusedLinear
     _tlx_supported = FastAttention._tlx_supported
     forward = FastAttention.forward
+
+    @staticmethod
+    def _tlx_expects(cfg: Any) -> Expects:
+        return _expects(cfg, FastGroupedQueryAttention._tlx_kv_weights, "n_key_value_heads")
 
 
 # What the helpers above take (a grouped-query layer is not a subclass of FastAttention).

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.components import AbstractAttention
 
-from tlextract.model.fused import no_type_check
+from tlextract.model.accel.fused import no_type_check
 
 # Spare key/value cache positions allocated whenever the cache buffer must grow.
 _KV_GROWTH = 64

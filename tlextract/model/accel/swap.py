@@ -9,7 +9,8 @@ not the arithmetic, is most of the time.
 
 :func:`accelerate` swaps the class of the supported components for a subclass whose ``forward``
 computes the same values from TransformerLens' own parameters, read through views (no copy, no
-second set of weights, so edits of the weights are seen at once):
+second set of weights, so edits of the weights are seen at once; :func:`restore` swaps them back
+and gives the parameters their own storage again):
 
 * ``TransformerBlock`` (pre-norm, sequential attention then MLP; ``ln1`` is computed once instead
   of three times unless something is hooked inside it),
@@ -30,7 +31,9 @@ Results equal the unpatched model up to float32 rounding (matrix products run wi
 a different memory layout, so BLAS may sum in another order). Anything a fast path does not
 cover (a configuration flag such as ``use_attn_result`` or ``use_split_qkv_input``, set even after
 ``accelerate``; ALiBi; attention sinks; multi-device models; 4-bit weights; other component
-types) runs TransformerLens' own code.
+types) runs TransformerLens' own code, and so does every component when the installed
+TransformerLens or torch is not a tested one, or a component is not what its fast forward
+expects (guard.py; one warning says so).
 """
 
 from __future__ import annotations
@@ -38,10 +41,8 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.components import (
     Attention,
     GroupedQueryAttention,
@@ -50,114 +51,30 @@ from transformer_lens.components import (
     Unembed,
 )
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from tlextract.model.attention import FastAttention, FastGroupedQueryAttention
-from tlextract.model.fused import FusedLinear, no_type_check, packed_weights
-from tlextract.model.hooks import is_hooked, keep_name, run_hook
-from tlextract.model.kv import ForwardMemo
+from tlextract.model.accel.attention import FastAttention, FastGroupedQueryAttention
+from tlextract.model.accel.components import (
+    _FastGatedMLP,
+    _FastRMSNorm,
+    _FastTransformerBlock,
+    _FastUnembed,
+)
+from tlextract.model.accel.fused import FusedLinear, packed_weights
+from tlextract.model.accel.guard import mismatch, untested_versions, warn_once
+from tlextract.model.accel.kv import ForwardMemo
 
 log = logging.getLogger(__name__)
 
-
-# --- components ---
-
-
-@keep_name
-@no_type_check
-class _FastRMSNorm(RMSNorm):
-    def forward(self, x: Tensor) -> Tensor:
-        if self.cfg.dtype not in (torch.float32, torch.float64):
-            x = x.to(torch.float32)
-        scale = run_hook(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = run_hook(self.hook_normalized, x / scale).to(self.cfg.dtype)
-        return x * self.w
-
-
-@keep_name
-@no_type_check
-class _FastGatedMLP(GatedMLP):
-    _tlx_gate_up: FusedLinear
-    _tlx_out: FusedLinear
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.cfg.is_layer_norm_activation():
-            return super().forward(x)
-        gate_up: FusedLinear = self._tlx_gate_up
-        out = gate_up(x)
-        pre_act = run_hook(self.hook_pre, out[..., gate_up.rows(0)])
-        pre_linear = run_hook(self.hook_pre_linear, out[..., gate_up.rows(1)])
-        post_act = run_hook(self.hook_post, self.act_fn(pre_act) * pre_linear + self.b_in)
-        return self._tlx_out(post_act)
-
-
-@keep_name
-@no_type_check
-class _FastUnembed(Unembed):
-    _tlx_out: FusedLinear
-
-    def forward(self, residual: Tensor) -> Tensor:
-        residual = run_hook(self.hook_in, residual)
-        return run_hook(self.hook_out, self._tlx_out(residual))
-
-
-@keep_name
-@no_type_check
-class _FastTransformerBlock(TransformerBlock):
-    """Pre-norm block, attention then MLP; ``ln1`` runs once for Q, K and V unless hooked."""
-
-    def _tlx_supported(self) -> bool:
-        cfg = self.cfg
-        return (
-            not cfg.attn_only
-            and not cfg.parallel_attn_mlp
-            and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-            and cfg.n_devices == 1
-        )
-
-    def forward(
-        self,
-        resid_pre: Tensor,
-        shortformer_pos_embed: Tensor | None = None,
-        past_kv_cache_entry: TransformerLensKeyValueCacheEntry | None = None,
-        attention_mask: Tensor | None = None,
-    ) -> Tensor:
-        cfg = self.cfg
-        if shortformer_pos_embed is not None or cfg.use_attn_in or cfg.use_split_qkv_input:
-            return super().forward(
-                resid_pre,
-                shortformer_pos_embed=shortformer_pos_embed,
-                past_kv_cache_entry=past_kv_cache_entry,
-                attention_mask=attention_mask,
-            )
-        resid_pre = run_hook(self.hook_resid_pre, resid_pre)
-        ln1_hooked = is_hooked(self.ln1) or any(
-            h is not None and is_hooked(h) for h in self.ln1._modules.values()
-        )
-        if ln1_hooked:  # TransformerLens normalises once each for Q, K and V
-            q_in, k_in, v_in = self.ln1(resid_pre), self.ln1(resid_pre), self.ln1(resid_pre)
-        else:
-            q_in = k_in = v_in = self.ln1(resid_pre)
-        attn_out = self.attn(
-            query_input=q_in,
-            key_input=k_in,
-            value_input=v_in,
-            past_kv_cache_entry=past_kv_cache_entry,
-            attention_mask=attention_mask,
-        )
-        if cfg.use_normalization_before_and_after:
-            attn_out = self.ln1_post(attn_out)
-        attn_out = run_hook(self.hook_attn_out, attn_out)
-        resid_mid = run_hook(self.hook_resid_mid, resid_pre + attn_out)
-        mlp_in = resid_mid if not cfg.use_hook_mlp_in else self.hook_mlp_in(resid_mid.clone())
-        mlp_out = self.mlp(self.ln2(mlp_in))
-        if cfg.use_normalization_before_and_after:
-            mlp_out = self.ln2_post(mlp_out)
-        mlp_out = run_hook(self.hook_mlp_out, mlp_out)
-        return run_hook(self.hook_resid_post, resid_mid + mlp_out)
-
-
 _FAST_ATTENTION = (FastAttention, FastGroupedQueryAttention)
+_FAST_CLASSES: dict[type, type] = {
+    TransformerBlock: _FastTransformerBlock,
+    Attention: FastAttention,
+    GroupedQueryAttention: FastGroupedQueryAttention,
+    RMSNorm: _FastRMSNorm,
+    GatedMLP: _FastGatedMLP,
+    Unembed: _FastUnembed,
+}
+_PREFIX = "_tlx_"  # every attribute accelerate() stores on a TransformerLens object
 
 
 def _fuse(module: nn.Module) -> None:
@@ -179,60 +96,110 @@ def _fuse(module: nn.Module) -> None:
         module.__dict__["_tlx_out"] = FusedLinear(module, [("W_U", "in_out")], ["b_U"])
 
 
-_FAST_CLASSES: dict[type, type] = {
-    TransformerBlock: _FastTransformerBlock,
-    Attention: FastAttention,
-    GroupedQueryAttention: FastGroupedQueryAttention,
-    RMSNorm: _FastRMSNorm,
-    GatedMLP: _FastGatedMLP,
-    Unembed: _FastUnembed,
-}
-
-
-def accelerate(model: HookedTransformer, *, sdpa: bool = True) -> HookedTransformer:
-    """Make ``model``'s forward passes fast on CPU, in place; returns ``model``.
+def accelerate(
+    model: HookedTransformer, *, sdpa: bool = True, untested: bool = False
+) -> HookedTransformer:
+    """Make ``model``'s forward passes fast, in place; returns ``model``. :func:`restore` undoes it.
 
     Components of exactly the types listed in the module docstring get a faster ``forward``;
     everything else is left as is. Idempotent (a second call only updates ``sdpa``). Hooks, hook
-    names, parameters and the state dict are unchanged.
+    names, parameters and the state dict are unchanged. Nothing outside the model changes (the
+    process-wide malloc setting is :func:`tlextract.model.accel.keep_freed_memory`'s).
 
     ``sdpa``: compute attention with ``F.scaled_dot_product_attention`` whenever nothing is
     hooked on ``hook_attn_scores``/``hook_pattern`` and scores are not soft-capped (3x faster
     attention on long prompts, no [batch, head, pos, pos] tensors; logits then differ from
     TransformerLens' by float32 rounding, about 1e-4 on logits of size 30). With ``sdpa=False``
-    attention runs TransformerLens' explicit operations and outputs are bitwise equal on CPU."""
+    attention runs TransformerLens' explicit operations and outputs are bitwise equal on CPU.
+
+    On a TransformerLens or torch release the accelerator was not tested with (guard.TESTED) it
+    logs one warning and changes nothing, unless ``untested`` (the user's risk: the numbers are
+    then unchecked). A component that does not match what its fast forward expects (see
+    guard.py) stays stock, with one warning for the whole model."""
     if not isinstance(model, HookedTransformer):
         raise TypeError(f"accelerate expects a HookedTransformer, got {type(model).__name__}")
     if model.cfg.n_devices != 1:
         log.info("accelerate: model spread over %d devices, left as is", model.cfg.n_devices)
         return model
+    versions = untested_versions()
+    if versions and not untested:
+        warn_once(
+            f"tlextract's accelerator was not tested with {'; '.join(versions)}: models are left "
+            "as TransformerLens runs them (same numbers, slower); tlextract.accelerate(model, "
+            "untested=True) overrides this"
+        )
+        return model
     memo = model.__dict__.get("_tlx_memo")
     if memo is None:
         memo = ForwardMemo()
         model.__dict__["_tlx_memo"] = memo
-        model.register_forward_pre_hook(memo.reset)
+        model.__dict__["_tlx_reset"] = model.register_forward_pre_hook(memo.reset)
     memo.sdpa = sdpa
-    swapped: dict[str, int] = {}
-    for module in model.modules():
-        fast = _FAST_CLASSES.get(type(module))
-        if fast is None:
-            continue
-        module.__class__ = fast
-        supported = getattr(module, "_tlx_supported", None)
-        if supported is not None and not supported():
-            module.__class__ = fast._tlx_base  # type: ignore[attr-defined]
-            continue
-        if isinstance(module, _FAST_ATTENTION):
-            module.__dict__["_tlx_memo"] = memo
-        _fuse(module)
-        name = fast._tlx_base.__name__  # type: ignore[attr-defined]
-        swapped[name] = swapped.get(name, 0) + 1
+    refused = _swap(model, memo)
     model.__dict__["_tlx_fused"] = [
         f for m in model.modules() for f in m.__dict__.values() if isinstance(f, FusedLinear)
     ]
+    if refused:
+        log.warning(
+            "accelerate: components left as TransformerLens runs them, as they are not what the "
+            "fast path was written for: %s",
+            "; ".join(f"{', '.join(names)} ({why})" for why, names in refused.items()),
+        )
+    return model
+
+
+def _swap(model: HookedTransformer, memo: ForwardMemo) -> dict[str, list[str]]:
+    """Swap in the fast class of every component that fits it; returns the components refused
+    (names by reason)."""
+    swapped: dict[str, int] = {}
+    refused: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        fast = _FAST_CLASSES.get(type(module))
+        if fast is None:
+            continue
+        reason = mismatch(module, fast)
+        if reason is not None:
+            refused.setdefault(f"{type(module).__name__}: {reason}", []).append(name)
+            continue
+        supported = getattr(fast, "_tlx_supported", None)
+        if supported is not None and not supported(module):
+            continue  # a configuration the fast forward does not cover: TransformerLens runs it
+        module.__class__ = fast
+        if isinstance(module, _FAST_ATTENTION):
+            module.__dict__["_tlx_memo"] = memo
+        _fuse(module)
+        swapped[type(module).__name__] = swapped.get(type(module).__name__, 0) + 1
     if swapped:
         log.debug("accelerate: %s", ", ".join(f"{n} {k}" for k, n in sorted(swapped.items())))
+    return refused
+
+
+def restore(model: HookedTransformer) -> HookedTransformer:
+    """Undo :func:`accelerate` in place; returns ``model``.
+
+    Every component gets its TransformerLens class back and every parameter storage of its own
+    (contiguous, the same values, the same ``Parameter`` objects), the forward pre-hook and
+    every ``_tlx_`` attribute go: the model then computes exactly what a freshly loaded stock
+    model computes. A model that was never accelerated is left as is. Key/value caches filled
+    while accelerated stay usable. The process-wide malloc setting stays (glibc cannot undo it)."""
+    handle = model.__dict__.get("_tlx_reset")
+    if handle is not None:
+        handle.remove()
+    for module in model.modules():
+        for fused in module.__dict__.values():
+            if isinstance(fused, FusedLinear):
+                fused.release()
+        for key in [k for k in module.__dict__ if k.startswith(_PREFIX)]:
+            del module.__dict__[key]
+        base = getattr(type(module), "_tlx_base", None)
+        if base is not None:
+            module.__class__ = base
     return model
+
+
+def is_accelerated(model: nn.Module) -> bool:
+    """Whether any component of ``model`` runs a fast forward."""
+    return any(hasattr(type(m), "_tlx_base") for m in model.modules())
 
 
 def decode_session(model: HookedTransformer) -> AbstractContextManager[None]:

@@ -7,7 +7,21 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 from transformer_lens.hook_points import HookPoint
 
-from tlextract.model.fused import no_type_check
+from tlextract.model.accel.fused import no_type_check
+
+# torch's private global hook dicts (``register_module_forward_hook`` & co. fill them). A torch
+# without one of them gets a dict that is never empty: every module then counts as hooked, so
+# every hook point is called and nothing is shared between rows (slower, never wrong).
+_ALWAYS = {0: None}
+_GF, _GFP, _GB, _GBP = (
+    d if isinstance(d := getattr(_torch_module, name, None), dict) else _ALWAYS
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+)
 
 
 @no_type_check
@@ -18,10 +32,10 @@ def is_hooked(m: nn.Module, pre_hooks: bool = True) -> bool:
         or (pre_hooks and m._forward_pre_hooks)
         or m._backward_hooks
         or m._backward_pre_hooks
-        or _torch_module._global_forward_hooks
-        or _torch_module._global_forward_pre_hooks
-        or _torch_module._global_backward_hooks
-        or _torch_module._global_backward_pre_hooks
+        or _GF
+        or _GFP
+        or _GB
+        or _GBP
     )
 
 

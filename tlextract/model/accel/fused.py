@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tlextract.model.memory import available_ram
+from tlextract.model.accel.process import available_ram
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,19 @@ class FusedLinear:
         view.copy_(param.detach())
         param.data = view
         return slot.name, view.data_ptr(), tuple(view.stride())
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Give each parameter that still views the buffer storage of its own (contiguous, as
+        TransformerLens makes it, same values); the buffer and packed copy are dropped."""
+        params = self.module._parameters
+        with torch.inference_mode(False):
+            for name, ptr, stride in self._expected:
+                p = params[name]
+                if p is not None and p.data_ptr() == ptr and p.stride() == stride:
+                    p.data = torch.empty_like(p, memory_format=torch.contiguous_format).copy_(p)
+        self._weight, self._bias, self._expected = torch.empty(0), None, []
+        self.packed = self._pack = None
 
     @torch.no_grad()
     def pack(self) -> bool:
