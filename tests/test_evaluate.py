@@ -76,7 +76,9 @@ def test_planted_signal_gives_accuracy_one_at_the_planted_layer(experiments, mon
     ev = evaluate_trait(tiny_run(experiments))
     assert ev.methods == list(METHODS) and ev.layers == list(LAYERS)
     assert ev.n_train == {"pos": 30, "neg": 30} and ev.n_test == {"pos": 10, "neg": 10}
-    for method in METHODS:
+    # pca_centered centres the paired differences and so, by design, cannot see a shift that
+    # every pair shares, which is all this planted signal is (tests/test_methods.py covers it)
+    for method in (m for m in METHODS if m != "pca_centered"):
         best = ev.best[method]
         assert best.layer == PLANTED, method
         assert best.accuracy == 1.0 and best.auroc == 1.0, method

@@ -11,11 +11,13 @@ import torch
 
 from tlextract.errors import TLExtractError
 from tlextract.ops.formats import (
+    final_norm_row,
     from_persona_vectors,
     gguf_layer_index,
     hidden_state_index,
     load_gguf,
     load_persona_vectors,
+    persona_blocks,
     save_gguf,
     save_persona_vectors,
     to_persona_vectors,
@@ -34,36 +36,62 @@ def vectors() -> torch.Tensor:
 
 
 def test_block_l_lands_at_hidden_states_row_l_plus_1(vectors):
-    table = to_persona_vectors(vectors, [0, 3, 5], N_LAYERS)
+    table = to_persona_vectors(vectors, [0, 3, 4], N_LAYERS)
     assert table.shape == (N_LAYERS + 1, D_MODEL) and table.dtype == torch.float32
     assert torch.equal(table[1], vectors[0])  # blocks.0.hook_resid_post = hidden_states[1]
     assert torch.equal(table[4], vectors[1])
-    assert torch.equal(table[6], vectors[2])  # the last block's output
-    for row in (0, 2, 3, 5):  # embeddings and blocks not extracted
+    assert torch.equal(table[5], vectors[2])  # the last row that is a block's output
+    for row in (0, 2, 3, 6):  # embeddings, blocks not extracted, the final norm's row
         assert torch.equal(table[row], torch.zeros(D_MODEL))
 
 
-def test_resid_pre_is_not_shifted(vectors):
+def test_the_last_block_is_not_exported_to_the_final_norm_row(vectors):
+    # persona_vectors computes row n_layers from hidden_states[n_layers], the final norm's
+    # output: a resid_post vector of the last block does not belong there
+    with pytest.raises(TLExtractError, match="row 6.*final norm's output"):
+        to_persona_vectors(vectors, [0, 3, 5], N_LAYERS)
+    table = to_persona_vectors(vectors, [0, 3, 5], N_LAYERS, skip_unsupported=True)
+    assert torch.equal(table[6], torch.zeros(D_MODEL))
+    assert torch.equal(table[[1, 4]], vectors[:2])
+    assert persona_blocks([5, 0, 3], N_LAYERS) == [0, 3]
+    assert persona_blocks([5, 0, 3], N_LAYERS, "resid_pre") == [5, 0, 3]
+    assert final_norm_row(N_LAYERS) == 6
+
+
+def test_resid_pre_is_not_shifted_and_keeps_the_last_block(vectors):
     table = to_persona_vectors(vectors, [0, 3, 5], N_LAYERS, hook="resid_pre")
     assert torch.equal(table[[0, 3, 5]], vectors)
+    assert torch.equal(table[6], torch.zeros(D_MODEL))
     assert hidden_state_index(3, "resid_pre") == 3 and hidden_state_index(3) == 4
 
 
 def test_persona_file_round_trip_is_exact(vectors, tmp_path: Path):
     path = tmp_path / "trait_response_avg_diff.pt"
-    save_persona_vectors(path, vectors, [5, 0, 3], N_LAYERS)
+    assert save_persona_vectors(path, vectors, [4, 0, 3], N_LAYERS) == [4, 0, 3]
     raw = torch.load(path, weights_only=True)  # what persona_vectors' own code reads
     assert isinstance(raw, torch.Tensor) and raw.shape == (N_LAYERS + 1, D_MODEL)
-    back = load_persona_vectors(path, layers=[5, 0, 3])
-    assert list(back.layers) == [5, 0, 3]
+    back = load_persona_vectors(path, layers=[4, 0, 3])
+    assert list(back.layers) == [4, 0, 3]
     assert torch.equal(back.vectors, vectors)
+    written = save_persona_vectors(path, vectors, [5, 0, 3], N_LAYERS, skip_unsupported=True)
+    assert written == [0, 3]
 
 
-def test_loading_without_layers_gives_every_block_and_drops_the_embedding_row():
+def test_loading_without_layers_drops_the_embedding_and_the_final_norm_rows():
     table = torch.arange(7 * 2, dtype=torch.float32).reshape(7, 2)
     back = from_persona_vectors(table)
-    assert list(back.layers) == list(range(6))
-    assert torch.equal(back.vectors, table[1:])
+    assert list(back.layers) == list(range(5))  # blocks 0..4 = rows 1..5; row 6 is no block
+    assert torch.equal(back.vectors, table[1:6])
+    assert back.metadata["format"] == "persona_vectors"
+    assert "row 6" in back.metadata["not_read"] and "final norm" in back.metadata["not_read"]
+    pre = from_persona_vectors(table, hook="resid_pre")
+    assert list(pre.layers) == list(range(6)) and torch.equal(pre.vectors, table[:6])
+
+
+def test_asking_for_the_last_block_of_a_persona_table_says_what_its_row_is():
+    table = torch.zeros(7, 2)
+    with pytest.raises(TLExtractError, match=r"final norm's output.*torch.load\(path\)\[6\]"):
+        from_persona_vectors(table, layers=[0, 5])
 
 
 def test_persona_rejects_blocks_the_model_does_not_have(vectors):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,10 @@ from tlextract.ops import methods
 from tlextract.ops.methods import METHODS, get_method, run_method
 
 NAMES = list(METHODS)
+# pca_centered centres the paired differences, which removes a shift every pair shares: on
+# planted() data (the same shift k*u in every pair) it cannot find u, by design. Tests that check
+# recovery of such a shift run on the others; pca_centered has its own below.
+SHARED_SHIFT = [name for name in NAMES if name != "pca_centered"]
 
 
 def planted(
@@ -51,7 +57,7 @@ def results(data) -> dict[str, torch.Tensor]:
     return {name: run_method(name, pos, neg, seed=0) for name in NAMES}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SHARED_SHIFT)
 def test_method_recovers_the_planted_direction_of_every_layer(name, data, results):
     _, _, u = data
     assert F.cosine_similarity(u[0], u[1], dim=0).abs() < 0.5  # layers really differ
@@ -67,7 +73,7 @@ def test_method_returns_finite_float32_layer_by_d_model(name, data, results):
     assert torch.isfinite(v).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SHARED_SHIFT)
 def test_method_accepts_float64_and_bfloat16_input(name):
     pos, neg, u = planted(n_pos=30, n_neg=30, layers=2, d_model=32)
     for dtype in (torch.float64, torch.bfloat16):
@@ -90,7 +96,7 @@ def test_only_mean_diff_keeps_its_norm(results):
             assert torch.allclose(results[name].norm(dim=-1), torch.ones(3), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SHARED_SHIFT)
 def test_positives_project_higher_and_swapping_classes_flips_the_direction(name, data, results):
     pos, neg, u = data
     v = results[name]
@@ -137,7 +143,7 @@ def test_method_is_finite_when_the_classes_are_identical(name):
     assert torch.isfinite(v).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SHARED_SHIFT)
 def test_method_works_under_inference_mode(name):
     pos, neg, u = planted(n_pos=20, n_neg=20, layers=1, d_model=16)
     with torch.inference_mode():
@@ -170,29 +176,99 @@ def test_probe_matches_sklearn_logistic_regression():
         assert cos(v[layer], torch.from_numpy(w)) > 0.999
 
 
+def repeng_pca(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
+    """repeng's ``read_representations`` on one layer, re-derived (vgel/repeng, extract.py):
+    rows interleaved positive, negative; ``pca_diff`` fits sklearn PCA to ``h[::2] - h[1::2]``,
+    ``pca_center`` to ``h`` with each pair's mean subtracted from both of its rows."""
+    h = np.empty((2 * len(pos), pos.shape[1]))
+    h[::2], h[1::2] = pos, neg
+    if method == "pca_diff":
+        train = h[::2] - h[1::2]
+    else:
+        center = (h[::2] + h[1::2]) / 2
+        train = h.copy()
+        train[::2] -= center
+        train[1::2] -= center
+    return PCA(n_components=1, whiten=False).fit(train).components_[0]
+
+
+def paired(seed: int = 0, n: int = 20, d_model: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs that share a shift along a (every difference is 4a plus its own part) and disagree
+    along b (spread with std 3, mean near 0): the uncentred PCA sees 16 along a against about 9
+    along b, the centred one only b. The two variants must give different answers here."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.linalg.qr(torch.randn(d_model, 2, generator=g, dtype=torch.float64))[0].T
+    spread = torch.randn(n, 1, generator=g, dtype=torch.float64) * 3.0
+    noise = torch.randn(2, n, d_model, generator=g, dtype=torch.float64) * 0.3
+    pos = noise[0] + 2 * a + spread * b / 2
+    neg = noise[1] - 2 * a - spread * b / 2
+    return pos[:, None].float(), neg[:, None].float()
+
+
 @pytest.mark.parametrize("d_model", [16, 48])  # more pairs than dimensions, and fewer
-def test_pca_diff_is_the_top_singular_vector_of_paired_differences(d_model):
+def test_pca_uncentered_is_repeng_pca_center(d_model):
     pos, neg, _ = planted(n_pos=25, n_neg=20, layers=2, d_model=d_model, k=1.0)
-    v = methods.pca_diff(pos, neg)
+    v = methods.pca_uncentered(pos, neg)
     for layer in range(2):
-        diffs = (pos[:20, layer] - neg[:20, layer]).double().numpy()  # extra positives unused
-        top = np.linalg.svd(diffs)[2][0]
+        p, q = pos[:20, layer].double().numpy(), neg[:20, layer].double().numpy()  # 5 unused
+        ref = repeng_pca(p, q, "pca_center")
+        assert cos(v[layer], torch.from_numpy(ref)).abs() > 0.9999
+        top = np.linalg.svd(p - q)[2][0]  # what its docstring says: uncentred differences
         assert cos(v[layer], torch.from_numpy(top)).abs() > 0.9999
 
 
 @pytest.mark.parametrize("d_model", [16, 48])
-def test_pca_diff_centered_matches_sklearn_pca_like_repeng(d_model):
-    pos, neg, _ = planted(n_pos=20, n_neg=20, layers=2, d_model=d_model, k=1.0)
-    v = methods.pca_diff(pos, neg, center=True)
+def test_pca_centered_is_repeng_pca_diff(d_model):
+    pos, neg, _ = planted(n_pos=20, n_neg=25, layers=2, d_model=d_model, k=1.0)
+    v = methods.pca_centered(pos, neg)
     for layer in range(2):
-        diffs = (pos[:, layer] - neg[:, layer]).double().numpy()
-        top = PCA(n_components=1).fit(diffs).components_[0]
-        assert cos(v[layer], torch.from_numpy(top)).abs() > 0.9999
+        p, q = pos[:, layer].double().numpy(), neg[:20, layer].double().numpy()
+        ref = repeng_pca(p, q, "pca_diff")
+        assert cos(v[layer], torch.from_numpy(ref)).abs() > 0.9999
 
 
-def test_pca_diff_pairs_by_position():
+@pytest.mark.parametrize("seed", range(3))
+def test_the_two_pca_variants_differ_where_pairs_share_a_shift(seed):
+    pos, neg = paired(seed)
+    p, q = pos[:, 0].double().numpy(), neg[:, 0].double().numpy()
+    shared = torch.from_numpy(p.mean(0) - q.mean(0))
+    uncentered, centered = methods.pca_uncentered(pos, neg)[0], methods.pca_centered(pos, neg)[0]
+    # each matches its repeng counterpart, and they are not the same direction
+    assert cos(uncentered, torch.from_numpy(repeng_pca(p, q, "pca_center"))).abs() > 0.9999
+    assert cos(centered, torch.from_numpy(repeng_pca(p, q, "pca_diff"))).abs() > 0.9999
+    assert cos(uncentered, centered).abs() < 0.5
+    # the centred one loses the shift every pair shares; the uncentred one keeps it
+    assert cos(centered, shared).abs() < cos(uncentered, shared).abs()
+    # sign: positives project higher on average, for both
+    for v in (uncentered, centered):
+        assert (pos[:, 0] @ v).mean() >= (neg[:, 0] @ v).mean()
+
+
+def test_pca_centered_recovers_a_direction_whose_strength_varies_by_pair():
+    g = torch.Generator().manual_seed(4)
+    n, d = 40, 32
+    u = F.normalize(torch.randn(d, generator=g), dim=0)
+    strength = 1.0 + 4.0 * torch.rand(n, 1, generator=g)  # always the same sign, varying size
+    pos = torch.randn(n, d, generator=g) * 0.5 + strength * u
+    neg = torch.randn(n, d, generator=g) * 0.5 - strength * u
+    v = methods.pca_centered(pos[:, None], neg[:, None])[0]
+    assert cos(v, u) > 0.95  # sign by the class means
+
+
+@pytest.mark.parametrize("name", ["pca_uncentered", "pca_centered"])
+def test_pca_methods_pair_by_position(name):
     pos, neg, _ = planted(n_pos=30, n_neg=20)
-    assert torch.allclose(methods.pca_diff(pos, neg), methods.pca_diff(pos[:20], neg), atol=1e-6)
+    fn = get_method(name)
+    assert torch.allclose(fn(pos, neg), fn(pos[:20], neg), atol=1e-6)
+
+
+def test_old_pca_diff_name_is_refused_with_both_new_names():
+    pos, neg, _ = planted(n_pos=4, n_neg=4, layers=1, d_model=8)
+    for call in (lambda: get_method("pca_diff"), lambda: run_method("pca_diff", pos, neg)):
+        with pytest.raises(TLExtractError, match="pca_uncentered") as err:
+            call()
+        assert "pca_centered" in str(err.value) and "pca_center'" in str(err.value)
+    assert "pca_diff" not in METHODS
 
 
 def test_gradient_reaches_the_shrunk_lda_optimum():
@@ -218,7 +294,9 @@ def test_gradient_reaches_the_shrunk_lda_optimum():
 
 
 def test_get_method_returns_registered_functions():
-    assert set(METHODS) == {"mean_diff", "probe", "pca_diff", "ica", "gradient"}
+    assert list(METHODS) == [
+        "mean_diff", "probe", "pca_uncentered", "pca_centered", "ica", "gradient"
+    ]  # fmt: skip
     assert get_method("probe") is methods.probe
 
 
@@ -231,3 +309,21 @@ def test_every_method_runs_with_just_pos_and_neg():
     pos, neg, _ = planted(n_pos=5, n_neg=5, layers=2, d_model=8)
     for name in NAMES:
         assert get_method(name)(pos, neg).shape == (2, 8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_takes_pos_neg_and_a_keyword_only_seed(name):
+    params = list(inspect.signature(get_method(name)).parameters.values())
+    assert [p.name for p in params[:2]] == ["pos", "neg"]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[:2])
+    seed = next(p for p in params if p.name == "seed")
+    assert seed.kind is seed.KEYWORD_ONLY and seed.default == 0
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in params[2:])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_run_method_is_the_registered_call_with_that_seed(name, seed):
+    pos, neg, _ = planted(n_pos=12, n_neg=10, layers=2, d_model=16)
+    direct = get_method(name)(pos, neg, seed=seed)
+    assert torch.equal(run_method(name, pos, neg, seed=seed), direct)

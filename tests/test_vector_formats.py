@@ -71,14 +71,19 @@ def test_safetensors_round_trip_is_exact(tv: TraitVectors, tmp_path: Path, dtype
     assert not list(tmp_path.glob(".*tmp"))  # written atomically
 
 
-def test_persona_vectors_file_loads_with_every_block(tv: TraitVectors, tmp_path: Path) -> None:
+def test_persona_vectors_file_loads_with_every_exact_block(
+    tv: TraitVectors, tmp_path: Path
+) -> None:
     path = tmp_path / "trait_response_avg_diff.pt"
-    save_persona_vectors(path, tv.vectors, tv.layers, N_LAYERS)
+    # block 5 is the last: its row would be the final norm's output's, so it is left out
+    written = save_persona_vectors(path, tv.vectors, tv.layers, N_LAYERS, skip_unsupported=True)
+    assert written == [0, 3]
     back = TraitVectors.load(path)
-    assert back.layers == tuple(range(N_LAYERS)) and back.hook == "resid_post"
-    assert (back.method, back.metadata) == ("imported", {"format": "persona_vectors"})
-    for i, layer in enumerate(tv.layers):
-        assert torch.equal(back[layer], tv.vectors[i])
+    assert back.layers == tuple(range(N_LAYERS - 1)) and back.hook == "resid_post"
+    assert back.method == "imported" and back.metadata["format"] == "persona_vectors"
+    assert "final norm" in back.metadata["not_read"]
+    for layer in written:
+        assert torch.equal(back[layer], tv[layer])
     assert torch.equal(back[1], torch.zeros(D_MODEL))  # a block not extracted
 
 
@@ -184,7 +189,12 @@ def test_safetensors_file_reads_with_safetensors_alone(tv: TraitVectors, tmp_pat
     }  # fmt: skip
     assert json.loads(meta["layers"]) == list(LAYERS)
     assert json.loads(meta["hook_names"])[0] == "blocks.5.hook_resid_post"
-    assert "hidden_states[l+1]" in meta["layer_convention"]
+    assert meta["layer_convention"] == (
+        "layer l = TransformerLens block l, read at blocks.l.hook_resid_post (the output of "
+        "block l) = transformers hidden_states[l+1] for every block but the last; the last "
+        "block's output is not among transformers' hidden_states, whose last entry "
+        "hidden_states[n_layers] is the final norm's output"
+    )
     torch.testing.assert_close(torch.tensor(json.loads(meta["norms"])), tv.vectors.norm(dim=-1))
     assert meta["tlextract_version"] == importlib.metadata.version("tlextract")
     assert json.loads(meta["metadata"]) == META

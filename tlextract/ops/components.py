@@ -1,5 +1,7 @@
 """Unsupervised directions whose sign the class means fix: the top principal component of the
-paired differences (``pca_diff``) and the most class-separating independent component (``ica``)."""
+paired differences, uncentred (``pca_uncentered``, repeng's ``pca_center``) or centred
+(``pca_centered``, repeng's ``pca_diff``), and the most class-separating independent component
+(``ica``)."""
 
 from __future__ import annotations
 
@@ -30,28 +32,18 @@ def _separation(scores: Float[Tensor, "layer n comp"], n_pos: int) -> Float[Tens
 
 
 # ---------------------------------------------------------------------------------------------
-# pca_diff
+# principal components of the paired differences
 
 
-def pca_diff(
+def _top_difference_component(
     pos: Float[Tensor, "n_pos layer d_model"],
     neg: Float[Tensor, "n_neg layer d_model"],
     *,
-    center: bool = False,
-    seed: int = 0,
+    center: bool,
+    name: str,
 ) -> Float[Tensor, "layer d_model"]:
-    """First principal component of paired differences ``pos[i] - neg[i]``, unit norm.
-
-    Pairing is by position: example ``i`` of ``pos`` with example ``i`` of ``neg``, for
-    ``i < min(n_pos, n_neg)``; extra examples on the longer side are ignored. Put the two sides
-    in the same question order to make the pairs meaningful.
-
-    By default the differences are *not* centred (top right-singular vector of the difference
-    matrix): the shift every pair shares is the trait, and centring would remove it, leaving
-    only the direction along which the pairs disagree most. ``center=True`` gives repeng's
-    ``pca_diff`` (sklearn PCA centres). Deterministic; ``seed`` is unused.
-    """
-    check_inputs(pos, neg, "pca_diff")
+    """Top right-singular vector of the paired differences (centred on their mean or not)."""
+    check_inputs(pos, neg, name)
     m = min(pos.shape[0], neg.shape[0])
     diffs = pos[:m].to(work_dtype(pos)) - neg[:m].to(work_dtype(pos))
     x = rearrange(diffs, "pair layer d_model -> layer pair d_model")
@@ -59,6 +51,46 @@ def pca_diff(
         x = x - x.mean(dim=1, keepdim=True)
     vh = thin_svd(x)[2]
     return finish_direction(vh[:, 0, :], pos, neg)
+
+
+def pca_uncentered(
+    pos: Float[Tensor, "n_pos layer d_model"],
+    neg: Float[Tensor, "n_neg layer d_model"],
+    *,
+    seed: int = 0,
+) -> Float[Tensor, "layer d_model"]:
+    """Top right-singular vector of the *uncentred* paired differences ``pos[i] - neg[i]``.
+
+    The direction ``v`` maximising ``sum_i ((pos[i] - neg[i]) . v)^2``: the shift every pair
+    shares counts, so when the pairs agree this is close to their mean difference. This is
+    repeng's ``pca_center`` (PCA of both sides with each pair's mean subtracted: the rows
+    ``+-(pos[i] - neg[i]) / 2`` have mean zero, so sklearn's centring does nothing and the top
+    component is this vector). tlextract called it ``pca_diff`` until it was renamed.
+
+    Pairing is by position: example ``i`` of ``pos`` with example ``i`` of ``neg``, for
+    ``i < min(n_pos, n_neg)``; extra examples on the longer side are ignored. Put the two sides
+    in the same question order to make the pairs meaningful. Unit norm; the sign puts positives
+    higher on average (repeng instead takes the sign most pairs agree with). Deterministic;
+    ``seed`` is unused.
+    """
+    return _top_difference_component(pos, neg, center=False, name="pca_uncentered")
+
+
+def pca_centered(
+    pos: Float[Tensor, "n_pos layer d_model"],
+    neg: Float[Tensor, "n_neg layer d_model"],
+    *,
+    seed: int = 0,
+) -> Float[Tensor, "layer d_model"]:
+    """First principal component of the paired differences, *centred* on their mean.
+
+    This is repeng's ``pca_diff`` (sklearn ``PCA(n_components=1)`` of ``h_pos - h_neg``, which
+    centres). Centring removes the shift the pairs share, so the result is the direction along
+    which the pairs *disagree* most; when every pair moves by the same trait shift, that shift is
+    not in it. Pairing, norm and sign as in :func:`pca_uncentered`. Deterministic; ``seed`` is
+    unused.
+    """
+    return _top_difference_component(pos, neg, center=True, name="pca_centered")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,13 @@ from tlextract.errors import TLExtractError
 
 
 def mean_diff(
-    pos: Float[Tensor, "n_pos layer d_model"], neg: Float[Tensor, "n_neg layer d_model"]
+    pos: Float[Tensor, "n_pos layer d_model"],
+    neg: Float[Tensor, "n_neg layer d_model"],
+    *,
+    seed: int = 0,
 ) -> Float[Tensor, "layer d_model"]:
-    """Mean of the positive activations minus mean of the negative ones, per layer, in float32."""
+    """Mean of the positive activations minus mean of the negative ones, per layer, in float32.
+    Deterministic; ``seed`` is unused (every method takes it: see :mod:`tlextract.ops.methods`)."""
     return pos.float().mean(dim=0) - neg.float().mean(dim=0)
 
 

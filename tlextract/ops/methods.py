@@ -7,13 +7,15 @@ are independent: row ``i`` of the result uses only ``pos[:, i]`` and ``neg[:, i]
 Conventions shared by all methods:
 
 - **Sign**: every direction satisfies ``(mean(pos) - mean(neg)) . v >= 0``: positives project
-  higher on average (for ``pca_diff`` and ``ica``, whose sign is arbitrary, this is what fixes it).
+  higher on average (for the PCA methods and ``ica``, whose sign is arbitrary, this is what fixes
+  it).
 - **Norm**: ``mean_diff`` is *not* normalised; its norm is the size of the shift between the
   classes and is what steering adds at coefficient 1. Every other method returns unit-norm rows.
   On degenerate input (no variation at all, e.g. ``pos == neg``) the row is finite but arbitrary.
-- **Options**: the other methods take keyword options, always with defaults, and all of them take
-  ``seed`` (unused by the deterministic ones) so that :func:`run_method` can call any method the
-  same way. ``get_method(name)(pos, neg)`` always works.
+- **One call convention**: every registered method is called as ``method(pos, neg, seed=seed)``
+  (the :class:`Method` protocol); ``seed`` is keyword-only and unused by the deterministic
+  methods. :func:`run_method` is that call by name. Further keyword options (``probe``'s ``l2``,
+  ``ica``'s ``n_components``, ...) always have defaults; pass them by calling the function itself.
 
 Internally the linear algebra runs in float64 (float32 on MPS, which has no float64); ``gradient``
 optimises in float32.
@@ -21,9 +23,8 @@ optimises in float32.
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
-from tlextract.ops.components import ica, pca_diff
+from tlextract.ops.components import ica, pca_centered, pca_uncentered
 from tlextract.ops.directions import (
     check_inputs,
     finish_direction,
@@ -43,7 +44,18 @@ from tlextract.ops.directions import (
     work_dtype,
 )
 
-Method = Callable[..., Float[Tensor, "layer d_model"]]
+
+@runtime_checkable
+class Method(Protocol):
+    """What every registered method is: ``(pos, neg, *, seed=0) -> [layer, d_model]``."""
+
+    def __call__(
+        self,
+        pos: Float[Tensor, "n_pos layer d_model"],
+        neg: Float[Tensor, "n_neg layer d_model"],
+        *,
+        seed: int = ...,
+    ) -> Float[Tensor, "layer d_model"]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,14 +256,27 @@ def gradient(
 METHODS: dict[str, Method] = {
     "mean_diff": mean_diff,
     "probe": probe,
-    "pca_diff": pca_diff,
+    "pca_uncentered": pca_uncentered,
+    "pca_centered": pca_centered,
     "ica": ica,
     "gradient": gradient,
 }
 
 
+# Names that once meant something else: refused with what to write instead, never remapped.
+RENAMED = {
+    "pca_diff": (
+        "tlextract's 'pca_diff' was the top singular vector of the uncentred paired differences, "
+        "which is repeng's 'pca_center' and is now 'pca_uncentered'; repeng's 'pca_diff' (PCA of "
+        "the centred differences) is 'pca_centered'. Choose one of the two"
+    ),
+}
+
+
 def get_method(name: str) -> Method:
     """The extraction function registered under ``name``."""
+    if name in RENAMED:
+        raise TLExtractError(f"extraction method {name!r} was renamed: {RENAMED[name]}.")
     try:
         return METHODS[name]
     except KeyError:
@@ -267,8 +292,5 @@ def run_method(
     *,
     seed: int = 0,
 ) -> Float[Tensor, "layer d_model"]:
-    """Call method ``name``, passing ``seed`` to those that take one."""
-    fn = get_method(name)
-    if "seed" in inspect.signature(fn).parameters:
-        return fn(pos, neg, seed=seed)
-    return fn(pos, neg)
+    """Method ``name`` on ``pos`` and ``neg``: ``get_method(name)(pos, neg, seed=seed)``."""
+    return get_method(name)(pos, neg, seed=seed)

@@ -2,7 +2,9 @@
 
 Layer convention: layer ``l`` is TransformerLens block ``l`` (0-based) and the hook is
 ``blocks.{l}.hook_resid_post``, the block's output. That equals transformers'
-``hidden_states[l + 1]``; ``hidden_states[0]`` is the embedding.
+``hidden_states[l + 1]`` for every block but the last (``hidden_states[0]`` is the embedding):
+the last entry, ``hidden_states[n_layers]``, is the final norm's output, and the last block's
+output is not among transformers' ``hidden_states`` (see :mod:`tlextract.ops.formats`).
 """
 
 from __future__ import annotations

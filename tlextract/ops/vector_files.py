@@ -64,9 +64,21 @@ def _offset(hook: str) -> int:
 
 
 def hidden_state_index(layer: int, hook: str = "resid_post") -> int:
-    """Row of transformers' ``hidden_states`` (and of a persona_vectors tensor) that holds the
-    activation at ``blocks.{layer}.hook_{hook}``."""
+    """Row of a persona_vectors table, numbered like transformers' ``hidden_states``, that
+    :func:`to_persona_vectors` uses for ``blocks.{layer}.hook_{hook}``.
+
+    ``hidden_states[row]`` itself holds that activation for every block but one: the last
+    block's output (``layer = n_layers - 1`` at resid_post) is not among transformers'
+    ``hidden_states``, whose last entry ``hidden_states[n_layers]`` is the final norm's output
+    (``ln_final`` applied to it, weight included). See :func:`final_norm_row`.
+    """
     return layer + _offset(hook)
+
+
+def final_norm_row(n_layers: int) -> int:
+    """The row of transformers' ``hidden_states`` (and of a persona_vectors table) that is the
+    final norm's output, not any block's: the last, ``n_layers``."""
+    return n_layers
 
 
 def gguf_layer_index(layer: int, hook: str = "resid_post") -> int:
@@ -76,12 +88,17 @@ def gguf_layer_index(layer: int, hook: str = "resid_post") -> int:
 
 
 def layer_convention(hook: str) -> str:
-    """What layer ``l`` means, in words, for files that other tools read."""
+    """What layer ``l`` means, in words, for files that other tools read; true for every layer."""
     where = f"layer l = TransformerLens block l, read at blocks.l.hook_{hook}"
     if hook not in _OFFSET:
         return f"{where} (no transformers hidden_states equivalent)"
-    row = "l+1" if _OFFSET[hook] else "l"
-    return f"{where} = transformers hidden_states[{row}]"
+    if hook == "resid_pre":
+        return f"{where} = transformers hidden_states[l], for every block l"
+    return (
+        f"{where} (the output of block l) = transformers hidden_states[l+1] for every block but "
+        "the last; the last block's output is not among transformers' hidden_states, whose last "
+        "entry hidden_states[n_layers] is the final norm's output"
+    )
 
 
 def check_layers(layers: Sequence[int], n_vectors: int, what: str) -> list[int]:
@@ -174,18 +191,38 @@ def persona_fields(
     *,
     hook: str = "resid_post",
 ) -> VectorFields:
-    """The rows of a persona_vectors table for ``layers`` (default: every block,
-    ``0..n_layers-1``, which drops the embedding row 0 at resid_post), as float32."""
+    """The rows of a persona_vectors table for ``layers``, as float32.
+
+    persona_vectors fills row ``r`` from transformers' ``hidden_states[r]``, so row ``l + 1`` is
+    block ``l``'s output for every block but the last, and the last row (``n_layers``) is the
+    final norm's output, which is no ``blocks.*`` hook. That row is never read: the default
+    ``layers`` are the blocks whose rows are exact (``0..n_layers-2`` at resid_post, dropping
+    the embedding row 0 too; ``0..n_layers-1`` at resid_pre), asking for block ``n_layers - 1``
+    at resid_post raises, and the metadata says which row was left out and why.
+    """
     n_layers = table.shape[0] - 1
-    block = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    last = final_norm_row(n_layers)
+    exact = [b for b in range(n_layers) if 0 <= hidden_state_index(b, hook) < last]
+    block = exact if layers is None else [int(x) for x in layers]
     rows = [hidden_state_index(b, hook) for b in block]
+    if last in rows:
+        raise TLExtractError(
+            f"from_persona_vectors: row {last} of this {n_layers}-block table is the final "
+            f"norm's output (persona_vectors fills it from transformers' hidden_states[{last}]), "
+            f"not blocks.{n_layers - 1}.hook_{hook}; leave block {n_layers - 1} out (the "
+            f"default), or read the row yourself: torch.load(path)[{last}]."
+        )
     bad = [b for b, r in zip(block, rows, strict=True) if not 0 <= r <= n_layers]
     if bad:
         raise TLExtractError(
             f"from_persona_vectors: layers {bad} are outside this {n_layers}-block table."
         )
     picked = table.detach().float()[torch.tensor(rows, dtype=torch.long)]
-    return _imported(picked, block, hook, "persona_vectors")
+    fields = _imported(picked, block, hook, "persona_vectors")
+    fields["metadata"]["not_read"] = (
+        f"row {last}: the final norm's output (transformers hidden_states[{last}]), no block's"
+    )
+    return fields
 
 
 def read_persona(

@@ -44,7 +44,7 @@ def extract_vectors(
         kept_rows(a, idx, selection.kept[p])
         for a, idx, p in ((acts.pos, acts.pos_index, "pos"), (acts.neg, acts.neg_index, "neg"))
     )
-    vecs = methods.get_method(method)(pos, neg)
+    vecs = methods.run_method(method, pos, neg)
     judge = {k: selection.summary[k] for k in ("judge", "kept", "mean_score")}
     norms = [round(float(n), 6) for n in vecs.norm(dim=-1)]
     tv = TraitVectors(
