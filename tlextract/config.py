@@ -9,6 +9,7 @@ TransformerLens block indices; ``hook`` is the block hook read at each of them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from tlextract.traits import VARIANTS, Trait, Variant, load_trait
 DEFAULT_EXPERIMENT = "smollm2_cognitive"
 # Block hooks with one d_model vector per token, the residual stream and what adds to it.
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+DEFAULT_HOOK = "resid_post"  # an experiment's hook unless it says otherwise
 PROMPT_STYLES = ("chat", "completion")
 
 # The judge block: its kind, each kind's options (and their types), and the keep rule.
@@ -50,6 +52,18 @@ ROOT_VARIABLE = "TLEXTRACT_EXPERIMENTS"
 def experiments_root() -> Path:
     """``$TLEXTRACT_EXPERIMENTS`` or ./experiments."""
     return Path(os.environ.get(ROOT_VARIABLE, "experiments"))
+
+
+@dataclass(frozen=True)
+class EvaluationDefaults:
+    """The evaluation's defaults, defined here once: every signature and flag reads them."""
+
+    test_fraction: float = 0.25  # held-out share of the one-split (descriptive) evaluation
+    folds: int = 5  # nested cross-validation's outer folds (by example index)
+    n_boot: int = 2000  # bootstrap resamples behind every 95% interval
+
+
+EVALUATION = EvaluationDefaults()
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,7 @@ class Experiment:
     path: Path
     model: str
     layers: tuple[int, ...] | Literal["all"] = "all"
-    hook: str = "resid_post"
+    hook: str = DEFAULT_HOOK
     prompt_style: Literal["chat", "completion"] = "chat"
     n_examples: int = 20
     batch_size: int | Literal["auto"] = 8
@@ -264,23 +278,13 @@ def load_experiment(name: str, root: PathArg | None = None) -> Experiment:
         f"is not a known setting. Known settings: {', '.join(sorted(_EXPERIMENT_KEYS))}.",
     )
     _check_fields(data, path)
-    exp = Experiment(
-        name=name,
-        path=path.parent,
-        model=data["model"],
-        layers=_layers(data.get("layers", "all"), path),
-        hook=data.get("hook", "resid_post"),
-        prompt_style=data.get("prompt_style", "chat"),
-        n_examples=data.get("n_examples", 20),
-        batch_size=data.get("batch_size", 8),
-        seed=data.get("seed", 0),
-        generation=validate_generation(data.get("generation", {}), path),
-        judge=validate_judge(data.get("judge", {"kind": "none"}), path),
-        traits=tuple(data.get("traits", ())),
-        variant=data.get("variant", "instruction"),
-        traits_from=data.get("traits_from"),
-        engine=validate_engine(data.get("engine", "tl"), path),
-    )
+    # What the file leaves out takes the Experiment dataclass's default (defined there only).
+    checked: dict[str, Callable[[Any, Path], Any]] = {
+        "layers": _layers, "generation": validate_generation, "judge": validate_judge,
+        "engine": validate_engine, "traits": lambda traits, _: tuple(traits),
+    }  # fmt: skip
+    given = {k: checked[k](v, path) if k in checked else v for k, v in data.items()}
+    exp = Experiment(name=name, path=path.parent, **given)
     _check_traits(exp, root, path)
     return exp
 

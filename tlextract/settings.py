@@ -28,6 +28,7 @@ STAGES = ("generate", "judge", "activations", "vectors")
 Mode = Literal["two-stage", "combined"]
 MODES: tuple[Mode, ...] = ("two-stage", "combined")
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_DTYPE = DTYPES[0]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class RunSettings:
     batch_size: int | Literal["auto"]
     layers: tuple[int, ...] | Literal["all"]
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE
     mode: Mode = "two-stage"
     variant: Variant = "instruction"
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
@@ -68,7 +69,7 @@ def settings_for(
     batch_size: int | Literal["auto"] | None = None,
     layers: Sequence[int] | Literal["all"] | None = None,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_DTYPE,
     mode: Mode = "two-stage",
     variant: Variant | None = None,
     judge: Literal["none", "local"] | None = None,

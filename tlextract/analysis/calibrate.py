@@ -29,9 +29,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tlextract.analysis.heldout import KeptRun, load_kept
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import device_of, tokenizer_of
-from tlextract.ops.crossval import DEFAULT_FOLDS, fold_of
+from tlextract.ops.crossval import fold_of
 from tlextract.ops.fluency import neutral_answers
 from tlextract.ops.methods import run_method
 from tlextract.ops.metrics import project
@@ -74,7 +75,7 @@ class Calibration:
 def held_out_projections(
     kept: KeptRun,
     layer: int,
-    folds: int = DEFAULT_FOLDS,
+    folds: int = EVALUATION.folds,
     seed: int = 0,
     method: str = "mean_diff",
     folds_arg: str = "folds=",
@@ -167,7 +168,7 @@ def calibrate(
     run: RunSettings,
     vectors: TraitVectors,
     layer: int,
-    folds: int = DEFAULT_FOLDS,
+    folds: int = EVALUATION.folds,
     seed: int = 0,
     *,
     folds_arg: str = "calibrate(folds=...)",

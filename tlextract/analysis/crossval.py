@@ -37,10 +37,10 @@ from torch import Tensor
 
 from tlextract.analysis.heldout import KeptRun, load_kept
 from tlextract.analysis.surface import BASELINES, surface_scores
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
 from tlextract.ops.crossval import (
-    DEFAULT_FOLDS,
     fold_of,
     nested,
     random_direction_scores,
@@ -56,7 +56,6 @@ from tlextract.store import META, fingerprint, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 HEADLINE = "mean_diff"  # the method the nulls and the verdict are about
-N_BOOT = 2000
 NULL_REPEATS = 5
 
 
@@ -178,9 +177,9 @@ def _cross_validate(kept: KeptRun, methods: Sequence[str], folds: int, seed: int
 def cross_validate(
     run: RunSettings,
     methods: Sequence[str] = tuple(METHODS),
-    folds: int = DEFAULT_FOLDS,
+    folds: int = EVALUATION.folds,
     seed: int = 0,
-    n_boot: int = N_BOOT,
+    n_boot: int = EVALUATION.n_boot,
     *,
     folds_arg: str = "cross_validate(folds=...)",
 ) -> CrossValidation:
@@ -215,7 +214,7 @@ def _key(activations_key: str, folds: int, seed: int, n_boot: int) -> str:
 
 
 def chosen_layers(
-    kept: KeptRun, methods: Sequence[str], folds: int = DEFAULT_FOLDS, seed: int = 0
+    kept: KeptRun, methods: Sequence[str], folds: int = EVALUATION.folds, seed: int = 0
 ) -> dict[str, int]:
     """Each method's layer to use, by the nested cross-validation :func:`cross_validate` runs
     (the same folds and rule, without its baselines, nulls and intervals)."""

@@ -34,6 +34,7 @@ from tlextract.analysis.heldout import (
     side_of,
     split_examples,
 )
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS, get_method, run_method
 from tlextract.ops.metrics import (
@@ -210,7 +211,7 @@ def evaluation_key(
 def evaluate_trait(
     run: RunSettings,
     methods: Sequence[str] = tuple(METHODS),
-    test_fraction: float = 0.25,
+    test_fraction: float = EVALUATION.test_fraction,
     seed: int = 0,
     layers: Mapping[str, int] | None = None,
 ) -> TraitEvaluation:
@@ -261,7 +262,7 @@ def cross_evaluate(
     train_run: RunSettings,
     test_run: RunSettings,
     methods: Sequence[str] = tuple(METHODS),
-    test_fraction: float = 0.25,
+    test_fraction: float = EVALUATION.test_fraction,
     seed: int = 0,
     layers: Mapping[str, int] | None = None,
 ) -> TraitEvaluation:

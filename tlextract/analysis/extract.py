@@ -29,13 +29,13 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tlextract.config import GenerationSettings
+from tlextract.config import DEFAULT_HOOK, EVALUATION, GenerationSettings
 from tlextract.engines.tl import TLEngine
 from tlextract.errors import TLExtractError
 from tlextract.inputs import PathArg
 from tlextract.model.tokens import device_of, text_ids, tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
-from tlextract.ops.crossval import DEFAULT_FOLDS, fold_of, nested
+from tlextract.ops.crossval import fold_of, nested
 from tlextract.ops.methods import get_method, run_method
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import MODES, Mode
@@ -55,7 +55,7 @@ class Extraction(TraitVectors):
     responses: dict[str, list[str]] = field(default_factory=dict)
 
     def evaluate(
-        self, folds: int = DEFAULT_FOLDS, seed: int = 0, n_boot: int = 2000
+        self, folds: int = EVALUATION.folds, seed: int = 0, n_boot: int = EVALUATION.n_boot
     ) -> dict[str, Interval | int]:
         """Nested cross-validated accuracy, AUROC and Cohen's d of this method with 95%
         bootstrap intervals (rows of pos and neg are paired by position, as the pipeline pairs
@@ -152,7 +152,7 @@ def extract(
     neg: Examples,
     *,
     layers: Sequence[int] | Literal["all"] = "all",
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
     pooling: Pooling = "response",
     mode: Mode = "two-stage",
     method: str = "mean_diff",

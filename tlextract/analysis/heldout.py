@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection
 from tlextract.ops.metrics import split_indices
@@ -38,7 +39,10 @@ class ExampleSplit:
 
 
 def split_examples(
-    pos_index: Sequence[int], neg_index: Sequence[int], test_fraction: float = 0.25, seed: int = 0
+    pos_index: Sequence[int],
+    neg_index: Sequence[int],
+    test_fraction: float = EVALUATION.test_fraction,
+    seed: int = 0,
 ) -> ExampleSplit:
     """Seeded split of the example indices present on either side (see ``split_indices``)."""
     ids = sorted(set(pos_index) | set(neg_index))

@@ -21,6 +21,7 @@ from torch import Tensor
 from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate
 from tlextract.analysis.heldout import load_kept, split_examples
 from tlextract.analysis.surface import TextClassifier
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.ops.metrics import LayerMetrics, auroc, midpoint_accuracy
 from tlextract.settings import RunSettings
@@ -90,7 +91,7 @@ def _score_baseline(
 
 
 def surface_baselines(
-    run: RunSettings, test_fraction: float = 0.25, seed: int = 0
+    run: RunSettings, test_fraction: float = EVALUATION.test_fraction, seed: int = 0
 ) -> tuple[Baseline, Baseline]:
     """(response length in tokens, bag-of-words logistic regression) on ``run``'s split."""
     acts = load_kept(run).acts
@@ -132,7 +133,7 @@ def _at(ev: TraitEvaluation, layer: int) -> LayerMetrics:
 def compare_variants(
     runs: dict[str, RunSettings],
     evaluations: dict[str, TraitEvaluation],
-    test_fraction: float = 0.25,
+    test_fraction: float = EVALUATION.test_fraction,
     seed: int = 0,
 ) -> TraitComparison:
     """The figures of one trait for each variant in ``runs`` (keyed by variant), with both

@@ -6,10 +6,17 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlextract.config import DEFAULT_EXPERIMENT, Experiment
+from tlextract.config import DEFAULT_EXPERIMENT, EVALUATION, Experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.vectors import TraitVectors
-from tlextract.settings import RunSettings, monitor_dir, settings_for, steer_dir
+from tlextract.settings import (
+    DEFAULT_DTYPE,
+    DTYPES,
+    RunSettings,
+    monitor_dir,
+    settings_for,
+    steer_dir,
+)
 from tlextract.stages.common import model_loader
 from tlextract.traits import VARIANTS
 
@@ -53,7 +60,7 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
             "report/crossval.json, else the middle of its layers)",
         )
         p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+        p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
         p.add_argument("--engine", default=None, choices=("tl", "vllm"),
                        help="the vectors of the run this engine generated for")  # fmt: skip
     steer_p, monitor_p = (sub.choices[name] for name in helps)
@@ -72,7 +79,7 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
     monitor_p.add_argument(
         "--max-new-tokens", type=int, default=None, help="default: the experiment's"
     )
-    monitor_p.add_argument("--folds", type=int, default=5,
+    monitor_p.add_argument("--folds", type=int, default=EVALUATION.folds,
                            help="cross-validation folds (by example index) of each trait's "
                            "threshold")  # fmt: skip
 

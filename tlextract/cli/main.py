@@ -16,11 +16,11 @@ from tlextract.cli.guard import guarded
 from tlextract.cli.interventions import INTERVENTIONS, add_intervention_commands
 from tlextract.cli.newtrait import NEW_TRAIT, add_new_trait_command, new_trait
 from tlextract.cli.result import result_card
-from tlextract.config import DEFAULT_EXPERIMENT, Experiment, load_experiment
+from tlextract.config import DEFAULT_EXPERIMENT, EVALUATION, Experiment, load_experiment
 from tlextract.errors import TLExtractError, during
 from tlextract.inputs import require_directory
 from tlextract.ops.methods import METHODS
-from tlextract.settings import DTYPES, MODES, STAGES, settings_for
+from tlextract.settings import DEFAULT_DTYPE, DTYPES, MODES, STAGES, settings_for
 from tlextract.stages.common import model_loader
 from tlextract.stages.run import run_trait
 from tlextract.traits import VARIANTS
@@ -180,7 +180,7 @@ def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
         "scores with the studied model itself",
     )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
                    help="model weights; pooling and vectors are always float32")  # fmt: skip
     p.add_argument(
         "--offline",
@@ -197,9 +197,9 @@ def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
 
 def add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    p.add_argument("--test-fraction", type=float, default=0.25)
+    p.add_argument("--test-fraction", type=float, default=EVALUATION.test_fraction)
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--folds", type=int, default=5,
+    p.add_argument("--folds", type=int, default=EVALUATION.folds,
                    help="cross-validation folds (by example index), headline figures")  # fmt: skip
     p.add_argument("--layer", type=int, default=None,
                    help="cosine matrix layer (default: median cross-validated layer)")  # fmt: skip
@@ -235,7 +235,7 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
     if not 2 <= args.folds <= n:
         raise TLExtractError(
             f"--folds {args.folds}: use 2 to {n} (a fold needs examples of its own, and the "
-            f"runs have {n} per side); the default is 5."
+            f"runs have {n} per side); the default is {EVALUATION.folds}."
         )
     path = build_report(
         experiment,

@@ -49,10 +49,11 @@ from tlextract.model.cache import (
     ensure_cached,
 )
 from tlextract.model.tokens import prepare_tokenizer
+from tlextract.settings import DEFAULT_DTYPE, DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the names: settings.DTYPES
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class _Source:
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_DTYPE,
     *,
     fast: bool = True,
 ) -> HookedTransformer:
@@ -124,7 +125,7 @@ def load_model(
 
 
 def load_hf_model(
-    name: str = DEFAULT_MODEL, dtype: str = "float32"
+    name: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The transformers model (CPU, eval mode) and tokenizer that ``load_model(name)`` converts."""
     return _load_hf(_resolve(name).directory, _torch_dtype(dtype))
@@ -169,9 +170,9 @@ def model_info(model: HookedTransformer) -> dict[str, Any]:
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
+    if dtype not in TORCH_DTYPES:
         raise TLExtractError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return TORCH_DTYPES[dtype]
 
 
 def _resolve(name: str) -> _Source:

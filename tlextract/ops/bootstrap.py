@@ -21,6 +21,7 @@ from einops import einsum
 from jaxtyping import Bool, Float, Real
 from torch import Tensor
 
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 
 FIGURES = ("accuracy", "auroc", "cohens_d")
@@ -72,7 +73,7 @@ def bootstrap(
     neg: Float[Tensor, " n_neg"],
     pos_groups: Sequence[int],
     neg_groups: Sequence[int],
-    n_boot: int = 2000,
+    n_boot: int = EVALUATION.n_boot,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Interval]:
@@ -103,7 +104,7 @@ def bootstrap_rows(
     scores: Float[Tensor, " n"],
     y: Bool[Tensor, " n"],
     groups: Sequence[int],
-    n_boot: int = 2000,
+    n_boot: int = EVALUATION.n_boot,
     seed: int = 0,
 ) -> dict[str, Interval]:
     """:func:`bootstrap` of the pos rows (``y``) against the others, ``groups[i]`` being row
@@ -120,7 +121,7 @@ def _interval(value: float, samples: Float[Tensor, " b"], level: float) -> Inter
 
 
 def mean_interval(
-    values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+    values: Sequence[float], n_boot: int = EVALUATION.n_boot, seed: int = 0, level: float = 0.95
 ) -> Interval:
     """Mean of ``values`` (one per independent unit, e.g. a question's paired difference) with
     a percentile-bootstrap interval."""

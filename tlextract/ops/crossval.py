@@ -24,16 +24,16 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.ops.metrics import auroc, cohens_d, project
 
 # A fitting rule: (pos rows, neg rows) of [n, layer, d_model] -> [layer, d_model] directions.
 Fit = Callable[[Tensor, Tensor], Tensor]
-DEFAULT_FOLDS = 5
 
 
 def fold_of(
-    groups: Sequence[Hashable], k: int = DEFAULT_FOLDS, seed: int = 0, *, arg: str = "folds="
+    groups: Sequence[Hashable], k: int = EVALUATION.folds, seed: int = 0, *, arg: str = "folds="
 ) -> Int[Tensor, " n"]:
     """Fold (0..k-1) of each row: distinct groups in a seeded random order, dealt round-robin,
     so fold sizes differ by at most one group and a group never spans two folds. ``arg``: how

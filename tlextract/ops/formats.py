@@ -59,6 +59,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.ops.vector_files import (
     GGUF_ARCH,
@@ -82,7 +83,7 @@ def to_persona_vectors(
     layers: Sequence[int],
     n_layers: int,
     *,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
     skip_unsupported: bool = False,
 ) -> Float[Tensor, "hidden_state d_model"]:
     """The persona_vectors tensor [n_layers + 1, d_model] (float32, CPU) holding ``vectors[i]``
@@ -112,7 +113,7 @@ def to_persona_vectors(
     return out
 
 
-def persona_blocks(layers: Sequence[int], n_layers: int, hook: str = "resid_post") -> list[int]:
+def persona_blocks(layers: Sequence[int], n_layers: int, hook: str = DEFAULT_HOOK) -> list[int]:
     """The blocks of ``layers`` a persona_vectors file can hold exactly (all but the last block
     at resid_post), in the order given."""
     return [int(b) for b in layers if hidden_state_index(int(b), hook) < final_norm_row(n_layers)]
@@ -122,7 +123,7 @@ def from_persona_vectors(
     table: Float[Tensor, "hidden_state d_model"],
     layers: Sequence[int] | None = None,
     *,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
 ) -> TraitVectors:
     """Inverse of :func:`to_persona_vectors`: the rows for ``layers``, as float32 (default: every
     block whose row is exact, which at resid_post drops the embedding row 0 and the final-norm
@@ -137,7 +138,7 @@ def save_persona_vectors(
     layers: Sequence[int],
     n_layers: int,
     *,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
     skip_unsupported: bool = False,
 ) -> list[int]:
     """Write the persona_vectors ``.pt`` file (a bare tensor, as ``torch.save`` writes it);
@@ -150,7 +151,7 @@ def save_persona_vectors(
 
 
 def load_persona_vectors(
-    path: Path, layers: Sequence[int] | None = None, *, hook: str = "resid_post"
+    path: Path, layers: Sequence[int] | None = None, *, hook: str = DEFAULT_HOOK
 ) -> TraitVectors:
     """Read a persona_vectors ``.pt`` file; see :func:`from_persona_vectors`."""
     return TraitVectors(**read_persona(Path(path), layers, hook=hook))
@@ -166,7 +167,7 @@ def save_gguf(
     layers: Sequence[int],
     model_hint: str,
     *,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
     skip_unsupported: bool = False,
 ) -> list[int]:
     """Write a llama.cpp / repeng control vector; returns the block indices written.
@@ -204,7 +205,7 @@ def save_gguf(
     return written
 
 
-def load_gguf(path: Path, *, hook: str = "resid_post") -> TraitVectors:
+def load_gguf(path: Path, *, hook: str = DEFAULT_HOOK) -> TraitVectors:
     """Read a GGUF control vector (ours, repeng's or llama.cpp's ``cvector-generator``).
 
     Rows come back sorted by block; ``direction.{i}`` becomes block ``i`` at resid_post

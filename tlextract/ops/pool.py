@@ -17,6 +17,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.model.accel import has_hooks
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
@@ -78,7 +79,7 @@ def pooled_activations(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     layers: Sequence[int],
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
 ) -> Float[Tensor, "batch layer d_model"]:
     """One teacher-forced pass; the hook's output at each response token, averaged per example.
 

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import device_of, left_pad, text_ids, tokenizer_of
 from tlextract.ops.neutral import NEUTRAL_TEXTS
@@ -61,7 +62,7 @@ def unit_direction(
     model: HookedTransformer,
     vector: TraitVectors | Float[Tensor, " d_model"],
     layer: int,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
 ) -> tuple[str, Float[Tensor, " d_model"]]:
     """The hook name and float32 unit vector for ``layer``, checked against the model.
 
@@ -102,7 +103,7 @@ def residual_norm(
     model: HookedTransformer,
     layer: int,
     texts: Sequence[str] = REFERENCE_TEXTS,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
 ) -> float:
     """Median L2 norm of ``blocks.{layer}.hook_{hook}`` over every token of ``texts`` (tokenized
     without special tokens; padding left out): the unit of :func:`steer`'s ``alpha``."""
@@ -156,7 +157,7 @@ def steer(
     positions: Positions = "all",
     *,
     scale: float | None = None,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
 ) -> Iterator[Intervention]:
     """Inside the block, add ``alpha * scale * u`` at ``layer``'s hook at ``positions``.
 
@@ -183,7 +184,7 @@ def ablate(
     layer: int,
     positions: Positions = "all",
     *,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
 ) -> Iterator[Intervention]:
     """Inside the block, project the direction out at ``layer``'s hook: ``x - (x . u) u``."""
     name, unit = unit_direction(model, vector, layer, hook)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
+from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.inputs import PathArg
 from tlextract.ops.pool import hook_name
@@ -63,7 +64,7 @@ def _offset(hook: str) -> int:
     return _OFFSET[hook]
 
 
-def hidden_state_index(layer: int, hook: str = "resid_post") -> int:
+def hidden_state_index(layer: int, hook: str = DEFAULT_HOOK) -> int:
     """Row of a persona_vectors table, numbered like transformers' ``hidden_states``, that
     :func:`to_persona_vectors` uses for ``blocks.{layer}.hook_{hook}``.
 
@@ -81,7 +82,7 @@ def final_norm_row(n_layers: int) -> int:
     return n_layers
 
 
-def gguf_layer_index(layer: int, hook: str = "resid_post") -> int:
+def gguf_layer_index(layer: int, hook: str = DEFAULT_HOOK) -> int:
     """The ``i`` of the GGUF tensor ``direction.{i}`` for ``blocks.{layer}.hook_{hook}``: the
     llama.cpp layer whose output the vector is added to (>= 1 for llama.cpp to accept it)."""
     return hidden_state_index(layer, hook) - 1
@@ -140,7 +141,7 @@ def detect_format(path: Path) -> str | None:
     return None
 
 
-def read_vectors(path: Path, *, hook: str = "resid_post") -> VectorFields:
+def read_vectors(path: Path, *, hook: str = DEFAULT_HOOK) -> VectorFields:
     """The vectors in ``path``, whatever its format; ``hook`` is used by files that do not record
     theirs (persona_vectors, GGUF, safetensors without tlextract's metadata)."""
     fmt = detect_format(path)
@@ -189,7 +190,7 @@ def persona_fields(
     table: Float[Tensor, "hidden_state d_model"],
     layers: Sequence[int] | None = None,
     *,
-    hook: str = "resid_post",
+    hook: str = DEFAULT_HOOK,
 ) -> VectorFields:
     """The rows of a persona_vectors table for ``layers``, as float32.
 
@@ -226,7 +227,7 @@ def persona_fields(
 
 
 def read_persona(
-    path: Path, layers: Sequence[int] | None = None, *, hook: str = "resid_post"
+    path: Path, layers: Sequence[int] | None = None, *, hook: str = DEFAULT_HOOK
 ) -> VectorFields:
     """A persona_vectors ``.pt`` file; see :func:`persona_fields`."""
     table = _torch_object(path)
@@ -250,7 +251,7 @@ def _field_str(reader: gguf.GGUFReader, key: str) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def read_gguf(path: Path, *, hook: str = "resid_post") -> VectorFields:
+def read_gguf(path: Path, *, hook: str = DEFAULT_HOOK) -> VectorFields:
     """A GGUF control vector (ours, repeng's or llama.cpp's ``cvector-generator``).
 
     Rows come back sorted by block; ``direction.{i}`` becomes block ``i`` at resid_post
@@ -339,7 +340,7 @@ def save_safetensors(
         tmp.write_bytes(data)
 
 
-def read_safetensors(path: Path, *, hook: str = "resid_post") -> VectorFields:
+def read_safetensors(path: Path, *, hook: str = DEFAULT_HOOK) -> VectorFields:
     """Inverse of :func:`save_safetensors`; also reads ``layers.{l}`` tensors another tool wrote
     (without tlextract's metadata: blocks sorted, hook ``hook``, method "imported")."""
     try:

@@ -9,6 +9,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.config import DEFAULT_HOOK
 from tlextract.inputs import PathArg
 from tlextract.ops import vector_files
 from tlextract.ops.pool import hook_name
@@ -60,7 +61,7 @@ class TraitVectors:
         )  # fmt: skip
 
     @classmethod
-    def load(cls, path: PathArg, *, hook: str = "resid_post") -> TraitVectors:
+    def load(cls, path: PathArg, *, hook: str = DEFAULT_HOOK) -> TraitVectors:
         """Vectors from any file tlextract reads, recognised by content whatever its name: ours
         (:meth:`save`), safetensors, persona_vectors ``.pt`` or a GGUF control vector. ``hook`` is
         the hook of files that do not record one (persona_vectors, GGUF)."""

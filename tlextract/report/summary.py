@@ -39,9 +39,8 @@ from tlextract.analysis.variants import (
     comparison_json,
     comparison_markdown,
 )
-from tlextract.config import Experiment
+from tlextract.config import EVALUATION, Experiment
 from tlextract.errors import TLExtractError
-from tlextract.ops.crossval import DEFAULT_FOLDS
 from tlextract.ops.methods import METHODS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
@@ -245,9 +244,9 @@ def build_report(
     variants: Sequence[Variant] | None = None,
     methods: Sequence[str] = tuple(METHODS),
     layer: int | None = None,
-    test_fraction: float = 0.25,
+    test_fraction: float = EVALUATION.test_fraction,
     seed: int = 0,
-    folds: int = DEFAULT_FOLDS,
+    folds: int = EVALUATION.folds,
     folds_arg: str = "build_report(folds=...)",
     **overrides: Any,
 ) -> Path:
