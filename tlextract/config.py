@@ -28,6 +28,23 @@ PROMPT_STYLES = ("chat", "completion")
 JUDGE_KINDS = ("none", "local", "openai")
 SCORE_THRESHOLD = 50.0
 DEFAULT_MIN_MASS = 0.25
+
+
+@dataclass(frozen=True)
+class EndpointDefaults:
+    """An OpenAI-compatible endpoint's defaults (the openai judge; drafting a trait), defined
+    once: :class:`tlextract.judge.chat.ChatEndpoint` and the judge read them."""
+
+    api_key_env: str | None = "OPENAI_API_KEY"
+    timeout: float = 30.0  # seconds per request
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    max_concurrency: int = 8  # the judge's requests in flight
+    top_logprobs: int = 20
+
+
+ENDPOINT = EndpointDefaults()
 KEEP_RULES: dict[str, float | int] = {
     "threshold": SCORE_THRESHOLD,
     "min_coherence": SCORE_THRESHOLD,

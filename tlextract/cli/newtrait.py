@@ -10,7 +10,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from tlextract.config import DEFAULT_EXPERIMENT, Experiment
+from tlextract.config import DEFAULT_EXPERIMENT, ENDPOINT, Experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.chat import ChatEndpoint
 from tlextract.judge.draft import DEFAULT_NATURAL, DRAFT_TIMEOUT, check_destination, draft_trait
@@ -59,7 +59,7 @@ def _endpoint(args: argparse.Namespace, experiment: Experiment) -> ChatEndpoint:
         )
     key_env = args.api_key_env
     if key_env is None:
-        key_env = judge.get("api_key_env", "OPENAI_API_KEY")  # the judge's own default
+        key_env = judge.get("api_key_env", ENDPOINT.api_key_env)  # the judge's own default
     return ChatEndpoint(base_url, model, key_env or None, timeout=DRAFT_TIMEOUT, max_retries=3,
                         role="drafting", no_key_hint="pass --api-key-env ''")  # fmt: skip
 

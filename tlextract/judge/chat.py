@@ -36,6 +36,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
+from tlextract.config import ENDPOINT
 from tlextract.errors import TLExtractError
 
 __all__ = [
@@ -155,11 +156,11 @@ class ChatEndpoint:
         self,
         base_url: str,
         model: str,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        timeout: float = 30.0,
-        max_retries: int = 5,
-        backoff_base: float = 1.0,
-        backoff_max: float = 60.0,
+        api_key_env: str | None = ENDPOINT.api_key_env,
+        timeout: float = ENDPOINT.timeout,
+        max_retries: int = ENDPOINT.max_retries,
+        backoff_base: float = ENDPOINT.backoff_base,
+        backoff_max: float = ENDPOINT.backoff_max,
         role: str = "judge",
         no_key_hint: str = 'set "api_key_env" to null',
     ) -> None:

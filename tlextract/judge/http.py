@@ -26,6 +26,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from tlextract.config import ENDPOINT
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import DEFAULT_MIN_MASS, Score, aggregate_score
 from tlextract.judge.chat import (
@@ -65,32 +66,30 @@ class OpenAIJudge(ChatEndpoint):
     """Judge through an OpenAI-compatible ``/chat/completions`` endpoint with logprobs.
 
     Args:
-        base_url, model, api_key_env, timeout, max_retries, backoff_base, backoff_max: the
-            endpoint and its retries, see :class:`tlextract.judge.chat.ChatEndpoint`.
+        base_url, model: the endpoint, see :class:`tlextract.judge.chat.ChatEndpoint`.
         max_concurrency: at most this many requests in flight.
         min_mass: see :func:`tlextract.judge.base.aggregate_score`.
         top_logprobs: how many alternatives the server reports (OpenAI allows up to 20).
+        endpoint: ``api_key_env``, ``timeout``, ``max_retries``, ``backoff_base``,
+            ``backoff_max``: the endpoint's key and retries, as :class:`ChatEndpoint` takes them
+            (defaults: :data:`tlextract.config.ENDPOINT`).
     """
 
     def __init__(
         self,
         base_url: str,
         model: str,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        max_concurrency: int = 8,
-        timeout: float = 30.0,
-        max_retries: int = 5,
+        *,
+        max_concurrency: int = ENDPOINT.max_concurrency,
         min_mass: float = DEFAULT_MIN_MASS,
-        backoff_base: float = 1.0,
-        backoff_max: float = 60.0,
-        top_logprobs: int = 20,
+        top_logprobs: int = ENDPOINT.top_logprobs,
+        **endpoint: Any,
     ) -> None:
         if max_concurrency < 1 or top_logprobs < 1:
             raise TLExtractError(
                 "judge settings out of range: need max_concurrency >= 1, top_logprobs >= 1"
             )
-        super().__init__(base_url, model, api_key_env, timeout, max_retries, backoff_base,
-                         backoff_max, role="judge")  # fmt: skip
+        super().__init__(base_url, model, role="judge", **endpoint)
         self.max_concurrency = max_concurrency
         self.min_mass = float(min_mass)
         self.top_logprobs = top_logprobs

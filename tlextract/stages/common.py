@@ -127,7 +127,7 @@ def _read_shard(
 
 
 def run_sharded(
-    stage: Path,
+    stage: Path | None,
     key: str,
     lengths: Sequence[int],
     size: int,
@@ -143,12 +143,17 @@ def run_sharded(
     Shards of these settings saved before an interruption are reused when they load and
     ``valid(indices, shard)`` holds (a damaged one is moved aside and its batch recomputed),
     shards of other settings removed. Returns the contents of every shard, in batch order, and
-    the halving state."""
-    shards = shard_dir(stage, fingerprint([key, size]))
-    clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
+    the halving state. ``stage`` None: the same batches, kept in memory, nothing written
+    (``tx.extract``)."""
     halving = HalvingBatches(size, device)
     contents: list[Any] = []
     todo = batches(lengths, size)
+    if stage is None:
+        for idx in tqdm(todo, desc=desc, unit="batch", leave=False):
+            contents.append(to_shard(idx, halving.run(idx, compute)))
+        return contents, halving
+    shards = shard_dir(stage, fingerprint([key, size]))
+    clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
     with during(lambda: f"{desc} ({len(contents)} of {len(todo)} batches finished and kept)"):
         for b, idx in enumerate(tqdm(todo, desc=desc, unit="batch")):
             path = shards / f"batch_{b:05d}.pt"

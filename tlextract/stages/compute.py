@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
@@ -23,6 +23,7 @@ from tlextract.engines.base import Engine
 from tlextract.model.memory import HalvingBatches
 from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
 from tlextract.settings import Mode
+from tlextract.stages.common import run_sharded
 
 Key = tuple[str, int]  # (polarity, example index)
 
@@ -55,25 +56,11 @@ class Capture:
 
 # Runs ``compute`` over items grouped in batches (lengths, size, compute, to_shard, device, desc,
 # valid): returns what ``to_shard`` made of each batch, in batch order, and the halving state.
-# :func:`tlextract.stages.common.run_sharded` (bound to a stage and key) or :func:`in_memory`.
+# :func:`tlextract.stages.common.run_sharded` bound to a stage and key, or to none (in memory).
 Shards = Callable[..., tuple[list[Any], HalvingBatches]]
 
 
-def in_memory(
-    lengths: Sequence[int],
-    size: int,
-    compute: Callable[[list[int]], list],
-    to_shard: Callable[[list[int], list], Any],
-    device: Any,
-    desc: str,
-    valid: Callable[[list[int], Any], bool] = lambda idx, shard: True,
-) -> tuple[list[Any], HalvingBatches]:
-    """:data:`Shards` that keeps every batch in memory (``valid``: nothing saved to check)."""
-    from tlextract.stages.common import batches  # the stages' grouping, so batches match
-
-    halving = HalvingBatches(size, device)
-    todo = tqdm(batches(lengths, size), desc=desc, unit="batch", leave=False)
-    return [to_shard(idx, halving.run(idx, compute)) for idx in todo], halving
+in_memory: Shards = partial(run_sharded, None, "")  # the stages' batches, nothing written
 
 
 def generate_records(
