@@ -13,6 +13,7 @@ Everything a notebook needs, at one level::
     auto = tx.auto_steer(model, run, vectors)   # layer and alpha within fluency bounds
     with tx.steer(model, vectors, auto.chosen.layer, alpha=auto.chosen.alpha):
         ...
+    tx.restore(model)                    # stock TransformerLens again; tx.accelerate(model) undoes
 """
 
 import importlib

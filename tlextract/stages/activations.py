@@ -103,9 +103,8 @@ def extract_activations(
         log.info("[%s] activations: up to date, skipped (%s)", run.trait.name, stage)
         return done
     if run.mode == "combined":  # recorded while generating: the responses stage has them
-        pooled = load_pooled(run)
-        layers = read_json(run.stage_dir("generate") / META)["layers"]
-        return _write(run, key, tuple(layers), pooled)
+        pooled, layers = load_pooled(run)
+        return _write(run, key, layers, pooled)
     model = get_model()
     capture = Capture.of(run.mode, run.experiment.hook, run.layers, model.cfg.n_layers)
     rows = [r for r in responses if r["n_response_tokens"] > 0]
