@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tlextract.engines.tl
-import tlextract.stages.activations
+import tlextract.stages.compute
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.cache import DEFAULT_MODEL
@@ -102,7 +102,7 @@ def test_pipeline_recovers_from_out_of_memory_by_halving(
 
     stages = {
         "generate_batch": tlextract.engines.tl,
-        "pooled_activations": tlextract.stages.activations,
+        "pooled_activations": tlextract.stages.compute,
     }
     for name, stage in stages.items():
         real = getattr(stage, name)
