@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from tlextract.config import DEFAULT_EXPERIMENT, Experiment
 from tlextract.errors import TLExtractError
+from tlextract.ops.bootstrap import Interval
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings, monitor_dir, settings_for, steer_dir
 from tlextract.stages.common import model_loader
@@ -171,13 +172,16 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
             raise TLExtractError(f"{flag} {value}: must be positive (nats per token).")
     saved = [_saved_run(args, experiment, t) for t in _trait_names(args, experiment)]
     get_model = model_loader(saved[0][0])
+    side: dict[str, dict[str, Interval]] = {}
     for run, vectors, layer in saved:
         model = get_model()
         judge = make_judge(split_judge(run.judge)[0], model=model)
         out = steer_dir(run)
         cache = JudgeCache(out / "judge_cache.jsonl") if judge is not None else None
         if args.auto:
-            _auto(args, run, vectors, layer, model, judge, cache)
+            row = _auto(args, run, vectors, layer, model, judge, cache)
+            if row is not None:
+                side[run.trait.name] = row
             continue
         sweep = alpha_sweep(
             model,
@@ -197,6 +201,26 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
             + f"[{run.trait.name}] steering sweep -> "
             + ", ".join(map(str, paths))
         )
+    if side:
+        _write_side_effects(saved[0][0], side)
+
+
+def _write_side_effects(run: RunSettings, rows: dict[str, dict[str, Interval]]) -> None:
+    """The trait x trait table of the traits steered in this call, printed and saved."""
+    from dataclasses import asdict
+
+    from tlextract.analysis.steer_effects import side_effect_table
+    from tlextract.settings import experiment_report_dir
+    from tlextract.store import write_json, write_text
+
+    out = experiment_report_dir(run.experiment, run.model) / f"side_effects_{run.variant}"
+    table = side_effect_table(rows)
+    head = ("Side effects of steer --auto: shift in each trait's classifier P(pos) when the row's "
+            "trait is steered at its chosen setting (report questions, 95% intervals)")  # fmt: skip
+    write_text(out.with_suffix(".md"), "\n".join([f"# {head}", "", *table]) + "\n")
+    write_json(out.with_suffix(".json"),
+               {s: {c: asdict(i) for c, i in row.items()} for s, row in rows.items()})  # fmt: skip
+    print("\n".join([head + ":", *table, f"-> {out.with_suffix('.md')}"]))
 
 
 def _auto(
@@ -207,7 +231,8 @@ def _auto(
     model: HookedTransformer,
     judge: Judge | None,
     cache: JudgeCache | None,
-) -> None:
+) -> dict[str, Interval] | None:
+    """Choose, report, write; the steered row of the side-effect table (None: no choice)."""
     from tlextract.analysis.autosteer import (
         ALPHAS,
         MAX_KL,
@@ -238,13 +263,21 @@ def _auto(
     c = result.chosen
     if c is None:
         print(f"[{run.trait.name}] steer --auto: no candidate within the bounds (see {paths[1]})")
-        return
+        return None
     line = ", ".join(f"{r.name} {r.shift:+.2f}" for r in result.report if r.shift is not None)
     print(
         f"[{run.trait.name}] steer --auto toward {args.pole}: layer {c.layer}, alpha "
         f"{c.alpha:+g} (KL {c.kl:.3f} <= {result.max_kl}); shift in P({args.pole}) on "
         f"{len(result.report_questions)} other questions: {line} -> " + ", ".join(map(str, paths))
     )
+    for r in result.report:
+        if r.effects is not None:
+            drop = r.effects.neutral_logprob_drop
+            shown = "-" if drop is None else format(drop, "+.2f")
+            print(f"  {r.name}: moved away from {args.pole} on {r.effects.wrong_way} of the "
+                  f"questions; neutral log-prob drop {shown}")  # fmt: skip
+    steered = next((r for r in result.report if r.name == "steered"), None)
+    return steered.effects.side_effects if steered and steered.effects else None
 
 
 def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
