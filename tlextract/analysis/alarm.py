@@ -83,6 +83,19 @@ class AlarmFigures:
     n_test_tokens: int
 
 
+# Measured on smollm2_cognitive (docs/results.md, `python -m tlextract alarm`): a window of 8
+# answer tokens at the layer the alarm's own CV picks gave the highest TPR at 5% on all four
+# traits, at false-alarm rates within their intervals of 5%; a probe was no better.
+DEFAULT_FORMULATION = Formulation("mean_diff", 8, None)
+FORMULATIONS = (
+    Formulation("mean_diff", 1, None),
+    Formulation("mean_diff", 4, None),
+    Formulation("mean_diff", 8, None),
+    Formulation("probe", 1, None),
+    Formulation("probe", 8, None),
+)
+
+
 def running_mean(scores: Float[Tensor, "token layer"], window: int) -> Float[Tensor, "token layer"]:
     """Token t's score averaged with the ``window - 1`` before it (fewer at the start)."""
     if window <= 1 or not len(scores):

@@ -8,9 +8,20 @@ from collections.abc import Sequence
 
 from transformer_lens import HookedTransformer
 
-from tlextract.analysis.alarm import TokenData
+from tlextract.analysis.alarm import (
+    DEFAULT_FORMULATION,
+    DEFAULT_RATE,
+    FORMULATIONS,
+    Alarm,
+    AlarmFigures,
+    Formulation,
+    TokenData,
+    fit_alarm,
+    measure,
+)
 from tlextract.analysis.heldout import load_kept
 from tlextract.errors import TLExtractError
+from tlextract.ops.crossval import DEFAULT_FOLDS
 from tlextract.ops.fluency import neutral_answers
 from tlextract.ops.neutral import corpus_split
 from tlextract.ops.pool import hook_name
@@ -55,3 +66,31 @@ def load_token_data(
         neutral_cal=answer_residuals(model, *neutral_answers(model, style, cal), names),
         neutral_test=answer_residuals(model, *neutral_answers(model, style, test), names),
     ), names
+
+
+def monitor_alarm(
+    model: HookedTransformer,
+    run: RunSettings,
+    rate: float = DEFAULT_RATE,
+    folds: int = DEFAULT_FOLDS,
+    formulation: Formulation = DEFAULT_FORMULATION,
+) -> Alarm:
+    """The alarm ``monitor`` uses for ``run``'s trait: ``formulation`` measured at ``rate`` and
+    fitted on all the data."""
+    data, names = load_token_data(model, run)
+    figures = measure(data, formulation, rate, folds, run.experiment.seed)
+    return fit_alarm(data, run.trait.name, names, figures, run.experiment.seed)
+
+
+def compare_formulations(
+    model: HookedTransformer,
+    run: RunSettings,
+    rate: float = DEFAULT_RATE,
+    folds: int = DEFAULT_FOLDS,
+    fixed_layer: int | None = None,
+) -> list[AlarmFigures]:
+    """Every formulation of :data:`FORMULATIONS` at ``rate`` (and mean_diff alone at
+    ``fixed_layer``, the layer the evaluation chose, when given), on the same data."""
+    data, _ = load_token_data(model, run)
+    chosen = [Formulation("mean_diff", 1, fixed_layer)] if fixed_layer is not None else []
+    return [measure(data, f, rate, folds, run.experiment.seed) for f in [*chosen, *FORMULATIONS]]

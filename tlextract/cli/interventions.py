@@ -18,6 +18,7 @@ from tlextract.traits import VARIANTS
 if TYPE_CHECKING:  # the commands import their heavy modules lazily
     from transformer_lens import HookedTransformer
 
+    from tlextract.analysis.alarm import Alarm
     from tlextract.judge.base import Judge
     from tlextract.judge.cache import JudgeCache
 
@@ -34,6 +35,7 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
     helps = {
         "steer": "steer held-out questions at several strengths (and ablate): sweep.json, plot",
         "monitor": "score every token of the answers to --prompt on each trait's vector",
+        "alarm": "compare per-token alarm formulations at a false-alarm rate on neutral text",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
@@ -58,8 +60,12 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
         p.add_argument("--engine", default=None, choices=("tl", "vllm"),
                        help="the vectors of the run this engine generated for")  # fmt: skip
-    steer_p, monitor_p = (sub.choices[name] for name in helps)
+    steer_p, monitor_p, alarm_p = (sub.choices[name] for name in helps)
     _add_steer_options(steer_p)
+    for p in (monitor_p, alarm_p):
+        p.add_argument("--false-alarm-rate", type=float, default=0.05,
+                       help="share of held-out neutral tokens the alarm may fire on")  # fmt: skip
+    alarm_p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     monitor_p.add_argument(
         "--prompt",
         action="append",
@@ -283,40 +289,47 @@ def _auto(
 def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from dataclasses import asdict, replace
 
-    from tlextract.analysis.calibrate import calibrate
+    from tlextract.analysis.alarm_data import monitor_alarm
     from tlextract.analysis.sweep import pole_means
     from tlextract.ops.monitor import monitor
     from tlextract.ops.steer import unit_direction
     from tlextract.report.monitor_view import above_threshold, write_monitoring
     from tlextract.store import write_json
 
+    check_rate(args.false_alarm_rate)
     saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
     if args.color_trait not in (None, *saved):
         raise TLExtractError(f"--color-trait {args.color_trait!r} is not among {list(saved)}.")
     first = next(iter(saved.values()))[0]
     model = model_loader(first)()
+    thresholds = {}
+    for t, (run, _, _) in saved.items():
+        try:
+            thresholds[t] = monitor_alarm(model, run, args.false_alarm_rate, args.folds)
+        except TLExtractError as err:  # e.g. no judged activations: monitor without a threshold
+            print(f"[{t}] no threshold: {err}")
+            continue
+        print(thresholds[t].describe())
+    # Each trait is watched with its alarm's vector at its alarm's layer, where it has one.
+    watch = {
+        t: (alarm_vectors(thresholds[t], tv), thresholds[t].layer) if t in thresholds
+        else (tv, layer)
+        for t, (_, tv, layer) in saved.items()
+    }  # fmt: skip
     gen = experiment.generation
     mon = monitor(
         model,
         args.prompt,
-        {t: tv for t, (_, tv, _) in saved.items()},
-        {t: layer for t, (_, _, layer) in saved.items()},
+        {t: tv for t, (tv, _) in watch.items()},
+        {t: layer for t, (_, layer) in watch.items()},
         style=experiment.prompt_style,
         settings=replace(gen, max_new_tokens=args.max_new_tokens or gen.max_new_tokens),
         seeds=[experiment.seed + i for i in range(len(args.prompt))],
     )
     poles = {
-        t: pole_means(run, layer, unit_direction(model, tv, layer)[1])
-        for t, (run, tv, layer) in saved.items()
+        t: pole_means(saved[t][0], layer, unit_direction(model, tv, layer)[1])
+        for t, (tv, layer) in watch.items()
     }
-    thresholds = {}
-    for t, (run, tv, layer) in saved.items():
-        try:
-            thresholds[t] = calibrate(model, run, tv, layer, folds=args.folds, folds_arg="--folds")
-        except TLExtractError as err:  # e.g. no judged activations: monitor without a threshold
-            print(f"[{t}] no threshold: {err}")
-            continue
-        print(thresholds[t].describe())
     out = monitor_dir(first)
     write_json(out / "calibration.json", {t: asdict(c) for t, c in thresholds.items()})
     paths = [
@@ -330,8 +343,30 @@ def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     print(f"monitor: {len(mon.texts)} answers -> {', '.join(map(str, paths))}")
 
 
+def check_rate(rate: float) -> None:
+    if not 0 < rate < 1:
+        raise TLExtractError(f"--false-alarm-rate {rate}: use a share between 0 and 1, e.g. 0.05.")
+
+
+def alarm_vectors(alarm: Alarm, like: TraitVectors) -> TraitVectors:
+    """The alarm's unit vector as one-layer TraitVectors (it may be a probe's, not the saved
+    mean_diff), so that the monitor scores what the threshold was set on."""
+    import torch
+
+    return TraitVectors(like.trait, alarm.figures.formulation.method, like.model, like.hook,
+                        (alarm.layer,), torch.tensor([alarm.unit]))  # fmt: skip
+
+
+def alarm_command(args: argparse.Namespace, experiment: Experiment) -> None:
+    from tlextract.cli.alarm import compare
+
+    check_rate(args.false_alarm_rate)
+    saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
+    compare(args, saved)
+
+
 def _trait_names(args: argparse.Namespace, experiment: Experiment) -> tuple[str, ...]:
     return experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
 
 
-INTERVENTIONS = {"steer": steer_command, "monitor": monitor_command}
+INTERVENTIONS = {"steer": steer_command, "monitor": monitor_command, "alarm": alarm_command}
