@@ -3,7 +3,6 @@ certain letters, and a classifier that counts them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,12 +159,17 @@ def test_cli_steer_auto_writes_its_choice(tmp_path: Path, capsys) -> None:
 # --- who a setting fails, and what else it moves -----------------------------------------------
 
 
-class HashNoise:
-    """Planted classifier that no direction moves on average: a number drawn from the text's
-    hash, so any change of the text changes it, up or down alike."""
+class ConsonantHalf:
+    """Planted classifier of a behaviour the vowel vector leaves alone: the share of an answer's
+    consonants from the first half of the alphabet (b-m). The vector is vowels minus the mean of
+    all consonants, so it favours no half of them (0.5 for an answer with no consonant)."""
 
     def prob_pos(self, texts: Sequence[str]) -> list[float]:
-        return [hashlib.sha256(t.encode()).digest()[0] / 255 for t in texts]
+        out = []
+        for t in texts:
+            cons = [c for c in t.lower() if c.isalpha() and c.isascii() and c not in POS_LETTERS]
+            out.append(sum(c <= "m" for c in cons) / len(cons) if cons else 0.5)
+        return out
 
 
 def test_a_vector_moving_half_the_questions_each_way_reports_half_wrong_way() -> None:
@@ -193,7 +197,7 @@ def test_planted_vector_moves_its_trait_only_and_few_questions_the_wrong_way(
     planted, sharp_model
 ) -> None:
     run, vectors, last = planted
-    others = {"vowels": LetterShare(), "noise": HashNoise()}
+    others = {"vowels": LetterShare(), "consonants": ConsonantHalf()}
     result = auto_steer(
         sharp_model, run, vectors, "pos", layers=[last], alphas=(1.0, 2.0),
         max_kl=100.0, max_logprob_drop=100.0, n_questions=8, classifier=LetterShare(),
@@ -207,7 +211,8 @@ def test_planted_vector_moves_its_trait_only_and_few_questions_the_wrong_way(
     shift = report["steered"].shift
     assert shift is not None and steered.side_effects["vowels"].value == pytest.approx(shift.value)
     assert steered.side_effects["vowels"].low > 0
-    assert steered.side_effects["noise"].covers(0.0)
-    assert steered.wrong_way.value < 0.25 and steered.wrong_way.value < random.wrong_way.value
+    assert steered.side_effects["consonants"].covers(0.0)
+    assert steered.wrong_way.high < 0.5  # every question moved toward the vowels, none away
+    assert random.side_effects["vowels"].value < steered.side_effects["vowels"].value - 0.3
     # Steering at this strength costs fluency on neutral questions too.
     assert steered.neutral_logprob_drop is not None and steered.neutral_logprob_drop.value > 0
