@@ -13,8 +13,10 @@ from conftest import write_experiment
 
 from tlextract import load_model
 from tlextract.analysis.autosteer import auto_steer, default_layers
+from tlextract.analysis.steer_effects import side_effect_table, wrong_way_share
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
+from tlextract.ops.bootstrap import Interval
 from tlextract.ops.fluency import kl_divergence, neutral_answers
 from tlextract.ops.pool import pack
 from tlextract.ops.steer import residual_norm
@@ -152,3 +154,65 @@ def test_cli_steer_auto_writes_its_choice(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "steer --auto toward pos: layer" in printed
     assert (out / "auto.md").exists() and (out / "auto.png").stat().st_size > 0
+
+
+# --- who a setting fails, and what else it moves -----------------------------------------------
+
+
+class ConsonantHalf:
+    """Planted classifier of a behaviour the vowel vector leaves alone: the share of an answer's
+    consonants from the first half of the alphabet (b-m). The vector is vowels minus the mean of
+    all consonants, so it favours no half of them (0.5 for an answer with no consonant)."""
+
+    def prob_pos(self, texts: Sequence[str]) -> list[float]:
+        out = []
+        for t in texts:
+            cons = [c for c in t.lower() if c.isalpha() and c.isascii() and c not in POS_LETTERS]
+            out.append(sum(c <= "m" for c in cons) / len(cons) if cons else 0.5)
+        return out
+
+
+def test_a_vector_moving_half_the_questions_each_way_reports_half_wrong_way() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = (0.3 + 0.4 * torch.rand(400, generator=g)).tolist()
+    moves = [0.2 if i % 2 else -0.2 for i in range(400)]  # planted: half up, half down
+    noise = (0.01 * torch.randn(400, generator=g)).tolist()
+    steered = [b + m + e for b, m, e in zip(base, moves, noise, strict=True)]
+    share = wrong_way_share(base, steered)
+    assert share.value == pytest.approx(0.5, abs=1e-9)
+    assert share.low < 0.5 < share.high and share.high - share.low < 0.15
+    all_up = wrong_way_share(base, [b + 0.2 for b in base])
+    assert all_up.value == 0.0 and all_up.high == 0.0
+    assert wrong_way_share([0.5, 0.5], [0.5, 0.5]).value == 0.0  # unchanged is not wrong way
+
+
+def test_side_effect_table_bolds_only_intervals_that_exclude_zero() -> None:
+    rows = {"a": {"a": Interval(0.3, 0.1, 0.5), "b": Interval(0.02, -0.1, 0.12)}}
+    table = side_effect_table(rows)
+    assert table[0] == "| steered \\ classifier | a | b |"
+    assert table[2] == "| a | **+0.30 [+0.10, +0.50]** | +0.02 [-0.10, +0.12] |"
+
+
+def test_planted_vector_moves_its_trait_only_and_few_questions_the_wrong_way(
+    planted, sharp_model
+) -> None:
+    run, vectors, last = planted
+    others = {"vowels": LetterShare(), "consonants": ConsonantHalf()}
+    result = auto_steer(
+        sharp_model, run, vectors, "pos", layers=[last], alphas=(1.0, 2.0),
+        max_kl=100.0, max_logprob_drop=100.0, n_questions=8, classifier=LetterShare(),
+        others=others,
+    )  # fmt: skip
+    report = {r.name: r for r in result.report}
+    assert report["unsteered"].effects is None
+    steered, random = report["steered"].effects, report["random direction"].effects
+    assert steered is not None and random is not None
+    # The side effect on the planted trait equals the main shift (same classifier, same pairs).
+    shift = report["steered"].shift
+    assert shift is not None and steered.side_effects["vowels"].value == pytest.approx(shift.value)
+    assert steered.side_effects["vowels"].low > 0
+    assert steered.side_effects["consonants"].covers(0.0)
+    assert steered.wrong_way.high < 0.5  # every question moved toward the vowels, none away
+    assert random.side_effects["vowels"].value < steered.side_effects["vowels"].value - 0.3
+    # Steering at this strength costs fluency on neutral questions too.
+    assert steered.neutral_logprob_drop is not None and steered.neutral_logprob_drop.value > 0

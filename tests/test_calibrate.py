@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from tlextract.analysis.alarm_data import monitor_alarm
 from tlextract.analysis.calibrate import (
     Calibration,
     best_threshold,
-    calibrate,
     false_alarms,
     held_out_projections,
     neutral_token_scores,
@@ -29,7 +29,6 @@ from tlextract.model.tokens import tokenize
 from tlextract.ops.crossval import fold_of
 from tlextract.ops.monitor import Monitoring, TokenScores
 from tlextract.ops.neutral import NEUTRAL_QUESTIONS, NEUTRAL_TEXTS
-from tlextract.ops.vectors import TraitVectors
 from tlextract.report.monitor_view import (
     above_threshold,
     heatmap_figure,
@@ -221,32 +220,46 @@ def test_page_and_json_carry_the_calibration(tmp_path: Path) -> None:
 # --- the monitor command ---------------------------------------------------------------------
 
 
-def test_cli_monitor_reports_thresholds(tiny_model, experiments: Path, capsys) -> None:
+def test_cli_monitor_reports_its_alarms(tiny_model, experiments: Path, capsys) -> None:
     base = ["--experiment", "tiny", "--experiments-dir", str(experiments)]
     assert main(["run", *base]) == 0
     capsys.readouterr()
     monitor = ["monitor", *base, "--prompt", "Hello there", "--max-new-tokens", "5"]
-    assert main([*monitor, "--folds", "3"]) == 0
+    assert main([*monitor, "--folds", "3", "--false-alarm-rate", "0.1"]) == 0
     printed = capsys.readouterr().out
     out = experiments / "tiny" / "monitor"
     saved = json.loads((out / "calibration.json").read_text())
     assert set(saved) == {"alpha", "beta"}
     alpha = settings_for(load_experiment("tiny", experiments), "alpha")
-    vectors = TraitVectors.load(alpha.stage_dir("vectors") / "mean_diff.pt")
-    again = calibrate(tiny_model, alpha, vectors, saved["alpha"]["layer"], folds=3)
-    assert saved["alpha"] == asdict(again)
-    assert again.n_pos + again.n_neg == 12 and again.n_neutral_texts == len(NEUTRAL_TEXTS)
-    assert again.describe() in printed
+    again = monitor_alarm(tiny_model, alpha, 0.1, folds=3)
+    assert saved["alpha"] == json.loads(json.dumps(asdict(again)))
+    assert again.figures.rate == 0.1 and again.describe() in printed
 
     watched = json.loads((out / "monitor.json").read_text())
     assert watched["calibration"] == saved
+    assert watched["layers"]["alpha"] == again.layer  # watched where the alarm was set
     text = watched["texts"][0]
-    answer = [s for s, p in zip(text["scores"]["alpha"], text["is_prompt"], strict=True) if not p]
-    above = sum(s > again.threshold for s in answer)
-    assert f"answer 0: tokens above threshold: alpha {above}/{len(answer)}, beta " in printed
+    above = sum(again.above(text["scores"]["alpha"], text["is_prompt"]))
+    n = len(text["is_prompt"]) - sum(text["is_prompt"])
+    assert f"answer 0: tokens above threshold: alpha {above}/{n}, beta " in printed
 
     # Too few examples for the folds: monitoring goes on, without thresholds.
     assert main([*monitor, "--folds", "50"]) == 0
     printed = capsys.readouterr().out
     assert "[alpha] no threshold:" in printed and "no thresholds" in printed
     assert json.loads((out / "calibration.json").read_text()) == {}
+    assert main([*monitor, "--false-alarm-rate", "5"]) == 2
+    assert "--false-alarm-rate 5.0: use a share between 0 and 1" in capsys.readouterr().err
+
+
+def test_cli_alarm_compares_formulations(experiments: Path, capsys) -> None:
+    base = ["--experiment", "tiny", "--experiments-dir", str(experiments)]
+    assert main(["run", *base]) == 0
+    capsys.readouterr()
+    assert main(["alarm", *base, "--folds", "3", "--traits", "alpha"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((experiments / "tiny" / "monitor" / "alarm.json").read_text())
+    rows = saved["formulations"]["alpha"]
+    assert len(rows) == 6 and rows[0]["formulation"]["layer"] is not None
+    assert saved["alarms"]["alpha"]["figures"]["formulation"]["window"] == 8
+    assert "alarm: 1 traits ->" in printed

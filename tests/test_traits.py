@@ -102,6 +102,29 @@ def test_traits_from_shares_definitions_without_copies(experiments: Path) -> Non
     assert trait_dir(exp, "beta") == experiments / "borrower" / "beta" / "extraction"
 
 
+def test_a_borrower_may_bring_its_own_natural_prompts(experiments: Path) -> None:
+    # A base model needs prompts in its own style; the definitions stay shared.
+    root = write_experiment(experiments, "borrower", traits_from="tiny", traits=["alpha", "beta"])
+    own = {"pos": [f"Q-style pos prompt {i}?" for i in range(20)],
+           "neg": [f"Q-style neg prompt {i}?" for i in range(20)]}  # fmt: skip
+    (root / "alpha").mkdir()
+    for pol, lines in own.items():
+        (root / "alpha" / f"natural_{pol}.txt").write_text("\n".join(lines) + "\n")
+    exp = load_experiment("borrower", experiments)
+    alpha, beta = exp.trait("alpha"), exp.trait("beta")
+    assert alpha.path == experiments / "tiny" / "alpha"  # the definition is the lender's
+    assert alpha.natural == {pol: tuple(lines) for pol, lines in own.items()}
+    assert beta.natural == load_experiment("tiny", experiments).trait("beta").natural
+
+
+def test_a_borrowers_broken_natural_file_fails_at_load(experiments: Path) -> None:
+    root = write_experiment(experiments, "borrower", traits_from="tiny", traits=["alpha"])
+    (root / "alpha").mkdir()
+    (root / "alpha" / "natural_pos.txt").write_text("only one side\n")
+    with pytest.raises(TLExtractError, match="natural_neg.txt: file not found"):
+        load_experiment("borrower", experiments)
+
+
 def test_traits_from_must_exist(tmp_path: Path) -> None:
     write_experiment(tmp_path, traits_from="missing", traits=["alpha"])
     with pytest.raises(TLExtractError, match="'traits_from' names 'missing'"):

@@ -19,6 +19,8 @@ Everything a notebook needs, at one level::
 import importlib
 from typing import Any
 
+from tlextract.analysis.alarm import Alarm
+from tlextract.analysis.alarm_data import monitor_alarm
 from tlextract.analysis.autosteer import AutoSteer, auto_steer
 from tlextract.analysis.calibrate import Calibration, best_threshold, calibrate
 from tlextract.analysis.crossval import CrossValidation, cross_validate
@@ -68,6 +70,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Activations",
+    "Alarm",
     "AutoSteer",
     "Calibration",
     "CrossValidation",
@@ -91,6 +94,7 @@ __all__ = [
     "bootstrap",
     "build_report",
     "calibrate",
+    "monitor_alarm",
     "cross_evaluate",
     "cross_validate",
     "decode_session",

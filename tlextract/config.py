@@ -181,7 +181,7 @@ class Experiment:
                 f"{self.config_path}: unknown trait '{name}'. "
                 f"This experiment has: {', '.join(self.traits)}."
             )
-        return load_trait(self.traits_dir / name)
+        return load_trait(self.traits_dir / name, natural_dir=self.path / name)
 
 
 _EXPERIMENT_KEYS = {f for f in Experiment.__dataclass_fields__ if f not in ("name", "path")}
@@ -375,4 +375,4 @@ def _check_traits(exp: Experiment, root: Path, path: Path) -> None:
                 f"{path}: trait '{t}' has no {exp.traits_dir / t / 'trait_definition.json'}. "
                 "Create it or remove the trait from 'traits'."
             )
-        load_trait(exp.traits_dir / t)
+        load_trait(exp.traits_dir / t, natural_dir=exp.path / t)

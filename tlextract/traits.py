@@ -116,9 +116,17 @@ def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def load_trait(trait_dir: PathArg) -> Trait:
-    """Load and validate ``<trait_dir>/trait_definition.json``; one clear error per defect."""
+def load_trait(trait_dir: PathArg, natural_dir: PathArg | None = None) -> Trait:
+    """Load and validate ``<trait_dir>/trait_definition.json``; one clear error per defect.
+    Natural prompt files come from ``natural_dir`` when it has them (an experiment that borrows
+    another's traits but needs prompts suited to its own model), else from ``trait_dir``."""
     trait_dir = Path(trait_dir)
+    own = Path(natural_dir) if natural_dir is not None else None
+    natural_from = (
+        own
+        if own is not None and any((own / f"natural_{pol}.txt").exists() for pol in POLARITIES)
+        else trait_dir
+    )
     path = trait_dir / "trait_definition.json"
     data = read_json(path)
     require(isinstance(data, dict), path, "<top level>", "must be a JSON object.")
@@ -151,7 +159,7 @@ def load_trait(trait_dir: PathArg) -> Trait:
         instructions=tuple(InstructionPair(p["pos"], p["neg"]) for p in pairs),
         questions=tuple(questions),
         eval_prompt=eval_prompt,
-        natural=_load_natural(trait_dir),
+        natural=_load_natural(natural_from),
     )
 
 

@@ -20,20 +20,22 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformer_lens import HookedTransformer
 
+from tlextract.analysis.steer_effects import QuestionEffects, question_effects
 from tlextract.analysis.surface import TextClassifier, TextScorer
 from tlextract.analysis.sweep import generate_answers, held_out_questions, question_prompts
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import Judge
 from tlextract.judge.cache import JudgeCache, judge_responses
-from tlextract.model.tokens import tokenizer_of
+from tlextract.model.tokens import tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, mean_interval
 from tlextract.ops.fluency import answer_logprob, answer_logprobs, kl_divergence, neutral_answers
+from tlextract.ops.neutral import NEUTRAL_QUESTIONS
 from tlextract.ops.steer import Positions, residual_norm, steer
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import RunSettings, settings_for
@@ -74,6 +76,9 @@ class Condition:
     trait: float | None  # judge's mean trait score (None: no judge)
     coherence: float | None
     answers: list[str]
+    # Per question against the unsteered answers (None for unsteered): wrong-way share, every
+    # trait's classifier shift, the fall in log-prob of neutral answers.
+    effects: QuestionEffects | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class _Setup:
     base_logp: torch.Tensor  # unsteered log-probs on the neutral answers
     batch_size: int
     positions: Positions
+    side_classifiers: Mapping[str, TextScorer]  # every trait's P(pos), for side effects
 
 
 def trait_classifier(run: RunSettings) -> tuple[TextClassifier, str]:
@@ -125,6 +131,18 @@ def trait_classifier(run: RunSettings) -> tuple[TextClassifier, str]:
         f"steer --auto needs the trait's responses to train its text classifier; run python -m "
         f"tlextract run --experiment {run.experiment.name} --traits {run.trait.name} first."
     )
+
+
+def side_classifiers(run: RunSettings) -> dict[str, TextScorer]:
+    """Every trait of the experiment whose responses exist: its bag-of-words classifier."""
+    out: dict[str, TextScorer] = {}
+    for name in run.experiment.traits:
+        other = settings_for(run.experiment, name, variant=run.variant, model=run.model)
+        try:
+            out[name] = trait_classifier(other)[0]
+        except TLExtractError:  # that trait not extracted yet: no column for it
+            log.info("[%s] no responses of %s: no side-effect column", run.trait.name, name)
+    return out
 
 
 def _p_pole(s: _Setup, texts: Sequence[str]) -> list[float]:
@@ -197,19 +215,29 @@ def _report(s: _Setup, vectors: TraitVectors, chosen: Candidate, questions: list
     random_dir = torch.randn(d_model, generator=gen)
     scale = residual_norm(s.model, chosen.layer, hook=vectors.hook)
     directions = {"unsteered": None, "steered": vectors, "random direction": random_dir}
+    n_prompts = user_prompts(s.model, NEUTRAL_QUESTIONS, s.run.experiment.prompt_style)
+    n_seeds = [derive_seed(s.run.experiment.seed, "neutral", q) for q in NEUTRAL_QUESTIONS]
     results: dict[str, tuple[list[str], list[float], float, float | None]] = {}
+    neutral_lp: dict[str, list[float | None]] = {}
     for name, direction in directions.items():
         if direction is None:
             ids, kl = _answers(s, prompts, seeds), 0.0
+            n_ids = _answers(s, n_prompts, n_seeds)
         else:
             with steer(s.model, direction, chosen.layer, chosen.alpha, s.positions, scale=scale,
                        hook=vectors.hook):  # fmt: skip
                 ids, kl = _answers(s, prompts, seeds), _kl(s)
+                n_ids = _answers(s, n_prompts, n_seeds)
         texts = _texts(s, ids)
         results[name] = (texts, _p_pole(s, texts), kl, _mean_logprob(s, prompts, ids))
+        neutral_lp[name] = answer_logprob(s.model, n_prompts, n_ids)  # read by the unsteered model
     base = results["unsteered"][1]
     out = []
     for name, (texts, p, kl, lp) in results.items():
+        effects = None if name == "unsteered" else question_effects(
+            base, p, s.side_classifiers, (results["unsteered"][0], texts),
+            (neutral_lp["unsteered"], neutral_lp[name]),
+        )  # fmt: skip
         trait = coherence = None
         if judge is not None:
             verdicts = judge_responses(
@@ -222,7 +250,9 @@ def _report(s: _Setup, vectors: TraitVectors, chosen: Candidate, questions: list
             if name == "unsteered"
             else mean_interval([a - b for a, b in zip(p, base, strict=True)])
         )
-        out.append(Condition(name, mean_interval(p), shift, kl, lp, trait, coherence, texts))
+        out.append(
+            Condition(name, mean_interval(p), shift, kl, lp, trait, coherence, texts, effects)
+        )
     return out
 
 
@@ -248,11 +278,13 @@ def auto_steer(
     judge_cache: JudgeCache | None = None,
     batch_size: int = 16,
     classifier: TextScorer | None = None,
+    others: Mapping[str, TextScorer] | None = None,
 ) -> AutoSteer:
     # long: the whole selection in order; each step is one call
     """Choose the layer and alpha (see the module docstring) and report them. ``alphas`` are
     magnitudes in typical residual norms, tried weakest first; ``pole`` is "pos" or "neg".
-    ``classifier`` replaces the bag-of-words one trained on the trait's responses."""
+    ``classifier`` replaces the bag-of-words one trained on the trait's responses; ``others``
+    (trait -> classifier of its pos pole) the experiment's, for the side effects."""
     if pole not in ("pos", "neg"):
         raise TLExtractError(f"--pole {pole!r}: use pos or neg.")
     if max_kl <= 0 or max_logprob_drop <= 0 or not alphas or min(alphas) <= 0:
@@ -270,6 +302,7 @@ def auto_steer(
     s = _Setup(
         model, run, classifier, pole, *question_prompts(model, run, selection),
         neutral, answer_logprobs(model, *neutral), batch_size, positions,
+        side_classifiers(run) if others is None else others,
     )  # fmt: skip
     ids = _answers(s, s.prompts, s.seeds)
     base = (sum(_p_pole(s, _texts(s, ids))) / len(ids), _mean_logprob(s, s.prompts, ids))

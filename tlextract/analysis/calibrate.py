@@ -61,7 +61,9 @@ class Calibration:
     n_neutral_tokens: int
     n_neutral_texts: int
 
-    def above(self, scores: Sequence[float]) -> list[bool]:
+    def above(self, scores: Sequence[float], is_prompt: Sequence[bool] | None = None) -> list[bool]:
+        """Per token: score above the threshold (``is_prompt`` is accepted for the monitor
+        view's sake; prompt tokens are dropped there)."""
         return [s > self.threshold for s in scores]
 
     def describe(self) -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from tlextract.config import DEFAULT_EXPERIMENT, EVALUATION, Experiment
 from tlextract.errors import TLExtractError
+from tlextract.ops.bootstrap import Interval
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import (
     DEFAULT_DTYPE,
@@ -23,6 +24,7 @@ from tlextract.traits import VARIANTS
 if TYPE_CHECKING:  # the commands import their heavy modules lazily
     from transformer_lens import HookedTransformer
 
+    from tlextract.analysis.alarm import Alarm
     from tlextract.judge.base import Judge
     from tlextract.judge.cache import JudgeCache
 
@@ -39,6 +41,7 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
     helps = {
         "steer": "steer held-out questions at several strengths (and ablate): sweep.json, plot",
         "monitor": "score every token of the answers to --prompt on each trait's vector",
+        "alarm": "compare per-token alarm formulations at a false-alarm rate on neutral text",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
@@ -63,8 +66,12 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
         p.add_argument("--engine", default=None, choices=("tl", "vllm"),
                        help="the vectors of the run this engine generated for")  # fmt: skip
-    steer_p, monitor_p = (sub.choices[name] for name in helps)
+    steer_p, monitor_p, alarm_p = (sub.choices[name] for name in helps)
     _add_steer_options(steer_p)
+    for p in (monitor_p, alarm_p):
+        p.add_argument("--false-alarm-rate", type=float, default=0.05,
+                       help="share of held-out neutral tokens the alarm may fire on")  # fmt: skip
+    alarm_p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
     monitor_p.add_argument(
         "--prompt",
         action="append",
@@ -174,13 +181,16 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
             raise TLExtractError(f"{flag} {value}: must be positive (nats per token).")
     saved = [_saved_run(args, experiment, t) for t in _trait_names(args, experiment)]
     get_model = model_loader(saved[0][0])
+    side: dict[str, dict[str, Interval]] = {}
     for run, vectors, layer in saved:
         model = get_model()
         judge = make_judge(split_judge(run.judge)[0], model=model)
         out = steer_dir(run)
         cache = JudgeCache(out / "judge_cache.jsonl") if judge is not None else None
         if args.auto:
-            _auto(args, run, vectors, layer, model, judge, cache)
+            row = _auto(args, run, vectors, layer, model, judge, cache)
+            if row is not None:
+                side[run.trait.name] = row
             continue
         sweep = alpha_sweep(
             model,
@@ -200,6 +210,26 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
             + f"[{run.trait.name}] steering sweep -> "
             + ", ".join(map(str, paths))
         )
+    if side:
+        _write_side_effects(saved[0][0], side)
+
+
+def _write_side_effects(run: RunSettings, rows: dict[str, dict[str, Interval]]) -> None:
+    """The trait x trait table of the traits steered in this call, printed and saved."""
+    from dataclasses import asdict
+
+    from tlextract.analysis.steer_effects import side_effect_table
+    from tlextract.settings import experiment_report_dir
+    from tlextract.store import write_json, write_text
+
+    out = experiment_report_dir(run.experiment, run.model) / f"side_effects_{run.variant}"
+    table = side_effect_table(rows)
+    head = ("Side effects of steer --auto: shift in each trait's classifier P(pos) when the row's "
+            "trait is steered at its chosen setting (report questions, 95% intervals)")  # fmt: skip
+    write_text(out.with_suffix(".md"), "\n".join([f"# {head}", "", *table]) + "\n")
+    write_json(out.with_suffix(".json"),
+               {s: {c: asdict(i) for c, i in row.items()} for s, row in rows.items()})  # fmt: skip
+    print("\n".join([head + ":", *table, f"-> {out.with_suffix('.md')}"]))
 
 
 def _auto(
@@ -210,7 +240,8 @@ def _auto(
     model: HookedTransformer,
     judge: Judge | None,
     cache: JudgeCache | None,
-) -> None:
+) -> dict[str, Interval] | None:
+    """Choose, report, write; the steered row of the side-effect table (None: no choice)."""
     from tlextract.analysis.autosteer import (
         ALPHAS,
         MAX_KL,
@@ -241,52 +272,67 @@ def _auto(
     c = result.chosen
     if c is None:
         print(f"[{run.trait.name}] steer --auto: no candidate within the bounds (see {paths[1]})")
-        return
+        return None
     line = ", ".join(f"{r.name} {r.shift:+.2f}" for r in result.report if r.shift is not None)
     print(
         f"[{run.trait.name}] steer --auto toward {args.pole}: layer {c.layer}, alpha "
         f"{c.alpha:+g} (KL {c.kl:.3f} <= {result.max_kl}); shift in P({args.pole}) on "
         f"{len(result.report_questions)} other questions: {line} -> " + ", ".join(map(str, paths))
     )
+    for r in result.report:
+        if r.effects is not None:
+            drop = r.effects.neutral_logprob_drop
+            shown = "-" if drop is None else format(drop, "+.2f")
+            print(f"  {r.name}: moved away from {args.pole} on {r.effects.wrong_way} of the "
+                  f"questions; neutral log-prob drop {shown}")  # fmt: skip
+    steered = next((r for r in result.report if r.name == "steered"), None)
+    return steered.effects.side_effects if steered and steered.effects else None
 
 
 def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from dataclasses import asdict, replace
 
-    from tlextract.analysis.calibrate import calibrate
+    from tlextract.analysis.alarm_data import monitor_alarm
     from tlextract.analysis.sweep import pole_means
     from tlextract.ops.monitor import monitor
     from tlextract.ops.steer import unit_direction
     from tlextract.report.monitor_view import above_threshold, write_monitoring
     from tlextract.store import write_json
 
+    check_rate(args.false_alarm_rate)
     saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
     if args.color_trait not in (None, *saved):
         raise TLExtractError(f"--color-trait {args.color_trait!r} is not among {list(saved)}.")
     first = next(iter(saved.values()))[0]
     model = model_loader(first)()
+    thresholds = {}
+    for t, (run, _, _) in saved.items():
+        try:
+            thresholds[t] = monitor_alarm(model, run, args.false_alarm_rate, args.folds)
+        except TLExtractError as err:  # e.g. no judged activations: monitor without a threshold
+            print(f"[{t}] no threshold: {err}")
+            continue
+        print(thresholds[t].describe())
+    # Each trait is watched with its alarm's vector at its alarm's layer, where it has one.
+    watch = {
+        t: (alarm_vectors(thresholds[t], tv), thresholds[t].layer) if t in thresholds
+        else (tv, layer)
+        for t, (_, tv, layer) in saved.items()
+    }  # fmt: skip
     gen = experiment.generation
     mon = monitor(
         model,
         args.prompt,
-        {t: tv for t, (_, tv, _) in saved.items()},
-        {t: layer for t, (_, _, layer) in saved.items()},
+        {t: tv for t, (tv, _) in watch.items()},
+        {t: layer for t, (_, layer) in watch.items()},
         style=experiment.prompt_style,
         settings=replace(gen, max_new_tokens=args.max_new_tokens or gen.max_new_tokens),
         seeds=[experiment.seed + i for i in range(len(args.prompt))],
     )
     poles = {
-        t: pole_means(run, layer, unit_direction(model, tv, layer)[1])
-        for t, (run, tv, layer) in saved.items()
+        t: pole_means(saved[t][0], layer, unit_direction(model, tv, layer)[1])
+        for t, (tv, layer) in watch.items()
     }
-    thresholds = {}
-    for t, (run, tv, layer) in saved.items():
-        try:
-            thresholds[t] = calibrate(model, run, tv, layer, folds=args.folds, folds_arg="--folds")
-        except TLExtractError as err:  # e.g. no judged activations: monitor without a threshold
-            print(f"[{t}] no threshold: {err}")
-            continue
-        print(thresholds[t].describe())
     out = monitor_dir(first)
     write_json(out / "calibration.json", {t: asdict(c) for t, c in thresholds.items()})
     paths = [
@@ -300,8 +346,30 @@ def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     print(f"monitor: {len(mon.texts)} answers -> {', '.join(map(str, paths))}")
 
 
+def check_rate(rate: float) -> None:
+    if not 0 < rate < 1:
+        raise TLExtractError(f"--false-alarm-rate {rate}: use a share between 0 and 1, e.g. 0.05.")
+
+
+def alarm_vectors(alarm: Alarm, like: TraitVectors) -> TraitVectors:
+    """The alarm's unit vector as one-layer TraitVectors (it may be a probe's, not the saved
+    mean_diff), so that the monitor scores what the threshold was set on."""
+    import torch
+
+    return TraitVectors(like.trait, alarm.figures.formulation.method, like.model, like.hook,
+                        (alarm.layer,), torch.tensor([alarm.unit]))  # fmt: skip
+
+
+def alarm_command(args: argparse.Namespace, experiment: Experiment) -> None:
+    from tlextract.cli.alarm import compare
+
+    check_rate(args.false_alarm_rate)
+    saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
+    compare(args, saved)
+
+
 def _trait_names(args: argparse.Namespace, experiment: Experiment) -> tuple[str, ...]:
     return experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
 
 
-INTERVENTIONS = {"steer": steer_command, "monitor": monitor_command}
+INTERVENTIONS = {"steer": steer_command, "monitor": monitor_command, "alarm": alarm_command}

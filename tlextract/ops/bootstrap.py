@@ -97,7 +97,7 @@ def bootstrap(
     ok = (w_pos.sum(-1) > 0) & (w_neg.sum(-1) > 0)
     boot = weighted_figures(pos, neg, w_pos[ok], w_neg[ok])
     point = weighted_figures(pos, neg, torch.ones(1, len(pos)), torch.ones(1, len(neg)))
-    return {name: _interval(float(point[name][0]), boot[name], level) for name in FIGURES}
+    return {name: interval_of(float(point[name][0]), boot[name], level) for name in FIGURES}
 
 
 def bootstrap_rows(
@@ -113,7 +113,7 @@ def bootstrap_rows(
     return bootstrap(scores[y], scores[~y], g[y].tolist(), g[~y].tolist(), n_boot, seed)
 
 
-def _interval(value: float, samples: Float[Tensor, " b"], level: float) -> Interval:
+def interval_of(value: float, samples: Float[Tensor, " b"], level: float) -> Interval:
     """``value`` with the central ``level`` percentile interval of ``samples``."""
     tail = (1 - level) / 2
     lo, hi = torch.quantile(samples, torch.tensor([tail, 1 - tail], dtype=torch.float64))
@@ -130,4 +130,22 @@ def mean_interval(
     x = torch.tensor(list(values), dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     means = x[torch.randint(len(x), (n_boot, len(x)), generator=gen)].mean(-1)
-    return _interval(float(x.mean()), means, level)
+    return interval_of(float(x.mean()), means, level)
+
+
+def ratio_interval(
+    counts: Sequence[int | float], totals: Sequence[int | float], n_boot: int = 2000, seed: int = 0,
+    level: float = 0.95,
+) -> Interval:  # fmt: skip
+    """sum(counts) / sum(totals) with a percentile-bootstrap interval over units (one count and
+    total per text or response: tokens of one text are not independent draws)."""
+    if len(counts) != len(totals) or not counts or sum(totals) <= 0:
+        raise TLExtractError(
+            f"ratio_interval: {len(counts)} counts, {len(totals)} totals, sum {sum(totals)}."
+        )
+    c = torch.tensor(list(counts), dtype=torch.float64)
+    t = torch.tensor(list(totals), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.randint(len(c), (n_boot, len(c)), generator=gen)
+    ratios = c[draw].sum(-1) / t[draw].sum(-1).clamp(min=1e-12)
+    return interval_of(float(c.sum() / t.sum()), ratios, level)

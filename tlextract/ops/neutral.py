@@ -2,6 +2,9 @@
 reading or an intervention does when there is nothing to find (monitoring false alarms, steering's
 KL divergence from the unsteered model). Varied topics and lengths, everyday English."""
 
+from collections.abc import Sequence
+from importlib import resources
+
 NEUTRAL_TEXTS = (
     "The weather today is mild, with a light breeze from the west and a few clouds over the hills.",
     "To make tea, boil fresh water, pour it over the leaves and wait three minutes to drink it.",
@@ -40,3 +43,20 @@ NEUTRAL_QUESTIONS = (
     "How do I water a house plant?",
 )
 """User messages with nothing to do with any trait, to answer with and without steering."""
+
+
+def neutral_corpus() -> tuple[str, ...]:
+    """The shipped corpus of neutral text for monitoring false alarms (``tlextract/data/
+    neutral.txt``: 250 everyday sentences, one per line, none of them written for a trait)."""
+    text = resources.files("tlextract").joinpath("data/neutral.txt").read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line.strip())
+
+
+def corpus_split(
+    texts: Sequence[str] | None = None,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(calibration, held-out): even and odd lines of the corpus. A threshold is set on the first
+    and its false-alarm rate measured on the second, which it never saw; alternating lines keep
+    the two halves alike in topic and length."""
+    texts = neutral_corpus() if texts is None else tuple(texts)
+    return texts[0::2], texts[1::2]

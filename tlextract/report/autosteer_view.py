@@ -10,6 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from tlextract.analysis.autosteer import AutoSteer
+from tlextract.analysis.steer_effects import side_effect_table
 from tlextract.report.plots import save_figure
 from tlextract.store import write_json, write_text
 
@@ -56,7 +57,7 @@ def autosteer_markdown(a: AutoSteer) -> str:
             f"{_fmt(r.coherence, '.1f')} |"
             for r in a.report
         ]
-        lines.append("")
+        lines += ["", *_effects_lines(a)]
     lines += ["## Candidates (selection questions)", "",
               "| layer | alpha | KL | log-prob drop | effect | verdict | first answer |",
               "|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
@@ -67,6 +68,34 @@ def autosteer_markdown(a: AutoSteer) -> str:
         for c in a.candidates
     ]
     return "\n".join(lines) + "\n"
+
+
+def _effects_lines(a: AutoSteer) -> list[str]:
+    """Who the setting fails and what else it moves (:mod:`tlextract.analysis.steer_effects`)."""
+    shown = [r for r in a.report if r.effects is not None]
+    if not shown:
+        return []
+    lines = [
+        "## Per question: wrong way, side effects, neutral fluency",
+        "",
+        f"- **moved away from {a.pole}**: share of report questions whose P({a.pole}) fell below "
+        "the unsteered answer's (a direction that only perturbs the text moves about half each "
+        "way)",
+        "- **neutral log-prob drop**: unsteered minus steered log-prob per token of the answers "
+        "to neutral questions, read by the unsteered model",
+        "",
+        "| condition | moved away from the pole | neutral log-prob drop |",
+        "|---|---|---|",
+    ]
+    for r in shown:
+        e = r.effects
+        assert e is not None
+        drop = "-" if e.neutral_logprob_drop is None else format(e.neutral_logprob_drop, "+.2f")
+        lines.append(f"| {r.name} | {e.wrong_way} | {drop} |")
+    lines += ["", "Shift in every trait's classifier P(pos) on the same answers (bold: interval "
+              "excludes zero):", ""]  # fmt: skip
+    lines += side_effect_table({r.name: r.effects.side_effects for r in shown if r.effects})
+    return [*lines, ""]
 
 
 def plot_autosteer(a: AutoSteer, path: Path) -> Path:

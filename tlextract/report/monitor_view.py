@@ -8,11 +8,11 @@ average positive example, -1 like an average negative one. Without them, as a z-
 answer's tokens. Colours are clipped at +/-2; prompt tokens (chat template included) are drawn but
 do not set the scale, since a few of them carry very large residuals.
 
-Thresholds. With ``thresholds`` (a :class:`tlextract.analysis.calibrate.Calibration` per trait)
-an answer token whose raw score is above its trait's threshold gets a black dot in the heatmap
-and is bold and underlined in the page (:func:`above_threshold`), and each trait's threshold,
-held-out TPR/TNR and false-alarm rate on neutral text are stated beside it. The colours stay on
-the scale above.
+Thresholds. With ``thresholds`` (per trait a :class:`tlextract.analysis.alarm.Alarm`, the
+alarm at a chosen false-alarm rate, or an older :class:`tlextract.analysis.calibrate.Calibration`)
+an answer token whose (windowed) score is above its trait's threshold gets a black dot in the
+heatmap and is bold and underlined in the page (:func:`above_threshold`), and each trait's
+threshold, hit and false-alarm rates are stated beside it. The colours stay on the scale above.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
 
+from tlextract.analysis.alarm import Alarm
 from tlextract.analysis.calibrate import Calibration
 from tlextract.ops.monitor import Monitoring, TokenScores
 from tlextract.report.plots import save_figure
 from tlextract.store import write_json, write_text
 
 Poles = Mapping[str, Mapping[str, float] | None]
-Thresholds = Mapping[str, Calibration]
+Thresholds = Mapping[str, Calibration | Alarm]
 CLIP = 2.0
 CMAP = "RdBu_r"
 TOKENS_PER_ROW = 40
@@ -67,7 +68,8 @@ def above_threshold(text: TokenScores, trait: str, thresholds: Thresholds | None
     cal = (thresholds or {}).get(trait)
     if cal is None:
         return [False] * len(text.tokens)
-    return [a and not p for a, p in zip(cal.above(text.scores[trait]), text.is_prompt, strict=True)]
+    flags = cal.above(text.scores[trait], text.is_prompt)
+    return [a and not p for a, p in zip(flags, text.is_prompt, strict=True)]
 
 
 def _mark_above(ax: Axes, above: list[list[bool]], chunk: range) -> None:
@@ -149,7 +151,7 @@ def plot_heatmap(
     return save_figure(heatmap_figure(mon, index, poles, thresholds), path, dpi=100)
 
 
-def _threshold_note(cal: Calibration | None) -> str:
+def _threshold_note(cal: Calibration | Alarm | None) -> str:
     if cal is None:
         return ""
     note = f"Bold and underlined: answer tokens above the trait's threshold. {cal.describe()}."

@@ -44,6 +44,7 @@ from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.vectors import TraitVectors
+from tlextract.report.measured import measured_section
 from tlextract.report.plots import plot_cosine, plot_metrics, plot_projections, pos_neg
 from tlextract.report.trust import crossval_section, plot_intervals
 from tlextract.settings import RunSettings, experiment_report_dir, report_dir, settings_for
@@ -300,6 +301,7 @@ def build_report(
     summary = summary_markdown(experiment, runs, not_run, matrices, out, crossval_section(cvs))
     if comparisons:
         summary += "\n" + "\n".join(comparison_markdown(comparisons)) + "\n"
+    summary += "\n" + "\n".join(measured_section([run for run, _ in runs]))
     write_text(path, summary)
     log.info("[%s] report: %d trait runs -> %s", experiment.name, len(runs), path)
     return path
