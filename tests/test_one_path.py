@@ -97,4 +97,7 @@ def test_one_best_layer_rule():
         if isinstance(node, ast.FunctionDef) and "layer" in node.name
         and any(w in node.name for w in ("best", "pick", "choose", "select"))
     }  # fmt: skip
+    # The one other layer decision answers another question: where a per-token alarm at a fixed
+    # false-alarm rate catches most pos tokens (issue 24 measured it better for monitoring).
     assert defined == {("ops/crossval.py", "pick_layer")}, defined
+    assert _calls("_alarm_column") == {"analysis/alarm.py"}

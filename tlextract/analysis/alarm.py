@@ -32,9 +32,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.ops.bootstrap import Interval, interval_of, ratio_interval
-from tlextract.ops.crossval import DEFAULT_FOLDS, fold_of
+from tlextract.ops.crossval import fold_of
 from tlextract.ops.methods import run_method
 
 DEFAULT_RATE = 0.05
@@ -166,9 +167,12 @@ def _thresholds(cal: list[Tensor], rate: float) -> list[float]:
     return [threshold_at_rate(flat[:, j], rate) for j in range(flat.shape[1])]
 
 
-def _pick_layer(data: TokenData, f: Formulation, rate: float, fold: tuple[Tensor, Tensor],
+def _alarm_column(data: TokenData, f: Formulation, rate: float, fold: tuple[Tensor, Tensor],
                 outer: int, folds: int, seed: int) -> int:  # fmt: skip
-    """Column of the layer with the highest TPR on the inner folds (outer fold excluded)."""
+    """Column of the layer with the highest TPR at ``rate`` on the inner folds (outer fold
+    excluded). The alarm's own decision (where a per-token alarm at a fixed false-alarm rate
+    catches most), measured better than the vector's layer (``ops.crossval.pick_layer``, which
+    ranks whole-response AUROC); see docs/steering.md."""
     if f.layer is not None:
         if f.layer not in data.layers:
             raise TLExtractError(f"no layer {f.layer} in the alarm's data ({data.layers}).")
@@ -192,7 +196,7 @@ def measure(
     data: TokenData,
     f: Formulation,
     rate: float = DEFAULT_RATE,
-    folds: int = DEFAULT_FOLDS,
+    folds: int = EVALUATION.folds,
     seed: int = 0,
 ) -> AlarmFigures:
     """Cross-validated TPR, neg rate and false-alarm rate of ``f`` at ``rate`` (module doc)."""
@@ -205,7 +209,7 @@ def measure(
     layers = []
     fold_rates: list[tuple[float, Tensor]] = []
     for k in range(folds):
-        column = _pick_layer(data, f, rate, fold, k, folds, seed)
+        column = _alarm_column(data, f, rate, fold, k, folds, seed)
         layers.append(data.layers[column])
         units = _units(data, f.method, (fold[0] != k, fold[1] != k), seed)
         cut = _thresholds(scores(data.neutral_cal, units, f.window), rate)[column]

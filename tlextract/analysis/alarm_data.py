@@ -20,8 +20,8 @@ from tlextract.analysis.alarm import (
     measure,
 )
 from tlextract.analysis.heldout import load_kept
+from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
-from tlextract.ops.crossval import DEFAULT_FOLDS
 from tlextract.ops.fluency import neutral_answers
 from tlextract.ops.neutral import corpus_split
 from tlextract.ops.pool import hook_name
@@ -72,7 +72,7 @@ def monitor_alarm(
     model: HookedTransformer,
     run: RunSettings,
     rate: float = DEFAULT_RATE,
-    folds: int = DEFAULT_FOLDS,
+    folds: int = EVALUATION.folds,
     formulation: Formulation = DEFAULT_FORMULATION,
 ) -> Alarm:
     """The alarm ``monitor`` uses for ``run``'s trait: ``formulation`` measured at ``rate`` and
@@ -86,7 +86,7 @@ def compare_formulations(
     model: HookedTransformer,
     run: RunSettings,
     rate: float = DEFAULT_RATE,
-    folds: int = DEFAULT_FOLDS,
+    folds: int = EVALUATION.folds,
     fixed_layer: int | None = None,
 ) -> list[AlarmFigures]:
     """Every formulation of :data:`FORMULATIONS` at ``rate`` (and mean_diff alone at
