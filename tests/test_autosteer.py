@@ -216,3 +216,28 @@ def test_planted_vector_moves_its_trait_only_and_few_questions_the_wrong_way(
     assert random.side_effects["vowels"].value < steered.side_effects["vowels"].value - 0.3
     # Steering at this strength costs fluency on neutral questions too.
     assert steered.neutral_logprob_drop is not None and steered.neutral_logprob_drop.value > 0
+
+
+class AlternatingPole:
+    """Planted trait whose pole flips between questions: the vowel share for the answers to
+    even-numbered questions, the consonant share for odd ones. The vowel vector then moves
+    half the questions toward this trait's pole and half away from it."""
+
+    def prob_pos(self, texts: Sequence[str]) -> list[float]:
+        shares = LetterShare().prob_pos(texts)
+        return [s if i % 2 == 0 else 1.0 - s for i, s in enumerate(shares)]
+
+
+def test_a_planted_vector_moving_half_the_questions_each_way_reports_half_wrong_way(
+    planted, sharp_model
+) -> None:
+    run, vectors, last = planted
+    result = auto_steer(
+        sharp_model, run, vectors, "pos", layers=[last], alphas=(2.0,), max_kl=100.0,
+        max_logprob_drop=100.0, n_questions=8, classifier=AlternatingPole(),
+        others={"alternating": AlternatingPole()},
+    )  # fmt: skip
+    steered = {r.name: r for r in result.report}["steered"].effects
+    assert steered is not None
+    assert steered.wrong_way.value == pytest.approx(0.5, abs=0.13)
+    assert steered.wrong_way.low < 0.5 < steered.wrong_way.high
