@@ -234,10 +234,9 @@ def layer_for(run: RunSettings, vectors: TraitVectors) -> tuple[int, str]:
     one computed now for the run's settings (the result card's call)."""
     path = report_dir(run) / "crossval.json"
     try:
-        if path.exists() and _fitted_on(run, vectors, read_json(path)):
-            return read_json(path)["layer"][HEADLINE], (
-                f"highest cross-validated {HEADLINE} AUROC in {path}"
-            )
+        saved = read_json(path) if path.exists() else None
+        if saved is not None and _fitted_on(run, vectors, saved):
+            return saved["layer"][HEADLINE], f"highest cross-validated {HEADLINE} AUROC in {path}"
     except (TLExtractError, KeyError, TypeError, ValueError):
         log.info("%s: unreadable, cross-validating again", path)
     layer = cross_validate(run, [HEADLINE], folds_arg="--layer").layer[HEADLINE]

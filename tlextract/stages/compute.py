@@ -128,7 +128,7 @@ def _records_check(
 
 
 def pool_records(
-    model: HookedTransformer | None,
+    model: HookedTransformer,
     records: Sequence[Mapping[str, Any]],
     capture: Capture,
     size: int,
@@ -143,7 +143,6 @@ def pool_records(
     rows = [r for r in records if r["n_response_tokens"] > 0]
     if capture.combined:
         return {(r["polarity"], r["index"]): r["acts"] for r in rows}
-    assert model is not None, "two-stage pooling reads the model"
 
     def compute(chunk: list[int]) -> list:
         prompts = [rows[i]["prompt_ids"] for i in chunk]
