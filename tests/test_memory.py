@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ from tlextract.errors import TLExtractError
 from tlextract.model.cache import DEFAULT_MODEL
 from tlextract.model.load import load_model
 from tlextract.model.memory import (
+    GiB,
     HalvingBatches,
     MemoryModel,
     PeakMemory,
+    default_budget,
     fit_memory_model,
     is_out_of_memory,
 )
@@ -91,6 +94,37 @@ def test_halving_gives_up_with_a_clear_error_and_passes_other_errors_through() -
     with pytest.raises(RuntimeError, match="shape mismatch"):
         HalvingBatches(4).run([1, 2], broken)
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+
+
+def test_the_cache_is_emptied_after_the_failed_batch_is_freed(monkeypatch) -> None:
+    # The traceback of an out-of-memory error holds the frames, and so the tensors, of the
+    # batch that failed: emptying the cache while it is alive hands none of them back.
+    failed: list[weakref.ref[torch.Tensor]] = []
+    alive_at_empty_cache: list[bool] = []
+
+    def work(chunk: list[int]) -> list[int]:
+        activations = torch.ones(len(chunk), 16)  # what a batch holds when it runs out
+        if len(chunk) > 2:
+            failed.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return chunk
+
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: alive_at_empty_cache.append(failed[-1]() is not None)
+    )
+    assert HalvingBatches(4, "cuda").run([1, 2, 3, 4], work) == [1, 2, 3, 4]
+    assert alive_at_empty_cache == [False]
+
+
+def test_gpu_budget_counts_memory_the_allocator_keeps_for_reuse(monkeypatch) -> None:
+    # The driver reports 2 GiB free; PyTorch holds 6 GiB reserved of which 1 GiB is in use, so
+    # 5 GiB of freed tensors are ready for reuse: 7 GiB can be allocated.
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (2 * GiB, 80 * GiB))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 6 * GiB)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 1 * GiB)
+    assert default_budget("cuda") == int(0.8 * 7 * GiB)
+    assert default_budget("cuda:0") == int(0.8 * 7 * GiB)
 
 
 def test_pipeline_recovers_from_out_of_memory_by_halving(

@@ -105,12 +105,19 @@ def fit_memory_model(points: Sequence[tuple[int, int, float]]) -> MemoryModel:
 
 def default_budget(device: torch.device | str | None) -> int:
     """Half the memory available now on CPU (the OS and other programs need the rest); 80% of
-    the free memory on a GPU."""
+    the free memory on a GPU (:func:`cuda_free`)."""
     device = torch.device(device or "cpu")
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(0.8 * free)
+        return int(0.8 * cuda_free(device))
     return available_ram() // 2
+
+
+def cuda_free(device: torch.device) -> int:
+    """Bytes this process can still allocate on a CUDA device: what the driver has free plus
+    what PyTorch's caching allocator holds reserved but unused (freed tensors it keeps for
+    reuse; the driver counts them as taken)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -137,6 +144,8 @@ class HalvingBatches:
             chunk = list(items[start : start + self.size])
             try:
                 out.extend(work(chunk))
+                start += len(chunk)
+                continue
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 if not is_out_of_memory(e):
                     raise
@@ -145,10 +154,10 @@ class HalvingBatches:
                         f"out of memory on {self.device} with a single example; use a smaller "
                         "model, --dtype bfloat16 on a GPU, or fewer generation.max_new_tokens."
                     ) from e
-                self.size = len(chunk) // 2
-                log.warning("out of memory at batch size %d; retrying at %d", len(chunk), self.size)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            start += len(chunk)
+            # Out of the except block: the error and its traceback, whose frames hold the failed
+            # batch's tensors, are gone, so the cache can hand their memory back.
+            self.size = len(chunk) // 2
+            log.warning("out of memory at batch size %d; retrying at %d", len(chunk), self.size)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         return out
