@@ -28,7 +28,11 @@ STAGES = ("generate", "judge", "activations", "vectors")
 Mode = Literal["two-stage", "combined"]
 MODES: tuple[Mode, ...] = ("two-stage", "combined")
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_DTYPE = DTYPES[0]
+# "auto": bfloat16 on CUDA (half the memory of float32), float32 elsewhere (so every CPU result
+# and cache key stays what it was). Resolved in settings_for, where the run's settings are made.
+AUTO_DTYPE = "auto"
+DTYPE_CHOICES = (AUTO_DTYPE, *DTYPES)
+DEFAULT_DTYPE = AUTO_DTYPE
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class RunSettings:
     batch_size: int | Literal["auto"]
     layers: tuple[int, ...] | Literal["all"]
     device: str | None = None
-    dtype: str = DEFAULT_DTYPE
+    dtype: str = DTYPES[0]  # resolved: settings_for turns "auto" into the device's dtype
     mode: Mode = "two-stage"
     variant: Variant = "instruction"
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
@@ -95,8 +99,10 @@ def settings_for(
         )
     if mode not in MODES:
         raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
-    if dtype not in DTYPES:
-        raise TLExtractError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}.")
+    if dtype not in DTYPE_CHOICES:
+        raise TLExtractError(
+            f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_CHOICES)}."
+        )
     variant = variant or experiment.variant
     if variant not in VARIANTS:
         raise TLExtractError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
@@ -113,7 +119,7 @@ def settings_for(
         if layers is None
         else ("all" if layers == "all" else tuple(sorted(set(layers)))),
         device=device,
-        dtype=dtype,
+        dtype=resolve_dtype(dtype, device),
         mode=mode,
         variant=variant,
         judge=_judge_override(experiment.judge, judge),
@@ -161,6 +167,18 @@ def _judge_override(config: dict[str, Any], override: str | None) -> dict[str, A
     if override == "local":
         return {"kind": "local", "model": "self", **rules}
     raise TLExtractError(f"--judge {override!r}: use 'none' or 'local' (or the experiment's).")
+
+
+def pick_device(device: str | None) -> str:
+    """``device``, or for None the one a model loads on: cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: str | None) -> str:
+    """``dtype``, or for "auto" bfloat16 on CUDA and float32 on any other device."""
+    if dtype != AUTO_DTYPE:
+        return dtype
+    return "bfloat16" if torch.device(pick_device(device)).type == "cuda" else "float32"
 
 
 def check_device(device: str | None) -> None:

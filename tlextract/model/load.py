@@ -23,6 +23,7 @@ whose chat template starts with its own ``<|im_start|>``).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -49,7 +50,13 @@ from tlextract.model.cache import (
     ensure_cached,
 )
 from tlextract.model.tokens import prepare_tokenizer
-from tlextract.settings import DEFAULT_DTYPE, DTYPES
+from tlextract.settings import (
+    DEFAULT_DTYPE,
+    DTYPE_CHOICES,
+    DTYPES,
+    pick_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,44 +83,35 @@ def load_model(
 ) -> HookedTransformer:
     """A HookedTransformer with unprocessed weights; ``model.cfg.model_name`` is ``name``.
 
-    ``device=None`` picks CUDA when available, else CPU. Raises TLExtractError for unknown names and
-    for models that are not available offline, before loading anything heavy. ``fast`` (default)
-    returns it :func:`tlextract.accelerate`-d: same hooks, parameters, state dict and values (up
-    to float32 rounding), several times faster forward passes (``tlextract.restore(model)`` or
-    ``fast=False``: TransformerLens' own components). A fast model on CPU also sets glibc's
+    ``device=None`` picks CUDA when available, else CPU; ``dtype="auto"`` (default) is bfloat16
+    on CUDA, float32 elsewhere. The weights are held once in host RAM while loading (each
+    tensor is converted and copied to the device alone, then its original dropped). Raises
+    TLExtractError for unknown names and for models that are not available offline, before
+    loading anything heavy. ``fast`` (default) returns it :func:`tlextract.accelerate`-d: same
+    hooks, parameters, state dict and values (up to float32 rounding), several times faster
+    forward passes (``tlextract.restore(model)`` or ``fast=False``: TransformerLens' own
+    components). A fast model on CPU also sets glibc's
     malloc to keep freed memory for reuse, for the whole process and for good
     (:func:`tlextract.model.accel.keep_freed_memory`; environment variable
     ``TLEXTRACT_KEEP_FREED_MEMORY=0`` leaves malloc alone); nothing else here changes the process.
     """
-    torch_dtype = _torch_dtype(dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
+    torch_dtype = _torch_dtype(resolve_dtype(dtype, device))
     source = _resolve(name)
-    hf_model, tokenizer = _load_hf(source.directory, torch_dtype)
-    if source.tl_name is None:
-        cfg = _llama_config(hf_model.config, device, torch_dtype, source.default_prepend_bos)
-        state_dict = convert_llama_weights(hf_model, cfg)
-    else:
-        # What from_pretrained_no_processing does, minus its alias lookup that rejects directories.
-        cfg = tl_loading.get_pretrained_model_config(
-            source.tl_name,
-            hf_cfg=hf_model.config.to_dict(),
-            device=device,
-            dtype=torch_dtype,
-            default_prepend_bos=source.default_prepend_bos,
-            local_files_only=True,
-        )
-        state_dict = tl_loading.get_pretrained_state_dict(
-            source.tl_name, cfg, hf_model, dtype=torch_dtype
-        )
+    cfg, state_dict, tokenizer = _converted(source, device, torch_dtype)
     # Attached below instead: TransformerLens would fetch the tokenizer by this name, or reload
     # ours from disk with add_bos_token=True (5 s for Gemma's) and add BOS on every encode.
     cfg.tokenizer_name = None
+    # Its parameters are torch.empty: untouched pages, no RAM, until replaced below.
     model = HookedTransformer(cfg, move_to_device=False)
     model.tokenizer = tokenizer
     model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
     # load_and_process_state_dict with every processing flag off does just this, but one key at a
-    # time, walking all modules per key: 7 s instead of 0.5 s for SmolLM2.
-    model.load_state_dict(model.fill_missing_keys(state_dict), strict=True)
+    # time, walking all modules per key: 7 s instead of 0.5 s for SmolLM2. assign=True makes
+    # the converted tensors, already on the device, the parameters: a copy into TransformerLens'
+    # own ones would hold the weights twice. Then its buffers follow them to the device.
+    model.load_state_dict(_as_parameters(model, state_dict, device), strict=True, assign=True)
+    del state_dict
     model.move_model_modules_to_device()
     model.cfg.model_name = name.lower() if embedded(name.lower()) else name
     if not fast:
@@ -128,7 +126,7 @@ def load_hf_model(
     name: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The transformers model (CPU, eval mode) and tokenizer that ``load_model(name)`` converts."""
-    return _load_hf(_resolve(name).directory, _torch_dtype(dtype))
+    return _load_hf(_resolve(name).directory, _torch_dtype(resolve_dtype(dtype, "cpu")))
 
 
 def model_directory(name: str) -> Path:
@@ -169,9 +167,58 @@ def model_info(model: HookedTransformer) -> dict[str, Any]:
     }
 
 
+def _converted(
+    source: _Source, device: str, dtype: torch.dtype
+) -> tuple[HookedTransformerConfig, dict[str, torch.Tensor], PreTrainedTokenizerBase]:
+    """TransformerLens' config and state dict of ``source``, on the CPU. The Hugging Face model
+    is gone on return: the state dict's tensors are mostly views of its weights (what the
+    converters return), which :func:`_as_parameters` then copies one at a time."""
+    hf_model, tokenizer = _load_hf(source.directory, dtype)
+    hf_model.requires_grad_(False)  # no autograd graph from the converters' views to the originals
+    if source.tl_name is None:
+        cfg = _llama_config(hf_model.config, device, dtype, source.default_prepend_bos)
+        state_dict = convert_llama_weights(hf_model, cfg)
+    else:
+        # What from_pretrained_no_processing does, minus its alias lookup that rejects directories.
+        cfg = tl_loading.get_pretrained_model_config(
+            source.tl_name,
+            hf_cfg=hf_model.config.to_dict(),
+            device=device,
+            dtype=dtype,
+            default_prepend_bos=source.default_prepend_bos,
+            local_files_only=True,
+        )
+        state_dict = tl_loading.get_pretrained_state_dict(
+            source.tl_name, cfg, hf_model, dtype=dtype
+        )
+    del hf_model
+    gc.collect()  # transformers models hold reference cycles: free their weights now
+    return cfg, state_dict, tokenizer
+
+
+def _as_parameters(
+    model: HookedTransformer, state_dict: dict[str, torch.Tensor], device: str
+) -> dict[str, torch.Tensor]:
+    """The complete state dict, each converted tensor copied, one at a time, to ``device`` in
+    the dtype and (contiguous) layout of the model's own parameter. Each original is dropped as
+    it is copied: freed when transformers had materialized it, and no tensor is left pointing
+    into the memory-mapped weights file, which is then unmapped. Keys the conversion lacks
+    keep the model's own tensors (buffers such as the causal mask, default norms)."""
+    own = model.state_dict()
+    state_dict = model.fill_missing_keys(state_dict)
+    for key in list(state_dict):
+        tensor = state_dict[key]
+        if tensor.data_ptr() != own[key].data_ptr():
+            # The converted shape: a wrong one fails in load_state_dict, never broadcasts.
+            copy = torch.empty(tensor.shape, dtype=own[key].dtype, device=device)
+            state_dict[key] = copy.copy_(tensor)
+        del tensor  # the last reference to the original, unless another key views it too
+    return state_dict
+
+
 def _torch_dtype(dtype: str) -> torch.dtype:
     if dtype not in TORCH_DTYPES:
-        raise TLExtractError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise TLExtractError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
     return TORCH_DTYPES[dtype]
 
 
