@@ -19,7 +19,7 @@ from transformer_lens import HookedTransformer
 from tlextract.errors import during
 from tlextract.model.load import load_model
 from tlextract.model.memory import GiB, HalvingBatches
-from tlextract.settings import RunSettings
+from tlextract.settings import RunSettings, pick_device
 from tlextract.stages.autobatch import auto_batch_size
 from tlextract.store import (
     META,
@@ -53,7 +53,8 @@ def stage_meta(stage: str, key: str, run: RunSettings, **extra: Any) -> dict[str
         "trait": run.trait.name,
         "variant": run.variant,
         "model": run.model,
-        "dtype": run.dtype,
+        "dtype": run.dtype,  # resolved: "auto" became bfloat16 on CUDA, float32 elsewhere
+        "device": pick_device(run.device),
         "versions": versions(),
         **extra,
     }

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, load_from_disk
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -27,7 +28,7 @@ from tlextract.errors import TLExtractError
 from tlextract.model.accel import decode_session
 from tlextract.model.load import load_tokenizer
 from tlextract.model.tokens import device_of, tokenize, tokenizer_of
-from tlextract.settings import RunSettings
+from tlextract.settings import RunSettings, pick_device
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
 from tlextract.stages.compute import Capture, generate_records
 from tlextract.store import (
@@ -50,6 +51,10 @@ POOLED = "pooled.pt"  # combined mode: {(polarity, index): [layer, d_model]}
 def responses_key(run: RunSettings) -> str:
     exp, trait = run.experiment, run.trait
     engine = engine_identity(run.engine)  # None for TransformerLens: earlier keys unchanged
+    # A CUDA generator draws other samples than a CPU one from the same seed: a run resumed on
+    # another device must not mix them. Left out on a CPU, so CPU keys stay what they were (the
+    # dtype is in the key already); vLLM's samples come from its server, named by ``engine``.
+    device = torch.device(pick_device(run.device)).type
     return fingerprint(
         {
             "model": run.model,
@@ -67,6 +72,7 @@ def responses_key(run: RunSettings) -> str:
             # Combined mode records activations while generating, so its responses stage owns them.
             "capture": [run.layers, exp.hook] if run.mode == "combined" else None,
             **({"engine": engine} if engine else {}),
+            **({"device": device} if engine is None and device != "cpu" else {}),
         }
     )
 
