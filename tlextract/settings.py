@@ -99,10 +99,6 @@ def settings_for(
         )
     if mode not in MODES:
         raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
-    if dtype not in DTYPE_CHOICES:
-        raise TLExtractError(
-            f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_CHOICES)}."
-        )
     variant = variant or experiment.variant
     if variant not in VARIANTS:
         raise TLExtractError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
@@ -176,6 +172,10 @@ def pick_device(device: str | None) -> str:
 
 def resolve_dtype(dtype: str, device: str | None) -> str:
     """``dtype``, or for "auto" bfloat16 on CUDA and float32 on any other device."""
+    if dtype not in DTYPE_CHOICES:
+        raise TLExtractError(
+            f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_CHOICES)}."
+        )
     if dtype != AUTO_DTYPE:
         return dtype
     return "bfloat16" if torch.device(pick_device(device)).type == "cuda" else "float32"

@@ -52,7 +52,6 @@ from tlextract.model.cache import (
 from tlextract.model.tokens import prepare_tokenizer
 from tlextract.settings import (
     DEFAULT_DTYPE,
-    DTYPE_CHOICES,
     DTYPES,
     pick_device,
     resolve_dtype,
@@ -96,7 +95,7 @@ def load_model(
     ``TLEXTRACT_KEEP_FREED_MEMORY=0`` leaves malloc alone); nothing else here changes the process.
     """
     device = pick_device(device)
-    torch_dtype = _torch_dtype(resolve_dtype(dtype, device))
+    torch_dtype = _torch_dtype(dtype, device)
     source = _resolve(name)
     cfg, state_dict, tokenizer = _converted(source, device, torch_dtype)
     # Attached below instead: TransformerLens would fetch the tokenizer by this name, or reload
@@ -126,7 +125,7 @@ def load_hf_model(
     name: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The transformers model (CPU, eval mode) and tokenizer that ``load_model(name)`` converts."""
-    return _load_hf(_resolve(name).directory, _torch_dtype(resolve_dtype(dtype, "cpu")))
+    return _load_hf(_resolve(name).directory, _torch_dtype(dtype, "cpu"))
 
 
 def model_directory(name: str) -> Path:
@@ -216,10 +215,9 @@ def _as_parameters(
     return state_dict
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
-    if dtype not in TORCH_DTYPES:
-        raise TLExtractError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
-    return TORCH_DTYPES[dtype]
+def _torch_dtype(dtype: str, device: str) -> torch.dtype:
+    """The torch dtype of a dtype name or "auto" on ``device`` (unknown names: one line)."""
+    return TORCH_DTYPES[resolve_dtype(dtype, device)]
 
 
 def _resolve(name: str) -> _Source:
