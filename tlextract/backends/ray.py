@@ -32,7 +32,7 @@ from tlextract.analysis.crossval import HEADLINE, cross_validate
 from tlextract.errors import TLExtractError
 from tlextract.settings import STAGES, RunSettings, experiment_report_dir
 from tlextract.stages.common import model_loader
-from tlextract.stages.run import run_trait
+from tlextract.stages.run import release, run_trait, starts_vllm_server
 from tlextract.store import META, write_json, write_text
 
 # A killed actor (crash, node lost, host out of memory) is restarted and its task retried this
@@ -109,6 +109,9 @@ class TraitWorker:
         host = socket.gethostname()
         key = (run.model, run.device, run.dtype)
         loaded = False
+        if starts_vllm_server(run, stages):  # it asks for most of the GPU: the kept models go
+            self.models.clear()
+            release()
 
         def get_model() -> HookedTransformer:
             nonlocal loaded
