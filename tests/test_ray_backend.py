@@ -52,20 +52,65 @@ def _crash_once_when_armed(marker: Path) -> Callable[[], None]:
     return hook
 
 
+def _spy_on_vllm_starts(record: Path) -> Callable[[], None]:
+    """A Ray worker setup hook: a managed vLLM server's start (engine=vllm) appends to ``record``
+    how many TransformerLens models with parameters are alive in the worker then (what would sit
+    on its GPU), and the spy answers with fixed tokens (tests/test_vllm_resident.py in-process)."""
+
+    def hook() -> None:
+        import gc
+        from contextlib import contextmanager
+
+        from transformer_lens import HookedTransformer
+
+        import tlextract.engines.vllm as engine
+        import tlextract.engines.vllm_server as server
+        from tlextract.engines.vllm_client import VLLMClient
+        from tlextract.ops.generate import Generation
+
+        class Client(VLLMClient):
+            def check_model(self, tokenizer: object, model: str) -> None:
+                pass
+
+            def generate(self, prompt_ids: list, *args: object) -> list:
+                return [Generation([40 + i % 7, 50, 60], stopped=False)
+                        for i in range(len(prompt_ids))]  # fmt: skip
+
+        @contextmanager
+        def spy(*args: object, **kwargs: object):
+            gc.collect()
+            live = sum(issubclass(type(o), HookedTransformer) and next(o.parameters(), None)
+                       is not None for o in gc.get_objects())  # fmt: skip
+            with open(record, "a") as f:
+                f.write(f"{live}\n")
+            yield Client("http://127.0.0.1:9", "tiny-random", 1.0, "the spy server")
+
+        engine.managed_server = spy
+        server.vllm_version = lambda engine: "0.32.0"
+
+    return hook
+
+
 @pytest.fixture(scope="module")
 def crash_marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ray") / "crash_armed"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(crash_marker: Path):
+def vllm_starts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray") / "vllm_starts"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(crash_marker: Path, vllm_starts: Path):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    hooks = (_crash_once_when_armed(crash_marker), _spy_on_vllm_starts(vllm_starts))
     ray.init(
         address="local",  # never a cluster named by $RAY_ADDRESS
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": _crash_once_when_armed(crash_marker)},
+        runtime_env={"worker_process_setup_hook": lambda: [hook() for hook in hooks]},
     )
     yield ray
     ray.shutdown()
@@ -212,3 +257,36 @@ def test_two_tasks_of_one_run_at_once_write_it_one_after_the_other(
     assert text.count("responses: up to date, skipped") == 1, text  # the second found it done
     assert "Traceback" not in text
     _assert_same_vectors(local, remote, n=1)
+
+
+@pytest.mark.slow
+def test_actors_drop_their_models_before_a_vllm_server_starts(
+    tmp_path: Path, ray_cluster, vllm_starts: Path, monkeypatch
+) -> None:
+    """Four traits on two actors: each actor's later tasks start a server after an earlier task
+    loaded the model (the activations pass); none may still hold it then."""
+    import tlextract.engines.vllm_server as vllm_server
+
+    monkeypatch.setattr(vllm_server, "vllm_version", lambda engine: "0.32.0")  # the driver's keys
+    write_experiment(tmp_path, traits=[*TRAITS, "delta"])
+    vllm_starts.unlink(missing_ok=True)
+    args = ("--variant", "instruction", "--backend", "ray", "--engine", "vllm", "--judge", "none",
+            "--layers", "1-2")  # fmt: skip
+    assert _run_cli(tmp_path, *args) == 0
+    rows = json.loads((tmp_path / "tiny" / "report" / "ray_summary.json").read_text())
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert vllm_starts.read_text().split() == ["0"] * 4
+
+
+@pytest.mark.slow
+def test_actors_without_gpus_see_none(tmp_path: Path, ray_cluster) -> None:
+    import ray
+
+    from tlextract.backends import ray as ray_backend
+
+    run_on_ray([settings_for(load_experiment("tiny", write_experiment(tmp_path).parent), "alpha")],
+               gpus_per_task=0.0)  # fmt: skip
+    actors = [a for (_, gpus, _), idle in ray_backend._IDLE.items() if not gpus for a in idle]
+    seen = ray.get([a.__ray_call__.remote(lambda self: os.environ.get("CUDA_VISIBLE_DEVICES"))
+                    for a in actors])  # fmt: skip
+    assert actors and seen == [""] * len(actors)

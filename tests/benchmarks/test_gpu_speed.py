@@ -1,8 +1,11 @@
 """``make bench-gpu``: the original study's workload shape (100 + 100 examples) on both embedded
 models in bfloat16 on a CUDA GPU, batch 1 to 64, tlextract against transformers at each batch
-size and the pipeline table (:func:`tlextract.analysis.bench.gpu_benchmark`). Writes
-``docs/benchmarks/gpu.md``. Skipped without a GPU; tests/test_bench.py runs the same code on the
-CPU with the tiny model. No timing is asserted."""
+size and the pipeline table, then the engine=vllm tables
+(:func:`tlextract.analysis.bench.gpu_benchmark`; `make bench-gpu` builds the CUDA vLLM first).
+Writes ``docs/benchmarks/gpu.md`` table by table as each is measured, so a later failure keeps
+the tables before it, and a vLLM that cannot run leaves its reason where its rows would be.
+Skipped without a GPU; tests/test_bench.py runs the same code on the CPU with the tiny model and
+tests/test_bench_tables.py the table-by-table writing. No timing is asserted."""
 
 from __future__ import annotations
 

@@ -41,13 +41,15 @@ from transformer_lens import HookedTransformer
 from tlextract.analysis import bench_engines
 from tlextract.analysis.roofline import Roofline, measure_roofline, product_weights, sync
 from tlextract.config import GenerationSettings, experiments_root, load_experiment
+from tlextract.errors import TLExtractError
 from tlextract.model.load import load_hf_model, load_model
 from tlextract.model.memory import PeakMemory
 from tlextract.model.tokens import device_of, left_pad, tokenize
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import hook_name
 from tlextract.settings import MODES, settings_for
-from tlextract.stages.run import run_trait
+from tlextract.stages.common import first_line
+from tlextract.stages.run import release, run_trait
 from tlextract.store import read_json, write_text
 from tlextract.traits import build_examples
 
@@ -232,37 +234,48 @@ class BenchPlan:
 def run_benchmark(
     workloads: Sequence[Workload], plan: BenchPlan, work_dir: Path, out: Path, title: str
 ) -> dict:
-    """Both tables for each workload, written to ``out`` (Markdown); returns the raw rows."""
+    """Both tables for each workload, written to ``out`` (Markdown) table by table as each is
+    measured, so a later failure loses none of them; returns the raw rows."""
     load_before = os.getloadavg()[0]
     roof = measure_roofline(plan.device, getattr(torch, plan.dtype))
     results: dict = {"machine": machine(), "roofline": roof.__dict__, "workloads": []}
-    sections = []
+    loads = f"load average {load_before:.2f} before"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        sections = [_render(m, plan) for m in results["workloads"]]
+        write_text(out, "\n".join(_header(title, results["machine"], plan, roof, loads) + sections))
+
     for workload in workloads:
-        measured = _measure_workload(workload, plan, roof, work_dir)
-        results["workloads"].append(measured)
-        section = _render(workload, measured["model"], plan, measured["versus"],
-                          measured["pipeline"])  # fmt: skip
-        if plan.vllm:
-            base = _serial_wall(measured["pipeline"])
-            section += "\n".join(bench_engines.render(measured["vllm"], base)) + "\n"
-        sections.append(section)
-    load_after = os.getloadavg()[0]
-    header = [
+        results["workloads"].append({"workload": workload.__dict__})
+        _measure_workload(workload, plan, roof, work_dir, results["workloads"][-1], write)
+    loads += f", {os.getloadavg()[0]:.2f} after"
+    write()
+    return results
+
+
+def _header(title: str, machine: str, plan: BenchPlan, roof: Roofline, loads: str) -> list[str]:
+    return [
         f"# {title}", "",
-        f"Machine: {results['machine']}; {plan.dtype}; load average {load_before:.2f} before, "
-        f"{load_after:.2f} after.",
+        f"Machine: {machine}; {plan.dtype}; {loads}.",
         f"Measured here in the same run: memory read bandwidth {roof.bandwidth / 1e9:.1f} GB/s "
         f"(a large sum), matrix products {roof.flops / 1e9:.0f} GFLOP/s (a large product).",
         "", "Produced by `tlextract.analysis.bench.run_benchmark`; its docstring has the method.",
         "",
     ]  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, "\n".join(header + sections))
-    return results
 
 
-def _measure_workload(workload: Workload, plan: BenchPlan, roof: Roofline, work_dir: Path) -> dict:
-    """Both tables for one workload (its model is freed when this returns)."""
+def _measure_workload(
+    workload: Workload,
+    plan: BenchPlan,
+    roof: Roofline,
+    work_dir: Path,
+    measured: dict,
+    written: Callable[[], None],
+) -> None:
+    """Both tables for one workload into ``measured``, calling ``written`` after each (its
+    model is freed when this returns). A vLLM that cannot run leaves its reason instead of its
+    rows."""
     root = work_dir / workload.experiment
     exp = _copy_experiments(root / "prompts", workload.experiment, plan.n_new)
     model = load_model(exp.model, device=plan.device, dtype=plan.dtype)
@@ -273,23 +286,31 @@ def _measure_workload(workload: Workload, plan: BenchPlan, roof: Roofline, work_
         settings_for(warm, workload.trait, n_examples=1, batch_size=1, judge="none"),
         get_model=lambda: model,
     )
-    versus = versus_transformers(
+    measured["model"] = exp.model
+    measured["versus"] = versus_transformers(
         model, prompts, plan.versus_batch_sizes, plan.n_new, plan.rounds, roof
     )
-    pipeline = pipeline_rows(model, workload, root, plan.n_examples, plan.n_new, plan.batch_sizes)
-    measured = {"workload": workload.__dict__, "model": exp.model, "versus": versus,
-                "pipeline": pipeline}  # fmt: skip
-    if plan.vllm:
+    written()
+    measured["pipeline"] = pipeline_rows(
+        model, workload, root, plan.n_examples, plan.n_new, plan.batch_sizes
+    )
+    written()
+    if not plan.vllm:
+        return
 
-        def experiment_for(batch: int):
-            return _copy_experiments(root / f"{workload.experiment}-vllm-{batch}",
-                                     workload.experiment, plan.n_new)  # fmt: skip
+    def experiment_for(batch: int):
+        return _copy_experiments(root / f"{workload.experiment}-vllm-{batch}",
+                                 workload.experiment, plan.n_new)  # fmt: skip
 
+    release()  # memory PyTorch keeps reserved: vLLM asks for a share of the free memory
+    try:
         measured["vllm"] = bench_engines.measure(
             model, plan.dtype, prompts, plan.n_new, plan.versus_batch_sizes,
             (experiment_for, workload.trait, plan.n_examples, plan.batch_sizes),
             root / "vllm-server.log", plan.rounds)  # fmt: skip
-    return measured
+    except TLExtractError as e:  # no vLLM here, or it cannot start: the other tables stand
+        measured["vllm_missing"] = first_line(e)
+    written()
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -300,13 +321,15 @@ def _serial_wall(pipeline: list[dict]) -> float:
     return next(r["wall_s"] for r in pipeline if r["batch"] == 1 and r["mode"] == "two-stage")
 
 
-def _render(
-    workload: Workload, model: str, plan: BenchPlan, versus: list[dict], pipeline: list[dict]
-) -> str:
-    n_examples, n_new, rounds = plan.n_examples, plan.n_new, plan.rounds
+def _render(measured: dict, plan: BenchPlan) -> str:
+    """The tables measured so far for one workload."""
+    if "versus" not in measured:
+        return ""
+    workload = measured["workload"]
     lines = [
-        f"## {model}: `{workload.experiment}/{workload.trait}`", "",
-        f"Greedy, {n_new} new tokens per prompt, the trait's prompts, best of {rounds} rounds:",
+        f"## {measured['model']}: `{workload['experiment']}/{workload['trait']}`", "",
+        f"Greedy, {plan.n_new} new tokens per prompt, the trait's prompts, best of {plan.rounds} "
+        "rounds:",
         "",
         "| batch | generator | tokens/s | vs transformers | decode step ms | floor ms "
         "| fraction of floor |",
@@ -316,24 +339,33 @@ def _render(
         f"| {r['batch']} | {r['contender']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x "
         f"| {_num(r['step_ms'], '.3g')} | {r['floor_ms']:.3g} "
         f"| {_num(r['floor_fraction'], '.2f')} |"
-        for r in versus
+        for r in measured["versus"]
     ]
+    if "pipeline" in measured:
+        lines += _pipeline_lines(measured["pipeline"], plan)
+    if "vllm" in measured:
+        lines += bench_engines.render(measured["vllm"], _serial_wall(measured["pipeline"]))
+    if "vllm_missing" in measured:
+        lines += ["", f"No engine=vllm rows: vLLM did not run here ({measured['vllm_missing']})."]
+    return "\n".join(lines) + "\n"
+
+
+def _pipeline_lines(pipeline: list[dict], plan: BenchPlan) -> list[str]:
     base = _serial_wall(pipeline)
-    lines += [
+    lines = [
         "",
-        f"Pipeline: {n_examples} pos + {n_examples} neg examples, sampled with the experiment's "
-        f"settings, at most {n_new} new tokens, all layers, every file written:",
+        f"Pipeline: {plan.n_examples} pos + {plan.n_examples} neg examples, sampled with the "
+        f"experiment's settings, at most {plan.n_new} new tokens, all layers, every file written:",
         "",
         "| batch | mode | wall s | generated tokens | tokens/s | speedup vs serial two-stage "
         "| peak memory beyond the model (MiB) |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [
+    return lines + [
         f"| {r['batch']} | {r['mode']} | {r['wall_s']:.1f} | {r['tokens']} | {r['tok_s']:.1f} "
         f"| {base / r['wall_s']:.2f}x | {r['peak_mib']:.0f} |"
         for r in pipeline
     ]
-    return "\n".join(lines) + "\n"
 
 
 DEFAULT_WORKLOAD = Workload("smollm2_cognitive", "local_global")

@@ -19,8 +19,9 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,9 +31,10 @@ from transformer_lens import HookedTransformer
 
 from tlextract.analysis.crossval import HEADLINE, cross_validate
 from tlextract.errors import TLExtractError
+from tlextract.model.memory import GiB, default_budget
 from tlextract.settings import STAGES, RunSettings, experiment_report_dir
 from tlextract.stages.common import model_loader
-from tlextract.stages.run import run_trait
+from tlextract.stages.run import is_done, release, run_trait, starts_vllm_server
 from tlextract.store import META, write_json, write_text
 
 # A killed actor (crash, node lost, host out of memory) is restarted and its task retried this
@@ -94,10 +96,12 @@ def _log_to(stream: TextIO) -> Iterator[None]:
 
 
 class TraitWorker:
-    """A Ray actor (see :func:`run_on_ray`): runs trait tasks on its device, one at a time."""
+    """A Ray actor (see :func:`run_on_ray`): runs trait tasks on its device, one at a time.
+    ``gpus`` is the share of GPUs it holds (0: none, and it sees none; 0.5: half of one)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, gpus: float = 0.0):
         torch.set_num_threads(threads)
+        self.gpus = gpus
         self.models: dict[tuple[str, str | None, str], HookedTransformer] = {}
 
     def run(self, run: RunSettings, stages: Sequence[str]) -> dict[str, Any]:
@@ -105,10 +109,15 @@ class TraitWorker:
         import ray
 
         gpus = ray.get_gpu_ids()
-        device = run.device or (f"gpu {','.join(map(str, gpus))}" if gpus else "cpu")
+        if not gpus:  # Ray hides no GPU from an actor that holds none: never load onto one
+            run = replace(run, device=run.device or "cpu")
+        device = run.device or f"gpu {','.join(map(str, gpus))}"
         host = socket.gethostname()
         key = (run.model, run.device, run.dtype)
         loaded = False
+        if starts_vllm_server(run, stages):  # it asks for most of the GPU: the kept models go
+            self.models.clear()
+            release()
 
         def get_model() -> HookedTransformer:
             nonlocal loaded
@@ -116,6 +125,8 @@ class TraitWorker:
                 self.models[key] = model_loader(run)()
                 loaded = True
             return self.models[key]
+
+        run = self._gpu_share(run, stages, get_model)
 
         log = run.out_dir / TASK_LOG
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +163,21 @@ class TraitWorker:
             "log": str(log),
         }
 
+    def _gpu_share(
+        self, run: RunSettings, stages: Sequence[str], get_model: Callable[[], HookedTransformer]
+    ) -> RunSettings:
+        """With part of a GPU, --batch-size auto budgets that part of the free memory (the
+        default gives every actor on the GPU 80% of the same free memory): measured after the
+        weights are on it, except before a vLLM server (which must start beside no model)."""
+        if not 0 < self.gpus < 1 or run.batch_size != "auto" or run.memory_budget_gib is not None:
+            return run
+        if all(is_done(run, s) for s in stages):
+            return run  # nothing to run: no model to load
+        device = run.device or "cuda"
+        if not starts_vllm_server(run, stages):
+            device = str(get_model().cfg.device)
+        return replace(run, memory_budget_gib=self.gpus * default_budget(device) / GiB)
+
 
 def _failed(run: RunSettings, error: BaseException) -> dict[str, Any]:
     cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the task's exception
@@ -181,6 +207,8 @@ def run_on_ray(
     Connects to ``address`` (a running cluster, e.g. ``ray://head:10001`` or ``auto``), or uses the
     Ray session this process already started, or starts a local one. ``gpus_per_task`` defaults to
     1 where the cluster has GPUs and 0 otherwise (0.5 puts two actors on each GPU)."""
+    if gpus_per_task is not None:
+        check_tensor_parallel(runs, gpus_per_task)  # before Ray starts and prints its banner
     ray = _ray()
     if not ray.is_initialized():
         ray.init(address=address)
@@ -192,14 +220,16 @@ def run_on_ray(
             f"{cluster.get('GPU', 0):g} GPU and {cluster.get('CPU', 0):g} CPU in all; lower "
             "--gpus-per-task / --cpus-per-task."
         )
+    check_tensor_parallel(runs, gpus)
     slots = int(cluster["GPU"] // gpus) if gpus else int(cluster["CPU"] // cpus_per_task)
-    worker = ray.remote(
-        num_gpus=gpus, num_cpus=cpus_per_task, max_restarts=RETRIES, max_task_retries=RETRIES
-    )(TraitWorker)
+    # Ray sets CUDA_VISIBLE_DEVICES only for actors that hold a GPU: the others would see all.
+    hidden = {} if gpus else {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+    worker = ray.remote(num_gpus=gpus, num_cpus=cpus_per_task, max_restarts=RETRIES,
+                        max_task_retries=RETRIES, **hidden)(TraitWorker)  # fmt: skip
     threads = max(1, int(cpus_per_task))
     pool = (ray.get_runtime_context().get_job_id(), gpus, cpus_per_task)
     idle = _IDLE.pop(pool, [])
-    idle += [worker.remote(threads) for _ in range(min(slots, len(runs)) - len(idle))]
+    idle += [worker.remote(threads, gpus) for _ in range(min(slots, len(runs)) - len(idle))]
     print(
         f"[ray] {len(runs)} tasks on {len(idle)} actors ({gpus:g} GPU, {cpus_per_task:g} CPU "
         f"each); each task logs to <results>/{TASK_LOG}"
@@ -219,7 +249,7 @@ def run_on_ray(
         except ray.exceptions.RayError as e:
             rows[i] = _failed(runs[i], e)
             if isinstance(e, ray.exceptions.RayActorError):  # out of restarts: use a new one
-                actor = worker.remote(threads)
+                actor = worker.remote(threads, gpus)
         idle.append(actor)
         row = rows[i]
         what = (
@@ -240,6 +270,19 @@ def run_on_ray(
     for path in write_summaries(runs, ordered):
         print(f"[ray] summary -> {path}")
     return ordered
+
+
+def check_tensor_parallel(runs: Sequence[RunSettings], gpus: float) -> None:
+    """A vLLM server a task starts splits the model over tensor_parallel_size GPUs: no more
+    than the task holds."""
+    for run in runs:
+        tp = run.engine.tensor_parallel_size
+        if run.engine.kind == "vllm" and not run.engine.base_url and tp > 1 and tp > gpus:
+            raise TLExtractError(
+                f"engine.tensor_parallel_size {tp} ({run.experiment.path / 'experiment.json'}): "
+                f"each Ray task holds {gpus:g} GPU; use --gpus-per-task {tp} or a "
+                "tensor_parallel_size of at most the GPUs per task."
+            )
 
 
 def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:

@@ -22,7 +22,7 @@ from tlextract.inputs import require_directory
 from tlextract.ops.methods import METHODS
 from tlextract.settings import DEFAULT_DTYPE, DTYPES, MODES, STAGES, settings_for
 from tlextract.stages.common import model_loader
-from tlextract.stages.run import run_trait
+from tlextract.stages.run import release, run_trait, starts_vllm_server
 from tlextract.traits import VARIANTS
 
 COMMANDS = {**{stage: (stage,) for stage in STAGES}, "run": STAGES}
@@ -334,6 +334,9 @@ def _main(args: argparse.Namespace, log_dirs: list[Path]) -> int:
         get_model = model_loader(runs[0])  # one model for all traits of this command
         for run in runs:
             log_dirs.append(run.out_dir)
+            if starts_vllm_server(run, COMMANDS[args.command]):
+                get_model = model_loader(runs[0])  # the kept model goes: vLLM wants the GPU
+                release()
             start = time.perf_counter()
             run_trait(run, COMMANDS[args.command], get_model, wait=not args.no_wait)
             seconds = time.perf_counter() - start

