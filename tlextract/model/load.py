@@ -48,6 +48,7 @@ from tlextract.model.cache import (
     embedded,
     ensure_cached,
 )
+from tlextract.model.fixes import moe_in_model_dtype
 from tlextract.model.tokens import prepare_tokenizer
 from tlextract.settings import DEFAULT_DTYPE, DTYPES
 
@@ -114,6 +115,7 @@ def load_model(
     # load_and_process_state_dict with every processing flag off does just this, but one key at a
     # time, walking all modules per key: 7 s instead of 0.5 s for SmolLM2.
     model.load_state_dict(model.fill_missing_keys(state_dict), strict=True)
+    moe_in_model_dtype(model)
     model.move_model_modules_to_device()
     model.cfg.model_name = name.lower() if embedded(name.lower()) else name
     if not fast:
