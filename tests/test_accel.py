@@ -11,9 +11,11 @@ import logging
 import pytest
 import torch
 from test_fast import CONFIGS, assert_close, prompt_ids, random_batch, random_model
+from tiny_families import family_model
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.components import TransformerBlock
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
 import tlextract as tx
@@ -207,3 +209,22 @@ def test_load_model_sets_malloc_only_for_a_fast_cpu_model_unless_opted_out(
         monkeypatch.setenv(KEEP_FREED_MEMORY_ENV, env)
     load_model("tiny-random", fast=fast)
     assert len(calls) == applied
+
+
+# --- components left stock by design ---
+
+
+def test_a_parallel_block_model_is_accelerated_without_a_warning(caplog, fresh_warnings) -> None:
+    """NeoX/Phi/GPT-J blocks (attention and MLP side by side) are left to TransformerLens by
+    design: no warning; their attention is accelerated and the numbers are stock's."""
+    ref = family_model("neox-like")
+    with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
+        model = tx.accelerate(copy.deepcopy(ref))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert all(type(b) is TransformerBlock for b in model.blocks)
+    assert all(
+        type(b.attn) is not type(r.attn) for b, r in zip(model.blocks, ref.blocks, strict=True)
+    )
+    tokens, mask = random_batch()
+    with torch.inference_mode():
+        assert_close(ref(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
