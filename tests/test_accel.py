@@ -21,7 +21,7 @@ from transformer_lens.components.mlps.gated_mlp import GatedMLP
 import tlextract as tx
 import tlextract.model.load
 from tlextract.config import GenerationSettings
-from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, guard
+from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, fused, guard
 from tlextract.model.load import load_model
 from tlextract.model.tokens import left_pad
 from tlextract.ops.generate import generate_batch
@@ -228,3 +228,22 @@ def test_a_parallel_block_model_is_accelerated_without_a_warning(caplog, fresh_w
     tokens, mask = random_batch()
     with torch.inference_mode():
         assert_close(ref(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
+
+
+# --- the packed weights' memory check ---
+
+
+@pytest.mark.parametrize(("device", "skipped"), [("meta", False), ("cpu", True)])
+def test_only_host_weights_count_against_free_ram(device, skipped, monkeypatch, caplog) -> None:
+    """With almost no free RAM, packing host (CPU) weights is skipped, said once in the log;
+    weights elsewhere (``meta`` here, as a GPU's) are never packed, take no host RAM and must
+    not be counted (nor the skip said)."""
+    module = torch.nn.Module()
+    module.W_in = torch.nn.Parameter(torch.zeros(8, 16, device=device), requires_grad=False)
+    layer = fused.FusedLinear(module, [("W_in", "in_out")])
+    monkeypatch.setattr(fused, "available_ram", lambda: 4 * layer._weight.nbytes - 1)
+    with caplog.at_level(logging.INFO, logger=fused.__name__), torch.inference_mode():
+        with fused.packed_weights([layer]):
+            pass
+    said = [r.getMessage() for r in caplog.records if "packed weights skipped" in r.getMessage()]
+    assert len(said) == int(skipped), said
