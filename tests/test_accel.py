@@ -21,7 +21,8 @@ from transformer_lens.components.mlps.gated_mlp import GatedMLP
 import tlextract as tx
 import tlextract.model.load
 from tlextract.config import GenerationSettings
-from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, fused, guard
+from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, fused, guard, selfcheck
+from tlextract.model.accel.components import _FastRMSNorm
 from tlextract.model.load import load_model
 from tlextract.model.tokens import left_pad
 from tlextract.ops.generate import generate_batch
@@ -124,8 +125,26 @@ def test_restore_on_every_random_config(name: str) -> None:
 
 @pytest.fixture
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The guard's once-per-process warnings start unseen."""
+    """The guard's once-per-process warnings and self-check verdicts start unseen."""
     monkeypatch.setattr(guard, "_warned", set())
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+
+
+@pytest.fixture
+def untested_release(monkeypatch: pytest.MonkeyPatch, fresh_warnings) -> list[object]:
+    """An untested TransformerLens installed; returns the list of self-checks run."""
+    monkeypatch.setattr(
+        guard, "installed", lambda: {"transformer-lens": "3.10.0", "torch": "2.13.0"}
+    )
+    runs: list[object] = []
+    real = selfcheck._self_check
+
+    def counted(cfg, accelerate_untested):
+        runs.append(cfg)
+        return real(cfg, accelerate_untested)
+
+    monkeypatch.setattr(selfcheck, "_self_check", counted)
+    return runs
 
 
 def test_local_build_tags_count_as_the_tested_release(monkeypatch) -> None:
@@ -134,20 +153,45 @@ def test_local_build_tags_count_as_the_tested_release(monkeypatch) -> None:
     assert guard.untested_versions() == []
 
 
-def test_untested_transformerlens_warns_once_and_gives_stock_numbers(
-    stock, monkeypatch, caplog, fresh_warnings
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_untested_release_is_accelerated_when_the_self_check_agrees(
+    dtype, untested_release, caplog
 ) -> None:
-    monkeypatch.setattr(
-        guard, "installed", lambda: {"transformer-lens": "3.10.0", "torch": "2.13.0"}
-    )
+    """Checked once per architecture and dtype; the accelerated model's numbers are stock's."""
+    with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
+        first = load_model("tiny-random", dtype=dtype)
+        second = load_model("tiny-random", dtype=dtype)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert tx.is_accelerated(first) and tx.is_accelerated(second)
+    assert len(untested_release) == 1
+    (tiny,) = untested_release
+    assert tiny.n_layers == 2 and str(tiny.dtype) == f"torch.{dtype}"
+    assert tiny.n_key_value_heads is not None  # grouped-query like tiny-random
+    if dtype == "float32":
+        stock = load_model("tiny-random", fast=False)
+        assert_close(outputs(stock)["logits"], outputs(first)["logits"], "logits")
+
+
+def test_an_untested_release_stays_stock_with_one_warning_when_the_self_check_differs(
+    stock, monkeypatch, caplog, untested_release
+) -> None:
+    """A fast forward made wrong (RMS norm 1% off): the self-check sees it, every model stays
+    stock with one warning naming the versions and what differed; the override still works."""
+    right = _FastRMSNorm.forward
+    monkeypatch.setattr(_FastRMSNorm, "forward", lambda self, x: right(self, x) * 1.01)
     with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
         first, second = load_model("tiny-random"), load_model("tiny-random")
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert "transformer-lens 3.10.0 (tested: 3.9.0)" in warnings[0].getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "transformer-lens 3.10.0 (tested: 3.9.0)" in warnings[0]
+    assert (
+        "self-check on a tiny LlamaForCausalLM in float32 differed (logits off by" in (warnings[0])
+    )
+    assert len(untested_release) == 1
     for model in (first, second):
         assert_stock_like(model, stock)
     assert_outputs_equal(outputs(first), outputs(stock))
+    monkeypatch.setattr(_FastRMSNorm, "forward", right)
     # Checking a new release: the override accelerates all the same.
     assert tx.is_accelerated(tx.accelerate(first, untested=True))
     assert_close(outputs(stock)["logits"], outputs(first)["logits"], "logits")
