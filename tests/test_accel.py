@@ -163,31 +163,36 @@ def test_an_untested_release_is_accelerated_when_the_self_check_agrees(
         second = load_model("tiny-random", dtype=dtype)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert tx.is_accelerated(first) and tx.is_accelerated(second)
-    assert len(untested_release) == 1
-    (tiny,) = untested_release
-    assert tiny.n_layers == 2 and str(tiny.dtype) == f"torch.{dtype}"
-    assert tiny.n_key_value_heads is not None  # grouped-query like tiny-random
+    # Once for the two loads: in the model's dtype, and in float32 too for bf16.
+    assert [str(tiny.dtype) for tiny in untested_release] == sorted(
+        {f"torch.{dtype}", "torch.float32"}, key=f"torch.{dtype}".__ne__
+    )
+    assert all(tiny.n_layers == 2 for tiny in untested_release)
+    assert all(tiny.n_key_value_heads is not None for tiny in untested_release)  # like tiny's
     if dtype == "float32":
         stock = load_model("tiny-random", fast=False)
         assert_close(outputs(stock)["logits"], outputs(first)["logits"], "logits")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_an_untested_release_stays_stock_with_one_warning_when_the_self_check_differs(
-    stock, monkeypatch, caplog, untested_release
+    dtype, stock, monkeypatch, caplog, untested_release
 ) -> None:
-    """A fast forward made wrong (RMS norm 1% off): the self-check sees it, every model stays
-    stock with one warning naming the versions and what differed; the override still works."""
+    """A fast forward made wrong (RMS norm 1% off, within bf16's tolerance: the float32 leg of
+    a bf16 check sees it): every model stays stock with one warning naming the versions and
+    what differed; the override still works."""
     right = _FastRMSNorm.forward
     monkeypatch.setattr(_FastRMSNorm, "forward", lambda self, x: right(self, x) * 1.01)
     with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
-        first, second = load_model("tiny-random"), load_model("tiny-random")
+        first, second = (load_model("tiny-random", dtype=dtype) for _ in range(2))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "transformer-lens 3.10.0 (tested: 3.9.0)" in warnings[0]
-    assert (
-        "self-check on a tiny LlamaForCausalLM in float32 differed (logits off by" in (warnings[0])
-    )
-    assert len(untested_release) == 1
+    said = f"self-check on a tiny LlamaForCausalLM in {dtype} differed (logits in float32 off by"
+    assert said in warnings[0]
+    assert not tx.is_accelerated(first) and not tx.is_accelerated(second)
+    if dtype == "bfloat16":
+        return  # the rest compares with the float32 stock model
     for model in (first, second):
         assert_stock_like(model, stock)
     assert_outputs_equal(outputs(first), outputs(stock))

@@ -2,7 +2,8 @@
 
 Instead of running stock there, :func:`release_problem` checks the release on the model at hand:
 a 2-layer copy of the model's configuration with tiny dimensions and seeded random weights, in
-the model's dtype and on its device, run stock and accelerated. Logits at real (unpadded)
+the model's dtype and on its device (and in float32, where bf16's rounding would hide a subtle
+error), run stock and accelerated. Logits at real (unpadded)
 positions, every block's residual stream, the logits of KV-cached decode steps and the greedy
 tokens (where the stock top-2 margin is wider than the tolerance) must agree within
 :func:`tolerance`. The verdict is kept per architecture, dtype and device for the process: the
@@ -60,7 +61,12 @@ def release_problem(
     key = (cfg.original_architecture, cfg.dtype, torch.device(cfg.device or "cpu").type,
            *(getattr(cfg, name, None) for name in _PATHS))  # fmt: skip
     if key not in _verdicts:
-        _verdicts[key] = _self_check(_tiny_config(cfg), accelerate_untested)
+        tiny = _tiny_config(cfg)
+        # Half precision hides a subtly wrong fast path within its rounding: float32 too.
+        in_fp32 = HookedTransformerConfig(**{**tiny.to_dict(), "dtype": torch.float32})
+        _verdicts[key] = _self_check(tiny, accelerate_untested) or (
+            None if cfg.dtype == torch.float32 else _self_check(in_fp32, accelerate_untested)
+        )
         if _verdicts[key] is None:
             log.info("accelerator self-check on %s: agrees for %s in %s", "; ".join(versions),
                      cfg.original_architecture or "this architecture",
@@ -94,6 +100,8 @@ def _tiny_config(cfg: HookedTransformerConfig) -> HookedTransformerConfig:
         "num_experts": None if experts is None else min(experts, 4),
         "experts_per_token": None if experts is None else min(cfg.experts_per_token or 1, 2),
         "n_params": None, "tokenizer_name": None, "model_name": "tlextract-self-check",
+        # no numbers on the meta device: check the same code on the CPU
+        "device": "cpu" if torch.device(cfg.device or "cpu").type == "meta" else cfg.device,
     })  # fmt: skip
 
 
@@ -126,7 +134,8 @@ def _self_check(
     for name, expected in ref.items():
         diff = _rel_diff(expected, got[name])
         if not diff <= tol:  # NaN differs too
-            return f"{name} off by {diff:.3g} of its largest magnitude, tolerance {tol:.3g}"
+            return (f"{name} in {str(cfg.dtype).removeprefix('torch.')} off by {diff:.3g} of its "
+                    f"largest magnitude, tolerance {tol:.3g}")  # fmt: skip
     return _greedy_difference(ref["decode logits"], got["decode logits"], tol)
 
 
