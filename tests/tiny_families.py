@@ -4,6 +4,8 @@ same weights (built in float32, then cast), in milliseconds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -82,10 +84,14 @@ def max_rel_diff(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def greedy_disagreements(
-    ref: HookedTransformer, prompts: list[list[int]], responses: list[list[int]], tol: float
+    ref: Callable[[torch.Tensor], torch.Tensor],
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    tol: float,
 ) -> list[tuple[int, int]]:
-    """(prompt, step) where a greedy response's token is not ``ref``'s argmax though ``ref``'s
-    top-2 margin there exceeds ``2 * tol * max|logit|`` (a near-tie may go either way in bf16)."""
+    """(prompt, step) where a greedy response's token is not the argmax of ``ref`` (token ids ->
+    logits) though ``ref``'s top-2 margin there exceeds ``2 * tol * max|logit|`` (a near-tie
+    may go either way in bf16)."""
     bad = []
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         if not response:
