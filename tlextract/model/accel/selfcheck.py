@@ -64,9 +64,16 @@ def release_problem(
         tiny = _tiny_config(cfg)
         # Half precision hides a subtly wrong fast path within its rounding: float32 too.
         in_fp32 = HookedTransformerConfig(**{**tiny.to_dict(), "dtype": torch.float32})
-        _verdicts[key] = _self_check(tiny, accelerate_untested) or (
-            None if cfg.dtype == torch.float32 else _self_check(in_fp32, accelerate_untested)
-        )
+        threads = torch.get_num_threads()
+        # Tiny tensors: intra-op threads only add synchronisation (~0.1 s on one thread,
+        # seconds with two on a busy 2-core machine).
+        torch.set_num_threads(1)
+        try:
+            _verdicts[key] = _self_check(tiny, accelerate_untested) or (
+                None if cfg.dtype == torch.float32 else _self_check(in_fp32, accelerate_untested)
+            )
+        finally:
+            torch.set_num_threads(threads)
         if _verdicts[key] is None:
             log.info("accelerator self-check on %s: agrees for %s in %s", "; ".join(versions),
                      cfg.original_architecture or "this architecture",
