@@ -11,15 +11,18 @@ import logging
 import pytest
 import torch
 from test_fast import CONFIGS, assert_close, prompt_ids, random_batch, random_model
+from tiny_families import family_model
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.components import TransformerBlock
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
 import tlextract as tx
 import tlextract.model.load
 from tlextract.config import GenerationSettings
-from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, guard
+from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, fused, guard, selfcheck
+from tlextract.model.accel.components import _FastRMSNorm
 from tlextract.model.load import load_model
 from tlextract.model.tokens import left_pad
 from tlextract.ops.generate import generate_batch
@@ -122,8 +125,26 @@ def test_restore_on_every_random_config(name: str) -> None:
 
 @pytest.fixture
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The guard's once-per-process warnings start unseen."""
+    """The guard's once-per-process warnings and self-check verdicts start unseen."""
     monkeypatch.setattr(guard, "_warned", set())
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+
+
+@pytest.fixture
+def untested_release(monkeypatch: pytest.MonkeyPatch, fresh_warnings) -> list[object]:
+    """An untested TransformerLens installed; returns the list of self-checks run."""
+    monkeypatch.setattr(
+        guard, "installed", lambda: {"transformer-lens": "3.10.0", "torch": "2.13.0"}
+    )
+    runs: list[object] = []
+    real = selfcheck._self_check
+
+    def counted(cfg, accelerate_untested):
+        runs.append(cfg)
+        return real(cfg, accelerate_untested)
+
+    monkeypatch.setattr(selfcheck, "_self_check", counted)
+    return runs
 
 
 def test_local_build_tags_count_as_the_tested_release(monkeypatch) -> None:
@@ -132,20 +153,50 @@ def test_local_build_tags_count_as_the_tested_release(monkeypatch) -> None:
     assert guard.untested_versions() == []
 
 
-def test_untested_transformerlens_warns_once_and_gives_stock_numbers(
-    stock, monkeypatch, caplog, fresh_warnings
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_untested_release_is_accelerated_when_the_self_check_agrees(
+    dtype, untested_release, caplog
 ) -> None:
-    monkeypatch.setattr(
-        guard, "installed", lambda: {"transformer-lens": "3.10.0", "torch": "2.13.0"}
-    )
+    """Checked once per architecture and dtype; the accelerated model's numbers are stock's."""
     with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
-        first, second = load_model("tiny-random"), load_model("tiny-random")
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert "transformer-lens 3.10.0 (tested: 3.9.0)" in warnings[0].getMessage()
+        first = load_model("tiny-random", dtype=dtype)
+        second = load_model("tiny-random", dtype=dtype)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert tx.is_accelerated(first) and tx.is_accelerated(second)
+    # Once for the two loads: in the model's dtype, and in float32 too for bf16.
+    assert [str(tiny.dtype) for tiny in untested_release] == sorted(
+        {f"torch.{dtype}", "torch.float32"}, key=f"torch.{dtype}".__ne__
+    )
+    assert all(tiny.n_layers == 2 for tiny in untested_release)
+    assert all(tiny.n_key_value_heads is not None for tiny in untested_release)  # like tiny's
+    if dtype == "float32":
+        stock = load_model("tiny-random", fast=False)
+        assert_close(outputs(stock)["logits"], outputs(first)["logits"], "logits")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_untested_release_stays_stock_with_one_warning_when_the_self_check_differs(
+    dtype, stock, monkeypatch, caplog, untested_release
+) -> None:
+    """A fast forward made wrong (RMS norm 1% off, within bf16's tolerance: the float32 leg of
+    a bf16 check sees it): every model stays stock with one warning naming the versions and
+    what differed; the override still works."""
+    right = _FastRMSNorm.forward
+    monkeypatch.setattr(_FastRMSNorm, "forward", lambda self, x: right(self, x) * 1.01)
+    with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
+        first, second = (load_model("tiny-random", dtype=dtype) for _ in range(2))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "transformer-lens 3.10.0 (tested: 3.9.0)" in warnings[0]
+    said = f"self-check on a tiny LlamaForCausalLM in {dtype} differed (logits in float32 off by"
+    assert said in warnings[0]
+    assert not tx.is_accelerated(first) and not tx.is_accelerated(second)
+    if dtype == "bfloat16":
+        return  # the rest compares with the float32 stock model
     for model in (first, second):
         assert_stock_like(model, stock)
     assert_outputs_equal(outputs(first), outputs(stock))
+    monkeypatch.setattr(_FastRMSNorm, "forward", right)
     # Checking a new release: the override accelerates all the same.
     assert tx.is_accelerated(tx.accelerate(first, untested=True))
     assert_close(outputs(stock)["logits"], outputs(first)["logits"], "logits")
@@ -207,3 +258,41 @@ def test_load_model_sets_malloc_only_for_a_fast_cpu_model_unless_opted_out(
         monkeypatch.setenv(KEEP_FREED_MEMORY_ENV, env)
     load_model("tiny-random", fast=fast)
     assert len(calls) == applied
+
+
+# --- components left stock by design ---
+
+
+def test_a_parallel_block_model_is_accelerated_without_a_warning(caplog, fresh_warnings) -> None:
+    """NeoX/Phi/GPT-J blocks (attention and MLP side by side) are left to TransformerLens by
+    design: no warning; their attention is accelerated and the numbers are stock's."""
+    ref = family_model("neox-like")
+    with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
+        model = tx.accelerate(copy.deepcopy(ref))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert all(type(b) is TransformerBlock for b in model.blocks)
+    assert all(
+        type(b.attn) is not type(r.attn) for b, r in zip(model.blocks, ref.blocks, strict=True)
+    )
+    tokens, mask = random_batch()
+    with torch.inference_mode():
+        assert_close(ref(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
+
+
+# --- the packed weights' memory check ---
+
+
+@pytest.mark.parametrize(("device", "skipped"), [("meta", False), ("cpu", True)])
+def test_only_host_weights_count_against_free_ram(device, skipped, monkeypatch, caplog) -> None:
+    """With almost no free RAM, packing host (CPU) weights is skipped, said once in the log;
+    weights elsewhere (``meta`` here, as a GPU's) are never packed, take no host RAM and must
+    not be counted (nor the skip said)."""
+    module = torch.nn.Module()
+    module.W_in = torch.nn.Parameter(torch.zeros(8, 16, device=device), requires_grad=False)
+    layer = fused.FusedLinear(module, [("W_in", "in_out")])
+    monkeypatch.setattr(fused, "available_ram", lambda: 4 * layer._weight.nbytes - 1)
+    with caplog.at_level(logging.INFO, logger=fused.__name__), torch.inference_mode():
+        with fused.packed_weights([layer]):
+            pass
+    said = [r.getMessage() for r in caplog.records if "packed weights skipped" in r.getMessage()]
+    assert len(said) == int(skipped), said

@@ -7,11 +7,14 @@ A trait definition is persona_vectors-compatible JSON (``instruction`` pairs, ``
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from jinja2.exceptions import TemplateError
 
 from tlextract.errors import TLExtractError
 from tlextract.inputs import PathArg, read_json, read_text, require
@@ -24,6 +27,8 @@ Polarity = Literal["pos", "neg"]
 POLARITIES: tuple[Polarity, Polarity] = ("pos", "neg")
 Variant = Literal["instruction", "natural"]
 VARIANTS: tuple[Variant, Variant] = ("instruction", "natural")
+
+log = logging.getLogger(__name__)
 
 
 def template_problem(template: str) -> str | None:
@@ -186,17 +191,48 @@ def plan_examples(trait: Trait, n: int) -> list[tuple[int, int]]:
     return [((k + k // cycle) % nq, k % npairs) for k in range(n)]
 
 
+# Chat template text -> whether it renders a system message (checked once per template).
+_TAKES_SYSTEM: dict[str, bool] = {}
+
+
+def takes_system_role(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders a system message. Some raise instead:
+    gemma-2-it's "System role not supported", Mistral Instruct v0.1/v0.2's "Conversation roles
+    must alternate user/assistant/..."; the first such template logs it once."""
+    template = str(tokenizer.chat_template)
+    if template not in _TAKES_SYSTEM:
+        probe = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
+        try:
+            tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+            _TAKES_SYSTEM[template] = True
+        except TemplateError as e:
+            _TAKES_SYSTEM[template] = False
+            log.info("the model's chat template has no system role (%s): each instruction goes "
+                     "in the user turn, before its question", e)  # fmt: skip
+    return _TAKES_SYSTEM[template]
+
+
+def instruction_in_user_turn(tokenizer: Any, style: str, variant: Variant) -> bool:
+    """Whether instructions are merged into the user turn (chat style, instruction variant, a
+    template without a system role): a fact the run records in its meta."""
+    return style == "chat" and variant == "instruction" and not takes_system_role(tokenizer)
+
+
 def render_prompt(tokenizer: Any, style: str, instruction: str, question: str) -> str:
     """The text the model sees: the chat template (instruction as system message) or Q/A text.
-    An empty instruction (natural elicitation) gives the plain template with no system message."""
+    An empty instruction (natural elicitation) gives the plain template with no system message.
+    A template without a system role gets ``"{instruction}\n\n{question}"`` as the user turn."""
     if style == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise TLExtractError(
                 'The model\'s tokenizer has no chat template; set "prompt_style": "completion" '
                 "in experiment.json for base models."
             )
-        system = [{"role": "system", "content": instruction}] if instruction else []
-        messages = [*system, {"role": "user", "content": question}]
+        if instruction and not takes_system_role(tokenizer):
+            messages = [{"role": "user", "content": f"{instruction}\n\n{question}"}]
+        else:
+            system = [{"role": "system", "content": instruction}] if instruction else []
+            messages = [*system, {"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return f"{instruction}\n\nQ: {question}\nA:" if instruction else f"Q: {question}\nA:"
 

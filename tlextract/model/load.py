@@ -49,6 +49,7 @@ from tlextract.model.cache import (
     embedded,
     ensure_cached,
 )
+from tlextract.model.fixes import moe_in_model_dtype
 from tlextract.model.tokens import prepare_tokenizer
 from tlextract.settings import (
     DEFAULT_DTYPE,
@@ -111,6 +112,7 @@ def load_model(
     # own ones would hold the weights twice. Then its buffers follow them to the device.
     model.load_state_dict(_as_parameters(model, state_dict, device), strict=True, assign=True)
     del state_dict
+    moe_in_model_dtype(model)  # TransformerLens builds MoE routers in float32
     model.move_model_modules_to_device()
     model.cfg.model_name = name.lower() if embedded(name.lower()) else name
     if not fast:

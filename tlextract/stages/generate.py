@@ -42,7 +42,7 @@ from tlextract.store import (
     save_tensors,
     write_json,
 )
-from tlextract.traits import POLARITIES, build_examples
+from tlextract.traits import POLARITIES, build_examples, instruction_in_user_turn
 
 log = logging.getLogger(__name__)
 POOLED = "pooled.pt"  # combined mode: {(polarity, index): [layer, d_model]}
@@ -112,6 +112,8 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
         n_generated_tokens=n_tokens,
         n_empty_responses=sum(r["n_response_tokens"] == 0 for r in records),
         prompt_style=run.experiment.prompt_style, generation=asdict(gen),
+        instruction_in_user_turn=instruction_in_user_turn(
+            tokenizer, run.experiment.prompt_style, run.variant),
         seed=run.experiment.seed, batch_size=plan.size, batch_size_requested=run.batch_size,
         batch_size_after_oom=halving.size if halving.size != plan.size else None, mode=run.mode,
         layers=plan.layers, engine=engine_identity(run.engine) or {"kind": "tl"},

@@ -11,8 +11,11 @@ hook dicts) or libc (malloc settings) lives in this subpackage, and only the nam
 * :func:`keep_freed_memory`, :func:`release_free_memory`, :func:`available_ram`: the process's
   memory (process.py); only ``load_model`` applies the malloc setting, never ``accelerate``.
 
-On an untested TransformerLens or torch, or a component other than the fast forward expects,
-``accelerate`` logs one warning and leaves it stock (guard.py): slower, never other numbers.
+On an untested TransformerLens or torch release a self-check at load (accelerated vs stock on a
+tiny model of the same architecture, dtype and device; selfcheck.py) decides: accelerated when it
+agrees, else one warning naming the versions and what differed, and the model stays stock. A
+component other than the fast forward expects stays stock with one warning (guard.py); components
+left stock by design (parallel blocks) are not warned about. Slower, never other numbers.
 """
 
 from tlextract.model.accel.fused import linear

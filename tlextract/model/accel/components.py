@@ -78,6 +78,22 @@ class _FastUnembed(Unembed):
         return run_hook(self.hook_out, self._tlx_out(residual))
 
 
+# The configuration fields that decide whether the fast block forward covers a block.
+_BLOCK_DECIDES = ("attn_only", "parallel_attn_mlp", "original_architecture", "n_devices")
+
+
+def _block_covered(cfg: Any) -> bool:
+    """Pre-norm, attention then MLP, on one device. Parallel blocks (NeoX, Phi, GPT-J),
+    attention-only and post-norm models stay TransformerLens' (their attention and norms are
+    still accelerated)."""
+    return (
+        not cfg.attn_only
+        and not cfg.parallel_attn_mlp
+        and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+        and cfg.n_devices == 1
+    )
+
+
 @keep_name
 @no_type_check
 class _FastTransformerBlock(TransformerBlock):
@@ -85,24 +101,21 @@ class _FastTransformerBlock(TransformerBlock):
 
     @staticmethod
     def _tlx_expects(cfg: Any) -> Expects:
+        if not all(hasattr(cfg, a) for a in _BLOCK_DECIDES) or not _block_covered(cfg):
+            # Left stock by design (_tlx_supported): only the deciding fields are read, so a
+            # parallel block's missing hook_resid_mid is no mismatch to warn about.
+            return Expects(cfg=_BLOCK_DECIDES)
         around = getattr(cfg, "use_normalization_before_and_after", False)
         post = ("ln1_post", "ln2_post") if around else ()
         hooks = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
         return Expects(
             attrs=("ln1", "attn", "ln2", "mlp", *post, *(f"hook_{h}" for h in hooks)),
-            cfg=("attn_only", "parallel_attn_mlp", "original_architecture", "n_devices",
-                 "use_attn_in", "use_split_qkv_input", "use_normalization_before_and_after",
-                 "use_hook_mlp_in"),
+            cfg=(*_BLOCK_DECIDES, "use_attn_in", "use_split_qkv_input",
+                 "use_normalization_before_and_after", "use_hook_mlp_in"),
         )  # fmt: skip
 
     def _tlx_supported(self) -> bool:
-        cfg = self.cfg
-        return (
-            not cfg.attn_only
-            and not cfg.parallel_attn_mlp
-            and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-            and cfg.n_devices == 1
-        )
+        return _block_covered(self.cfg)
 
     def forward(
         self,

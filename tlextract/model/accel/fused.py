@@ -265,9 +265,12 @@ def packed_weights(layers: Sequence[FusedLinear]) -> Iterator[None]:
     the plain weight at 16 rows, 2.6x at 64; ~0.5 s to pack SmolLM2 the first time, ~15 ms to
     check the copies are current on later entries). Weights must not change inside. The copies
     double the weights' memory, so nothing new is packed when that would take more than a
-    quarter of the RAM available (the plain weights are used instead)."""
+    quarter of the RAM available (the plain weights are used instead). Only weights oneDNN
+    packs count: host-resident float32 ones (a GPU's weights are no host RAM)."""
     todo = [f for f in layers if f.packed is None]
-    new_bytes = sum(f._weight.nbytes for f in todo if f._pack is None)
+    new_bytes = sum(
+        f._weight.nbytes for f in todo if f._pack is None and _onednn_fits(f._weight[:1], f._weight)
+    )
     if new_bytes and new_bytes > available_ram() // 4:
         log.info(
             "packed weights skipped: %.1f GiB would be over a quarter of free RAM",

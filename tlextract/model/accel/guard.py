@@ -1,12 +1,12 @@
 """What the accelerator was tested with, and what each fast forward expects of its component.
 
 A fast forward recomputes what TransformerLens' forward computes, so it is right only for the
-TransformerLens it was checked against. :func:`accelerate` therefore changes nothing when the
-installed TransformerLens or torch release is not in :data:`TESTED`, and leaves a component stock
-when its stock ``forward`` takes other arguments than the fast one, or when a parameter, hook
-point, submodule or configuration field the fast forward reads is missing or shaped otherwise.
-Either way one warning says what did not match, and the model computes TransformerLens' own
-numbers (only slower).
+TransformerLens it was checked against. When the installed TransformerLens or torch release is
+not in :data:`TESTED`, a self-check on a tiny model decides (selfcheck.py). :func:`accelerate`
+leaves a component stock when its stock ``forward`` takes other arguments than the fast one, or
+when a parameter, hook point, submodule or configuration field the fast forward reads is missing
+or shaped otherwise. Either way one warning says what did not match, and the model computes
+TransformerLens' own numbers (only slower).
 """
 
 from __future__ import annotations

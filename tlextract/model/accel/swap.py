@@ -38,6 +38,7 @@ expects (guard.py; one warning says so).
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import AbstractContextManager
 
@@ -60,8 +61,9 @@ from tlextract.model.accel.components import (
     _FastUnembed,
 )
 from tlextract.model.accel.fused import FusedLinear, packed_weights
-from tlextract.model.accel.guard import mismatch, untested_versions, warn_once
+from tlextract.model.accel.guard import mismatch, warn_once
 from tlextract.model.accel.kv import ForwardMemo
+from tlextract.model.accel.selfcheck import release_problem
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,9 @@ def accelerate(
     TransformerLens' by float32 rounding, about 1e-4 on logits of size 30). With ``sdpa=False``
     attention runs TransformerLens' explicit operations and outputs are bitwise equal on CPU.
 
-    On a TransformerLens or torch release the accelerator was not tested with (guard.TESTED) it
-    logs one warning and changes nothing, unless ``untested`` (the user's risk: the numbers are
+    On a TransformerLens or torch release the accelerator was not tested with (guard.TESTED) a
+    self-check on a tiny model like this one decides (selfcheck.py): accelerated when it agrees,
+    else one warning and nothing changed, unless ``untested`` (the user's risk: the numbers are
     then unchecked). A component that does not match what its fast forward expects (see
     guard.py) stays stock, with one warning for the whole model."""
     if not isinstance(model, HookedTransformer):
@@ -121,13 +124,10 @@ def accelerate(
     if model.cfg.n_devices != 1:
         log.info("accelerate: model spread over %d devices, left as is", model.cfg.n_devices)
         return model
-    versions = untested_versions()
-    if versions and not untested:
-        warn_once(
-            f"tlextract's accelerator was not tested with {'; '.join(versions)}: models are left "
-            "as TransformerLens runs them (same numbers, slower); tlextract.accelerate(model, "
-            "untested=True) overrides this"
-        )
+    check = functools.partial(accelerate, sdpa=sdpa, untested=True)
+    problem = None if untested else release_problem(model.cfg, check)
+    if problem is not None:
+        warn_once(problem)
         return model
     memo = model.__dict__.get("_tlx_memo")
     if memo is None:
