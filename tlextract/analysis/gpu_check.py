@@ -79,6 +79,7 @@ class Plan:
     check_tokens: int = 32  # greedy tokens compared
     time_dtypes: tuple[str, ...] = ("bfloat16",)
     seed: int = 0
+    command: str = ""  # the options it was run with, for the report
 
 
 @dataclass
@@ -281,13 +282,19 @@ def _header(plan: Plan) -> list[str]:
         f"{', '.join(plan.models)}; equality: {plan.check_rows} prompts x {plan.check_tokens} "
         f"greedy tokens; speed: batches {', '.join(map(str, plan.batches))} x "
         f"{plan.new_tokens} forced tokens in {', '.join(plan.time_dtypes)}; seed {plan.seed}",
-        f"- Tolerances: pooled residuals, relative L2 error {RESID_TOL}; a near-tie is a top-2 "
-        f"margin below {TIE_TOL} of the step's largest |logit|",
+        f"- Tolerances: pooled residuals, relative L2 error {_per_dtype(RESID_TOL)}; a near-tie "
+        f"is a top-2 margin below {_per_dtype(TIE_TOL)} of the step's largest |logit|",
+        f"- Options: `{plan.command or '(defaults)'}`",
     ]  # fmt: skip
     if not on_gpu:
-        lines += ["", "**Not run on a GPU.** This report comes from a CPU run; its speed "
-                  "figures say nothing about a GPU."]  # fmt: skip
+        lines += ["", f"**Not run on a GPU.** This report comes from a run on `{plan.device}`: it "
+                  "shows that the check's code works there, not how fast tlextract is on a GPU. "
+                  "`make gpu-check` on a GPU machine replaces it."]  # fmt: skip
     return lines
+
+
+def _per_dtype(tol: dict[str, float]) -> str:
+    return ", ".join(f"{dtype} {value:.0e}" for dtype, value in tol.items())
 
 
 def check_model(name: str, plan: Plan, work: Path, report: Report) -> None:
@@ -346,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=a.out, device=a.device, tiny=a.tiny, models=tuple(a.models.split(",")),
         batches=tuple(int(b) for b in a.batches.split(",")), new_tokens=a.new_tokens,
         check_rows=a.check_rows, check_tokens=a.check_tokens, seed=a.seed,
+        command=" ".join(sys.argv[1:] if argv is None else argv),
     )  # fmt: skip
     report = run_check(plan)
     print("\n".join(report.lines))
