@@ -14,8 +14,15 @@ import torch
 
 from tlextract.analysis import gpu_check
 from tlextract.analysis.gpu_check import HF, HF_HOOKS, MODEL_DTYPES, OURS, Plan, main, run_check
+from tlextract.analysis.gpu_models import Shape
 
-TINY = {"device": "cpu", "tiny": True, "batches": (1, 3), "new_tokens": 3, "check_rows": 4}
+TINY = {
+    "device": "cpu",
+    "shape": Shape(tiny=True),
+    "batches": (1, 3),
+    "new_tokens": 3,
+    "check_rows": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +120,11 @@ def test_an_unknown_model_is_refused(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(_tiny_args(tmp_path / "gpu.md", "--models", "llama-9"))
     assert e.value.code == 2 and "--models: unknown llama-9" in capsys.readouterr().err
+
+
+def test_layers_keeps_only_the_first_blocks_of_both_models(tmp_path: Path) -> None:
+    """--layers N: real widths at a fraction of the cost; Gemma 2's TransformerLens config (by
+    name, not from config.json) gets the same cut, or the two models would differ."""
+    out = tmp_path / "gpu.md"
+    assert main(_tiny_args(out, "--models", "gemma-2-2b,qwen2.5-7b", "--layers", "1")) == 0
+    assert "first 1 blocks only" in out.read_text()

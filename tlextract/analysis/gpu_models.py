@@ -85,20 +85,42 @@ class Pair:
     vocab: int  # token ids below this are real tokens of the tokenizer
 
 
-def hf_config(name: str, tiny: bool) -> Any:
+@dataclass(frozen=True)
+class Shape:
+    """The published shapes, or tiny ones; ``layers`` keeps only the first blocks (real widths
+    at a fraction of the memory and time)."""
+
+    tiny: bool = False
+    layers: int | None = None
+
+    def tl_overrides(self, name: str) -> dict[str, Any]:
+        """For a model TransformerLens configures by name (it reads no config.json then)."""
+        if name not in TL_NAMES:
+            return {}
+        out = dict(TL_TINY) if self.tiny else {}
+        if self.layers:
+            out.update(
+                n_layers=self.layers, attn_types=(["local", "global"] * self.layers)[: self.layers]
+            )
+        return out
+
+
+def hf_config(name: str, shape: Shape) -> Any:
     spec = dict(CONFIGS[name])
-    if tiny:
+    if shape.tiny:
         spec.update({k: v for k, v in TINY.items() if k in spec or k == "head_dim"})
+    if shape.layers:
+        spec["num_hidden_layers"] = shape.layers
     # No special ids: transformers would stop at (or, with min_new_tokens, suppress) them.
     spec.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
 def build_pair(
-    name: str, device: str, dtype: torch.dtype, tiny: bool, seed: int, work: Path
+    name: str, device: str, dtype: torch.dtype, shape: Shape, seed: int, work: Path
 ) -> Pair:
     """Both models of ``name`` on ``device`` in ``dtype``, weights drawn from ``seed``."""
-    config = hf_config(name, tiny)
+    config = hf_config(name, shape)
     directory = work / f"model-{list(CONFIGS).index(name)}"
     # TransformerLens picks an architecture from these words in a name before reading config.json.
     if any(word in str(directory).lower() for word in ("llama", "gemma")):
@@ -115,9 +137,7 @@ def build_pair(
     hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
     hf.generation_config.pad_token_id = tokenizer.pad_token_id
     tl_name = TL_NAMES.get(name, str(directory))
-    model = hooked(
-        hf, tokenizer, tl_name, device, dtype, TL_TINY if tiny and name in TL_NAMES else {}
-    )
+    model = hooked(hf, tokenizer, tl_name, device, dtype, shape.tl_overrides(name))
     return Pair(name, hf, model, tokenizer.pad_token_id, len(tokenizer))
 
 
