@@ -36,7 +36,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
 BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP)) $(if $(filter vllm,$(engine)),$(VLLM_STAMP))
 
-.PHONY: FORCE install vllm run traits report steer test test-fast bench bench-gpu check clean-venv
+.PHONY: FORCE install vllm run traits report steer test test-fast bench bench-gpu gpu-wheels gpu-check check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -107,6 +107,34 @@ bench: $(STAMP) $(VLLM_STAMP)
 
 bench-gpu: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests/benchmarks/test_gpu_speed.py --benchmark-only -m bench -rs
+
+# The prepared GPU check (docs/gpu.md): `make gpu-wheels` here, where pip reaches PyPI, downloads
+# the Python 3.12 wheels a GPU machine without network lacks (what `import tlextract` really
+# imports beyond torch, transformers 5.17 and the usual scientific stack; no weights, no vLLM)
+# into $(GPU_WHEELS). `make gpu-check` there installs them into a temporary site and runs
+# tlextract.analysis.gpu_check within 8 minutes; it writes docs/benchmarks/gpu.md.
+# GPU_PYTHON: the Python to check with; GPU_CHECK_ARGS: e.g. --tiny for CPU-sized models.
+GPU_WHEELS := .gpu-wheels
+GPU_WHEEL_SPECS := transformer-lens==3.9.0 better-abc==0.0.3 transformers==5.25.0 \
+	huggingface-hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 tokenizers==0.23.3 kernels==0.19.1 \
+	tomlkit==0.15.3 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 gguf==0.19.0
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+GPU_PYTHON ?= python3
+GPU_SITE ?= $(or $(TMPDIR),/tmp)/tlextract-gpu-site
+GPU_CHECK_ARGS ?=
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+	@du -sh $(GPU_WHEELS)
+
+gpu-check:
+	@ls $(GPU_WHEELS)/*.whl > /dev/null 2>&1 || { echo "no wheels in $(GPU_WHEELS): run make gpu-wheels where pip reaches PyPI, then bring the folder along"; exit 2; }
+	rm -rf $(GPU_SITE)
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+		timeout 480 $(GPU_PYTHON) -m tlextract.analysis.gpu_check $(GPU_CHECK_ARGS)
 
 check: $(STAMP)
 	$(PY) -m ruff check tlextract tests
