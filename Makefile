@@ -101,7 +101,7 @@ test-fast: $(STAMP)
 
 # Speed benchmarks (pytest-benchmark); not part of make test. bench: this CPU, writes
 # docs/benchmarks/pipeline.md. bench-gpu: a CUDA GPU (needs a CUDA build of torch: install one
-# into .venv first), writes docs/benchmarks/gpu.md.
+# into .venv first), writes docs/benchmarks/gpu-pipeline.md.
 bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests/benchmarks/test_pipeline_speed.py --benchmark-only -m bench
 

@@ -16,6 +16,13 @@ from tlextract.stages.judge import judge_key
 from tlextract.stages.vectors import vectors_key
 
 
+@pytest.fixture(autouse=True)
+def _cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pinned keys are a CPU machine's: the default device and dtype follow the machine
+    (cuda and bfloat16 where a GPU is visible), so pretend there is none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.mark.parametrize(
     ("variant", "mode", "responses", "activations", "judge"),
     [

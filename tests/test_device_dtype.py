@@ -70,3 +70,11 @@ def test_responses_key_tells_cuda_and_bfloat16_samples_from_cpu_ones(
 def test_load_model_resolves_auto_on_the_cpu() -> None:
     model = load_model(TINY_MODEL, device="cpu", dtype="auto", fast=False)
     assert model_info(model)["dtype"] == "float32" and model.W_E.dtype == torch.float32
+
+
+@pytest.mark.parametrize("command", ["run", "steer"])
+def test_the_command_line_takes_dtype_auto(command: str) -> None:
+    from tlextract.cli.main import build_parser
+
+    args = build_parser().parse_args([command, "--dtype", "auto"])
+    assert args.dtype == "auto"

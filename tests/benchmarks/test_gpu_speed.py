@@ -2,7 +2,7 @@
 models in bfloat16 on a CUDA GPU, batch 1 to 64, tlextract against transformers at each batch
 size and the pipeline table, then the engine=vllm tables
 (:func:`tlextract.analysis.bench.gpu_benchmark`; `make bench-gpu` builds the CUDA vLLM first).
-Writes ``docs/benchmarks/gpu.md`` table by table as each is measured, so a later failure keeps
+Writes ``docs/benchmarks/gpu-pipeline.md`` table by table as each is measured, so a later failure keeps
 the tables before it, and a vLLM that cannot run leaves its reason where its rows would be.
 Skipped without a GPU; tests/test_bench.py runs the same code on the CPU with the tiny model and
 tests/test_bench_tables.py the table-by-table writing. No timing is asserted."""
@@ -18,7 +18,7 @@ from tlextract.analysis.bench import gpu_benchmark
 
 pytestmark = [pytest.mark.bench, pytest.mark.slow]
 
-OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "gpu.md"
+OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "gpu-pipeline.md"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,7 +12,7 @@ from tlextract.ops.bootstrap import Interval
 from tlextract.ops.vectors import TraitVectors
 from tlextract.settings import (
     DEFAULT_DTYPE,
-    DTYPES,
+    DTYPE_CHOICES,
     RunSettings,
     monitor_dir,
     settings_for,
@@ -63,7 +63,7 @@ def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
             "report/crossval.json, else the middle of its layers)",
         )
         p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES)
+        p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
         p.add_argument("--engine", default=None, choices=("tl", "vllm"),
                        help="the vectors of the run this engine generated for")  # fmt: skip
     steer_p, monitor_p, alarm_p = (sub.choices[name] for name in helps)

@@ -20,7 +20,7 @@ from tlextract.config import DEFAULT_EXPERIMENT, EVALUATION, Experiment, load_ex
 from tlextract.errors import TLExtractError, during
 from tlextract.inputs import require_directory
 from tlextract.ops.methods import METHODS
-from tlextract.settings import DEFAULT_DTYPE, DTYPES, MODES, STAGES, settings_for
+from tlextract.settings import DEFAULT_DTYPE, DTYPE_CHOICES, MODES, STAGES, settings_for
 from tlextract.stages.common import model_loader
 from tlextract.stages.run import release, run_trait, starts_vllm_server
 from tlextract.traits import VARIANTS
@@ -180,7 +180,7 @@ def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
         "scores with the studied model itself",
     )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES,
                    help="model weights; pooling and vectors are always float32")  # fmt: skip
     p.add_argument(
         "--offline",
