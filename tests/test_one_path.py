@@ -78,9 +78,12 @@ def _calls(name: str) -> set[str]:
 
 
 def test_generate_then_pool_exists_once():
-    # Pooling the residual over responses: the pipeline's computation, and the batch-size
-    # probe that measures its peak memory. Nothing else pools.
-    assert _calls("pooled_activations") == {"stages/compute.py", "stages/autobatch.py"}
+    # Pooling the residual over responses: the pipeline's computation, the batch-size probe
+    # that measures its peak memory, and the GPU check that compares the op itself with
+    # transformers (it pools no experiment). Nothing else pools.
+    assert _calls("pooled_activations") == {
+        "stages/compute.py", "stages/autobatch.py", "analysis/gpu_check.py"
+    }  # fmt: skip
     # The stages and tx.extract generate through it (an engine's generate), never alone.
     assert _calls("generate_records") == {
         "stages/generate.py", "analysis/extract.py"
