@@ -38,7 +38,9 @@ import tlextract.ops.generate as gen
 from tlextract.config import GenerationSettings
 from tlextract.model.cache import TINY_MODEL, embedded, ensure_cached
 from tlextract.model.tokens import left_pad
+from tlextract.ops.monitor import monitor
 from tlextract.ops.pool import hook_name
+from tlextract.ops.vectors import TraitVectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 aten = torch.ops.aten
@@ -116,14 +118,11 @@ def _forced(model) -> GenerationSettings:  # type: ignore[no-untyped-def]
     return GenerationSettings(max_new_tokens=N_TOKENS, do_sample=True, temperature=1.0)
 
 
-def tlextract_steps(model, prompts, monkeypatch, stops) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
-    """(ops, reads) per decode step of generate_batch with capture on every layer."""
-    names = [hook_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
-    monkeypatch.setattr(gen, "stop_token_ids", lambda _: stops)
-    settings, seeds = _forced(model), list(range(len(prompts)))
+def steps_of(run: Callable[[], object], monkeypatch) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """(ops, reads) per decode step of ``run``, which generates through generate_batch."""
     # Warm-up: checks made once per process or model (oneDNN's self-check, packed weights,
     # rotary tables compared across layers) are not a decode step's.
-    gen.generate_batch(model, prompts, settings, seeds=seeds, capture=names)
+    run()
     forward = gen.next_token_logits
     with counting() as counter:
 
@@ -132,9 +131,20 @@ def tlextract_steps(model, prompts, monkeypatch, stops) -> list[tuple[int, int]]
             return forward(*args)
 
         monkeypatch.setattr(gen, "next_token_logits", marked)
-        gen.generate_batch(model, prompts, settings, seeds=seeds, capture=names)
+        run()
     monkeypatch.setattr(gen, "next_token_logits", forward)
     return counter.steps()
+
+
+def tlextract_steps(model, prompts, monkeypatch, stops) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """(ops, reads) per decode step of generate_batch with capture on every layer."""
+    names = [hook_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
+    monkeypatch.setattr(gen, "stop_token_ids", lambda _: stops)
+    settings, seeds = _forced(model), list(range(len(prompts)))
+    return steps_of(
+        lambda: gen.generate_batch(model, prompts, settings, seeds=seeds, capture=names),
+        monkeypatch,
+    )
 
 
 def transformers_steps(hf, prompts, pad_id: int) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
@@ -224,3 +234,19 @@ def test_ops_per_step_at_most_transformers_with_hooks(tiny_model, hf_tiny, monke
             f"transformers {reads_theirs}"
         )
         assert ops_ours <= ops_theirs
+
+
+def test_monitoring_reads_the_host_at_most_twice_per_step(tiny_model, monkeypatch) -> None:
+    """monitor() scores every token at every step: the scores stay on the device until the
+    generation ends."""
+    layers = tuple(range(tiny_model.cfg.n_layers))
+    v = torch.randn(len(layers), tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    vectors = [TraitVectors(t, "mean_diff", "tiny-random", "resid_post", layers, v) for t in "tu"]
+    monkeypatch.setattr(gen, "stop_token_ids", lambda _: [])
+    settings = _forced(tiny_model)
+    steps = steps_of(  # two traits read at two layers: two hooks per step
+        lambda: monitor(tiny_model, TEXTS[:4], vectors, {"t": 0, "u": 2}, settings=settings),
+        monkeypatch,
+    )
+    assert len(steps) == N_TOKENS  # monitor generates one token more than it keeps
+    assert max(reads for _, reads in steps) <= 2, steps
