@@ -249,7 +249,7 @@ class _Batch:
 
     def responses(self, n: int) -> list[Generation]:
         """The responses, from one copy of every sampled token to the host."""
-        flat = torch.cat(self.picked).tolist()
+        flat = torch.cat(self.picked).tolist() if self.picked else []
         out: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
         at = 0
@@ -281,10 +281,14 @@ def _generate(
         [p[shared:] for p in prompt_ids], tokenizer_of(model).pad_token_id, device
     )
     budget = settings.max_new_tokens
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    draws = None
+    if settings.do_sample and budget:
+        draws = uniforms(
+            [torch.Generator(device=device).manual_seed(s) for s in seeds], budget, device
+        )
     batch = _Batch(
         rows=list(range(len(prompt_ids))),
-        uniforms=uniforms(generators, budget, device) if settings.do_sample and budget else None,
+        uniforms=draws,
         ones=torch.ones(len(prompt_ids), 1, dtype=torch.long, device=device),
         picked=[],
         history=[],

@@ -147,7 +147,7 @@ def causal_mask(
     if window is not None:
         mask = mask & (key_pos > query_pos[:, None] - window)
     if attention_mask is not None:
-        mask = mask & attention_mask.bool().view(-1, 1, 1, n_keys)
+        mask = mask & attention_mask.bool().reshape(-1, 1, 1, n_keys)
     else:
         mask = mask.view(1, 1, n_queries, n_keys)
     grouped = mask.repeat(1, 1, group, 1) if group > 1 else mask
