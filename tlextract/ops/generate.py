@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -38,7 +39,8 @@ def next_token_logits(
     resid = model(
         tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers
     )
-    return final_logits(model, resid[:, -1:, :])[:, 0, :]
+    last = resid if resid.shape[1] == 1 else resid[:, -1:, :]  # a decode step has one position
+    return final_logits(model, last)[:, 0, :]
 
 
 def final_logits(
@@ -46,7 +48,8 @@ def final_logits(
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits from final-block residuals: final norm, unembedding, the model's logit soft-cap
     (Gemma 2), in float32."""
-    logits = model.unembed(model.ln_final(resid)).float()
+    logits = model.unembed(model.ln_final(resid))
+    logits = logits if logits.dtype == torch.float32 else logits.float()  # .float() is an op
     cap = model.cfg.output_logits_soft_cap
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -56,19 +59,39 @@ def sample(
     settings: GenerationSettings,
     generators: Sequence[torch.Generator],
 ) -> Int[Tensor, " batch"]:
+    """One token per row; a row's uniform comes from its own generator."""
     if not settings.do_sample:
         return logits.argmax(dim=-1)
+    return sample_with(logits, settings, uniforms(generators, 1, logits.device)[:, 0])
+
+
+def uniforms(
+    generators: Sequence[torch.Generator], n: int, device: str | torch.device
+) -> Float[Tensor, "batch n"]:
+    """``n`` uniforms per row from the row's own generator, drawn at once before decoding (one
+    op per row, not per row and step). On the CPU these are the numbers ``n`` one-number draws
+    give; a CUDA generator's differ (its offset advances per call)."""
+    return torch.stack([torch.rand(n, generator=g, device=device) for g in generators])
+
+
+def sample_with(
+    logits: Float[Tensor, "batch vocab"],
+    settings: GenerationSettings,
+    u: Float[Tensor, " batch"] | None,
+) -> Int[Tensor, " batch"]:
+    """Sample each row by inverse CDF at its uniform ``u`` (greedy: the argmax; ``u`` unused).
+    torch.multinomial draws one exponential per vocabulary entry (49k per token, ~0.8 ms: a
+    fifth of a batch-16 decode step here); this uses one number."""
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
+    assert u is not None, "sampling needs one uniform per row"
     probs = torch.softmax(logits / settings.temperature, dim=-1)
     if settings.top_p is not None and settings.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
         drop = sorted_p.cumsum(dim=-1) - sorted_p >= settings.top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    # Inverse CDF with one uniform per row from the row's own generator. torch.multinomial
-    # draws one exponential per vocabulary entry (49k per token, ~0.8 ms: a fifth of a batch-16
-    # decode step here); this draws one number.
     cdf = probs.cumsum(dim=-1)
-    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
     total = cdf[:, -1]
     # u < 1, but u * total may round up to total; stay strictly below it.
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -145,9 +168,11 @@ class _Capture:
 
     def __init__(self, names: Sequence[str], n_rows: int, d_model: int, device: str | torch.device):
         self.names = list(names)
-        # [hook, row, d_model] on the model's device: one contiguous index_add_ per hook and step
-        # (a hook runs 30 times per decode step, so its cost is paid at every token).
-        self.sums = torch.zeros(len(names), n_rows, d_model, dtype=torch.float32, device=device)
+        # [hook, row, 1, d_model] on the model's device: a decode step's activation [batch, 1,
+        # d_model] is added by one index_add_ per hook and step, with no reshape (a hook runs
+        # once per layer and step, so every op here is paid at every token).
+        self.sums = torch.zeros(len(names), n_rows, 1, d_model, dtype=torch.float32, device=device)
+        self.per_hook = self.sums.unbind(0)
         self.rows = torch.arange(n_rows, device=device)  # batch row -> original row
         self.recording = False
 
@@ -155,14 +180,18 @@ class _Capture:
         def record(j: int) -> Callable[..., None]:
             def hook(act: Tensor, hook: object) -> None:
                 if self.recording:
-                    self.sums[j].index_add_(0, self.rows, act[:, -1, :].float())
+                    last = act if act.shape[1] == 1 else act[:, -1:]
+                    if last.dtype != torch.float32:
+                        last = last.float()
+                    self.per_hook[j].index_add_(0, self.rows, last)
 
             return hook
 
         return [(name, record(j)) for j, name in enumerate(self.names)]
 
-    def pooled(self, row: int) -> Float[Tensor, "hook d_model"]:
-        return self.sums[:, row].cpu()
+    def pooled(self) -> Float[Tensor, "row hook d_model"]:
+        """Every row's sums on the host, in one copy."""
+        return einops.rearrange(self.sums, "hook row 1 d -> row hook d").cpu()
 
 
 @torch.inference_mode()
@@ -185,12 +214,53 @@ def generate_batch(
         gens = _generate(model, prompt_ids, settings, seeds, recorder, share)
     if not capture:
         return gens
+    sums = recorder.pooled()
     return [
-        Generation(g.response_ids, g.stopped, recorder.pooled(i) / len(g.response_ids))
+        Generation(g.response_ids, g.stopped, sums[i] / len(g.response_ids))
         if g.response_ids
         else g
         for i, g in enumerate(gens)
     ]
+
+
+@dataclass
+class _Batch:
+    """The rows still decoding, on the host (original indices) and on the device (their cache,
+    uniforms, recorder rows); every step's sampled tokens stay on the device until the end."""
+
+    rows: list[int]
+    uniforms: Float[Tensor, "batch step"] | None
+    ones: Int[Tensor, "batch 1"]  # the attention mask of a decode step's single token
+    picked: list[Int[Tensor, " batch"]]  # one tensor per step, over that step's rows
+    history: list[tuple[list[int], list[bool]]]  # per step: its rows and which of them ended
+
+    def drop(
+        self, done: list[bool], cache: TransformerLensKeyValueCache, recorder: _Capture
+    ) -> Int[Tensor, " kept"]:
+        """Drop the finished rows everywhere; the kept rows' indices in the old batch."""
+        keep = [j for j, d in enumerate(done) if not d]
+        index = torch.tensor(keep, device=self.ones.device)  # host to device: not a sync
+        _keep_rows(cache, index)
+        recorder.rows = recorder.rows[index]
+        self.rows = [self.rows[j] for j in keep]
+        self.uniforms = None if self.uniforms is None else self.uniforms[index]
+        self.ones = self.ones[: len(keep)]
+        return index
+
+    def responses(self, n: int) -> list[Generation]:
+        """The responses, from one copy of every sampled token to the host."""
+        flat = torch.cat(self.picked).tolist() if self.picked else []
+        out: list[list[int]] = [[] for _ in range(n)]
+        stopped = [False] * n
+        at = 0
+        for rows, done in self.history:
+            for r, d, t in zip(rows, done, flat[at : at + len(rows)], strict=True):
+                if d:
+                    stopped[r] = True
+                else:
+                    out[r].append(t)
+            at += len(rows)
+        return [Generation(ids, s) for ids, s in zip(out, stopped, strict=True)]
 
 
 def _generate(
@@ -201,6 +271,8 @@ def _generate(
     recorder: _Capture,
     share: bool,
 ) -> list[Generation]:
+    """The decode loop. It reads the device once per step (which rows ended, one copy) and once
+    at the end (the tokens): on a GPU every read waits for the queued kernels."""
     device = device_of(model)
     stops = torch.tensor(stop_token_ids(model), device=device)
     limit = min(map(len, prompt_ids)) - 1  # every row keeps a token to predict from
@@ -208,34 +280,36 @@ def _generate(
     tokens, mask = left_pad(
         [p[shared:] for p in prompt_ids], tokenizer_of(model).pad_token_id, device
     )
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    rows = list(range(len(prompt_ids)))  # original index of each row still in the batch
-    out: list[list[int]] = [[] for _ in prompt_ids]
-    stopped = [False] * len(prompt_ids)
-    for step in range(settings.max_new_tokens):
+    budget = settings.max_new_tokens
+    draws = None
+    if settings.do_sample and budget:
+        draws = uniforms(
+            [torch.Generator(device=device).manual_seed(s) for s in seeds], budget, device
+        )
+    batch = _Batch(
+        rows=list(range(len(prompt_ids))),
+        uniforms=draws,
+        ones=torch.ones(len(prompt_ids), 1, dtype=torch.long, device=device),
+        picked=[],
+        history=[],
+    )
+    for step in range(budget):
         recorder.recording = step > 0
         logits = next_token_logits(model, tokens, mask, cache)
-        new = sample(logits, settings, [generators[r] for r in rows])
-        done = torch.isin(new, stops)
-        for j, r in enumerate(rows):
-            if done[j]:
-                stopped[r] = True
-            else:
-                out[r].append(int(new[j]))
-        if done.all():
+        u = None if batch.uniforms is None else batch.uniforms[:, step]
+        new = sample_with(logits, settings, u)
+        done: list[bool] = torch.isin(new, stops).tolist()  # the step's one read
+        batch.picked.append(new)
+        batch.history.append((batch.rows, done))
+        if all(done):
             break
-        if done.any():
-            keep = (~done).nonzero().squeeze(-1)
-            _keep_rows(cache, keep)
-            rows = [rows[int(k)] for k in keep]
-            recorder.rows = recorder.rows[keep]
-            new = new[keep]
-        tokens = new[:, None]
-        mask = torch.ones_like(tokens)
+        if any(done):
+            new = new[batch.drop(done, cache, recorder)]
+        tokens, mask = new[:, None], batch.ones
     else:
-        if recorder.names:
+        if recorder.names and budget:
             # Rows that ran out of budget still have their last token to record.
             recorder.recording = True
             last = max(int(n.split(".")[1]) for n in recorder.names)
             model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=last + 1)
-    return [Generation(ids, s) for ids, s in zip(out, stopped, strict=True)]
+    return batch.responses(len(prompt_ids))

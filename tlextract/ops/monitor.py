@@ -114,7 +114,8 @@ class _Recorder:
     def hooks(self) -> list[tuple[str | Callable[..., Any], Callable[..., Any]]]:
         def record(name: str) -> Callable[..., None]:
             def hook(resid: Float[Tensor, "batch pos d_model"], hook: object) -> None:
-                self.passes[name].append((resid.float() @ self.units[name].T).cpu())
+                # Kept on the device: a copy to the host here would wait for every step.
+                self.passes[name].append(resid.float() @ self.units[name].T)
 
             return hook
 
@@ -167,7 +168,10 @@ def _generate_scored(
     one_more = replace(settings, max_new_tokens=settings.max_new_tokens + 1)
     with model.hooks(fwd_hooks=recorder.hooks()):
         gens = generate_batch(model, prompt_ids, one_more, seeds)
-    scored = {name: _per_token(p, prompt_ids, gens) for name, p in recorder.passes.items()}
+    scored = {
+        name: _per_token([x.cpu() for x in p], prompt_ids, gens)
+        for name, p in recorder.passes.items()
+    }
     budget = settings.max_new_tokens
     out = []
     for r, (ids, g) in enumerate(zip(prompt_ids, gens, strict=True)):

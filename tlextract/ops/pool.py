@@ -89,13 +89,17 @@ def pooled_activations(
     stop = max(layers) + 1  # later blocks cannot change these activations
     limit = min(map(len, prompt_ids))  # the prefix never reaches a response token
     cache, shared = prefix_cache(model, prompt_ids, limit, not has_hooks(model), stop)
+    # Only the prefix's keys/values are read: a frozen cache is not appended to (TransformerLens
+    # then concatenates per layer and drops the result), and with no prefix there is no cache,
+    # so the pass does not keep every token's keys and values (as large as the residuals).
+    cache.freeze()
     tokens, attn, response = pack(
         prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model), shared
     )
     _, acts = model.run_with_cache(
         tokens,
         attention_mask=attn,
-        past_kv_cache=cache,
+        past_kv_cache=cache if shared else None,
         names_filter=names,
         return_type=None,
         stop_at_layer=stop,

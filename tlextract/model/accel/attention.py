@@ -133,17 +133,20 @@ def _project(
     qkv: FusedLinear = attn._tlx_qkv
     n_kv = (qkv.slots[1].stop - qkv.slots[1].start) // cfg.d_head
     if query_input is key_input and key_input is value_input:
-        out = qkv(query_input)
-        q, k, v = (out[..., qkv.rows(i)] for i in range(3))
+        # The product's heads split into Q, K and V: two ops per layer, not six.
+        heads = [cfg.n_heads, n_kv, n_kv]
+        q, k, v = qkv(query_input).unflatten(-1, (-1, cfg.d_head)).split(heads, dim=-2)
     else:
         weight, bias = qkv.weight()
         q, k, v = (
-            linear(x, weight[qkv.rows(i)], None if bias is None else bias[qkv.rows(i)])
+            linear(x, weight[qkv.rows(i)], None if bias is None else bias[qkv.rows(i)]).unflatten(
+                -1, (-1, cfg.d_head)
+            )
             for i, x in enumerate((query_input, key_input, value_input))
         )
-    q = run_hook(attn.hook_q, q.unflatten(-1, (cfg.n_heads, cfg.d_head)))
-    k = run_hook(attn.hook_k, k.unflatten(-1, (n_kv, cfg.d_head)))
-    v = run_hook(attn.hook_v, v.unflatten(-1, (n_kv, cfg.d_head)))
+    q = run_hook(attn.hook_q, q)
+    k = run_hook(attn.hook_k, k)
+    v = run_hook(attn.hook_v, v)
     if cfg.use_qk_norm:
         assert attn.q_norm is not None and attn.k_norm is not None
         q = attn._apply_qk_norm(q, attn.q_norm)
@@ -163,7 +166,7 @@ def _cache_and_rotate(
     """Append K/V to the cache and apply rotary positions: (q, keys so far, values so far, the
     position offset of the queries)."""
     cfg = attn.cfg
-    past_before = None
+    past_before, k_new = None, k
     if entry is not None:
         past_before = entry.past_keys
         offset = past_before.size(1)
@@ -188,7 +191,7 @@ def _cache_and_rotate(
     if kv_state and kv_state[2] is k and not is_hooked(attn.hook_rot_k):
         # k is the buffer view append_kv left: rotate only what it appended.
         assert entry is not None and past_before is not None
-        k = rotated_keys(entry, past_before, k, cos_k, sin_k, rd, adjacent)
+        k = rotated_keys(entry, past_before, k, (k_new, cos_q, sin_q), cos_k, sin_k, rd, adjacent)
     else:
         k = run_hook(attn.hook_rot_k, rotate(k, cos_k, sin_k, rd, adjacent))
     return q, k, v, offset
@@ -205,7 +208,7 @@ def _attend(
     n_kv, n_keys = k.shape[2], k.shape[1]
     group = n_heads // n_kv
     window = cfg.window_size if attn.attn_type == "local" else None
-    mask, empty = causal_mask(memo, attention_mask, offset, pos, n_keys, window, group)
+    mask, empty = causal_mask(memo, attention_mask, offset, pos, n_keys, window, group, q.device)
     # Query heads of one key/value head side by side: [batch, kv_head, group*pos, d_head],
     # head h = kv_head * group + g, the order of TransformerLens' repeat_interleave.
     q_g = q.permute(0, 2, 1, 3).reshape(batch, n_kv, group * pos, d_head)

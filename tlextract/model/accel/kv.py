@@ -113,8 +113,9 @@ def rotary_tables(
         sin_k = sin_table[None, :n_keys, None, :]
     else:
         # utilities.get_offset_position_ids with offset 0; the queries take the last columns.
-        positions = attention_mask.cumsum(dim=1) - 1
-        positions = positions.masked_fill(positions < 0, 0).to(cos_table.device)
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)  # pads: position 0
+        if positions.device != cos_table.device:
+            positions = positions.to(cos_table.device)
         cos_k = cos_table[positions, None, :]
         sin_k = sin_table[positions, None, :]
     return memo.put(name, (cos_k[:, offset:], sin_k[:, offset:], cos_k, sin_k))
@@ -129,28 +130,29 @@ def causal_mask(
     n_keys: int,
     window: int | None,
     group: int,
+    device: torch.device,
 ) -> tuple[Tensor, Tensor | None]:
     """The boolean mask [batch|1, 1, pos, kv_pos] of ``AbstractAttention.apply_causal_mask``,
-    the same mask with its query rows repeated ``group`` times ([., 1, group*pos, kv_pos], for
-    grouped queries), and the rows with no key at all in that layout (None when there are none)."""
+    on ``device`` (the queries'), the same mask with its query rows repeated ``group`` times
+    ([., 1, group*pos, kv_pos], for grouped queries), and the rows with no key at all in that
+    layout: None without an attention mask (a query always sees its own key), else a tensor
+    whether or not any row is empty (asking would make the host wait for the device)."""
     name = ("mask", window, group)
     hit = memo.get(attention_mask, (offset, n_keys), name)
     if hit is not None:
         return hit
-    device = attention_mask.device if attention_mask is not None else None
     query_pos = torch.arange(offset, offset + n_queries, device=device)
     key_pos = torch.arange(n_keys, device=device)
-    mask = key_pos[None, :] <= query_pos[:, None]
+    mask = key_pos <= query_pos[:, None]
     if window is not None:
-        mask = mask & (key_pos[None, :] > query_pos[:, None] - window)
-    mask = mask[None, None]
+        mask = mask & (key_pos > query_pos[:, None] - window)
     if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :].bool()
+        mask = mask & attention_mask.bool().reshape(-1, 1, 1, n_keys)
+    else:
+        mask = mask.view(1, 1, n_queries, n_keys)
     grouped = mask.repeat(1, 1, group, 1) if group > 1 else mask
-    empty = ~grouped.any(dim=-1, keepdim=True)
-    result = (grouped, empty if bool(empty.any()) else None)
-    memo.put(name, result)
-    return result
+    empty = None if attention_mask is None else ~grouped.any(dim=-1, keepdim=True)
+    return memo.put(name, (grouped, empty))
 
 
 @no_type_check
@@ -201,6 +203,7 @@ def rotated_keys(
     entry: TransformerLensKeyValueCacheEntry,
     past_before: Tensor,
     keys: Tensor,
+    fresh: tuple[Tensor, Tensor, Tensor],
     cos_k: Tensor,
     sin_k: Tensor,
     rotary_dim: int,
@@ -212,7 +215,9 @@ def rotated_keys(
     (a third of the element-wise work of a batch-16 decode step). A cached key keeps its
     position, so its rotation never changes: rotated keys are kept in a buffer of their own,
     valid while the cache still holds the keys left there at the previous step
-    (``past_before`` is what ``past_keys`` was before this step's append)."""
+    (``past_before`` is what ``past_keys`` was before this step's append). ``fresh``: the
+    appended keys and their cos/sin (the queries' tables: they share positions), so rotating
+    them slices nothing."""
     n_old, n_keys = past_before.shape[1], keys.shape[1]
     buf, source = entry.__dict__.get("_tlx_krot", (None, None))
     if (
@@ -227,10 +232,9 @@ def rotated_keys(
     ):
         shape = (keys.shape[0], n_keys + max(_KV_GROWTH, n_keys // 2), *keys.shape[2:])
         buf = torch.empty(shape, dtype=keys.dtype, device=keys.device)
-        n_old = 0
-    buf[:, n_old:n_keys] = rotate(
-        keys[:, n_old:], cos_k[:, n_old:], sin_k[:, n_old:], rotary_dim, adjacent
-    )
+        buf[:, :n_keys] = rotate(keys, cos_k, sin_k, rotary_dim, adjacent)
+    else:
+        buf[:, n_old:n_keys] = rotate(*fresh, rotary_dim, adjacent)
     entry.__dict__["_tlx_krot"] = (buf, entry.past_keys)
     return buf[:, :n_keys]
 
