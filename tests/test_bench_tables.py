@@ -1,6 +1,6 @@
-"""The benchmark report (docs/benchmarks/gpu-pipeline.md for `make bench-gpu`) is written table by table
-as each is measured: a failure later in the run keeps every table before it, and a vLLM that
-cannot run leaves its reason where its rows would be. The measuring functions are replaced by
+"""The benchmark report (docs/benchmarks/gpu-pipeline.md for `make bench-gpu`) is written table
+by table as each is measured: a failure later in the run keeps every table before it, and a vLLM
+that cannot run leaves its reason where its rows would be. The measuring functions are replaced by
 fast stand-ins (the real ones: tests/test_bench.py, tests/test_vllm.py)."""
 
 from __future__ import annotations

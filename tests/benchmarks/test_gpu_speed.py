@@ -2,8 +2,9 @@
 models in bfloat16 on a CUDA GPU, batch 1 to 64, tlextract against transformers at each batch
 size and the pipeline table, then the engine=vllm tables
 (:func:`tlextract.analysis.bench.gpu_benchmark`; `make bench-gpu` builds the CUDA vLLM first).
-Writes ``docs/benchmarks/gpu-pipeline.md`` table by table as each is measured, so a later failure keeps
-the tables before it, and a vLLM that cannot run leaves its reason where its rows would be.
+Writes ``docs/benchmarks/gpu-pipeline.md`` table by table as each is measured, so a later
+failure keeps the tables before it, and a vLLM that cannot run leaves its reason where its rows
+would be.
 Skipped without a GPU; tests/test_bench.py runs the same code on the CPU with the tiny model and
 tests/test_bench_tables.py the table-by-table writing. No timing is asserted."""
 
