@@ -112,7 +112,7 @@ bench-gpu: $(STAMP) $(VLLM_STAMP)
 # the Python 3.12 wheels a GPU machine without network lacks (what `import tlextract` really
 # imports beyond torch, transformers 5.17 and the usual scientific stack; no weights, no vLLM)
 # into $(GPU_WHEELS). `make gpu-check` there installs them into a temporary site and runs
-# tlextract.analysis.gpu_check within 8 minutes; it writes docs/benchmarks/gpu.md.
+# tlextract.benchmarks.gpu_check within 8 minutes; it writes docs/benchmarks/gpu.md.
 # GPU_PYTHON: the Python to check with; GPU_CHECK_ARGS: e.g. --tiny for CPU-sized models.
 GPU_WHEELS := .gpu-wheels
 GPU_WHEEL_SPECS := transformer-lens==3.9.0 better-abc==0.0.3 transformers==5.25.0 \
@@ -134,7 +134,7 @@ gpu-check:
 	rm -rf $(GPU_SITE)
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-		timeout 480 $(GPU_PYTHON) -m tlextract.analysis.gpu_check $(GPU_CHECK_ARGS)
+		timeout 480 $(GPU_PYTHON) -m tlextract.benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 check: $(STAMP)
 	$(PY) -m ruff check tlextract tests

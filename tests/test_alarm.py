@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlextract.analysis.alarm import (
+from tlextract.errors import TLExtractError
+from tlextract.monitoring.alarm import (
     Formulation,
     TokenData,
     fit_alarm,
@@ -16,7 +17,6 @@ from tlextract.analysis.alarm import (
     scores,
     threshold_at_rate,
 )
-from tlextract.errors import TLExtractError
 from tlextract.ops.bootstrap import ratio_interval
 from tlextract.ops.neutral import NEUTRAL_TEXTS, corpus_split, neutral_corpus
 

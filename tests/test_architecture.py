@@ -20,9 +20,10 @@ LAYERS = [
     ("engines",),
     ("judge",),
     ("stages",),
-    ("analysis",),
+    ("evaluation",),
+    ("steering", "monitoring"),
     ("report",),
-    ("backends", "cli"),
+    ("backends", "benchmarks", "cli"),
     ("__init__", "__main__"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -12,16 +12,16 @@ import torch
 from conftest import write_experiment
 
 from tlextract import load_model
-from tlextract.analysis.autosteer import auto_steer, default_layers
-from tlextract.analysis.steer_effects import side_effect_table, wrong_way_share
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.ops.bootstrap import Interval
 from tlextract.ops.fluency import kl_divergence, neutral_answers
 from tlextract.ops.pool import pack
 from tlextract.ops.steer import residual_norm
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for, steer_dir
+from tlextract.steering.autosteer import auto_steer, default_layers
+from tlextract.steering.effects import side_effect_table, wrong_way_share
 
 POS_LETTERS = set("aeiou")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tlextract.analysis.bench import Workload, gpu_benchmark
-from tlextract.analysis.roofline import Roofline, product_weights
+from tlextract.benchmarks.pipeline import Workload, gpu_benchmark
+from tlextract.benchmarks.roofline import Roofline, product_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

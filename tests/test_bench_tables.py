@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import tlextract.analysis.bench as bench
-from tlextract.analysis.roofline import Roofline
+import tlextract.benchmarks.pipeline as bench
+from tlextract.benchmarks.roofline import Roofline
 from tlextract.errors import TLExtractError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,7 +66,7 @@ def test_a_vllm_that_cannot_run_keeps_the_other_tables_and_says_why(
     def no_vllm(*args: object, **kwargs: object) -> dict:
         raise TLExtractError(NO_VLLM)
 
-    monkeypatch.setattr(bench.bench_engines, "measure", no_vllm)
+    monkeypatch.setattr(bench.engine_speed, "measure", no_vllm)
     out = work / "gpu.md"
     [measured] = _run(out, work / "runs")["workloads"]
     text = out.read_text()

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlextract.analysis.evaluate import evaluation_key
 from tlextract.config import load_experiment
+from tlextract.evaluation.evaluate import evaluation_key
 from tlextract.settings import settings_for
 from tlextract.stages.activations import Activations, activations_key
-from tlextract.stages.generate import responses_key
 from tlextract.stages.judge import judge_key
+from tlextract.stages.responses import responses_key
 from tlextract.stages.vectors import vectors_key
 
 

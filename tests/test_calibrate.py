@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from tlextract.analysis.alarm_data import monitor_alarm
-from tlextract.analysis.calibrate import (
+from tlextract.cli.main import main
+from tlextract.config import load_experiment
+from tlextract.errors import TLExtractError
+from tlextract.evaluation.heldout import KeptRun
+from tlextract.model.tokens import tokenize
+from tlextract.monitoring.alarm_data import monitor_alarm
+from tlextract.monitoring.calibrate import (
     Calibration,
     best_threshold,
     false_alarms,
     held_out_projections,
     neutral_token_scores,
 )
-from tlextract.analysis.heldout import KeptRun
-from tlextract.cli.main import main
-from tlextract.config import load_experiment
-from tlextract.errors import TLExtractError
-from tlextract.model.tokens import tokenize
-from tlextract.ops.crossval import fold_of
+from tlextract.ops.folds import fold_of
 from tlextract.ops.monitor import Monitoring, TokenScores
 from tlextract.ops.neutral import NEUTRAL_QUESTIONS, NEUTRAL_TEXTS
 from tlextract.report.monitor_view import (

@@ -17,7 +17,7 @@ import tlextract.traits
 from tlextract.config import load_experiment
 from tlextract.model.load import load_model, load_tokenizer
 from tlextract.settings import settings_for
-from tlextract.stages.generate import generate_responses
+from tlextract.stages.responses import generate_responses
 from tlextract.traits import build_examples, instruction_in_user_turn, load_trait, render_prompt
 
 # The chat_template of google/gemma-2-2b-it's tokenizer_config.json (the same in 9b-it and 27b-it).

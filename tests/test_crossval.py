@@ -9,19 +9,19 @@ from statistics import mean
 import pytest
 import torch
 
-from tlextract.analysis.crossval import cross_validate, load_crossval, verdict
-from tlextract.analysis.heldout import load_kept
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
+from tlextract.evaluation.crossval import cross_validate, load_crossval, verdict
+from tlextract.evaluation.heldout import load_kept
 from tlextract.ops.bootstrap import Interval, bootstrap, weighted_figures
-from tlextract.ops.crossval import (
+from tlextract.ops.directions import mean_diff
+from tlextract.ops.folds import (
     fold_of,
     nested,
     pick_layer,
     random_direction_scores,
     shuffled_labels,
 )
-from tlextract.ops.directions import mean_diff
 from tlextract.ops.metrics import auroc, project, split_indices
 from tlextract.settings import report_dir, settings_for
 from tlextract.stages.run import run_trait

@@ -34,7 +34,7 @@ from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import monitor
 from tlextract.ops.pool import hook_name, pooled_activations
 from tlextract.ops.steer import ablate, steer
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 
 aten = torch.ops.aten
 MOVES = {aten._to_copy.default, aten.to.dtype_layout, aten.copy_.default}

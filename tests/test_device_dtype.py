@@ -12,7 +12,7 @@ from tlextract.model.cache import TINY_MODEL
 from tlextract.model.load import load_model, model_info
 from tlextract.settings import RunSettings, settings_for
 from tlextract.stages.common import stage_meta
-from tlextract.stages.generate import responses_key
+from tlextract.stages.responses import responses_key
 
 
 def _run(**overrides: object) -> RunSettings:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import tlextract.cli.main as cli
-from tlextract.analysis.extract import extract
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
+from tlextract.stages.extract import extract
 
 RUN = ["run", "--experiment", "tiny", "--traits", "alpha"]
 

@@ -13,15 +13,15 @@ import torch
 from conftest import write_experiment
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-import tlextract.analysis.evaluate as evaluate
-import tlextract.analysis.heldout as heldout
-from tlextract.analysis.evaluate import cross_evaluate, evaluate_trait, load_evaluation
-from tlextract.analysis.heldout import split_examples
+import tlextract.evaluation.evaluate as evaluate
+import tlextract.evaluation.heldout as heldout
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.evaluate import cross_evaluate, evaluate_trait, load_evaluation
+from tlextract.evaluation.heldout import split_examples
 from tlextract.judge.keep import Selection
 from tlextract.ops.methods import METHODS
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.report.summary import build_report, cosine_matrix
 from tlextract.settings import settings_for
 from tlextract.stages.activations import Activations

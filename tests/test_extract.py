@@ -13,7 +13,7 @@ from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import tokenize
 from tlextract.ops.bootstrap import Interval
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
 from tlextract.stages.run import run_trait
 from tlextract.store import derive_seed

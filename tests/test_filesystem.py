@@ -21,7 +21,7 @@ from conftest import assert_nothing_partial
 
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
 
 ARGV = ["run", "--experiment", "tiny", "--traits", "alpha", "--batch-size", "2"]

@@ -1,4 +1,4 @@
-"""The prepared GPU check (``make gpu-check``, tlextract.analysis.gpu_check) run on this CPU at
+"""The prepared GPU check (``make gpu-check``, tlextract.benchmarks.gpu_check) run on this CPU at
 tiny shapes: the same code that runs on a GPU at real shapes. Its equality checks pass on every
 architecture and dtype, fail when the two models differ, and the report keeps every table
 written before a failure. No speed is asserted."""
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from tlextract.analysis import gpu_check
-from tlextract.analysis.gpu_check import HF, HF_HOOKS, MODEL_DTYPES, OURS, Plan, main, run_check
-from tlextract.analysis.gpu_models import Shape
+from tlextract.benchmarks import gpu_check
+from tlextract.benchmarks.gpu_check import HF, HF_HOOKS, MODEL_DTYPES, OURS, Plan, main, run_check
+from tlextract.benchmarks.gpu_models import Shape
 
 TINY = {
     "device": "cpu",

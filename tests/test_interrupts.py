@@ -20,7 +20,7 @@ from conftest import assert_nothing_partial, write_experiment
 
 import tlextract
 from tlextract.cli.main import main
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 
 REPO = Path(tlextract.__file__).resolve().parents[1]
 OUT = Path("tiny/alpha/extraction")

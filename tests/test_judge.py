@@ -15,6 +15,7 @@ import torch
 from local_server import control, started, use
 
 from tlextract.errors import TLExtractError
+from tlextract.judge.answers import JudgeCache, cache_key, judge_responses
 from tlextract.judge.base import (
     COHERENCE_PROMPT,
     Judgment,
@@ -23,7 +24,6 @@ from tlextract.judge.base import (
     fill_prompt,
     passes_filter,
 )
-from tlextract.judge.cache import JudgeCache, cache_key, judge_responses
 from tlextract.judge.registry import make_judge
 
 SERVER_SCRIPT = Path(__file__).with_name("fake_openai_server.py")

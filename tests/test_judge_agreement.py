@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tlextract.analysis.agreement import measure
+from tlextract.judge.agreement import measure
 from tlextract.judge.base import fill_prompt
 from tlextract.judge.local import LocalJudge
 

@@ -16,7 +16,7 @@ from tlextract.errors import TLExtractError
 from tlextract.model.tokens import tokenize
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import monitor
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.report.monitor_view import normalise, write_monitoring
 from tlextract.traits import render_prompt
 

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 from conftest import write_experiment
 
-import tlextract.ops.crossval as crossval_ops
-from tlextract.analysis.crossval import HEADLINE, cross_validate
-from tlextract.analysis.evaluate import evaluate_trait
-from tlextract.analysis.extract import Extraction
+import tlextract.ops.folds as crossval_ops
 from tlextract.backends.ray import _mean_diff_best
 from tlextract.cli.interventions import _saved_run
 from tlextract.cli.result import result_card
 from tlextract.config import load_experiment
+from tlextract.evaluation.crossval import HEADLINE, cross_validate
+from tlextract.evaluation.evaluate import evaluate_trait
 from tlextract.settings import report_dir, settings_for
 from tlextract.stages.activations import load_activations
+from tlextract.stages.extract import Extraction
 from tlextract.stages.run import run_trait
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,17 +82,17 @@ def test_generate_then_pool_exists_once():
     # that measures its peak memory, and the GPU check that compares the op itself with
     # transformers (it pools no experiment). Nothing else pools.
     assert _calls("pooled_activations") == {
-        "stages/compute.py", "stages/autobatch.py", "analysis/gpu_check.py"
+        "stages/compute.py", "stages/autobatch.py", "benchmarks/gpu_check.py"
     }  # fmt: skip
     # The stages and tx.extract generate through it (an engine's generate), never alone.
     assert _calls("generate_records") == {
-        "stages/generate.py", "analysis/extract.py"
+        "stages/responses.py", "stages/extract.py"
     }  # fmt: skip
-    assert _calls("pool_records") == {"stages/activations.py", "analysis/extract.py"}
+    assert _calls("pool_records") == {"stages/activations.py", "stages/extract.py"}
 
 
 def test_one_best_layer_rule():
-    assert _calls("pick_layer") == {"ops/crossval.py"}
+    assert _calls("pick_layer") == {"ops/folds.py"}
     defined = {
         (path.relative_to(PACKAGE).as_posix(), node.name)
         for path in PACKAGE.rglob("*.py")
@@ -102,5 +102,5 @@ def test_one_best_layer_rule():
     }  # fmt: skip
     # The one other layer decision answers another question: where a per-token alarm at a fixed
     # false-alarm rate catches most pos tokens (issue 24 measured it better for monitoring).
-    assert defined == {("ops/crossval.py", "pick_layer")}, defined
-    assert _calls("_alarm_column") == {"analysis/alarm.py"}
+    assert defined == {("ops/folds.py", "pick_layer")}, defined
+    assert _calls("_alarm_column") == {"monitoring/alarm.py"}

@@ -15,7 +15,7 @@ import tlextract.stages.compute
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
 from tlextract.stages.activations import load_activations
 from tlextract.stages.run import run_trait

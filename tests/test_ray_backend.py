@@ -21,7 +21,7 @@ from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.locks import run_lock
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import STAGES, report_dir, settings_for
 from tlextract.traits import VARIANTS
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import MIXED_LENGTH_TEXTS
 
-from tlextract.analysis.sweep import alpha_sweep, held_out_questions, reread
 from tlextract.cli.main import main
 from tlextract.config import GenerationSettings, load_experiment
 from tlextract.errors import TLExtractError
@@ -19,10 +18,11 @@ from tlextract.model.tokens import tokenize
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import monitor
 from tlextract.ops.steer import REFERENCE_TEXTS, ablate, residual_norm, steer
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.report.sweep_view import write_sweep
 from tlextract.settings import settings_for
 from tlextract.stages.run import run_trait
+from tlextract.steering.sweep import alpha_sweep, held_out_questions, reread
 from tlextract.traits import render_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -40,7 +40,7 @@ from tlextract.model.cache import TINY_MODEL, embedded, ensure_cached
 from tlextract.model.tokens import left_pad
 from tlextract.ops.monitor import monitor
 from tlextract.ops.pool import hook_name
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 aten = torch.ops.aten

@@ -11,13 +11,13 @@ import torch
 from conftest import write_experiment
 from sklearn.metrics import roc_auc_score
 
-import tlextract.analysis.variants as variants
-from tlextract.analysis.evaluate import cross_evaluate, evaluate_trait
-from tlextract.analysis.variants import _score_baseline, surface_baselines
+import tlextract.evaluation.variants as variants
 from tlextract.config import load_experiment
+from tlextract.evaluation.evaluate import cross_evaluate, evaluate_trait
+from tlextract.evaluation.variants import _score_baseline, surface_baselines
 from tlextract.report.summary import build_report
 from tlextract.settings import settings_for
-from tlextract.stages.generate import load_responses
+from tlextract.stages.responses import load_responses
 from tlextract.stages.run import run_trait
 
 pytestmark = pytest.mark.usefixtures("one_thread")

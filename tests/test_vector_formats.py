@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.formats import save_gguf, save_persona_vectors
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
 from tlextract.stages.run import run_trait
 

@@ -22,16 +22,16 @@ from datasets import load_from_disk
 
 import tlextract.engines.vllm_server as vllm_server
 from tests.conftest import write_experiment
-from tlextract.analysis import bench_engines
+from tlextract.benchmarks import engine_speed
 from tlextract.cli.main import main
 from tlextract.config import EngineSettings, GenerationSettings, load_experiment
 from tlextract.engines.tl import TLEngine
 from tlextract.engines.vllm import vllm_engine
 from tlextract.model.load import load_model, load_tokenizer, model_directory
 from tlextract.model.tokens import tokenize
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
-from tlextract.stages.generate import responses_key
+from tlextract.stages.responses import responses_key
 from tlextract.traits import build_examples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +305,7 @@ def test_engine_benchmark_tables_run_against_the_real_engine(server, smollm2, tm
     write_experiment(tmp_path, model=SMOLLM2, variant="natural", n_examples=2,
                      generation={"max_new_tokens": 4, "do_sample": False})  # fmt: skip
     exp = load_experiment("tiny", tmp_path)
-    measured = bench_engines.measure(
+    measured = engine_speed.measure(
         smollm2, "float32", _prompts(smollm2, 2), 4, (1, 2), (lambda b: exp, "alpha", 2, (2,)),
         tmp_path / "log", rounds=1, engine=EngineSettings(kind="vllm", base_url=server.root),
     )  # fmt: skip
@@ -313,7 +313,7 @@ def test_engine_benchmark_tables_run_against_the_real_engine(server, smollm2, tm
     assert all(r["tokens"] > 0 and r["tok_s"] > 0 for r in measured["alone"])
     [row] = measured["pipeline"]
     assert row["tokens"] > 0 and row["wall_s"] > 0 and row["engine"] == "vllm"
-    text = "\n".join(bench_engines.render(measured, base_wall=2 * row["wall_s"]))
+    text = "\n".join(engine_speed.render(measured, base_wall=2 * row["wall_s"]))
     assert "| 2 | vllm |" in text and "| 2.00x |" in text
 
 

@@ -19,32 +19,32 @@ Everything a notebook needs, at one level::
 import importlib
 from typing import Any
 
-from tlextract.analysis.alarm import Alarm
-from tlextract.analysis.alarm_data import monitor_alarm
-from tlextract.analysis.autosteer import AutoSteer, auto_steer
-from tlextract.analysis.calibrate import Calibration, best_threshold, calibrate
-from tlextract.analysis.crossval import CrossValidation, cross_validate
-from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate, evaluate_trait
-from tlextract.analysis.extract import Extraction, extract
-from tlextract.analysis.sweep import Sweep, alpha_sweep, pole_means
 from tlextract.config import Experiment, GenerationSettings, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.crossval import CrossValidation, cross_validate
+from tlextract.evaluation.evaluate import TraitEvaluation, cross_evaluate, evaluate_trait
 from tlextract.model.accel import accelerate, decode_session, is_accelerated, restore
 from tlextract.model.load import load_model
 from tlextract.model.tokens import tokenize
+from tlextract.monitoring.alarm import Alarm
+from tlextract.monitoring.alarm_data import monitor_alarm
+from tlextract.monitoring.calibrate import Calibration, best_threshold, calibrate
 from tlextract.ops.bootstrap import Interval, bootstrap
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import Monitoring, TokenScores, monitor
 from tlextract.ops.pool import hook_name, pooled_activations
 from tlextract.ops.steer import ablate, residual_norm, steer
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings, report_dir, settings_for
 from tlextract.stages.activations import Activations, extract_activations, load_activations
 from tlextract.stages.common import model_loader
-from tlextract.stages.generate import generate_responses, load_responses
+from tlextract.stages.extract import Extraction, extract
 from tlextract.stages.judge import load_selection, select_responses
+from tlextract.stages.responses import generate_responses, load_responses
 from tlextract.stages.run import run_trait
 from tlextract.stages.vectors import extract_vectors
+from tlextract.steering.autosteer import AutoSteer, auto_steer
+from tlextract.steering.sweep import Sweep, alpha_sweep, pole_means
 from tlextract.traits import Trait, load_trait, render_prompt
 
 # Rendering imports matplotlib (a second): loaded when first used, so the CLI and the stages

@@ -1,7 +1,7 @@
 """``make bench-gpu``: the original study's workload shape (100 + 100 examples) on both embedded
 models in bfloat16 on a CUDA GPU, batch 1 to 64, tlextract against transformers at each batch
 size and the pipeline table, then the engine=vllm tables
-(:func:`tlextract.analysis.bench.gpu_benchmark`; `make bench-gpu` builds the CUDA vLLM first).
+(:func:`tlextract.benchmarks.pipeline.gpu_benchmark`; `make bench-gpu` builds the CUDA vLLM first).
 Writes ``docs/benchmarks/gpu-pipeline.md`` table by table as each is measured, so a later
 failure keeps the tables before it, and a vLLM that cannot run leaves its reason where its rows
 would be.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlextract.analysis.bench import gpu_benchmark
+from tlextract.benchmarks.pipeline import gpu_benchmark
 
 pytestmark = [pytest.mark.bench, pytest.mark.slow]
 

@@ -1,6 +1,7 @@
 """``make bench``: tlextract against transformers' ``generate`` at batch 1, 8 and 16, and the
 original project's pipeline table, on the default model on this CPU, all in one run
-(:func:`tlextract.analysis.bench.cpu_benchmark`). Writes ``docs/benchmarks/pipeline.md``, which the
+(:func:`tlextract.benchmarks.pipeline.cpu_benchmark`). Writes ``docs/benchmarks/pipeline.md``,
+which the
 README quotes. ``TLEXTRACT_BENCH_N`` (examples per polarity, default 32) and
 ``TLEXTRACT_BENCH_NEW`` (new tokens, default 32) size it. No timing is asserted."""
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tlextract.analysis.bench import cpu_benchmark
+from tlextract.benchmarks.pipeline import cpu_benchmark
 
 pytestmark = [pytest.mark.bench, pytest.mark.slow]
 

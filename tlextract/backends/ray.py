@@ -29,8 +29,8 @@ from typing import Any, TextIO
 import torch
 from transformer_lens import HookedTransformer
 
-from tlextract.analysis.crossval import HEADLINE, cross_validate
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.crossval import HEADLINE, cross_validate
 from tlextract.model.memory import GiB, default_budget
 from tlextract.settings import STAGES, RunSettings, experiment_report_dir
 from tlextract.stages.common import model_loader
@@ -71,7 +71,7 @@ def _stage_stamps(run: RunSettings) -> dict[str, int | None]:
 
 def _mean_diff_best(run: RunSettings) -> tuple[int | None, str | None]:
     """The mean_diff layer to use and its cross-validated AUROC: the result card's figures
-    (:func:`tlextract.analysis.crossval.cross_validate`, read back when the task or a report
+    (:func:`tlextract.evaluation.crossval.cross_validate`, read back when the task or a report
     already wrote them). Computed by the driver from the files the task wrote, after the task."""
     try:
         cv = cross_validate(run, [HEADLINE], folds_arg="the report command's --folds")

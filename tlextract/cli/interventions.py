@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tlextract.config import DEFAULT_EXPERIMENT, EVALUATION, Experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.bootstrap import Interval
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import (
     DEFAULT_DTYPE,
     DTYPE_CHOICES,
@@ -24,9 +24,9 @@ from tlextract.traits import VARIANTS
 if TYPE_CHECKING:  # the commands import their heavy modules lazily
     from transformer_lens import HookedTransformer
 
-    from tlextract.analysis.alarm import Alarm
+    from tlextract.judge.answers import JudgeCache
     from tlextract.judge.base import Judge
-    from tlextract.judge.cache import JudgeCache
+    from tlextract.monitoring.alarm import Alarm
 
 
 def parse_floats(text: str) -> list[float]:
@@ -137,7 +137,7 @@ def _saved_run(
     args: argparse.Namespace, experiment: Experiment, trait: str
 ) -> tuple[RunSettings, TraitVectors, int]:
     """The run, its saved mean_diff vectors and the layer to use (said on stdout)."""
-    from tlextract.analysis.crossval import layer_for
+    from tlextract.evaluation.crossval import layer_for
 
     run = settings_for(
         experiment,
@@ -159,7 +159,7 @@ def _saved_run(
     if args.layer is not None:
         layer, why = args.layer, "--layer"
     else:
-        try:  # the result card's layer: one rule (tlextract.ops.crossval.pick_layer)
+        try:  # the result card's layer: one rule (tlextract.ops.folds.pick_layer)
             layer, why = layer_for(run, vectors)
         except TLExtractError as e:  # too few examples to cross-validate: say so, still run
             layer = vectors.layers[len(vectors.layers) // 2]
@@ -169,11 +169,11 @@ def _saved_run(
 
 
 def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
-    from tlextract.analysis.sweep import DEFAULT_ALPHAS, alpha_sweep
     from tlextract.config import split_judge
-    from tlextract.judge.cache import JudgeCache
+    from tlextract.judge.answers import JudgeCache
     from tlextract.judge.registry import make_judge
     from tlextract.report.sweep_view import sweep_table, write_sweep
+    from tlextract.steering.sweep import DEFAULT_ALPHAS, alpha_sweep
 
     bounds = {"--max-kl": args.max_kl, "--max-logprob-drop": args.max_logprob_drop}
     for flag, value in bounds.items():
@@ -218,8 +218,8 @@ def _write_side_effects(run: RunSettings, rows: dict[str, dict[str, Interval]]) 
     """The trait x trait table of the traits steered in this call, printed and saved."""
     from dataclasses import asdict
 
-    from tlextract.analysis.steer_effects import side_effect_table
     from tlextract.settings import experiment_report_dir
+    from tlextract.steering.effects import side_effect_table
     from tlextract.store import write_json, write_text
 
     out = experiment_report_dir(run.experiment, run.model) / f"side_effects_{run.variant}"
@@ -242,14 +242,14 @@ def _auto(
     cache: JudgeCache | None,
 ) -> dict[str, Interval] | None:
     """Choose, report, write; the steered row of the side-effect table (None: no choice)."""
-    from tlextract.analysis.autosteer import (
+    from tlextract.report.autosteer_view import write_autosteer
+    from tlextract.steering.autosteer import (
         ALPHAS,
         MAX_KL,
         MAX_LOGPROB_DROP,
         N_QUESTIONS,
         auto_steer,
     )
-    from tlextract.report.autosteer_view import write_autosteer
 
     result = auto_steer(
         model,
@@ -292,11 +292,11 @@ def _auto(
 def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from dataclasses import asdict, replace
 
-    from tlextract.analysis.alarm_data import monitor_alarm
-    from tlextract.analysis.sweep import pole_means
+    from tlextract.monitoring.alarm_data import monitor_alarm
     from tlextract.ops.monitor import monitor
     from tlextract.ops.steer import unit_direction
     from tlextract.report.monitor_view import above_threshold, write_monitoring
+    from tlextract.steering.sweep import pole_means
     from tlextract.store import write_json
 
     check_rate(args.false_alarm_rate)
@@ -361,7 +361,7 @@ def alarm_vectors(alarm: Alarm, like: TraitVectors) -> TraitVectors:
 
 
 def alarm_command(args: argparse.Namespace, experiment: Experiment) -> None:
-    from tlextract.cli.alarm import compare
+    from tlextract.cli.alarm_table import compare
 
     check_rate(args.false_alarm_rate)
     saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tlextract.cli.guard import guarded
+from tlextract.cli.faults import guarded
 from tlextract.cli.interventions import INTERVENTIONS, add_intervention_commands
 from tlextract.cli.newtrait import NEW_TRAIT, add_new_trait_command, new_trait
 from tlextract.cli.result import result_card
@@ -260,7 +260,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line's exit status: 0 done, 2 a known fault (one line), 130/143 interrupted,
-    1 a bug (one line; the traceback in a log file, see :mod:`tlextract.cli.guard`)."""
+    1 a bug (one line; the traceback in a log file, see :mod:`tlextract.cli.faults`)."""
     args = build_parser().parse_args(argv)
     log_dirs: list[Path] = []  # where the command has got to: a bug's traceback goes there
     with console_logging(), _offline(getattr(args, "offline", False)):

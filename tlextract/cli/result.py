@@ -3,9 +3,9 @@ intervals and the surface baseline beside them), where the files are, and what t
 
 from __future__ import annotations
 
-from tlextract.analysis.crossval import HEADLINE, cross_validate, verdict
 from tlextract.config import DEFAULT_EXPERIMENT
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.crossval import HEADLINE, cross_validate, verdict
 from tlextract.settings import RunSettings, report_dir
 
 

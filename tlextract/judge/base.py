@@ -1,5 +1,5 @@
 """Judging responses 0-100: the Judge protocol, the result types, the scoring rule and the
-judge prompts. The cache and ``judge_responses`` are in :mod:`tlextract.judge.cache`, the judges
+judge prompts. The cache and ``judge_responses`` are in :mod:`tlextract.judge.answers`, the judges
 by kind in :mod:`tlextract.judge.registry`.
 
 A judge reads an already-filled judge prompt and answers with a probability distribution over the

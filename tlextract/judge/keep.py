@@ -11,8 +11,8 @@ from typing import Any
 
 from tlextract.config import split_judge
 from tlextract.errors import TLExtractError
+from tlextract.judge.answers import JudgeCache, judge_responses
 from tlextract.judge.base import Judgment, passes_filter
-from tlextract.judge.cache import JudgeCache, judge_responses
 from tlextract.judge.registry import make_judge
 from tlextract.traits import POLARITIES
 

@@ -7,7 +7,7 @@ vector of counts per row, so all resamples are scored at once as weighted statis
 exactly the statistics of the duplicated rows.
 
 Scores are standardised decision scores: positive means "predicted pos" (see
-:func:`tlextract.ops.crossval.standardize`), so accuracy is the balanced accuracy of ``score > 0``.
+:func:`tlextract.ops.folds.standardize`), so accuracy is the balanced accuracy of ``score > 0``.
 """
 
 from __future__ import annotations

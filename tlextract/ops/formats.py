@@ -61,6 +61,7 @@ from torch import Tensor
 
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.ops.vector_files import (
     GGUF_ARCH,
     check_layers,
@@ -71,7 +72,6 @@ from tlextract.ops.vector_files import (
     read_gguf,
     read_persona,
 )
-from tlextract.ops.vectors import TraitVectors
 from tlextract.store import atomic_path, save_tensors
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
-from tlextract.ops.components import ica, pca_centered, pca_uncentered
+from tlextract.ops.decompose import ica, pca_centered, pca_uncentered
 from tlextract.ops.directions import (
     check_inputs,
     finish_direction,

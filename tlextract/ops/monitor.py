@@ -34,7 +34,7 @@ from tlextract.errors import TLExtractError
 from tlextract.model.tokens import tokenizer_of, user_prompts
 from tlextract.ops.generate import Generation, generate_batch
 from tlextract.ops.steer import unit_direction
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 
 
 @dataclass(frozen=True)

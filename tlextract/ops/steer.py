@@ -46,7 +46,7 @@ from tlextract.errors import TLExtractError
 from tlextract.model.tokens import device_of, left_pad, text_ids, tokenizer_of
 from tlextract.ops.neutral import NEUTRAL_TEXTS
 from tlextract.ops.pool import hook_name
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 
 Positions = Literal["all", "prompt", "response"]
 POSITIONS: tuple[str, ...] = get_args(Positions)

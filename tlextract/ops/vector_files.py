@@ -8,8 +8,9 @@
   ``dict[layer, tensor]`` that repeng and steering-vectors keep in memory, readable without
   knowing the layer list) and string metadata; see :func:`save_safetensors`.
 
-Readers return the fields of a ``TraitVectors`` as a plain dict: ops/vectors.py builds the class
-from them and formats.py builds on the class, so this module imports neither (no import cycle).
+Readers return the fields of a ``TraitVectors`` as a plain dict: ops/trait_vectors.py builds the
+class from them and formats.py builds on the class, so this module imports neither
+(no import cycle).
 docs/vectors.md describes the formats for users.
 """
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from tlextract.analysis.alarm import Alarm, AlarmFigures
+from tlextract.monitoring.alarm import Alarm, AlarmFigures
 from tlextract.store import write_json, write_text
 
 

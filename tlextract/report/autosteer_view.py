@@ -9,9 +9,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tlextract.analysis.autosteer import AutoSteer
-from tlextract.analysis.steer_effects import side_effect_table
 from tlextract.report.plots import save_figure
+from tlextract.steering.autosteer import AutoSteer
+from tlextract.steering.effects import side_effect_table
 from tlextract.store import write_json, write_text
 
 
@@ -71,7 +71,7 @@ def autosteer_markdown(a: AutoSteer) -> str:
 
 
 def _effects_lines(a: AutoSteer) -> list[str]:
-    """Who the setting fails and what else it moves (:mod:`tlextract.analysis.steer_effects`)."""
+    """Who the setting fails and what else it moves (:mod:`tlextract.steering.effects`)."""
     shown = [r for r in a.report if r.effects is not None]
     if not shown:
         return []

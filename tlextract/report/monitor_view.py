@@ -2,14 +2,14 @@
 and an HTML page that colours the text by one trait's score.
 
 Colour scale. With ``poles`` (the mean projection of the extraction's pos and neg examples at the
-same layer, :func:`tlextract.analysis.sweep.pole_means`) a score is shown as
+same layer, :func:`tlextract.steering.sweep.pole_means`) a score is shown as
 ``(score - midpoint) / (half the pos - neg gap)``: 0 is halfway between the two, +1 reads like an
 average positive example, -1 like an average negative one. Without them, as a z-score over the
 answer's tokens. Colours are clipped at +/-2; prompt tokens (chat template included) are drawn but
 do not set the scale, since a few of them carry very large residuals.
 
-Thresholds. With ``thresholds`` (per trait a :class:`tlextract.analysis.alarm.Alarm`, the
-alarm at a chosen false-alarm rate, or an older :class:`tlextract.analysis.calibrate.Calibration`)
+Thresholds. With ``thresholds`` (per trait a :class:`tlextract.monitoring.alarm.Alarm`, the
+alarm at a chosen false-alarm rate, or an older :class:`tlextract.monitoring.calibrate.Calibration`)
 an answer token whose (windowed) score is above its trait's threshold gets a black dot in the
 heatmap and is bold and underlined in the page (:func:`above_threshold`), and each trait's
 threshold, hit and false-alarm rates are stated beside it. The colours stay on the scale above.
@@ -28,8 +28,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
 
-from tlextract.analysis.alarm import Alarm
-from tlextract.analysis.calibrate import Calibration
+from tlextract.monitoring.alarm import Alarm
+from tlextract.monitoring.calibrate import Calibration
 from tlextract.ops.monitor import Monitoring, TokenScores
 from tlextract.report.plots import save_figure
 from tlextract.store import write_json, write_text

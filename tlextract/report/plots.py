@@ -20,8 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tlextract.analysis.cosines import CosineMatrix
-from tlextract.analysis.evaluate import TraitEvaluation
+from tlextract.evaluation.cosines import CosineMatrix
+from tlextract.evaluation.evaluate import TraitEvaluation
 from tlextract.store import atomic_path
 from tlextract.traits import POLARITIES
 

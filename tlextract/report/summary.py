@@ -26,24 +26,24 @@ from typing import Any
 
 import torch
 
-from tlextract.analysis.cosines import CosineMatrix, cosines, saved_vectors
-from tlextract.analysis.crossval import HEADLINE, CrossValidation, cross_validate
-from tlextract.analysis.evaluate import (
+from tlextract.config import EVALUATION, Experiment
+from tlextract.errors import TLExtractError
+from tlextract.evaluation.cosines import CosineMatrix, cosines, saved_vectors
+from tlextract.evaluation.crossval import HEADLINE, CrossValidation, cross_validate
+from tlextract.evaluation.evaluate import (
     BEST_TEXT,
     TraitEvaluation,
     evaluate_trait,
 )
-from tlextract.analysis.variants import (
+from tlextract.evaluation.variants import (
     TraitComparison,
     compare_variants,
     comparison_json,
     comparison_markdown,
 )
-from tlextract.config import EVALUATION, Experiment
-from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
 from tlextract.ops.pool import hook_name
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.report.measured import measured_section
 from tlextract.report.plots import plot_cosine, plot_metrics, plot_projections, pos_neg
 from tlextract.report.trust import crossval_section, plot_intervals

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tlextract.analysis.crossval import HEADLINE, CrossValidation
+from tlextract.evaluation.crossval import HEADLINE, CrossValidation
 from tlextract.report.plots import save_figure
 
 KIND_COLORS = {"method": "tab:green", "baseline": "tab:orange", "null": "tab:gray"}

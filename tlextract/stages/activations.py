@@ -23,7 +23,7 @@ from tlextract.ops.pool import hook_name
 from tlextract.settings import RunSettings
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
 from tlextract.stages.compute import Capture, pool_records
-from tlextract.stages.generate import load_pooled, load_responses, responses_key
+from tlextract.stages.responses import load_pooled, load_responses, responses_key
 from tlextract.store import (
     META,
     clear_other_shards,

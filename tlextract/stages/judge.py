@@ -14,7 +14,7 @@ from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection, select
 from tlextract.settings import RunSettings
 from tlextract.stages.common import reuse, stage_meta
-from tlextract.stages.generate import load_responses, responses_key
+from tlextract.stages.responses import load_responses, responses_key
 from tlextract.store import META, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from tlextract.errors import TLExtractError, during
 from tlextract.locks import run_lock
 from tlextract.model.load import check_model_name, model_directory
 from tlextract.ops.pool import resolve_layers
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import STAGES, RunSettings
 from tlextract.stages.activations import (
     current_activations_key,
@@ -33,8 +33,8 @@ from tlextract.stages.activations import (
     load_activations,
 )
 from tlextract.stages.common import model_loader
-from tlextract.stages.generate import generate_responses, responses_key
 from tlextract.stages.judge import current_judge_key, load_selection, select_responses
+from tlextract.stages.responses import generate_responses, responses_key
 from tlextract.stages.vectors import current_vectors_key, extract_vectors
 from tlextract.store import stage_done
 

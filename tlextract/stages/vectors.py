@@ -9,7 +9,7 @@ from torch import Tensor
 
 from tlextract.judge.keep import Selection
 from tlextract.ops import methods
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings
 from tlextract.stages.activations import Activations, current_activations_key
 from tlextract.stages.common import reuse, stage_meta

@@ -35,8 +35,8 @@ from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
+from tlextract.judge.answers import JudgeCache, judge_responses
 from tlextract.judge.base import Judge
-from tlextract.judge.cache import JudgeCache, judge_responses
 from tlextract.model.tokens import device_of, tokenizer_of, user_prompts
 from tlextract.ops.fluency import mean_logprobs
 from tlextract.ops.generate import generate_batch
@@ -48,10 +48,10 @@ from tlextract.ops.steer import (
     steer,
     unit_direction,
 )
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings
 from tlextract.stages.activations import load_activations
-from tlextract.stages.generate import load_responses
+from tlextract.stages.responses import load_responses
 from tlextract.stages.run import is_done
 from tlextract.store import derive_seed
 from tlextract.traits import POLARITIES

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings, monitor_dir
 from tlextract.stages.common import model_loader
 
@@ -14,8 +14,8 @@ from tlextract.stages.common import model_loader
 def compare(
     args: argparse.Namespace, saved: dict[str, tuple[RunSettings, TraitVectors, int]]
 ) -> None:
-    from tlextract.analysis.alarm import DEFAULT_FORMULATION, fit_alarm, measure
-    from tlextract.analysis.alarm_data import FORMULATIONS, Formulation, load_token_data
+    from tlextract.monitoring.alarm import DEFAULT_FORMULATION, fit_alarm, measure
+    from tlextract.monitoring.alarm_data import FORMULATIONS, Formulation, load_token_data
     from tlextract.ops.neutral import corpus_split
     from tlextract.report.alarm_view import formulations_table, write_alarm_report
 

@@ -6,7 +6,7 @@ and neither is in the train set, otherwise the test set would contain the questi
 was fitted on. Only the examples the judge kept are used, as in the vectors stage. Each method
 is fitted on the train rows and scored on the test rows with
 :func:`tlextract.ops.metrics.evaluate_vectors`; each method's "best" row is the one at its
-cross-validated layer (:mod:`tlextract.analysis.crossval`, the one best-layer rule of
+cross-validated layer (:mod:`tlextract.evaluation.crossval`, the one best-layer rule of
 tlextract), so the split's figures are read where the result card says to use the vectors.
 
 Results go to ``<run.out_dir>/report/``: ``metrics.json`` (everything), ``metrics.md`` (a table
@@ -25,8 +25,10 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
-from tlextract.analysis.crossval import chosen_layers
-from tlextract.analysis.heldout import (
+from tlextract.config import EVALUATION
+from tlextract.errors import TLExtractError
+from tlextract.evaluation.crossval import chosen_layers
+from tlextract.evaluation.heldout import (
     KeptRun,
     Pair,
     common_layers,
@@ -34,8 +36,6 @@ from tlextract.analysis.heldout import (
     side_of,
     split_examples,
 )
-from tlextract.config import EVALUATION
-from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS, get_method, run_method
 from tlextract.ops.metrics import (
     LayerMetrics,

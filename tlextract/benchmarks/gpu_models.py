@@ -1,4 +1,4 @@
-"""Random-weight models at real shapes for the GPU check (:mod:`tlextract.analysis.gpu_check`).
+"""Random-weight models at real shapes for the GPU check (:mod:`tlextract.benchmarks.gpu_check`).
 
 The GPU machine has no network, so no weights: each model is built by transformers from a config
 written here (Llama-3.2-1B, Gemma-2-2B, Qwen2.5-7B; seeded), directly on the device in the run's

@@ -35,7 +35,7 @@ from torch import Tensor
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.ops.bootstrap import Interval, interval_of, ratio_interval
-from tlextract.ops.crossval import fold_of
+from tlextract.ops.folds import fold_of
 from tlextract.ops.methods import run_method
 
 DEFAULT_RATE = 0.05

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
-from tlextract.analysis import bench_engines
-from tlextract.analysis.roofline import Roofline, measure_roofline, product_weights, sync
+from tlextract.benchmarks import engine_speed
+from tlextract.benchmarks.roofline import Roofline, measure_roofline, product_weights, sync
 from tlextract.config import GenerationSettings, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.load import load_hf_model, load_model
@@ -228,7 +228,7 @@ class BenchPlan:
     batch_sizes: tuple[int, ...]  # pipeline table
     versus_batch_sizes: tuple[int, ...]  # tlextract vs transformers
     rounds: int
-    vllm: bool = False  # also the engine=vllm tables (analysis/bench_engines.py)
+    vllm: bool = False  # also the engine=vllm tables (benchmarks/engine_speed.py)
 
 
 def run_benchmark(
@@ -260,7 +260,8 @@ def _header(title: str, machine: str, plan: BenchPlan, roof: Roofline, loads: st
         f"Machine: {machine}; {plan.dtype}; {loads}.",
         f"Measured here in the same run: memory read bandwidth {roof.bandwidth / 1e9:.1f} GB/s "
         f"(a large sum), matrix products {roof.flops / 1e9:.0f} GFLOP/s (a large product).",
-        "", "Produced by `tlextract.analysis.bench.run_benchmark`; its docstring has the method.",
+        "",
+        "Produced by `tlextract.benchmarks.pipeline.run_benchmark`; its docstring has the method.",
         "",
     ]  # fmt: skip
 
@@ -304,7 +305,7 @@ def _measure_workload(
 
     release()  # memory PyTorch keeps reserved: vLLM asks for a share of the free memory
     try:
-        measured["vllm"] = bench_engines.measure(
+        measured["vllm"] = engine_speed.measure(
             model, plan.dtype, prompts, plan.n_new, plan.versus_batch_sizes,
             (experiment_for, workload.trait, plan.n_examples, plan.batch_sizes),
             root / "vllm-server.log", plan.rounds)  # fmt: skip
@@ -344,7 +345,7 @@ def _render(measured: dict, plan: BenchPlan) -> str:
     if "pipeline" in measured:
         lines += _pipeline_lines(measured["pipeline"], plan)
     if "vllm" in measured:
-        lines += bench_engines.render(measured["vllm"], _serial_wall(measured["pipeline"]))
+        lines += engine_speed.render(measured["vllm"], _serial_wall(measured["pipeline"]))
     if "vllm_missing" in measured:
         lines += ["", f"No engine=vllm rows: vLLM did not run here ({measured['vllm_missing']})."]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """The prepared GPU check (``make gpu-check``): equality with transformers, then speed.
 
-For each model of :mod:`tlextract.analysis.gpu_models` (random weights at real shapes) and dtype:
+For each model of :mod:`tlextract.benchmarks.gpu_models` (random weights at real shapes) and dtype:
 
 1. **Equality** against transformers on the same weights, within the dtype's tolerance
    (``TOL``). Logits: tlextract's model teacher-forced on transformers' greedy tokens against
@@ -18,7 +18,7 @@ For each model of :mod:`tlextract.analysis.gpu_models` (random weights at real s
 
 Each table is written to the Markdown report as soon as it is measured, so a crash or a timeout
 keeps what was measured. Exit status 1 when an equality check failed or a model could not be
-checked. Run as ``python -m tlextract.analysis.gpu_check`` (``--help``); ``--tiny`` runs the same
+checked. Run as ``python -m tlextract.benchmarks.gpu_check`` (``--help``); ``--tiny`` runs the same
 code at a few thousand parameters (the test suite does, on the CPU).
 """
 
@@ -38,9 +38,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tlextract.analysis.bench import machine
-from tlextract.analysis.gpu_models import CONFIGS, Pair, Shape, build_pair
-from tlextract.analysis.roofline import sync
+from tlextract.benchmarks.gpu_models import CONFIGS, Pair, Shape, build_pair
+from tlextract.benchmarks.pipeline import machine
+from tlextract.benchmarks.roofline import sync
 from tlextract.config import GenerationSettings
 from tlextract.model.accel import is_accelerated
 from tlextract.model.tokens import left_pad
@@ -291,7 +291,7 @@ def _header(plan: Plan) -> list[str]:
     on_gpu = torch.device(plan.device).type == "cuda"
     lines = [
         "# GPU check: tlextract against transformers on random-weight models", "",
-        "Written by `make gpu-check` (`python -m tlextract.analysis.gpu_check`), table by table; "
+        "Written by `make gpu-check` (`python -m tlextract.benchmarks.gpu_check`), table by table; "
         "see docs/gpu.md.", "",
         f"- Machine: {machine()}; device `{plan.device}`"
         + (f" ({torch.cuda.get_device_name(plan.device)})" if on_gpu else ""),
@@ -356,7 +356,9 @@ def run_check(plan: Plan, work: Path | None = None) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tlextract.analysis.gpu_check", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m tlextract.benchmarks.gpu_check", description=__doc__
+    )
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu.md"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a few thousand parameters (CPU test)")

@@ -26,20 +26,20 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from tlextract.analysis.steer_effects import QuestionEffects, question_effects
-from tlextract.analysis.surface import TextClassifier, TextScorer
-from tlextract.analysis.sweep import generate_answers, held_out_questions, question_prompts
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.surface import TextClassifier, TextScorer
+from tlextract.judge.answers import JudgeCache, judge_responses
 from tlextract.judge.base import Judge
-from tlextract.judge.cache import JudgeCache, judge_responses
 from tlextract.model.tokens import tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, mean_interval
 from tlextract.ops.fluency import answer_logprob, answer_logprobs, kl_divergence, neutral_answers
 from tlextract.ops.neutral import NEUTRAL_QUESTIONS
 from tlextract.ops.steer import Positions, residual_norm, steer
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings, settings_for
-from tlextract.stages.generate import load_responses
+from tlextract.stages.responses import load_responses
+from tlextract.steering.effects import QuestionEffects, question_effects
+from tlextract.steering.sweep import generate_answers, held_out_questions, question_prompts
 from tlextract.store import derive_seed
 
 log = logging.getLogger(__name__)

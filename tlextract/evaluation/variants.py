@@ -3,9 +3,9 @@ cross-distribution figures (vectors of one variant scored on the other's held-ou
 surface baselines (response length, bag of words) on the very same held-out split, so a vector
 that is no better than a surface feature shows as such.
 
-Every figure uses the split of :func:`tlextract.analysis.evaluate.split_examples` over the examples
-the judge kept and the activations stage pooled (non-empty responses), so the columns compare
-directly with ``report/metrics.json``.
+Every figure uses the split of :func:`tlextract.evaluation.evaluate.split_examples` over the
+examples the judge kept and the activations stage pooled (non-empty responses), so the columns
+compare directly with ``report/metrics.json``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tlextract.analysis.evaluate import TraitEvaluation, cross_evaluate
-from tlextract.analysis.heldout import load_kept, split_examples
-from tlextract.analysis.surface import TextClassifier
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.evaluate import TraitEvaluation, cross_evaluate
+from tlextract.evaluation.heldout import load_kept, split_examples
+from tlextract.evaluation.surface import TextClassifier
 from tlextract.ops.metrics import LayerMetrics, auroc, midpoint_accuracy
 from tlextract.settings import RunSettings
-from tlextract.stages.generate import load_responses
+from tlextract.stages.responses import load_responses
 
 METHOD = "mean_diff"
 

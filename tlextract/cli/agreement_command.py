@@ -1,5 +1,5 @@
-"""``python -m tlextract.cli.agreement``: how well a local judge agrees with the polarity of the
-responses (see :mod:`tlextract.analysis.agreement`); writes
+"""``python -m tlextract.cli.agreement_command``: how well a local judge agrees with the
+polarity of the responses (see :mod:`tlextract.judge.agreement`); writes
 ``experiments/<exp>/report/judge_agreement.{md,json}``."""
 
 from __future__ import annotations
@@ -11,21 +11,23 @@ from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
-from tlextract.analysis.agreement import markdown, measure
 from tlextract.config import DEFAULT_MIN_MASS, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
+from tlextract.judge.agreement import markdown, measure
 from tlextract.judge.local import LocalJudge
 from tlextract.model.load import load_model
 from tlextract.settings import experiment_report_dir, settings_for
 from tlextract.stages.common import model_loader
-from tlextract.stages.generate import load_responses
+from tlextract.stages.responses import load_responses
 from tlextract.stages.run import is_done
 from tlextract.store import write_json, write_text
 from tlextract.traits import VARIANTS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlextract.cli.agreement", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tlextract.cli.agreement_command", description=__doc__
+    )
     parser.add_argument("--experiment", default="smollm2_cognitive")
     parser.add_argument("--traits", default="all")
     parser.add_argument("--variant", default="all", choices=(*VARIANTS, "all"))

@@ -28,18 +28,18 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tlextract.analysis.heldout import KeptRun, load_kept
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.heldout import KeptRun, load_kept
 from tlextract.model.tokens import device_of, tokenizer_of
-from tlextract.ops.crossval import fold_of
 from tlextract.ops.fluency import neutral_answers
+from tlextract.ops.folds import fold_of
 from tlextract.ops.methods import run_method
 from tlextract.ops.metrics import project
 from tlextract.ops.neutral import NEUTRAL_TEXTS
 from tlextract.ops.pool import pack
 from tlextract.ops.steer import unit_direction
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings
 
 

@@ -35,9 +35,9 @@ from tlextract.errors import TLExtractError
 from tlextract.inputs import PathArg
 from tlextract.model.tokens import device_of, text_ids, tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
-from tlextract.ops.crossval import fold_of, nested
+from tlextract.ops.folds import fold_of, nested
 from tlextract.ops.methods import get_method, run_method
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import MODES, Mode
 from tlextract.stages.compute import Capture, generate_records, in_memory, pool_records
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tlextract.analysis.surface import TextScorer
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.surface import TextScorer
 from tlextract.ops.bootstrap import Interval, mean_interval
 
 

@@ -1,4 +1,4 @@
-"""The data an alarm is fitted and measured on (:class:`tlextract.analysis.alarm.TokenData`): a
+"""The data an alarm is fitted and measured on (:class:`tlextract.monitoring.alarm.TokenData`): a
 run's kept responses, pooled as saved and re-read token by token (teacher-forced, the model as it
 is), and the shipped neutral corpus's two halves read as answers to neutral questions."""
 
@@ -8,7 +8,10 @@ from collections.abc import Sequence
 
 from transformer_lens import HookedTransformer
 
-from tlextract.analysis.alarm import (
+from tlextract.config import EVALUATION
+from tlextract.errors import TLExtractError
+from tlextract.evaluation.heldout import load_kept
+from tlextract.monitoring.alarm import (
     DEFAULT_FORMULATION,
     DEFAULT_RATE,
     FORMULATIONS,
@@ -19,15 +22,12 @@ from tlextract.analysis.alarm import (
     fit_alarm,
     measure,
 )
-from tlextract.analysis.heldout import load_kept
-from tlextract.config import EVALUATION
-from tlextract.errors import TLExtractError
 from tlextract.ops.fluency import neutral_answers
 from tlextract.ops.neutral import corpus_split
 from tlextract.ops.pool import hook_name
 from tlextract.ops.token_acts import answer_residuals
 from tlextract.settings import RunSettings
-from tlextract.stages.generate import load_responses
+from tlextract.stages.responses import load_responses
 
 
 def load_token_data(

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 from tlextract.errors import TLExtractError
-from tlextract.ops.crossval import standardize, standardize_oriented
+from tlextract.ops.folds import standardize, standardize_oriented
 
 BASELINES = ("length", "bag_of_words")
 

@@ -1,5 +1,5 @@
 """The trustworthy figures of a trait run: nested cross-validation by example index
-(:mod:`tlextract.ops.crossval`), 95% bootstrap intervals over examples
+(:mod:`tlextract.ops.folds`), 95% bootstrap intervals over examples
 (:mod:`tlextract.ops.bootstrap`), the surface baselines the vectors must beat and two nulls.
 
 For each method the layer is chosen inside each outer fold on the other folds alone, so no
@@ -15,7 +15,7 @@ example's score took part in any choice. Scored the same way, on the same folds:
 A method *beats the baselines* when its AUROC interval lies wholly above the interval of the
 better baseline. ``layer`` is the layer to use the full-data vectors at: the one whose
 out-of-fold AUROC over all folds is highest, then Cohen's d, then the lower layer
-(:func:`tlextract.ops.crossval.pick_layer`, the one rule; what ``steer`` and ``monitor`` default
+(:func:`tlextract.ops.folds.pick_layer`, the one rule; what ``steer`` and ``monitor`` default
 to).
 
 Results go to ``<run.out_dir>/report/crossval.{json,md}`` and are read back when the
@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tlextract.analysis.heldout import KeptRun, load_kept
-from tlextract.analysis.surface import BASELINES, surface_scores
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
+from tlextract.evaluation.heldout import KeptRun, load_kept
+from tlextract.evaluation.surface import BASELINES, surface_scores
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
-from tlextract.ops.crossval import (
+from tlextract.ops.folds import (
     fold_of,
     nested,
     random_direction_scores,
@@ -48,9 +48,9 @@ from tlextract.ops.crossval import (
 )
 from tlextract.ops.methods import METHODS, get_method, run_method
 from tlextract.ops.metrics import auroc
-from tlextract.ops.vectors import TraitVectors
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings, report_dir
-from tlextract.stages.generate import load_responses
+from tlextract.stages.responses import load_responses
 from tlextract.stages.vectors import vectors_key
 from tlextract.store import META, fingerprint, read_json, write_json, write_text
 

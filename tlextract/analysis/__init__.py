@@ -1,2 +1,0 @@
-"""Evaluation, variant comparison, steering sweeps, judge agreement and benchmarks, fed by the
-stages' loaders."""
