@@ -261,8 +261,7 @@ def _header(title: str, machine: str, plan: BenchPlan, roof: Roofline, loads: st
         f"Measured here in the same run: memory read bandwidth {roof.bandwidth / 1e9:.1f} GB/s "
         f"(a large sum), matrix products {roof.flops / 1e9:.0f} GFLOP/s (a large product).",
         "",
-        "Produced by `tlextract.benchmarks.pipeline.run_benchmark`; its docstring has the method.",
-        "",
+        "Made by `tlextract.benchmarks.pipeline.run_benchmark`; its docstring has the method.", "",
     ]  # fmt: skip
 
 
