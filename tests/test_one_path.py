@@ -1,5 +1,5 @@
 """One rule per decision and one computation: every layer tlextract names comes from
-``ops.crossval.pick_layer``, and the pipeline's generate -> pool exists once
+``ops.folds.pick_layer``, and the pipeline's generate -> pool exists once
 (``stages/compute.py``), run from disk by the stages and in memory by ``tx.extract``.
 
 A second best-layer rule or a second generate -> pool path makes these tests fail: the first by

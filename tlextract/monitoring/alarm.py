@@ -171,7 +171,7 @@ def _alarm_column(data: TokenData, f: Formulation, rate: float, fold: tuple[Tens
                 outer: int, folds: int, seed: int) -> int:  # fmt: skip
     """Column of the layer with the highest TPR at ``rate`` on the inner folds (outer fold
     excluded). The alarm's own decision (where a per-token alarm at a fixed false-alarm rate
-    catches most), measured better than the vector's layer (``ops.crossval.pick_layer``, which
+    catches most), measured better than the vector's layer (``ops.folds.pick_layer``, which
     ranks whole-response AUROC); see docs/steering.md."""
     if f.layer is not None:
         if f.layer not in data.layers:
