@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from tlextract.cli.main import main
 from tlextract.errors import TLExtractError
 from tlextract.model import hub
-from tlextract.model.cache import MANIFEST, TINY_MODEL, embedded, ensure_cached
-from tlextract.model.load import load_model
+from tlextract.model.cache import MANIFEST, TINY_MODEL
+from tlextract.model.load import load_model, model_directory
 
 SERVER_SCRIPT = Path(__file__).with_name("fake_hub_server.py")
 TINY = "tiny-org/tiny-model"
@@ -44,10 +44,8 @@ EXTRAS = {"README.md": b"# tiny\n", "pytorch_model.bin": b"not needed: safetenso
 def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The directories the fake hub serves, by repo id."""
     root = tmp_path_factory.mktemp("repos")
-    spec = embedded(TINY_MODEL)
-    assert spec is not None
     tiny = root / "tiny"
-    shutil.copytree(ensure_cached(TINY_MODEL, spec), tiny, ignore=shutil.ignore_patterns(MANIFEST))
+    shutil.copytree(model_directory(TINY_MODEL), tiny, ignore=shutil.ignore_patterns(MANIFEST))
     for name, data in EXTRAS.items():
         (tiny / name).write_bytes(data)
     qwen = root / "qwen"

@@ -22,7 +22,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tlextract.errors import TLExtractError
 from tlextract.model import cache as models
 from tlextract.model.cache import DEFAULT_MODEL, EMBEDDED_MODELS, GEMMA_MODEL, TINY_MODEL
-from tlextract.model.load import load_hf_model, load_model, model_info
+from tlextract.model.load import check_model_name, load_hf_model, load_model, model_info
+from tlextract.model.source import resolve_model
 
 FRANCE = "What is the capital of France?"
 # Against transformers, on the accelerated model and on TransformerLens' own.
@@ -229,6 +230,39 @@ def test_stale_build_directories_are_removed(fresh_cache: Path) -> None:
     assert not stale.exists() and recent.exists()
 
 
+# --- what a name is: resolve_model ---
+
+
+def test_resolving_without_fetching_decides_from_the_name_alone(
+    fresh_cache: Path, tmp_path: Path, offline: None
+) -> None:
+    kinds = {
+        "Tiny-Random": ("embedded", TINY_MODEL, None),
+        str(tmp_path): ("local", str(tmp_path), None),  # no config.json: not looked at yet
+        "gpt2": ("hub", "gpt2", "gpt2"),  # a TransformerLens name: its converter is known
+        "some-org/some-model": ("hub", "some-org/some-model", None),  # nothing downloaded
+    }
+    for name, (kind, label, tl_name) in kinds.items():
+        source = resolve_model(name, fetch_weights=False)
+        assert (source.kind, source.label, source.tl_name) == (kind, label, tl_name)
+        assert source.directory is None
+        check_model_name(name)  # the same decision
+    assert not fresh_cache.exists()  # the embedded model is not built
+
+
+def test_resolving_builds_an_embedded_model_and_checks_a_directory(
+    fresh_cache: Path, tmp_path: Path, offline: None
+) -> None:
+    source = resolve_model(TINY_MODEL.upper())
+    assert source.directory == fresh_cache and (fresh_cache / models.MANIFEST).is_file()
+    assert (source.kind, source.label, source.tl_name) == ("embedded", TINY_MODEL, None)
+    assert source.default_prepend_bos is False
+    local = resolve_model(str(fresh_cache))  # a llama directory: our own converter
+    assert (local.kind, local.directory, local.tl_name) == ("local", fresh_cache, None)
+    with pytest.raises(TLExtractError, match="holds no config.json"):
+        resolve_model(str(tmp_path))
+
+
 # --- names that are not embedded ---
 
 
@@ -239,6 +273,9 @@ def test_unknown_name_fails_fast_listing_embedded_models(offline: None) -> None:
     assert time.perf_counter() - start < 5
     for name in (*EMBEDDED_MODELS, TINY_MODEL):
         assert name in str(err.value)
+    with pytest.raises(TLExtractError) as checked:
+        check_model_name("no-such-model-xyz")
+    assert str(checked.value) == str(err.value)  # one decision, one message
 
 
 def test_uncached_hub_model_says_how_to_download(

@@ -14,6 +14,9 @@ Names (case-insensitive):
   (``HF_HUB_OFFLINE=1``, ``--offline``); see :mod:`tlextract.model.hub`.
 * the path of a local directory holding a Hugging Face model.
 
+Which of these a name is, and where its files are, is decided once, by
+:func:`tlextract.model.source.resolve_model`; every function here goes through it.
+
 Weights are never folded or centred (the semantics of ``from_pretrained_no_processing``), so
 ``blocks.{l}.hook_resid_pre`` equals transformers' ``hidden_states[l]``. ``model.tokenizer`` is the
 model's own Hugging Face tokenizer with left padding and a pad token; TransformerLens prepends BOS
@@ -24,32 +27,21 @@ whose chat template starts with its own ``<|im_start|>``).
 from __future__ import annotations
 
 import gc
-import json
-import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens import loading_from_pretrained as tl_loading
-from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tlextract.errors import TLExtractError
-from tlextract.model import hub
 from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, accelerate, keep_freed_memory
-from tlextract.model.cache import (
-    DEFAULT_MODEL,
-    EMBEDDED_MODELS,
-    TINY_MODEL,
-    embedded,
-    ensure_cached,
-)
+from tlextract.model.cache import DEFAULT_MODEL
 from tlextract.model.fixes import moe_in_model_dtype
+from tlextract.model.source import ModelSource, resolve_model
 from tlextract.model.tokens import prepare_tokenizer
 from tlextract.settings import (
     DEFAULT_DTYPE,
@@ -58,20 +50,7 @@ from tlextract.settings import (
     resolve_dtype,
 )
 
-log = logging.getLogger(__name__)
-
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the names: settings.DTYPES
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where a model's HF weights and tokenizer live and how to convert them."""
-
-    directory: Path
-    # TransformerLens name (or directory) whose config/converter to use; None: our llama converter.
-    tl_name: str | None
-    # None keeps TransformerLens' default (True).
-    default_prepend_bos: bool | None
 
 
 def load_model(
@@ -97,8 +76,8 @@ def load_model(
     """
     device = pick_device(device)
     torch_dtype = _torch_dtype(dtype, device)
-    source = _resolve(name)
-    cfg, state_dict, tokenizer = _converted(source, device, torch_dtype)
+    source, directory = _fetched(name)
+    cfg, state_dict, tokenizer = _converted(source, directory, device, torch_dtype)
     # Attached below instead: TransformerLens would fetch the tokenizer by this name, or reload
     # ours from disk with add_bos_token=True (5 s for Gemma's) and add BOS on every encode.
     cfg.tokenizer_name = None
@@ -114,7 +93,7 @@ def load_model(
     del state_dict
     moe_in_model_dtype(model)  # TransformerLens builds MoE routers in float32
     model.move_model_modules_to_device()
-    model.cfg.model_name = name.lower() if embedded(name.lower()) else name
+    model.cfg.model_name = source.label
     if not fast:
         return model
     on_cpu = model.cfg.device is None or torch.device(model.cfg.device).type == "cpu"
@@ -127,13 +106,18 @@ def load_hf_model(
     name: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The transformers model (CPU, eval mode) and tokenizer that ``load_model(name)`` converts."""
-    return _load_hf(_resolve(name).directory, _torch_dtype(dtype, "cpu"))
+    return _load_hf(_fetched(name)[1], _torch_dtype(dtype, "cpu"))
 
 
 def model_directory(name: str) -> Path:
     """The Hugging Face model directory behind ``name`` (built, read from the cache or
     downloaded as for :func:`load_model`): what another engine, such as vLLM, loads."""
-    return _resolve(name).directory
+    return _fetched(name)[1]
+
+
+def check_model_name(name: str) -> None:
+    """Fail, without loading or downloading anything, on a name that cannot be a model at all."""
+    resolve_model(name, fetch_weights=False)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -168,30 +152,22 @@ def model_info(model: HookedTransformer) -> dict[str, Any]:
     }
 
 
+def _fetched(name: str) -> tuple[ModelSource, Path]:
+    """``name`` resolved with its files available, and their directory."""
+    source = resolve_model(name, fetch_weights=True)
+    assert source.directory is not None  # always set when fetch_weights is True
+    return source, source.directory
+
+
 def _converted(
-    source: _Source, device: str, dtype: torch.dtype
+    source: ModelSource, directory: Path, device: str, dtype: torch.dtype
 ) -> tuple[HookedTransformerConfig, dict[str, torch.Tensor], PreTrainedTokenizerBase]:
     """TransformerLens' config and state dict of ``source``, on the CPU. The Hugging Face model
     is gone on return: the state dict's tensors are mostly views of its weights (what the
     converters return), which :func:`_as_parameters` then copies one at a time."""
-    hf_model, tokenizer = _load_hf(source.directory, dtype)
+    hf_model, tokenizer = _load_hf(directory, dtype)
     hf_model.requires_grad_(False)  # no autograd graph from the converters' views to the originals
-    if source.tl_name is None:
-        cfg = _llama_config(hf_model.config, device, dtype, source.default_prepend_bos)
-        state_dict = convert_llama_weights(hf_model, cfg)
-    else:
-        # What from_pretrained_no_processing does, minus its alias lookup that rejects directories.
-        cfg = tl_loading.get_pretrained_model_config(
-            source.tl_name,
-            hf_cfg=hf_model.config.to_dict(),
-            device=device,
-            dtype=dtype,
-            default_prepend_bos=source.default_prepend_bos,
-            local_files_only=True,
-        )
-        state_dict = tl_loading.get_pretrained_state_dict(
-            source.tl_name, cfg, hf_model, dtype=dtype
-        )
+    cfg, state_dict = source.converted(hf_model, device, dtype)
     del hf_model
     gc.collect()  # transformers models hold reference cycles: free their weights now
     return cfg, state_dict, tokenizer
@@ -222,77 +198,6 @@ def _torch_dtype(dtype: str, device: str) -> torch.dtype:
     return TORCH_DTYPES[resolve_dtype(dtype, device)]
 
 
-def _resolve(name: str) -> _Source:
-    """Find the HF model directory for ``name``; fail fast with the fix when there is none."""
-    spec = embedded(name.lower())
-    if spec is not None:
-        directory = ensure_cached(name.lower(), spec)
-        return _Source(directory, spec.tl_name, spec.default_prepend_bos)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return _local(path, str(path))
-    official = _official(name)
-    return _Source(hub.fetch(official), official, None) if official else _hub_model(name)
-
-
-def _official(name: str) -> str | None:
-    try:
-        return tl_loading.get_official_model_name(name)
-    except ValueError:  # its message lists every official name: not chained to ours
-        return None
-
-
-def check_model_name(name: str) -> None:
-    """Fail, without loading or downloading anything, on a name that cannot be a model at all."""
-    if embedded(name.lower()) or Path(name).expanduser().is_dir() or _official(name):
-        return
-    if not hub.is_repo_id(name):
-        raise TLExtractError(
-            f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}; "
-            f"{TINY_MODEL} for tests), not a TransformerLens model name, not a Hugging Face id "
-            "org/name and not a directory. Pass an embedded name, a TransformerLens model name "
-            "such as google/gemma-2-2b-it, a Hugging Face id of an architecture TransformerLens "
-            "supports, or a directory holding a Hugging Face model."
-        )
-
-
-def _hub_model(name: str) -> _Source:
-    """A Hugging Face id that TransformerLens does not list, of an architecture it supports."""
-    check_model_name(name)
-    _local(hub.fetch_config(name), name)  # an unsupported architecture fails before the weights
-    return _local(hub.fetch(name), name)
-
-
-def _local(directory: Path, label: str) -> _Source:
-    """A Hugging Face model directory that is not a TransformerLens model name: llama through our
-    converter (TransformerLens has no entry for SmolLM2-like models), other architectures
-    through TransformerLens' config of the directory, refused here when it has none."""
-    if not (directory / "config.json").is_file():
-        raise TLExtractError(f"{label} holds no config.json: it is not a Hugging Face model")
-    config = json.loads((directory / "config.json").read_text())
-    arch = (config.get("architectures") or ["(none in config.json)"])[0]
-    if arch == "LlamaForCausalLM":
-        return _Source(directory, None, None)
-    tl_name = str(directory.resolve())
-    try:
-        tl_loading.convert_hf_model_config(tl_name, local_files_only=True)
-    # AttributeError: TransformerLens guessed llama or gemma from the path and read no config.
-    except (NotImplementedError, AttributeError, ValueError) as e:
-        reason = next(iter(str(e).splitlines()), type(e).__name__)
-        raise TLExtractError(
-            f"{label}: TransformerLens {_tl_version()} cannot load architecture {arch} ({reason}); "
-            "use a TransformerLens model name or a model of a supported architecture (llama, "
-            "mistral, qwen2, gpt2, gpt_neox, phi, ...)"
-        ) from e
-    return _Source(directory, tl_name, None)
-
-
-def _tl_version() -> str:
-    from importlib.metadata import version
-
-    return version("transformer-lens")
-
-
 def _load_hf(
     directory: Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -310,49 +215,3 @@ def _load_hf(
             hf_logging.enable_progress_bar()
     prepare_tokenizer(tokenizer)
     return hf_model.eval(), tokenizer
-
-
-def _llama_config(
-    hf_config: Any, device: str, dtype: torch.dtype, default_prepend_bos: bool | None
-) -> HookedTransformerConfig:
-    """TransformerLens config for a llama-architecture HF config (TL has no entry for SmolLM2)."""
-    n_heads = hf_config.num_attention_heads
-    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
-    n_kv = hf_config.num_key_value_heads
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    # convert_llama_weights drops biases, and TL needs extra settings for scaled rope: refuse
-    # rather than compute wrong activations.
-    if (
-        rope.get("rope_type", "default") != "default"
-        or getattr(hf_config, "attention_bias", False)
-        or getattr(hf_config, "mlp_bias", False)
-    ):
-        raise TLExtractError(
-            "this llama variant (scaled rope or biases) is not supported from a directory; load "
-            "it by its TransformerLens model name instead"
-        )
-    return HookedTransformerConfig(
-        n_layers=hf_config.num_hidden_layers,
-        d_model=hf_config.hidden_size,
-        n_ctx=hf_config.max_position_embeddings,
-        d_head=d_head,
-        n_heads=n_heads,
-        # TransformerLens uses its grouped-query path only when this is set.
-        n_key_value_heads=n_kv if n_kv != n_heads else None,
-        d_mlp=hf_config.intermediate_size,
-        d_vocab=hf_config.vocab_size,
-        act_fn=hf_config.hidden_act,
-        normalization_type="RMS",
-        eps=hf_config.rms_norm_eps,
-        positional_embedding_type="rotary",
-        rotary_dim=d_head,
-        rotary_base=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)),
-        rotary_adjacent_pairs=False,
-        final_rms=True,
-        gated_mlp=True,
-        original_architecture="LlamaForCausalLM",
-        default_prepend_bos=True if default_prepend_bos is None else default_prepend_bos,
-        device=device,
-        dtype=dtype,
-        init_weights=False,
-    )
