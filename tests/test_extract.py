@@ -121,7 +121,7 @@ def test_the_result_steers_monitors_evaluates_and_saves(tiny_model, tmp_path: Pa
     watched = monitor(tiny_model, ["Hello"], [got], layer=1)
     assert len(watched.texts[0].scores["trait"]) == len(watched.texts[0].tokens)
     figures = got.evaluate(folds=3, n_boot=200)
-    assert figures["layer"] in got.layers and isinstance(figures["auroc"], Interval)
+    assert figures.layer in got.layers and isinstance(figures.auroc, Interval)
     saved = TraitVectors.load(tmp_path / "v.pt")
     assert torch.equal(saved.vectors, got.vectors) and isinstance(got, Extraction)
 
