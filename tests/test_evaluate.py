@@ -49,9 +49,7 @@ def planted(
     return Activations(pos, neg, list(range(n)), list(range(n)), layers, "resid_post", "synthetic")
 
 
-def kept(
-    run: RunSettings, acts: Activations, drop: dict[str, set[int]] | None = None
-) -> KeptRun:
+def kept(run: RunSettings, acts: Activations, drop: dict[str, set[int]] | None = None) -> KeptRun:
     """``acts`` as ``run``'s, with a judge that keeps all but ``drop``."""
     kept = {
         p: [i for i in getattr(acts, f"{p}_index") if i not in (drop or {}).get(p, ())]

@@ -116,7 +116,6 @@ def persona_blocks(layers: Sequence[int], n_layers: int, hook: str = DEFAULT_HOO
     return [int(b) for b in layers if hidden_state_index(int(b), hook) < final_norm_row(n_layers)]
 
 
-
 def save_persona_vectors(
     path: Path,
     vectors: Float[Tensor, "layer d_model"],
@@ -133,7 +132,6 @@ def save_persona_vectors(
     )
     save_tensors(Path(path), table)
     return persona_blocks(layers, n_layers, hook)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,4 +180,3 @@ def save_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return written
-

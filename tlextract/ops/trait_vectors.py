@@ -67,21 +67,25 @@ class TraitVectors:
 
         GGUF and persona_vectors cannot hold every block (see ops/formats.py): such blocks
         raise, or are left out with ``skip_unsupported=True``."""
+        hook, skip = self.hook, skip_unsupported
         if format == "pt":
             save_tensors(path, self._fields())
         elif format == "safetensors":
             self.save_safetensors(path)
         elif format == "gguf":
-            return save_gguf(Path(path), self.vectors, self.layers, model_hint or self.model,
-                             hook=self.hook, skip_unsupported=skip_unsupported)  # fmt: skip
+            hint = model_hint or self.model
+            return save_gguf(
+                Path(path), self.vectors, self.layers, hint, hook=hook, skip_unsupported=skip
+            )
         elif format == "persona_vectors":
             if n_layers is None:
                 raise TLExtractError(
                     "TraitVectors.save(format='persona_vectors') needs n_layers, the model's "
                     "number of blocks (model.cfg.n_layers)."
                 )
-            return save_persona_vectors(Path(path), self.vectors, self.layers, n_layers,
-                                        hook=self.hook, skip_unsupported=skip_unsupported)  # fmt: skip
+            return save_persona_vectors(
+                Path(path), self.vectors, self.layers, n_layers, hook=hook, skip_unsupported=skip
+            )
         else:
             raise TLExtractError(
                 f"TraitVectors.save: format {format!r} is not one of {', '.join(FORMATS)}."
