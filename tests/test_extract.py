@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import NATURAL
 
-from tlextract import Extraction, extract, monitor, steer
+from tlextract import extract, monitor, steer
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import tokenize
 from tlextract.ops.bootstrap import Interval
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
+from tlextract.stages.extract import Extraction
 from tlextract.stages.run import run_trait
 from tlextract.store import derive_seed
 from tlextract.traits import render_prompt
