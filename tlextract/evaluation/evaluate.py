@@ -9,6 +9,10 @@ is fitted on the train rows and scored on the test rows with
 cross-validated layer (:mod:`tlextract.evaluation.crossval`, the one best-layer rule of
 tlextract), so the split's figures are read where the result card says to use the vectors.
 
+:func:`evaluate_held_out` computes all of it from activations in memory (a
+:class:`~tlextract.evaluation.heldout.KeptRun`); :func:`evaluate_trait` and :func:`cross_evaluate`
+load a run's saved activations and judge's selection and call it.
+
 Results go to ``<run.out_dir>/report/``: ``metrics.json`` (everything), ``metrics.md`` (a table
 per method) and ``meta.json`` (fingerprint of activations + methods + split + the layers read
 at), so a rerun with the same inputs reads the results back instead of refitting.
