@@ -24,7 +24,7 @@ LAYERS = [
     ("steering", "monitoring"),
     ("report",),
     ("backends", "benchmarks", "cli"),
-    ("__init__", "__main__"),
+    ("__init__", "__main__", "plots"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_MODULE_LINES = 400

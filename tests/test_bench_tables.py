@@ -1,10 +1,11 @@
 """The benchmark report (docs/benchmarks/gpu-pipeline.md for `make bench-gpu`) is written table
 by table as each is measured: a failure later in the run keeps every table before it, and a vLLM
-that cannot run leaves its reason where its rows would be. The measuring functions are replaced by
-fast stand-ins (the real ones: tests/test_bench.py, tests/test_vllm.py)."""
+that cannot run leaves its reason where its rows would be. The run is given fast stand-ins that
+return rows at once (the real measurements: tests/test_bench.py, tests/test_vllm.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,17 +29,15 @@ def _pipeline(*args: object) -> list[dict]:
 
 
 @pytest.fixture
-def fast(experiments: Path, monkeypatch) -> None:
+def fast(experiments: Path, monkeypatch) -> bench.Measures:
     monkeypatch.setenv("TLEXTRACT_EXPERIMENTS", str(experiments))
-    monkeypatch.setattr(bench, "measure_roofline", lambda *a: Roofline(1e9, 1e9))
-    monkeypatch.setattr(bench, "versus_transformers", _versus)
-    monkeypatch.setattr(bench, "pipeline_rows", _pipeline)
+    return bench.Measures(lambda *a: Roofline(1e9, 1e9), _versus, _pipeline)
 
 
-def _run(out: Path, work: Path) -> dict:
+def _run(out: Path, work: Path, measures: bench.Measures) -> dict:
     return bench.gpu_benchmark(
         out, work, workloads=[bench.Workload("tiny", "alpha")], device="cpu", dtype="float32",
-        n_examples=2, n_new=3, batch_sizes=(1,), rounds=1, vllm=True,
+        n_examples=2, n_new=3, batch_sizes=(1,), rounds=1, vllm=True, measures=measures,
     )  # fmt: skip
 
 
@@ -47,28 +46,24 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench")  # outside the experiments it copies
 
 
-def test_a_table_is_on_disk_before_the_next_is_measured(fast, work: Path, monkeypatch) -> None:
+def test_a_table_is_on_disk_before_the_next_is_measured(fast, work: Path) -> None:
     out = work / "gpu.md"
 
     def pipeline_fails(*args: object) -> list[dict]:
         assert "| 1 | transformers generate, no hooks | 10.0 |" in out.read_text()
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(bench, "pipeline_rows", pipeline_fails)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        _run(out, work / "runs")
+        _run(out, work / "runs", replace(fast, pipeline=pipeline_fails))
     assert "| 1 | transformers generate, no hooks | 10.0 |" in out.read_text()
 
 
-def test_a_vllm_that_cannot_run_keeps_the_other_tables_and_says_why(
-    fast, work: Path, monkeypatch
-) -> None:
+def test_a_vllm_that_cannot_run_keeps_the_other_tables_and_says_why(fast, work: Path) -> None:
     def no_vllm(*args: object, **kwargs: object) -> dict:
         raise TLExtractError(NO_VLLM)
 
-    monkeypatch.setattr(bench.engine_speed, "measure", no_vllm)
     out = work / "gpu.md"
-    [measured] = _run(out, work / "runs")["workloads"]
+    [measured] = _run(out, work / "runs", replace(fast, vllm=no_vllm))["workloads"]
     text = out.read_text()
     assert "| 1 | transformers generate, no hooks | 10.0 |" in text
     assert "| 1 | two-stage | 3.0 | 12 | 4.0 |" in text

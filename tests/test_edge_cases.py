@@ -98,7 +98,7 @@ def test_evaluate_with_too_few_examples_names_its_keyword_not_a_cli_flag(tiny_mo
     with pytest.raises(TLExtractError, match=r"use fewer folds \(evaluate\(folds=...\)\)") as e:
         result.evaluate()
     assert "--folds" not in str(e.value)
-    assert result.evaluate(folds=3)["layer"] in (0, 1)
+    assert result.evaluate(folds=3).layer in (0, 1)
 
 
 def test_a_bug_is_one_line_naming_the_log_with_its_traceback(

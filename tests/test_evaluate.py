@@ -14,16 +14,15 @@ from conftest import write_experiment
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import tlextract.evaluation.evaluate as evaluate
-import tlextract.evaluation.heldout as heldout
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.evaluation.evaluate import cross_evaluate, evaluate_trait, load_evaluation
-from tlextract.evaluation.heldout import split_examples
+from tlextract.evaluation.evaluate import evaluate_held_out, evaluate_trait, load_evaluation
+from tlextract.evaluation.heldout import KeptRun, kept_activations, split_examples
 from tlextract.judge.keep import Selection
 from tlextract.ops.methods import METHODS
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.report.summary import build_report, cosine_matrix
-from tlextract.settings import settings_for
+from tlextract.settings import RunSettings, settings_for
 from tlextract.stages.activations import Activations
 from tlextract.stages.run import run_trait
 
@@ -50,30 +49,22 @@ def planted(
     return Activations(pos, neg, list(range(n)), list(range(n)), layers, "resid_post", "synthetic")
 
 
-def fake_activations(
-    monkeypatch, by_variant: dict[str, Activations], drop: dict[str, set[int]] | None = None
-) -> None:
-    """Serve ``by_variant[run.variant]``, with a judge that keeps all but ``drop``."""
-
-    def selection(run) -> Selection:
-        acts = by_variant[run.variant]
-        kept = {
-            p: [i for i in getattr(acts, f"{p}_index") if i not in (drop or {}).get(p, ())]
-            for p in ("pos", "neg")
-        }
-        return Selection(kept=kept, judgments=[], summary={"judge": "fake"})
-
-    monkeypatch.setattr(heldout, "load_activations", lambda run: by_variant[run.variant])
-    monkeypatch.setattr(heldout, "load_selection", selection)
+def kept(run: RunSettings, acts: Activations, drop: dict[str, set[int]] | None = None) -> KeptRun:
+    """``acts`` as ``run``'s, with a judge that keeps all but ``drop``."""
+    kept = {
+        p: [i for i in getattr(acts, f"{p}_index") if i not in (drop or {}).get(p, ())]
+        for p in ("pos", "neg")
+    }
+    selection = Selection(kept=kept, judgments=[], summary={"judge": "fake"})
+    return KeptRun(run, kept_activations(acts, selection), selection.summary["judge"])
 
 
 def tiny_run(root: Path, trait: str = "alpha", variant: str = "instruction"):
     return settings_for(load_experiment("tiny", root), trait, variant=variant)
 
 
-def test_planted_signal_gives_accuracy_one_at_the_planted_layer(experiments, monkeypatch):
-    fake_activations(monkeypatch, {"instruction": planted(shift=3.0)})
-    ev = evaluate_trait(tiny_run(experiments))
+def test_planted_signal_gives_accuracy_one_at_the_planted_layer(experiments):
+    ev = evaluate_held_out(kept(tiny_run(experiments), planted(shift=3.0)))
     assert ev.methods == list(METHODS) and ev.layers == list(LAYERS)
     assert ev.n_train == {"pos": 30, "neg": 30} and ev.n_test == {"pos": 10, "neg": 10}
     # pca_centered centres the paired differences and so, by design, cannot see a shift that
@@ -86,10 +77,9 @@ def test_planted_signal_gives_accuracy_one_at_the_planted_layer(experiments, mon
         assert all(r.auroc < 0.9 for r in noise), method
 
 
-def test_metrics_equal_an_independent_recomputation(experiments, monkeypatch):
+def test_metrics_equal_an_independent_recomputation(experiments):
     acts = planted(shift=0.4)
-    fake_activations(monkeypatch, {"instruction": acts})
-    ev = evaluate_trait(tiny_run(experiments), methods=("mean_diff",))
+    ev = evaluate_held_out(kept(tiny_run(experiments), acts), methods=("mean_diff",))
     test = np.isin(np.arange(40), ev.held_out_examples)
     pos, neg = acts.pos.double().numpy(), acts.neg.double().numpy()
     for col, layer in enumerate(LAYERS):
@@ -141,23 +131,24 @@ def test_split_never_puts_an_example_on_both_sides(seed, fraction):
     assert split == split_examples(pos_index, neg_index, fraction, seed)
 
 
-def test_only_examples_the_judge_kept_are_evaluated(experiments, monkeypatch):
+def test_only_examples_the_judge_kept_are_evaluated(experiments):
     drop = {"pos": {0, 1, 2}, "neg": {5}}
-    fake_activations(monkeypatch, {"instruction": planted(shift=3.0)}, drop)
-    ev = evaluate_trait(tiny_run(experiments), methods=("mean_diff",))
+    ev = evaluate_held_out(
+        kept(tiny_run(experiments), planted(shift=3.0), drop), methods=("mean_diff",)
+    )
     assert ev.judge == "fake"
     assert {p: ev.n_train[p] + ev.n_test[p] for p in ("pos", "neg")} == {"pos": 37, "neg": 39}
     assert len(ev.held_out["mean_diff"].pos) == ev.n_test["pos"]
     assert set(ev.held_out_examples) <= set(range(40)) - (drop["pos"] & drop["neg"])
 
 
-def test_cross_evaluate_scores_on_the_other_variants_held_out_rows(experiments, monkeypatch):
+def test_cross_evaluate_scores_on_the_other_variants_held_out_rows(experiments):
     # same direction, shifted midpoint, fewer layers: the direction transfers, the threshold not
     natural = planted(shift=3.0, layers=(5, 7), offset=10.0)
-    fake_activations(monkeypatch, {"instruction": planted(shift=3.0), "natural": natural})
-    instruction, natural_run = tiny_run(experiments), tiny_run(experiments, variant="natural")
-    cross = cross_evaluate(instruction, natural_run, methods=("mean_diff", "probe"))
-    own = evaluate_trait(natural_run, methods=("mean_diff", "probe"))
+    instruction = kept(tiny_run(experiments), planted(shift=3.0))
+    natural_run = kept(tiny_run(experiments, variant="natural"), natural)
+    cross = evaluate_held_out(instruction, natural_run, methods=("mean_diff", "probe"))
+    own = evaluate_held_out(natural_run, methods=("mean_diff", "probe"))
     assert cross.is_cross and not own.is_cross
     assert (cross.train_variant, cross.variant) == ("instruction", "natural")
     assert cross.layers == [5, 7] and cross.held_out_examples == own.held_out_examples

@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import NATURAL
 
-from tlextract import Extraction, extract, monitor, steer
+from tlextract import extract, monitor, steer
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import tokenize
 from tlextract.ops.bootstrap import Interval
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
+from tlextract.stages.extract import Extraction
 from tlextract.stages.run import run_trait
 from tlextract.store import derive_seed
 from tlextract.traits import render_prompt
@@ -121,7 +122,7 @@ def test_the_result_steers_monitors_evaluates_and_saves(tiny_model, tmp_path: Pa
     watched = monitor(tiny_model, ["Hello"], [got], layer=1)
     assert len(watched.texts[0].scores["trait"]) == len(watched.texts[0].tokens)
     figures = got.evaluate(folds=3, n_boot=200)
-    assert figures["layer"] in got.layers and isinstance(figures["auroc"], Interval)
+    assert figures.layer in got.layers and isinstance(figures.auroc, Interval)
     saved = TraitVectors.load(tmp_path / "v.pt")
     assert torch.equal(saved.vectors, got.vectors) and isinstance(got, Extraction)
 

@@ -12,16 +12,14 @@ import torch
 from tlextract.errors import TLExtractError
 from tlextract.ops.formats import (
     final_norm_row,
-    from_persona_vectors,
     gguf_layer_index,
     hidden_state_index,
-    load_gguf,
-    load_persona_vectors,
     persona_blocks,
     save_gguf,
     save_persona_vectors,
     to_persona_vectors,
 )
+from tlextract.ops.trait_vectors import from_persona_vectors, load_gguf, load_persona_vectors
 
 N_LAYERS, D_MODEL = 6, 8
 

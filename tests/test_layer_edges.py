@@ -20,7 +20,8 @@ from transformers import PreTrainedModel
 from tlextract.errors import TLExtractError
 from tlextract.model.cache import DEFAULT_MODEL, TINY_MODEL
 from tlextract.model.load import load_hf_model, load_model
-from tlextract.ops.formats import from_persona_vectors, persona_blocks, to_persona_vectors
+from tlextract.ops.formats import persona_blocks, to_persona_vectors
+from tlextract.ops.trait_vectors import from_persona_vectors
 
 TEXT = "The capital of France is Paris, and the capital of Italy is Rome."
 

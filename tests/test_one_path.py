@@ -46,7 +46,7 @@ def _layers_named(run) -> dict[str, int]:
         "cross_validate": cross_validate(run, [HEADLINE]).layer[HEADLINE],
         "report (one-split best row)": evaluate_trait(run, [HEADLINE]).best[HEADLINE].layer,
         "ray summary": _mean_diff_best(run)[0],
-        "tx.extract evaluate": extraction.evaluate()["layer"],
+        "tx.extract evaluate": extraction.evaluate().layer,
         "steer/monitor default": _saved_run(args, run.experiment, run.trait.name)[2],
     }
 

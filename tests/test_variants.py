@@ -11,10 +11,10 @@ import torch
 from conftest import write_experiment
 from sklearn.metrics import roc_auc_score
 
-import tlextract.evaluation.variants as variants
 from tlextract.config import load_experiment
 from tlextract.evaluation.evaluate import cross_evaluate, evaluate_trait
-from tlextract.evaluation.variants import _score_baseline, surface_baselines
+from tlextract.evaluation.heldout import load_kept
+from tlextract.evaluation.variants import _score_baseline, split_baselines
 from tlextract.report.summary import build_report
 from tlextract.settings import settings_for
 from tlextract.stages.responses import load_responses
@@ -50,19 +50,16 @@ def both_variants(tmp_path_factory) -> Path:
     return root
 
 
-def test_surface_baselines_see_planted_length_and_words(both_variants: Path, monkeypatch) -> None:
+def test_surface_baselines_see_planted_length_and_words(both_variants: Path) -> None:
     run = settings_for(load_experiment("tiny", both_variants), "alpha")
-    responses, key = load_responses(run)
+    responses, _ = load_responses(run)
 
     def planted(r: dict) -> dict:
         pos = r["polarity"] == "pos"
         text = "facts facts facts facts facts" if pos else "story"
         return {**r, "response": text, "n_response_tokens": 9 if pos else 2}
 
-    monkeypatch.setattr(
-        variants, "load_responses", lambda _: ([planted(r) for r in responses], key)
-    )
-    length, words = surface_baselines(run)
+    length, words = split_baselines(load_kept(run).acts, [planted(r) for r in responses])
     assert (length.accuracy, length.auroc) == (1.0, 1.0)
     assert (words.accuracy, words.auroc) == (1.0, 1.0)
 

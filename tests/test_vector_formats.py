@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.ops.formats import save_gguf, save_persona_vectors
-from tlextract.ops.trait_vectors import TraitVectors
+from tlextract.ops.trait_vectors import FORMATS, TraitVectors
 from tlextract.settings import settings_for
 from tlextract.stages.run import run_trait
 
@@ -76,7 +75,7 @@ def test_persona_vectors_file_loads_with_every_exact_block(
 ) -> None:
     path = tmp_path / "trait_response_avg_diff.pt"
     # block 5 is the last: its row would be the final norm's output's, so it is left out
-    written = save_persona_vectors(path, tv.vectors, tv.layers, N_LAYERS, skip_unsupported=True)
+    written = tv.save(path, "persona_vectors", n_layers=N_LAYERS, skip_unsupported=True)
     assert written == [0, 3]
     back = TraitVectors.load(path)
     assert back.layers == tuple(range(N_LAYERS - 1)) and back.hook == "resid_post"
@@ -89,18 +88,40 @@ def test_persona_vectors_file_loads_with_every_exact_block(
 
 def test_persona_vectors_file_at_resid_pre(tv: TraitVectors, tmp_path: Path) -> None:
     path = tmp_path / "pre.pt"
-    save_persona_vectors(path, tv.vectors, tv.layers, N_LAYERS, hook="resid_pre")
+    pre = TraitVectors(tv.trait, tv.method, tv.model, "resid_pre", tv.layers, tv.vectors)
+    pre.save(path, "persona_vectors", n_layers=N_LAYERS)
     back = TraitVectors.load(path, hook="resid_pre")
     assert back.hook == "resid_pre" and torch.equal(back[5], tv[5])
 
 
 def test_gguf_round_trip(tv: TraitVectors, tmp_path: Path) -> None:
     path = tmp_path / "alpha.gguf"
-    save_gguf(path, tv.vectors[[0, 2]], [5, 3], "llama")
+    two = TraitVectors(tv.trait, tv.method, tv.model, tv.hook, (5, 3), tv.vectors[[0, 2]])
+    two.save(path, "gguf", model_hint="llama")
     back = TraitVectors.load(path)
     assert back.layers == (3, 5) and back.model == "llama" and back.hook == "resid_post"
     assert (back.method, back.metadata) == ("imported", {"format": "gguf"})
     assert torch.equal(back.vectors, tv.vectors[[2, 0]])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_save_writes_load_reads(tv: TraitVectors, tmp_path: Path, fmt) -> None:
+    path = tmp_path / "alpha.vectors"
+    # block 0 has no GGUF layer, block 5 (the last) no exact persona_vectors row
+    written = tv.save(path, fmt, n_layers=N_LAYERS, skip_unsupported=True)
+    back = TraitVectors.load(path)
+    assert written == {"gguf": [5, 3], "persona_vectors": [0, 3]}.get(fmt, list(LAYERS))
+    assert written == [b for b in LAYERS if b in back.layers]
+    for layer in written:
+        assert torch.equal(back[layer], tv[layer])
+    if fmt in ("pt", "safetensors"):
+        assert_same(back, tv)
+
+
+def test_persona_vectors_save_names_the_missing_parameter(tv, tmp_path: Path) -> None:
+    with pytest.raises(TLExtractError, match="needs n_layers"):
+        tv.save(tmp_path / "p.pt", "persona_vectors")
+    assert not (tmp_path / "p.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +131,7 @@ def test_gguf_round_trip(tv: TraitVectors, tmp_path: Path) -> None:
 def test_formats_are_recognised_by_content_not_name(tv: TraitVectors, tmp_path: Path) -> None:
     tv.save_safetensors(tmp_path / "vectors.pt")
     assert_same(TraitVectors.load(tmp_path / "vectors.pt"), tv)
-    save_gguf(tmp_path / "control.bin", tv.vectors, tv.layers, "llama", skip_unsupported=True)
+    tv.save(tmp_path / "control.bin", "gguf", skip_unsupported=True)
     assert TraitVectors.load(tmp_path / "control.bin").layers == (3, 5)
     tv.save(tmp_path / "ours.safetensors")
     assert_same(TraitVectors.load(tmp_path / "ours.safetensors"), tv)
@@ -162,7 +183,7 @@ def test_truncated_files_get_one_line(tv: TraitVectors, tmp_path: Path, fmt, cut
     if fmt == "safetensors":
         tv.save_safetensors(path)
     elif fmt == "gguf":
-        save_gguf(path, tv.vectors, tv.layers, "llama", skip_unsupported=True)
+        tv.save(path, "gguf", skip_unsupported=True)
     else:
         tv.save(path)
     data = path.read_bytes()

@@ -40,6 +40,7 @@ from transformer_lens import HookedTransformer
 
 from tlextract.benchmarks import engine_speed
 from tlextract.benchmarks.roofline import Roofline, measure_roofline, product_weights, sync
+from tlextract.benchmarks.tables import BenchPlan, header, render
 from tlextract.config import GenerationSettings, experiments_root, load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.load import load_hf_model, load_model
@@ -220,49 +221,42 @@ def machine() -> str:
 
 
 @dataclass(frozen=True)
-class BenchPlan:
-    device: str
-    dtype: str
-    n_examples: int  # per polarity, in the pipeline table
-    n_new: int
-    batch_sizes: tuple[int, ...]  # pipeline table
-    versus_batch_sizes: tuple[int, ...]  # tlextract vs transformers
-    rounds: int
-    vllm: bool = False  # also the engine=vllm tables (benchmarks/engine_speed.py)
+class Measures:
+    """What a benchmark run measures with; each returns the rows of one table, which the report
+    is built from. The defaults measure; tests pass stand-ins that return rows at once."""
+
+    roofline: Callable[..., Roofline] = measure_roofline
+    versus: Callable[..., list[dict]] = versus_transformers
+    pipeline: Callable[..., list[dict]] = pipeline_rows
+    vllm: Callable[..., dict] = engine_speed.measure
 
 
 def run_benchmark(
-    workloads: Sequence[Workload], plan: BenchPlan, work_dir: Path, out: Path, title: str
+    workloads: Sequence[Workload],
+    plan: BenchPlan,
+    work_dir: Path,
+    out: Path,
+    title: str,
+    measures: Measures = Measures(),
 ) -> dict:
     """Both tables for each workload, written to ``out`` (Markdown) table by table as each is
     measured, so a later failure loses none of them; returns the raw rows."""
     load_before = os.getloadavg()[0]
-    roof = measure_roofline(plan.device, getattr(torch, plan.dtype))
+    roof = measures.roofline(plan.device, getattr(torch, plan.dtype))
     results: dict = {"machine": machine(), "roofline": roof.__dict__, "workloads": []}
     loads = f"load average {load_before:.2f} before"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write() -> None:
-        sections = [_render(m, plan) for m in results["workloads"]]
-        write_text(out, "\n".join(_header(title, results["machine"], plan, roof, loads) + sections))
+        sections = [render(m, plan) for m in results["workloads"]]
+        write_text(out, "\n".join(header(title, results["machine"], plan, roof, loads) + sections))
 
     for workload in workloads:
         results["workloads"].append({"workload": workload.__dict__})
-        _measure_workload(workload, plan, roof, work_dir, results["workloads"][-1], write)
+        _measure_workload(workload, plan, roof, work_dir, results["workloads"][-1], write, measures)
     loads += f", {os.getloadavg()[0]:.2f} after"
     write()
     return results
-
-
-def _header(title: str, machine: str, plan: BenchPlan, roof: Roofline, loads: str) -> list[str]:
-    return [
-        f"# {title}", "",
-        f"Machine: {machine}; {plan.dtype}; {loads}.",
-        f"Measured here in the same run: memory read bandwidth {roof.bandwidth / 1e9:.1f} GB/s "
-        f"(a large sum), matrix products {roof.flops / 1e9:.0f} GFLOP/s (a large product).",
-        "",
-        "Made by `tlextract.benchmarks.pipeline.run_benchmark`; its docstring has the method.", "",
-    ]  # fmt: skip
 
 
 def _measure_workload(
@@ -272,6 +266,7 @@ def _measure_workload(
     work_dir: Path,
     measured: dict,
     written: Callable[[], None],
+    measures: Measures,
 ) -> None:
     """Both tables for one workload into ``measured``, calling ``written`` after each (its
     model is freed when this returns). A vLLM that cannot run leaves its reason instead of its
@@ -287,11 +282,11 @@ def _measure_workload(
         get_model=lambda: model,
     )
     measured["model"] = exp.model
-    measured["versus"] = versus_transformers(
+    measured["versus"] = measures.versus(
         model, prompts, plan.versus_batch_sizes, plan.n_new, plan.rounds, roof
     )
     written()
-    measured["pipeline"] = pipeline_rows(
+    measured["pipeline"] = measures.pipeline(
         model, workload, root, plan.n_examples, plan.n_new, plan.batch_sizes
     )
     written()
@@ -304,68 +299,13 @@ def _measure_workload(
 
     release()  # memory PyTorch keeps reserved: vLLM asks for a share of the free memory
     try:
-        measured["vllm"] = engine_speed.measure(
+        measured["vllm"] = measures.vllm(
             model, plan.dtype, prompts, plan.n_new, plan.versus_batch_sizes,
             (experiment_for, workload.trait, plan.n_examples, plan.batch_sizes),
             root / "vllm-server.log", plan.rounds)  # fmt: skip
     except TLExtractError as e:  # no vLLM here, or it cannot start: the other tables stand
         measured["vllm_missing"] = first_line(e)
     written()
-
-
-def _num(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def _serial_wall(pipeline: list[dict]) -> float:
-    return next(r["wall_s"] for r in pipeline if r["batch"] == 1 and r["mode"] == "two-stage")
-
-
-def _render(measured: dict, plan: BenchPlan) -> str:
-    """The tables measured so far for one workload."""
-    if "versus" not in measured:
-        return ""
-    workload = measured["workload"]
-    lines = [
-        f"## {measured['model']}: `{workload['experiment']}/{workload['trait']}`", "",
-        f"Greedy, {plan.n_new} new tokens per prompt, the trait's prompts, best of {plan.rounds} "
-        "rounds:",
-        "",
-        "| batch | generator | tokens/s | vs transformers | decode step ms | floor ms "
-        "| fraction of floor |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
-    lines += [
-        f"| {r['batch']} | {r['contender']} | {r['tok_s']:.1f} | {r['ratio']:.2f}x "
-        f"| {_num(r['step_ms'], '.3g')} | {r['floor_ms']:.3g} "
-        f"| {_num(r['floor_fraction'], '.2f')} |"
-        for r in measured["versus"]
-    ]
-    if "pipeline" in measured:
-        lines += _pipeline_lines(measured["pipeline"], plan)
-    if "vllm" in measured:
-        lines += engine_speed.render(measured["vllm"], _serial_wall(measured["pipeline"]))
-    if "vllm_missing" in measured:
-        lines += ["", f"No engine=vllm rows: vLLM did not run here ({measured['vllm_missing']})."]
-    return "\n".join(lines) + "\n"
-
-
-def _pipeline_lines(pipeline: list[dict], plan: BenchPlan) -> list[str]:
-    base = _serial_wall(pipeline)
-    lines = [
-        "",
-        f"Pipeline: {plan.n_examples} pos + {plan.n_examples} neg examples, sampled with the "
-        f"experiment's settings, at most {plan.n_new} new tokens, all layers, every file written:",
-        "",
-        "| batch | mode | wall s | generated tokens | tokens/s | speedup vs serial two-stage "
-        "| peak memory beyond the model (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    return lines + [
-        f"| {r['batch']} | {r['mode']} | {r['wall_s']:.1f} | {r['tokens']} | {r['tok_s']:.1f} "
-        f"| {base / r['wall_s']:.2f}x | {r['peak_mib']:.0f} |"
-        for r in pipeline
-    ]
 
 
 DEFAULT_WORKLOAD = Workload("smollm2_cognitive", "local_global")
@@ -391,10 +331,12 @@ def gpu_benchmark(
     batch_sizes: Sequence[int] = (1, 4, 8, 16, 32, 64),
     rounds: int = 2,
     vllm: bool = True,
+    measures: Measures = Measures(),
 ) -> dict:
     """``make bench-gpu``: the original study's workload shape (200 examples, 100 per polarity)
     on both embedded models in bfloat16, batch 1 to 64. A test runs it on the CPU with the tiny
     model and small sizes, so it keeps working between GPU runs."""
     sizes = tuple(batch_sizes)
     plan = BenchPlan(device, dtype, n_examples, n_new, sizes, sizes, rounds, vllm)
-    return run_benchmark(workloads, plan, work_dir, out, f"Speed on {device} (`make bench-gpu`)")
+    title = f"Speed on {device} (`make bench-gpu`)"
+    return run_benchmark(workloads, plan, work_dir, out, title, measures)

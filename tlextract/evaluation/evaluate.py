@@ -9,6 +9,10 @@ is fitted on the train rows and scored on the test rows with
 cross-validated layer (:mod:`tlextract.evaluation.crossval`, the one best-layer rule of
 tlextract), so the split's figures are read where the result card says to use the vectors.
 
+:func:`evaluate_held_out` computes all of it from activations in memory (a
+:class:`~tlextract.evaluation.heldout.KeptRun`); :func:`evaluate_trait` and :func:`cross_evaluate`
+load a run's saved activations and judge's selection and call it.
+
 Results go to ``<run.out_dir>/report/``: ``metrics.json`` (everything), ``metrics.md`` (a table
 per method) and ``meta.json`` (fingerprint of activations + methods + split + the layers read
 at), so a rerun with the same inputs reads the results back instead of refitting.
@@ -267,20 +271,34 @@ def cross_evaluate(
     layers: Mapping[str, int] | None = None,
 ) -> TraitEvaluation:
     """Vectors fitted on ``train_run``'s train split, scored on ``test_run``'s held-out split
-    (kept examples only, on both sides).
-
-    Both runs are split exactly as :func:`evaluate_trait` splits them, so the test rows are the
-    ones ``evaluate_trait(test_run)`` scores and the two tables compare directly. The accuracy
-    threshold comes from ``train_run``'s train projections (no label of ``test_run`` is used),
-    so accuracy measures transfer of the threshold as well as of the direction; AUROC and
-    Cohen's d measure the direction alone. Only layers present in both runs are scored; the
-    "best" rows are at ``train_run``'s cross-validated layers (``layers``, or computed).
-    Not cached: fitting is cheap next to extraction.
-    """
+    (kept examples only, on both sides): :func:`evaluate_held_out` of the two runs' saved
+    activations. Not cached: fitting is cheap next to extraction."""
     _check_request(methods)
-    source = load_kept(train_run)
-    at = _layers_of(source, methods, seed, layers)
-    return _evaluate(source, load_kept(test_run), methods, test_fraction, seed, at)
+    source, target = load_kept(train_run), load_kept(test_run)
+    return evaluate_held_out(source, target, methods, test_fraction, seed, layers)
+
+
+def evaluate_held_out(
+    train: KeptRun,
+    test: KeptRun | None = None,
+    methods: Sequence[str] = tuple(METHODS),
+    test_fraction: float = EVALUATION.test_fraction,
+    seed: int = 0,
+    layers: Mapping[str, int] | None = None,
+) -> TraitEvaluation:
+    """The held-out figures of activations in memory: vectors fitted on ``train``'s train split,
+    scored on the held-out split of ``test`` (default ``train`` itself, as
+    :func:`evaluate_trait` does; nothing read or written).
+
+    Both are split exactly as :func:`evaluate_trait` splits a run, so the test rows of another
+    run are the ones its own evaluation scores and the two tables compare directly. The
+    accuracy threshold comes from ``train``'s train projections (no label of ``test`` is used),
+    so accuracy measures transfer of the threshold as well as of the direction; AUROC and
+    Cohen's d measure the direction alone. Only layers present in both are scored; the "best"
+    rows are at ``train``'s cross-validated layers (``layers``, or computed)."""
+    _check_request(methods)
+    at = _layers_of(train, methods, seed, layers)
+    return _evaluate(train, test or train, methods, test_fraction, seed, at)
 
 
 def load_evaluation(path: Path) -> TraitEvaluation:

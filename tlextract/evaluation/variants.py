@@ -11,8 +11,9 @@ compare directly with ``report/metrics.json``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -25,6 +26,7 @@ from tlextract.evaluation.heldout import load_kept, split_examples
 from tlextract.evaluation.surface import TextClassifier
 from tlextract.ops.metrics import LayerMetrics, auroc, midpoint_accuracy
 from tlextract.settings import RunSettings
+from tlextract.stages.activations import Activations
 from tlextract.stages.responses import load_responses
 
 METHOD = "mean_diff"
@@ -93,13 +95,25 @@ def _score_baseline(
 def surface_baselines(
     run: RunSettings, test_fraction: float = EVALUATION.test_fraction, seed: int = 0
 ) -> tuple[Baseline, Baseline]:
-    """(response length in tokens, bag-of-words logistic regression) on ``run``'s split."""
-    acts = load_kept(run).acts
+    """(response length in tokens, bag-of-words logistic regression) on ``run``'s split: the
+    saved kept activations and responses, see :func:`split_baselines`."""
     responses, _ = load_responses(run)
+    return split_baselines(load_kept(run).acts, responses, test_fraction, seed)
+
+
+def split_baselines(
+    acts: Activations,
+    responses: Iterable[Mapping[str, Any]],
+    test_fraction: float = EVALUATION.test_fraction,
+    seed: int = 0,
+) -> tuple[Baseline, Baseline]:
+    """(response length in tokens, bag-of-words logistic regression) on the held-out split of
+    ``acts``' examples; ``responses``: the records they were pooled over (polarity, index,
+    response, n_response_tokens, as the responses stage writes them)."""
     rows = {(r["polarity"], r["index"]): r for r in responses}
     split = split_examples(acts.pos_index, acts.neg_index, test_fraction, seed)
 
-    def pick(pol: str, index: list[int], chosen: list[int]) -> list[dict]:
+    def pick(pol: str, index: list[int], chosen: list[int]) -> list[Mapping[str, Any]]:
         return [rows[(pol, index[r])] for r in chosen]
 
     sides = {
@@ -119,7 +133,7 @@ def surface_baselines(
     except TLExtractError:  # no words to count: unavailable, shown as n/a
         return length, Baseline(math.nan, math.nan)
 
-    def bow(side: list[dict]) -> Tensor:
+    def bow(side: list[Mapping[str, Any]]) -> Tensor:
         scores = clf.decision([r["response"] for r in side])
         return torch.tensor(scores, dtype=torch.float32)[:, None]
 

@@ -1,7 +1,8 @@
-"""Export and import vectors in the formats other tools read.
+"""The writers of the vector formats other tools read, and their index conventions.
 
-The readers themselves are in vector_files.py, which ``TraitVectors.load`` uses to open any of
-these files by content; this module wraps them and holds the writers.
+``TraitVectors.save(path, format=...)`` calls these writers and ``TraitVectors.load`` opens every
+format by content (the readers are in vector_files.py); the functions here take bare tensors,
+for vectors that are not a ``TraitVectors``.
 
 Index conventions (``layers[i]`` is always a TransformerLens block index, 0-based, and the
 vectors are read at ``blocks.{layer}.hook_{hook}``):
@@ -61,16 +62,12 @@ from torch import Tensor
 
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
-from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.ops.vector_files import (
     GGUF_ARCH,
     check_layers,
     final_norm_row,
     gguf_layer_index,
     hidden_state_index,
-    persona_fields,
-    read_gguf,
-    read_persona,
 )
 from tlextract.store import atomic_path, save_tensors
 
@@ -119,19 +116,6 @@ def persona_blocks(layers: Sequence[int], n_layers: int, hook: str = DEFAULT_HOO
     return [int(b) for b in layers if hidden_state_index(int(b), hook) < final_norm_row(n_layers)]
 
 
-def from_persona_vectors(
-    table: Float[Tensor, "hidden_state d_model"],
-    layers: Sequence[int] | None = None,
-    *,
-    hook: str = DEFAULT_HOOK,
-) -> TraitVectors:
-    """Inverse of :func:`to_persona_vectors`: the rows for ``layers``, as float32 (default: every
-    block whose row is exact, which at resid_post drops the embedding row 0 and the final-norm
-    row ``n_layers``, i.e. the last block; see
-    :func:`~tlextract.ops.vector_files.persona_fields`)."""
-    return TraitVectors(**persona_fields(table, layers, hook=hook))
-
-
 def save_persona_vectors(
     path: Path,
     vectors: Float[Tensor, "layer d_model"],
@@ -148,13 +132,6 @@ def save_persona_vectors(
     )
     save_tensors(Path(path), table)
     return persona_blocks(layers, n_layers, hook)
-
-
-def load_persona_vectors(
-    path: Path, layers: Sequence[int] | None = None, *, hook: str = DEFAULT_HOOK
-) -> TraitVectors:
-    """Read a persona_vectors ``.pt`` file; see :func:`from_persona_vectors`."""
-    return TraitVectors(**read_persona(Path(path), layers, hook=hook))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +180,3 @@ def save_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return written
-
-
-def load_gguf(path: Path, *, hook: str = DEFAULT_HOOK) -> TraitVectors:
-    """Read a GGUF control vector (ours, repeng's or llama.cpp's ``cvector-generator``).
-
-    Rows come back sorted by block; ``direction.{i}`` becomes block ``i`` at resid_post
-    (``i + 1`` at resid_pre). Values are returned exactly as stored (float32).
-    """
-    return TraitVectors(**read_gguf(Path(path), hook=hook))

@@ -7,7 +7,7 @@ pipeline's own computation on them in memory (:mod:`tlextract.stages.compute`: t
 generate and activations stages save shards of), then fits a method. The result is a
 :class:`TraitVectors`, so :func:`tlextract.steer` and :func:`tlextract.monitor` take it as it is;
 it also carries the pooled activations and responses, and :meth:`Extraction.evaluate` gives the
-nested cross-validated figures.
+nested cross-validated figures (an :class:`ExtractionEvaluation`).
 
 Pooling: ``"response"`` averages over the response tokens (the pipeline's only pooling);
 ``"prompt_last"`` takes the residual at the last token the model reads, no generation: the
@@ -46,6 +46,21 @@ Examples = Sequence[str] | Sequence[tuple[str, str]]
 
 
 @dataclass(frozen=True)
+class ExtractionEvaluation:
+    """What :meth:`Extraction.evaluate` measured: nested cross-validated accuracy, AUROC and
+    Cohen's d of ``method`` with 95% bootstrap intervals, and ``layer``, the block with the
+    highest out-of-fold AUROC (the block to use the vectors at)."""
+
+    method: str
+    layer: int
+    accuracy: Interval
+    auroc: Interval
+    cohens_d: Interval
+    folds: int
+    n: dict[str, int]  # rows per polarity, each scored once
+
+
+@dataclass(frozen=True)
 class Extraction(TraitVectors):
     """Vectors plus what they were fitted on: ``pos``/``neg`` the pooled activations
     ``[n, layer, d_model]``, ``responses`` the texts pooled over (empty for ``prompt_last``)."""
@@ -56,17 +71,20 @@ class Extraction(TraitVectors):
 
     def evaluate(
         self, folds: int = EVALUATION.folds, seed: int = 0, n_boot: int = EVALUATION.n_boot
-    ) -> dict[str, Interval | int]:
-        """Nested cross-validated accuracy, AUROC and Cohen's d of this method with 95%
-        bootstrap intervals (rows of pos and neg are paired by position, as the pipeline pairs
-        example indices), and ``layer``: the block with the highest out-of-fold AUROC."""
+    ) -> ExtractionEvaluation:
+        """Nested cross-validation of this method, like :func:`tlextract.cross_validate` on a
+        run (rows of pos and neg are paired by position, as the pipeline pairs example
+        indices)."""
         groups = list(range(len(self.pos))) + list(range(len(self.neg)))
         x = torch.cat([self.pos, self.neg])
         y = torch.tensor([True] * len(self.pos) + [False] * len(self.neg))
         fold = fold_of(groups, folds, seed, arg="evaluate(folds=...)")
         result = nested(x, y, fold, lambda p, n: run_method(self.method, p, n, seed=seed))
         figures = bootstrap_rows(result.scores, y, groups, n_boot, seed)
-        return {"layer": self.layers[result.layer], **figures}
+        return ExtractionEvaluation(
+            self.method, self.layers[result.layer], figures["accuracy"], figures["auroc"],
+            figures["cohens_d"], folds, {"pos": len(self.pos), "neg": len(self.neg)},
+        )  # fmt: skip
 
 
 def _split(examples: Examples, what: str) -> tuple[list[str], list[str] | None]:
