@@ -9,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tlextract.report.plots import save_figure
+from tlextract.report.figures import save_figure
 from tlextract.steering.autosteer import AutoSteer
 from tlextract.steering.effects import side_effect_table
 from tlextract.store import write_json, write_text

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from tlextract.monitoring.alarm import Alarm
 from tlextract.monitoring.calibrate import Calibration
 from tlextract.ops.monitor import Monitoring, TokenScores
-from tlextract.report.plots import save_figure
+from tlextract.report.figures import save_figure
 from tlextract.store import write_json, write_text
 
 Poles = Mapping[str, Mapping[str, float] | None]

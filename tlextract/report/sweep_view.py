@@ -8,7 +8,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from tlextract.report.plots import save_figure
+from tlextract.report.figures import save_figure
 from tlextract.steering.sweep import Sweep
 from tlextract.store import write_json, write_text
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from tlextract.evaluation.crossval import HEADLINE, CrossValidation
-from tlextract.report.plots import save_figure
+from tlextract.report.figures import save_figure
 
 KIND_COLORS = {"method": "tab:green", "baseline": "tab:orange", "null": "tab:gray"}
 
