@@ -44,8 +44,8 @@ from tlextract.evaluation.variants import (
 from tlextract.ops.methods import METHODS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.trait_vectors import TraitVectors
-from tlextract.report.measured import measured_section
 from tlextract.report.figures import plot_cosine, plot_metrics, plot_projections, pos_neg
+from tlextract.report.measured import measured_section
 from tlextract.report.trust import crossval_section, plot_intervals
 from tlextract.settings import RunSettings, experiment_report_dir, report_dir, settings_for
 from tlextract.stages.run import is_done
