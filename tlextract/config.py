@@ -92,7 +92,22 @@ class GenerationSettings:
     do_sample: bool = True
 
 
-ENGINE_KINDS = ("tl", "vllm")
+@dataclass(frozen=True)
+class EngineKind:
+    """What the layers below :mod:`tlextract.engines` know of an engine kind, declared once here;
+    the engines' code, and the one choice between them, are in engines/ (``registry``)."""
+
+    served: bool  # generates in a server process, which a URL can name (``vllm_url``)
+    captures: bool  # can record activations while it generates (mode "combined")
+    dir_suffix: str  # after a run's directory name, so the engines' runs sit side by side
+
+
+ENGINES = {
+    # TransformerLens keeps the directory runs had before there were engines.
+    "tl": EngineKind(served=False, captures=True, dir_suffix=""),
+    "vllm": EngineKind(served=True, captures=False, dir_suffix="-vllm"),
+}
+ENGINE_KINDS = tuple(ENGINES)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,16 @@ from contextlib import contextmanager
 
 
 class TLExtractError(Exception):
-    """A user-facing error. The CLI prints its message and exits with status 2."""
+    """A user-facing error. The CLI prints its message and exits with status 2.
+
+    ``parameters``: the arguments the message names, by their Python names (the message starts
+    with one, or writes ``name=value``; ``name="value"`` is a value to pass). The library never
+    names a command-line flag: the CLI shows each of these as its flag (``tlextract.cli.options``).
+    """
+
+    def __init__(self, message: str = "", *, parameters: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.parameters = parameters
 
 
 class Interrupted(KeyboardInterrupt):

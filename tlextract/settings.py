@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from tlextract.config import ENGINE_KINDS, EngineSettings, Experiment, split_judge
+from tlextract.config import ENGINE_KINDS, ENGINES, EngineSettings, Experiment, split_judge
 from tlextract.errors import TLExtractError
 from tlextract.traits import VARIANTS, Trait, Variant
 
@@ -33,6 +33,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 AUTO_DTYPE = "auto"
 DTYPE_CHOICES = (AUTO_DTYPE, *DTYPES)
 DEFAULT_DTYPE = AUTO_DTYPE
+# What a run's ``judge`` override makes of the experiment's judge block (its keep rules stay).
+_JUDGE_OVERRIDES: dict[str, dict[str, Any]] = {
+    "none": {"kind": "none"},  # keep every response
+    "local": {"kind": "local", "model": "self"},  # scored by the studied model itself
+}
+JUDGE_OVERRIDES = tuple(_JUDGE_OVERRIDES)
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,10 @@ class RunSettings:
 
     @property
     def out_dir(self) -> Path:
-        """``trait_dir``, with ``-vllm`` when vLLM generates, so the engines' runs sit side by
-        side instead of replacing each other."""
+        """``trait_dir``, with the engine's suffix (``-vllm`` when vLLM generates), so the
+        engines' runs sit side by side instead of replacing each other."""
         out = trait_dir(self.experiment, self.trait.name, self.model, self.variant)
-        return out if self.engine.kind == "tl" else out.with_name(f"{out.name}-{self.engine.kind}")
+        return out.with_name(out.name + ENGINES[self.engine.kind].dir_suffix)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / {"generate": "responses"}.get(stage, stage)
@@ -84,26 +90,19 @@ def settings_for(
     """Settings for one trait; arguments left as None take the experiment's. ``judge`` switches
     the experiment's judge off ("none") or to the studied model itself ("local").
     ``batch_size="auto"`` picks the largest batch that fits ``memory_budget_gib``. ``engine``
-    ("tl" or "vllm") replaces the experiment's engine kind; ``vllm_url`` is a running vLLM
-    server to use (implies engine vllm)."""
-    for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
-        if value is not None and value != "auto" and (not _int(value) or value < 1):
-            extra = " or 'auto'" if name == "batch_size" else ""
-            raise TLExtractError(
-                f"--{name.replace('_', '-')} must be an integer of at least 1{extra} "
-                f"(got {value!r})."
-            )
-    if memory_budget_gib is not None and not memory_budget_gib > 0:
-        raise TLExtractError(
-            f"--memory-budget must be a positive number of GiB (got {memory_budget_gib})."
-        )
+    (one of ``config.ENGINE_KINDS``) replaces the experiment's engine kind; ``vllm_url`` is a
+    running vLLM server to use (implies engine "vllm")."""
+    _check_sizes(n_examples, batch_size, memory_budget_gib)
     if mode not in MODES:
-        raise TLExtractError(f"--mode {mode!r} is not a mode; use one of {', '.join(MODES)}.")
+        raise TLExtractError(f"mode={mode!r} is not a mode; use one of {', '.join(MODES)}.",
+                             parameters=("mode",))  # fmt: skip
     variant = variant or experiment.variant
     if variant not in VARIANTS:
-        raise TLExtractError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}.")
+        raise TLExtractError(f"variant={variant!r} is unknown; use one of "
+                             f"{', '.join(VARIANTS)}.", parameters=("variant",))  # fmt: skip
     if model is not None and not model.strip():
-        raise TLExtractError("--model must name a model, e.g. smollm2-135m-instruct.")
+        raise TLExtractError('model must name a model, e.g. model="smollm2-135m-instruct".',
+                             parameters=("model",))  # fmt: skip
     check_device(device)
     return RunSettings(
         experiment=experiment,
@@ -124,29 +123,53 @@ def settings_for(
     )
 
 
+def _check_sizes(
+    n_examples: int | None,
+    batch_size: int | Literal["auto"] | None,
+    memory_budget_gib: float | None,
+) -> None:
+    for name, value in (("n_examples", n_examples), ("batch_size", batch_size)):
+        if value is not None and value != "auto" and (not _int(value) or value < 1):
+            extra = " or 'auto'" if name == "batch_size" else ""
+            raise TLExtractError(
+                f"{name} must be an integer of at least 1{extra} (got {value!r}).",
+                parameters=(name,),
+            )
+    if memory_budget_gib is not None and not memory_budget_gib > 0:
+        raise TLExtractError(
+            f"memory_budget_gib must be a positive number of GiB (got {memory_budget_gib}).",
+            parameters=("memory_budget_gib",),
+        )
+
+
 def _engine_override(
     config: EngineSettings, kind: str | None, url: str | None, mode: Mode
 ) -> EngineSettings:
     chosen = _engine_choice(config, kind, url)
-    if chosen.kind == "vllm" and mode == "combined":
+    if mode == "combined" and not ENGINES[chosen.kind].captures:
         raise TLExtractError(
-            "--mode combined records activations while TransformerLens generates; with --engine "
-            "vllm they come from the teacher-forced pass: use --mode two-stage (the default)."
+            f'mode="combined" records activations while the engine generates; with engine='
+            f'"{chosen.kind}" they come from the teacher-forced pass: use mode="two-stage" (the '
+            "default).",
+            parameters=("mode", "engine"),
         )
     return chosen
 
 
 def _engine_choice(config: EngineSettings, kind: str | None, url: str | None) -> EngineSettings:
     if kind is not None and kind not in ENGINE_KINDS:
-        raise TLExtractError(f"--engine {kind!r}: use one of {', '.join(ENGINE_KINDS)}.")
+        raise TLExtractError(f"engine={kind!r}: use one of {', '.join(ENGINE_KINDS)}.",
+                             parameters=("engine",))  # fmt: skip
     if url is not None:
-        if kind == "tl":
-            raise TLExtractError("--vllm-url names a vLLM server: use it with --engine vllm.")
+        if kind is not None and not ENGINES[kind].served:
+            raise TLExtractError('vllm_url names a vLLM server: use it with engine="vllm".',
+                                 parameters=("vllm_url", "engine"))  # fmt: skip
         if not url.startswith(("http://", "https://")):
             raise TLExtractError(
-                f"--vllm-url {url!r}: give the server's URL, e.g. http://127.0.0.1:8000/v1."
+                f"vllm_url={url!r}: give the server's URL, e.g. http://127.0.0.1:8000/v1.",
+                parameters=("vllm_url",),
             )
-        return replace(config, kind="vllm", base_url=url)
+        return replace(config, kind="vllm", base_url=url)  # what the parameter names
     return config if kind is None else replace(config, kind=kind)  # type: ignore[arg-type]
 
 
@@ -157,12 +180,10 @@ def _int(value: Any) -> bool:
 def _judge_override(config: dict[str, Any], override: str | None) -> dict[str, Any]:
     if override is None:
         return config
-    _, rules = split_judge(config)
-    if override == "none":
-        return {"kind": "none", **rules}
-    if override == "local":
-        return {"kind": "local", "model": "self", **rules}
-    raise TLExtractError(f"--judge {override!r}: use 'none' or 'local' (or the experiment's).")
+    if override not in _JUDGE_OVERRIDES:
+        raise TLExtractError(f"judge={override!r}: use one of {', '.join(JUDGE_OVERRIDES)} (or "
+                             "None: the experiment's).", parameters=("judge",))  # fmt: skip
+    return {**_JUDGE_OVERRIDES[override], **split_judge(config)[1]}
 
 
 def pick_device(device: str | None) -> str:
@@ -173,9 +194,8 @@ def pick_device(device: str | None) -> str:
 def resolve_dtype(dtype: str, device: str | None) -> str:
     """``dtype``, or for "auto" bfloat16 on CUDA and float32 on any other device."""
     if dtype not in DTYPE_CHOICES:
-        raise TLExtractError(
-            f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_CHOICES)}."
-        )
+        raise TLExtractError(f"dtype={dtype!r} is unknown; use one of "
+                             f"{', '.join(DTYPE_CHOICES)}.", parameters=("dtype",))  # fmt: skip
     if dtype != AUTO_DTYPE:
         return dtype
     return "bfloat16" if torch.device(pick_device(device)).type == "cuda" else "float32"
@@ -190,21 +210,23 @@ def check_device(device: str | None) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise TLExtractError(
-                f"--device {device}: this machine has no CUDA GPU (or this torch build has no "
-                "CUDA). Use --device cpu, or leave --device out to pick one."
+                f"device={device}: this machine has no CUDA GPU (or this torch build has no "
+                'CUDA). Use device="cpu", or no device to pick one.',
+                parameters=("device",),
             )
         index = int(match.group(1) or 0)
         if index >= count:
-            raise TLExtractError(
-                f"--device {device}: only cuda:0 to cuda:{count - 1} exist here. Pick one of them."
-            )
+            raise TLExtractError(f"device={device}: only cuda:0 to cuda:{count - 1} exist here. "
+                                 "Pick one of them.", parameters=("device",))  # fmt: skip
         return
     if device == "mps":
         if not torch.backends.mps.is_available():
-            raise TLExtractError("--device mps: Apple's MPS is not available here. Use cpu.")
+            raise TLExtractError("device=mps: Apple's MPS is not available here. Use cpu.",
+                                 parameters=("device",))  # fmt: skip
         return
     raise TLExtractError(
-        f"--device {device!r} is not a device tlextract knows; use cpu, cuda, cuda:N or mps."
+        f"device={device!r} is not a device tlextract knows; use cpu, cuda, cuda:N or mps.",
+        parameters=("device",),
     )
 
 

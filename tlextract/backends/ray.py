@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import torch
 from transformer_lens import HookedTransformer
 
+from tlextract.engines.registry import starts_server
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.crossval import HEADLINE, cross_validate
 from tlextract.model.memory import GiB, default_budget
@@ -277,7 +278,7 @@ def check_tensor_parallel(runs: Sequence[RunSettings], gpus: float) -> None:
     than the task holds."""
     for run in runs:
         tp = run.engine.tensor_parallel_size
-        if run.engine.kind == "vllm" and not run.engine.base_url and tp > 1 and tp > gpus:
+        if starts_server(run.engine) and tp > 1 and tp > gpus:
             raise TLExtractError(
                 f"engine.tensor_parallel_size {tp} ({run.experiment.path / 'experiment.json'}): "
                 f"each Ray task holds {gpus:g} GPU; use --gpus-per-task {tp} or a "

@@ -1,7 +1,8 @@
 """How a command ends when it does not finish: each way in one line on stderr and an exit
 status, never a traceback.
 
-* a known fault (:class:`TLExtractError`, or a filesystem refusal the store knows): status 2;
+* a known fault (:class:`TLExtractError`, its parameters shown as flags, or a filesystem refusal
+  the store knows): status 2;
 * SIGINT or SIGTERM: what was running and what was kept, status 130 or 143. Finished batches
   and stages are on disk already (every write is atomic), so a rerun resumes;
 * anything else is a bug: its traceback goes to a log file in the run directory (or the temp
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from tlextract.cli.options import flag_message
 from tlextract.errors import Interrupted, TLExtractError
 from tlextract.stages.common import first_line
 from tlextract.store import fault_message, write_text
@@ -38,8 +40,8 @@ def guarded(command: Callable[[], int], *, debug: bool, log_dirs: list[Path]) ->
     with _signals_raise():
         try:
             return command()
-        except TLExtractError as e:
-            print(f"error: {one_line(str(e))}", file=sys.stderr)
+        except TLExtractError as e:  # the library names its parameters, the user sees flags
+            print(f"error: {one_line(flag_message(e))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or a KeyboardInterrupt from a library
             interrupt = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)

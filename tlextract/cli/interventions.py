@@ -1,25 +1,31 @@
-"""``steer`` and ``monitor``: they read a run's saved vectors, so they take no stage options."""
+"""``steer``, ``monitor`` and ``alarm``: they read a run's saved vectors, so they take no stage
+options."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlextract.config import DEFAULT_EXPERIMENT, EVALUATION, Experiment
+from tlextract.cli.options import (
+    COMMON,
+    DEVICE,
+    DTYPE,
+    ENGINE,
+    FOLDS,
+    JUDGE,
+    LAYER,
+    MODEL,
+    VARIANT,
+    Group,
+    option,
+    trait_names,
+)
+from tlextract.config import Experiment
 from tlextract.errors import TLExtractError
 from tlextract.ops.bootstrap import Interval
 from tlextract.ops.trait_vectors import TraitVectors
-from tlextract.settings import (
-    DEFAULT_DTYPE,
-    DTYPE_CHOICES,
-    RunSettings,
-    monitor_dir,
-    settings_for,
-    steer_dir,
-)
+from tlextract.settings import RunSettings, monitor_dir, settings_for, steer_dir
 from tlextract.stages.common import model_loader
-from tlextract.traits import VARIANTS
 
 if TYPE_CHECKING:  # the commands import their heavy modules lazily
     from transformer_lens import HookedTransformer
@@ -37,100 +43,54 @@ def parse_floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated numbers") from None
 
 
-def add_intervention_commands(sub: argparse._SubParsersAction) -> None:
-    helps = {
-        "steer": "steer held-out questions at several strengths (and ablate): sweep.json, plot",
-        "monitor": "score every token of the answers to --prompt on each trait's vector",
-        "alarm": "compare per-token alarm formulations at a false-alarm rate on neutral text",
-    }
-    for name, text in helps.items():
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-        p.add_argument("--traits", "--trait", default="all", help="comma-separated, or 'all'")
-        p.add_argument("--experiments-dir", type=Path, default=None)
-        p.add_argument("--model", default=None, help="override the experiment's model")
-        p.add_argument(
-            "--variant",
-            default=None,
-            choices=VARIANTS,
-            help="whose vectors: the instruction or the natural run (default: the experiment's)",
-        )
-        p.add_argument(
-            "--layer",
-            type=int,
-            default=None,
-            help="block index (default: each trait's cross-validated mean_diff layer in its "
-            "report/crossval.json, else the middle of its layers)",
-        )
-        p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
-        p.add_argument("--engine", default=None, choices=("tl", "vllm"),
-                       help="the vectors of the run this engine generated for")  # fmt: skip
-    steer_p, monitor_p, alarm_p = (sub.choices[name] for name in helps)
-    _add_steer_options(steer_p)
-    for p in (monitor_p, alarm_p):
-        p.add_argument("--false-alarm-rate", type=float, default=0.05,
-                       help="share of held-out neutral tokens the alarm may fire on")  # fmt: skip
-    alarm_p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
-    monitor_p.add_argument(
-        "--prompt",
-        action="append",
-        required=True,
-        help="a user message to answer (repeat for more)",
-    )
-    monitor_p.add_argument(
-        "--color-trait",
-        default=None,
-        help="the trait that colours the HTML page (default: the first)",
-    )
-    monitor_p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default: the experiment's"
-    )
-    monitor_p.add_argument("--folds", type=int, default=EVALUATION.folds,
-                           help="cross-validation folds (by example index) of each trait's "
-                           "threshold")  # fmt: skip
-
-
-def _add_steer_options(steer_p: argparse.ArgumentParser) -> None:
-    steer_p.add_argument(
-        "--alphas",
-        type=parse_floats,
-        default=None,
-        help="strengths in typical residual norms, e.g. --alphas=-1,0,1 "
-        "(default -1,-0.5,-0.25,0,0.25,0.5,1)",
-    )
-    steer_p.add_argument(
-        "--n-questions",
-        type=int,
-        default=None,
-        help="held-out questions (default 8; --auto: 16 to choose on and 16 others to report on)",
-    )
-    steer_p.add_argument("--positions", default="all", choices=("all", "prompt", "response"))
-    steer_p.add_argument(
-        "--no-ablate", dest="ablate", action="store_false", help="skip the ablation condition"
-    )
-    steer_p.add_argument(
-        "--auto",
-        action="store_true",
-        help="choose the layer and alpha: largest classifier-measured shift toward --pole "
-        "within the fluency bounds, reported on other questions against a random direction",
-    )
-    steer_p.add_argument("--pole", default="pos", choices=("pos", "neg"), help="--auto: target")
-    steer_p.add_argument(
-        "--max-kl",
-        type=float,
-        default=None,
-        help="--auto: bound on KL(steered || unsteered) per neutral token, nats (default 0.3)",
-    )
-    steer_p.add_argument(
-        "--max-logprob-drop",
-        type=float,
-        default=None,
-        help="--auto: bound on the fall in log-prob per token of steered answers (default 1.0)",
-    )
-    steer_p.add_argument(
-        "--judge", default=None, choices=("none", "local"), help="override the experiment's judge"
-    )
+# The options of the three commands that read a run's saved vectors.
+SAVED_RUN: Group = (
+    *COMMON,
+    MODEL,
+    VARIANT.but(help="whose vectors: the instruction or the natural run (default: the "
+                "experiment's)"),
+    LAYER.but(help="block index (default: each trait's cross-validated mean_diff layer in its "
+              "report/crossval.json, else the middle of its layers)"),
+    DEVICE,
+    DTYPE,
+    ENGINE.but(help="the vectors of the run this engine generated for"),
+)  # fmt: skip
+STEER: Group = (
+    option("--alphas", type=parse_floats, default=None,
+           help="strengths in typical residual norms, e.g. --alphas=-1,0,1 "
+           "(default -1,-0.5,-0.25,0,0.25,0.5,1)"),
+    option("--n-questions", type=int, default=None,
+           help="held-out questions (default 8; --auto: 16 to choose on and 16 others to report "
+           "on)"),
+    option("--positions", default="all", choices=("all", "prompt", "response")),
+    option("--no-ablate", dest="ablate", action="store_false",
+           help="skip the ablation condition"),
+    option("--auto", action="store_true",
+           help="choose the layer and alpha: largest classifier-measured shift toward --pole "
+           "within the fluency bounds, reported on other questions against a random direction"),
+    option("--pole", default="pos", choices=("pos", "neg"), help="--auto: target"),
+    option("--max-kl", type=float, default=None,
+           help="--auto: bound on KL(steered || unsteered) per neutral token, nats (default "
+           "0.3)"),
+    option("--max-logprob-drop", type=float, default=None,
+           help="--auto: bound on the fall in log-prob per token of steered answers (default "
+           "1.0)"),
+    JUDGE.but(help="override the experiment's judge"),
+)  # fmt: skip
+FALSE_ALARM_RATE = option(
+    "--false-alarm-rate", type=float, default=0.05,
+    help="share of held-out neutral tokens the alarm may fire on",
+)  # fmt: skip
+MONITOR: Group = (
+    FALSE_ALARM_RATE,
+    option("--prompt", action="append", required=True,
+           help="a user message to answer (repeat for more)"),
+    option("--color-trait", default=None,
+           help="the trait that colours the HTML page (default: the first)"),
+    option("--max-new-tokens", type=int, default=None, help="default: the experiment's"),
+    FOLDS.but(help="cross-validation folds (by example index) of each trait's threshold"),
+)  # fmt: skip
+ALARM: Group = (FALSE_ALARM_RATE, FOLDS.but(help="cross-validation folds"))
 
 
 def _saved_run(
@@ -179,7 +139,7 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
     for flag, value in bounds.items():
         if value is not None and value <= 0:
             raise TLExtractError(f"{flag} {value}: must be positive (nats per token).")
-    saved = [_saved_run(args, experiment, t) for t in _trait_names(args, experiment)]
+    saved = [_saved_run(args, experiment, t) for t in trait_names(args, experiment)]
     get_model = model_loader(saved[0][0])
     side: dict[str, dict[str, Interval]] = {}
     for run, vectors, layer in saved:
@@ -300,7 +260,7 @@ def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.store import write_json
 
     check_rate(args.false_alarm_rate)
-    saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
+    saved = {t: _saved_run(args, experiment, t) for t in trait_names(args, experiment)}
     if args.color_trait not in (None, *saved):
         raise TLExtractError(f"--color-trait {args.color_trait!r} is not among {list(saved)}.")
     first = next(iter(saved.values()))[0]
@@ -364,12 +324,5 @@ def alarm_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.cli.alarm_table import compare
 
     check_rate(args.false_alarm_rate)
-    saved = {t: _saved_run(args, experiment, t) for t in _trait_names(args, experiment)}
+    saved = {t: _saved_run(args, experiment, t) for t in trait_names(args, experiment)}
     compare(args, saved)
-
-
-def _trait_names(args: argparse.Namespace, experiment: Experiment) -> tuple[str, ...]:
-    return experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
-
-
-INTERVENTIONS = {"steer": steer_command, "monitor": monitor_command, "alarm": alarm_command}

@@ -1,4 +1,6 @@
-"""``python -m tlextract <stage>``: one subcommand per stage, plus ``run`` for all of them."""
+"""python -m tlextract <command>: one subcommand per stage, run for all of them, and the
+commands that read what runs made (report, steer, monitor, alarm, agreement) or write a trait
+(new-trait)."""
 
 from __future__ import annotations
 
@@ -7,52 +9,46 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from tlextract.cli.faults import guarded
-from tlextract.cli.interventions import INTERVENTIONS, add_intervention_commands
-from tlextract.cli.newtrait import NEW_TRAIT, add_new_trait_command, new_trait
+from tlextract.cli.interventions import (
+    ALARM,
+    MONITOR,
+    SAVED_RUN,
+    STEER,
+    alarm_command,
+    monitor_command,
+    steer_command,
+)
+from tlextract.cli.newtrait import NEW_TRAIT, new_trait
+from tlextract.cli.options import (
+    ALL_VARIANTS,
+    BACKEND,
+    COMMON,
+    DEBUG,
+    LOADING,
+    OVERRIDES,
+    REPORT,
+    RUN,
+    VARIANT,
+    Group,
+    add_options,
+    option,
+    trait_names,
+)
 from tlextract.cli.result import result_card
-from tlextract.config import DEFAULT_EXPERIMENT, EVALUATION, Experiment, load_experiment
+from tlextract.config import DEFAULT_MIN_MASS, EVALUATION, Experiment, load_experiment
 from tlextract.errors import TLExtractError, during
 from tlextract.inputs import require_directory
-from tlextract.ops.methods import METHODS
-from tlextract.settings import DEFAULT_DTYPE, DTYPE_CHOICES, MODES, STAGES, settings_for
+from tlextract.settings import STAGES, experiment_report_dir, settings_for
 from tlextract.stages.common import model_loader
-from tlextract.stages.run import release, run_trait, starts_vllm_server
-from tlextract.traits import VARIANTS
-
-COMMANDS = {**{stage: (stage,) for stage in STAGES}, "run": STAGES}
-
-
-def parse_layers(text: str) -> list[int] | str:
-    """'all', '16', '0,4,8' or '10-20' (inclusive)."""
-    if text == "all":
-        return "all"
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            layers.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers {text!r}: use 'all', a block index, a list '0,4,8' or a range '10-20'"
-        ) from None
-    return layers
-
-
-def parse_batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use a positive integer (1 is serial) or 'auto'"
-        ) from None
+from tlextract.stages.run import is_done, release, run_trait, starts_vllm_server
+from tlextract.traits import VARIANTS, Variant
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,147 +83,6 @@ def console_logging() -> Iterator[None]:
         logger.propagate = propagate
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tlextract", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    helps = {"run": "run all stages", "report": "evaluate vectors on held-out data and plot"}
-    for name in (*COMMANDS, "report"):
-        p = sub.add_parser(name, help=helps.get(name, f"run the {name} stage"))
-        add_run_options(p, variant_all=name in ("report", "run"))
-        if name == "report":
-            add_report_options(p)
-        if name == "run":
-            add_backend_options(p)
-    add_intervention_commands(sub)
-    add_new_trait_command(sub)
-    for p in sub.choices.values():
-        p.add_argument("--debug", action="store_true",
-                       help="on a bug, print the full traceback here too (it is always saved to "
-                       "a log file)")  # fmt: skip
-    return parser
-
-
-def add_run_options(p: argparse.ArgumentParser, variant_all: bool) -> None:
-    # long: one add_argument per flag, the help text next to each
-    """What selects and overrides a trait run (every stage command takes these)."""
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-    p.add_argument(
-        "--traits", "--trait", default="all", help="comma-separated trait names, or 'all' (default)"
-    )
-    p.add_argument(
-        "--experiments-dir",
-        type=Path,
-        default=None,
-        help="where experiments live (default: $TLEXTRACT_EXPERIMENTS or ./experiments)",
-    )
-    p.add_argument("--model", default=None, help="override the experiment's model")
-    p.add_argument(
-        "--n-examples", "--n_examples", type=int, default=None, help="responses per polarity"
-    )
-    p.add_argument(
-        "--batch-size",
-        "--batch_size",
-        type=parse_batch_size,
-        default=None,
-        help="prompts per batch (1: serial), or 'auto': the largest that fits --memory-budget",
-    )
-    p.add_argument(
-        "--memory-budget",
-        type=float,
-        default=None,
-        help="GiB that --batch-size auto may use beyond the weights (default: half "
-        "the available RAM on CPU, 80%% of free GPU memory)",
-    )
-    p.add_argument(
-        "--layers",
-        type=parse_layers,
-        default=None,
-        help="'all', '16', '0,4,8' or '10-20' (TransformerLens block indices)",
-    )
-    p.add_argument(
-        "--mode",
-        default="two-stage",
-        choices=MODES,
-        help="two-stage: a teacher-forced pass after generation; combined: record "
-        "activations while generating (no second pass)",
-    )
-    p.add_argument(
-        "--engine",
-        default=None,
-        choices=("tl", "vllm"),
-        help="what generates the responses: tl (TransformerLens) or vllm (a vLLM server "
-        'tlextract starts, or --vllm-url); default: the experiment\'s "engine", else tl',
-    )
-    p.add_argument(
-        "--vllm-url",
-        default=None,
-        help="a running vLLM server to generate with, e.g. http://127.0.0.1:8000/v1 "
-        "(implies --engine vllm)",
-    )
-    p.add_argument(
-        "--variant",
-        default=None,
-        choices=(*VARIANTS, "all") if variant_all else VARIANTS,
-        help="instruction: system-message instruction pairs; natural: prompts that "
-        "elicit each pole with no instruction (natural_pos.txt / natural_neg.txt); "
-        'all: both (default: the experiment\'s "variant")',
-    )
-    p.add_argument(
-        "--judge",
-        default=None,
-        choices=("none", "local"),
-        help="override the experiment's judge: none keeps every response; local "
-        "scores with the studied model itself",
-    )
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES,
-                   help="model weights; pooling and vectors are always float32")  # fmt: skip
-    p.add_argument(
-        "--offline",
-        action="store_true",
-        help="read hub models from the local Hugging Face cache only (sets HF_HUB_OFFLINE=1)",
-    )
-    p.add_argument(
-        "--no-wait",
-        dest="no_wait",
-        action="store_true",
-        help="if another run of the same trait is writing, exit (status 2) instead of waiting",
-    )
-
-
-def add_report_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    p.add_argument("--test-fraction", type=float, default=EVALUATION.test_fraction)
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--folds", type=int, default=EVALUATION.folds,
-                   help="cross-validation folds (by example index), headline figures")  # fmt: skip
-    p.add_argument("--layer", type=int, default=None,
-                   help="cosine matrix layer (default: median cross-validated layer)")  # fmt: skip
-
-
-def add_backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backend",
-        default="local",
-        choices=("local", "ray"),
-        help="local: one trait after another in this process; ray: one Ray task per "
-        "(trait, variant) on every GPU (or CPU) of a Ray cluster (pip install 'tlextract[ray]')",
-    )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="ray: the cluster to join (e.g. ray://head:10001 or auto; default: $RAY_ADDRESS, "
-        "else a local Ray started for this command)",
-    )
-    p.add_argument(
-        "--gpus-per-task",
-        type=float,
-        default=None,
-        help="ray: GPUs per task, fractions allowed (default: 1 on a cluster with GPUs, else 0)",
-    )
-    p.add_argument("--cpus-per-task", type=float, default=1.0, help="ray: CPUs per task")
-
-
 def report(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.report.summary import build_report  # matplotlib only when a report is asked for
 
@@ -252,10 +107,103 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
     print(f"report: {path}")
 
 
+AGREEMENT: Group = (
+    option("--min-mass", type=float, default=DEFAULT_MIN_MASS,
+           help="a judgment counts when the judge's probabilities on 0-100 sum to at least "
+           "this (default %(default)s)"),
+    option("--judge-model", default=None,
+           help="a model tlextract can load (default: the studied one)"),
+)  # fmt: skip
+
+
+def agreement(args: argparse.Namespace, experiment: Experiment) -> None:
+    """How well a local judge agrees with the polarity of the responses (see
+    :mod:`tlextract.judge.agreement`): ``report/judge_agreement.{md,json}``."""
+    from tqdm.auto import tqdm
+
+    from tlextract.judge.agreement import markdown, measure
+    from tlextract.judge.local import LocalJudge
+    from tlextract.model.load import load_model
+    from tlextract.stages.responses import load_responses
+    from tlextract.store import write_json, write_text
+
+    traits = trait_names(args, experiment)
+    runs = [settings_for(experiment, t, variant=v) for v in _variants(args) for t in traits]
+    runs = [r for r in runs if is_done(r, STAGES[0])]
+    if not runs:
+        raise TLExtractError(f"{experiment.name}: no responses yet; run `make traits` first.")
+    model = load_model(args.judge_model) if args.judge_model else None
+    judge = LocalJudge(model or model_loader(runs[0])(), min_mass=args.min_mass)
+    out = experiment_report_dir(experiment)
+    results = []
+    for run in tqdm(runs, desc="judge agreement", unit="run"):
+        rows = list(load_responses(run)[0])
+        results.append(measure(judge, run.trait.eval_prompt, rows, run.trait.name, run.variant))
+        # Written after every run: a long measurement keeps what it has if stopped.
+        write_json(out / "judge_agreement.json", [asdict(a) for a in results])
+        write_text(out / "judge_agreement.md", markdown(results, judge.name, args.min_mass))
+    print(markdown(results, judge.name, args.min_mass))
+    print(f"judge agreement -> {out / 'judge_agreement.md'}")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help, its option groups, and what it runs: ``stages`` of each trait
+    run (a stage command), else ``run(args, experiment)`` (its exit status; None is 0)."""
+
+    help: str
+    options: tuple[Group, ...]
+    run: Callable[[argparse.Namespace, Experiment], int | None] | None = None
+    stages: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+
+STAGE_OPTIONS = (COMMON, LOADING, RUN, (VARIANT,))
+# Every subcommand (build_parser makes the parser from this table, _main runs the row). The stage
+# commands name their stages explicitly: "generate" runs the first stage (whose
+# output folder is responses/) whatever the stage is called inside, and "responses" does too.
+COMMANDS = {
+    "generate": Command("run the first stage, the responses", STAGE_OPTIONS, stages=STAGES[:1],
+                        aliases=("responses",)),
+    "judge": Command("run the judge stage", STAGE_OPTIONS, stages=("judge",)),
+    "activations": Command("run the activations stage", STAGE_OPTIONS, stages=("activations",)),
+    "vectors": Command("run the vectors stage", STAGE_OPTIONS, stages=("vectors",)),
+    "run": Command("run all stages", (COMMON, LOADING, RUN, (ALL_VARIANTS,), BACKEND),
+                   stages=STAGES),
+    "report": Command("evaluate vectors on held-out data and plot",
+                      (COMMON, LOADING, RUN, (ALL_VARIANTS,), REPORT), run=report),
+    "steer": Command("steer held-out questions at several strengths (and ablate): sweep.json, "
+                     "plot", (SAVED_RUN, STEER), run=steer_command),
+    "monitor": Command("score every token of the answers to --prompt on each trait's vector",
+                       (SAVED_RUN, MONITOR), run=monitor_command),
+    "alarm": Command("compare per-token alarm formulations at a false-alarm rate on neutral "
+                     "text", (SAVED_RUN, ALARM), run=alarm_command),
+    "agreement": Command("measure how well a local judge agrees with the polarity of the "
+                         "responses: report/judge_agreement.{md,json}",
+                         (COMMON, (ALL_VARIANTS.but(default="all"), *AGREEMENT)),
+                         run=agreement),
+    "new-trait": Command("draft a complete trait with an OpenAI-compatible chat model, then "
+                         "review it", (NEW_TRAIT,), run=new_trait),
+}  # fmt: skip
+_BY_NAME = {alias: c for name, c in COMMANDS.items() for alias in (name, *c.aliases)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tlextract", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, aliases=command.aliases)
+        add_options(p, (*command.options, (DEBUG,)))
+    return parser
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings_for overrides every stage command takes (the run's outputs depend on them)."""
-    keys = ("model", "n_examples", "layers", "mode", "dtype", "judge", "engine", "vllm_url")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in OVERRIDES}
+
+
+def _variants(args: argparse.Namespace) -> tuple[Variant | None, ...]:
+    return VARIANTS if args.variant == "all" else (args.variant,)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,64 +233,58 @@ def _offline(on: bool) -> Iterator[None]:
 
 
 def _main(args: argparse.Namespace, log_dirs: list[Path]) -> int:
-    # long: one dispatch over the commands
     if args.experiments_dir is not None:
         require_directory(args.experiments_dir, "--experiments-dir", "the experiment directories")
+    command = _BY_NAME[args.command]
     with during(args.command):
         experiment = load_experiment(args.experiment, args.experiments_dir)
         log_dirs.append(experiment.path)
-        if args.command == NEW_TRAIT:
-            return new_trait(args, experiment)
-        if args.command == "report":
-            report(args, experiment)
-            return 0
-        if args.command in INTERVENTIONS:
-            INTERVENTIONS[args.command](args, experiment)
-            return 0
-        traits = experiment.traits if args.traits == "all" else tuple(args.traits.split(","))
-        variants = VARIANTS if args.variant == "all" else (args.variant,)
-        runs = [
-            settings_for(
-                experiment,
-                t,
-                batch_size=args.batch_size,
-                memory_budget_gib=args.memory_budget,
-                device=args.device,
-                variant=variant,
-                **_overrides(args),
-            )
-            for variant in variants
-            for t in traits
-        ]
-        if getattr(args, "backend", "local") == "ray":
-            from tlextract.backends.ray import run_on_ray
+        if command.run is not None:
+            return command.run(args, experiment) or 0
+        return run_stages(args, experiment, command.stages, log_dirs)
 
-            rows = run_on_ray(
-                runs,
-                COMMANDS[args.command],
-                address=args.address,
-                gpus_per_task=args.gpus_per_task,
-                cpus_per_task=args.cpus_per_task,
+
+def run_stages(
+    args: argparse.Namespace, experiment: Experiment, stages: Sequence[str], log_dirs: list[Path]
+) -> int:
+    """A stage command: ``stages`` of every (trait, variant) run, here or on Ray."""
+    runs = [
+        settings_for(
+            experiment,
+            t,
+            batch_size=args.batch_size,
+            memory_budget_gib=args.memory_budget,
+            device=args.device,
+            variant=variant,
+            **_overrides(args),
+        )
+        for variant in _variants(args)
+        for t in trait_names(args, experiment)
+    ]
+    if getattr(args, "backend", "local") == "ray":
+        from tlextract.backends.ray import run_on_ray
+
+        rows = run_on_ray(runs, stages, address=args.address, gpus_per_task=args.gpus_per_task,
+                          cpus_per_task=args.cpus_per_task)  # fmt: skip
+        failed = [r for r in rows if r["status"] != "done"]
+        if failed:
+            raise TLExtractError(
+                f"{len(failed)} of {len(rows)} Ray tasks failed; their logs: "
+                + ", ".join(r["log"] for r in failed)
             )
-            failed = [r for r in rows if r["status"] != "done"]
-            if failed:
-                raise TLExtractError(
-                    f"{len(failed)} of {len(rows)} Ray tasks failed; their logs: "
-                    + ", ".join(r["log"] for r in failed)
-                )
-            return 0
-        get_model = model_loader(runs[0])  # one model for all traits of this command
-        for run in runs:
-            log_dirs.append(run.out_dir)
-            if starts_vllm_server(run, COMMANDS[args.command]):
-                get_model = model_loader(runs[0])  # the kept model goes: vLLM wants the GPU
-                release()
-            start = time.perf_counter()
-            run_trait(run, COMMANDS[args.command], get_model, wait=not args.no_wait)
-            seconds = time.perf_counter() - start
-            if "vectors" in COMMANDS[args.command]:
-                with during(f"[{run.trait.name}] the result card"):
-                    print("\n".join(result_card(run, seconds)))
-            else:
-                print(f"[{run.trait.name}] done in {seconds:.0f} s; results in {run.out_dir}")
+        return 0
+    get_model = model_loader(runs[0])  # one model for all traits of this command
+    for run in runs:
+        log_dirs.append(run.out_dir)
+        if starts_vllm_server(run, stages):
+            get_model = model_loader(runs[0])  # the kept model goes: vLLM wants the GPU
+            release()
+        start = time.perf_counter()
+        run_trait(run, stages, get_model, wait=not args.no_wait)
+        seconds = time.perf_counter() - start
+        if "vectors" in stages:
+            with during(f"[{run.trait.name}] the result card"):
+                print("\n".join(result_card(run, seconds)))
+        else:
+            print(f"[{run.trait.name}] done in {seconds:.0f} s; results in {run.out_dir}")
     return 0

@@ -10,38 +10,31 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from tlextract.config import DEFAULT_EXPERIMENT, ENDPOINT, Experiment
+from tlextract.cli.options import EXPERIMENT, EXPERIMENTS_DIR, MODEL, Group, option
+from tlextract.config import ENDPOINT, Experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.chat import ChatEndpoint
 from tlextract.judge.draft import DEFAULT_NATURAL, DRAFT_TIMEOUT, check_destination, draft_trait
 from tlextract.traits import Trait
 
-NEW_TRAIT = "new-trait"
-
-
-def add_new_trait_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        NEW_TRAIT,
-        help="draft a complete trait with an OpenAI-compatible chat model, then review it",
-    )
-    p.add_argument("name", help="the trait's directory name, e.g. local_global")
-    p.add_argument("--description", required=True, help="what the trait is: both poles, plainly")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                   help="whose trait folder receives the trait (it is not added to its "
-                   '"traits"; do that once you have reviewed it)')  # fmt: skip
-    p.add_argument("--experiments-dir", type=Path, default=None)
-    p.add_argument("--base-url", default=None,
-                   help="the chat endpoint (default: the experiment's openai judge)")  # fmt: skip
-    p.add_argument("--model", default=None, help="the chat model (default: the judge's)")
-    p.add_argument("--api-key-env", default=None,
-                   help="environment variable holding the API key (default: the judge's, else "
-                   "OPENAI_API_KEY; '' sends no key)")  # fmt: skip
-    p.add_argument("--n-natural", type=int, default=DEFAULT_NATURAL,
-                   help=f"natural prompt pairs (default {DEFAULT_NATURAL})")  # fmt: skip
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing trait's files (its run outputs are kept)")  # fmt: skip
-    p.add_argument("--yes", "-y", action="store_true",
-                   help="write after the preview without asking")  # fmt: skip
+NEW_TRAIT: Group = (
+    option("name", help="the trait's directory name, e.g. local_global"),
+    option("--description", required=True, help="what the trait is: both poles, plainly"),
+    EXPERIMENT.but(help="whose trait folder receives the trait (it is not added to its "
+                   '"traits"; do that once you have reviewed it)'),
+    EXPERIMENTS_DIR,
+    option("--base-url", default=None,
+           help="the chat endpoint (default: the experiment's openai judge)"),
+    MODEL.but(help="the chat model (default: the judge's)"),
+    option("--api-key-env", default=None,
+           help="environment variable holding the API key (default: the judge's, else "
+           "OPENAI_API_KEY; '' sends no key)"),
+    option("--n-natural", type=int, default=DEFAULT_NATURAL,
+           help=f"natural prompt pairs (default {DEFAULT_NATURAL})"),
+    option("--force", action="store_true",
+           help="replace an existing trait's files (its run outputs are kept)"),
+    option("--yes", "-y", action="store_true", help="write after the preview without asking"),
+)  # fmt: skip
 
 
 def _endpoint(args: argparse.Namespace, experiment: Experiment) -> ChatEndpoint:

@@ -10,16 +10,21 @@ from tlextract.settings import RunSettings, report_dir
 
 
 def _next_commands(run: RunSettings) -> list[str]:
+    exp = run.experiment
+    # What this run set otherwise than its experiment, named again in the next commands.
+    changed = {
+        name: mine
+        for name, mine, default in (("variant", run.variant, exp.variant),
+                                    ("engine", run.engine.kind, exp.engine.kind))
+        if mine != default
+    }  # fmt: skip
     make = f"trait={run.trait.name}"
-    if run.experiment.name != DEFAULT_EXPERIMENT:
-        make += f" experiment={run.experiment.name}"
-    if run.variant != run.experiment.variant:
-        make += f" variant={run.variant}"
-    if run.engine.kind != run.experiment.engine.kind:
-        make += f" engine={run.engine.kind}"
-    cli = f"--experiment {run.experiment.name} --traits {run.trait.name} --variant {run.variant}"
-    if run.engine.kind != run.experiment.engine.kind:
-        cli += f" --engine {run.engine.kind}"
+    if exp.name != DEFAULT_EXPERIMENT:
+        make += f" experiment={exp.name}"
+    make += "".join(f" {name}={value}" for name, value in changed.items())
+    cli = f"--experiment {exp.name} --traits {run.trait.name} --variant {run.variant}"
+    if "engine" in changed:
+        cli += f" --engine {changed['engine']}"
     return [
         f"  next: make report {make}   (every method, layer plots, cosine matrix)",
         f"        make steer {make}    (layer and strength chosen, random-direction control)",

@@ -65,12 +65,14 @@ class VLLMClient:
         except urllib.error.HTTPError as e:
             detail = " ".join(e.read().decode(errors="replace")[:300].split())
             raise TLExtractError(
-                f"{self.what} answered {path} with HTTP {e.code}: {detail}{self._cause(e.code)}"
+                f"{self.what} answered {path} with HTTP {e.code}: {detail}{self._cause(e.code)}",
+                parameters=("engine",),
             ) from None
         except (OSError, ValueError) as e:  # refused, reset, timeout, a torn or non-JSON reply
             reason = getattr(e, "reason", e)
             raise ServerGone(
-                f"{self.what} did not answer {path} ({reason}){self._cause()}"
+                f"{self.what} did not answer {path} ({reason}){self._cause()}",
+                parameters=("engine",),
             ) from None
 
     def _cause(self, status: int = 500) -> str:
@@ -78,7 +80,7 @@ class VLLMClient:
         if self.explain is None or status < 500:
             return ""
         return (f"; vLLM's log says {self.explain()} (if vLLM cannot run this model, use "
-                "--engine tl)")  # fmt: skip
+                'engine="tl")')  # fmt: skip
 
     def check_model(self, tokenizer: Any, label: str) -> None:
         """The server serves ``self.model`` with the same tokenizer as ``label`` here (token ids
@@ -113,7 +115,7 @@ class VLLMClient:
                     for p, s in zip(prompt_ids, seeds, strict=True)]  # fmt: skip
             return [job.result() for job in jobs]
         except ServerGone as e:
-            raise ServerGone(f"{e} during generation; {RESUME}.") from None
+            raise ServerGone(f"{e} during generation; {RESUME}.", parameters=e.parameters) from None
         finally:
             # On an error or Ctrl-C, do not wait for requests in flight: the stage stops the
             # server it started, which ends them.

@@ -161,7 +161,8 @@ def _wait_until_up(
         if proc.poll() is not None:
             raise TLExtractError(
                 f"vLLM could not start ({last_error(log_path)}); its log: {log_path}. If vLLM "
-                "cannot load this model's architecture, use --engine tl for it."
+                'cannot load this model\'s architecture, use engine="tl" for it.',
+                parameters=("engine",),
             )
         try:
             client.request("/health")

@@ -7,7 +7,7 @@ judgments would be missing at the configured ``min_mass``, the mean score per po
 AUROC of the score between pos and neg responses (0.5 = no agreement), both over the judgments
 that are not missing and over all of them (renormalised, as if ``min_mass`` were 0).
 
-``python -m tlextract.cli.agreement_command --experiment smollm2_cognitive --variant all`` writes
+``python -m tlextract agreement --experiment smollm2_cognitive --variant all`` writes
 ``experiments/<exp>/report/judge_agreement.{md,json}``.
 """
 

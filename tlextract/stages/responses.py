@@ -9,25 +9,20 @@ activations stage). Sharding, resuming and damage checks are the same for both.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset, load_from_disk
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tlextract.engines.base import Engine, engine_identity
-from tlextract.engines.tl import TLEngine
-from tlextract.engines.vllm import AUTO_BATCH, vllm_engine
+from tlextract.engines.base import Engine
+from tlextract.engines.registry import Plan, engine_identity, engine_tokenizer, open_engine
 from tlextract.errors import TLExtractError
-from tlextract.model.accel import decode_session
-from tlextract.model.load import load_tokenizer
-from tlextract.model.tokens import device_of, tokenize, tokenizer_of
+from tlextract.model.tokens import device_of, tokenize
 from tlextract.settings import RunSettings, pick_device
 from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
 from tlextract.stages.compute import Capture, generate_records
@@ -83,8 +78,7 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     if done is not None:
         log.info("[%s] responses: up to date, skipped (%s)", run.trait.name, stage)
         return done
-    vllm = run.engine.kind == "vllm"  # then the TransformerLens model waits for the next stage
-    tokenizer = load_tokenizer(run.model) if vllm else tokenizer_of(get_model())
+    tokenizer = engine_tokenizer(run, get_model)
     examples = build_examples(
         run.trait, run.n_examples, tokenizer, run.experiment.prompt_style, run.variant
     )
@@ -93,7 +87,8 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     seeds = [derive_seed(run.experiment.seed, run.trait.name, e.polarity, e.index)
              for e in examples]  # fmt: skip
     longest = max(len(p) for p in prompt_ids) + gen.max_new_tokens
-    with _open_engine(run, get_model, tokenizer, longest, len(prompt_ids)) as (engine, plan):
+    model_plan = partial(_model_plan, run, longest, len(prompt_ids))
+    with open_engine(run, get_model, tokenizer, longest, stage, model_plan) as (engine, plan):
         records, halving = generate_records(
             engine, tokenizer, prompt_ids, [asdict(e) for e in examples], seeds, gen, plan.size,
             partial(run_sharded, stage, key), plan.device, f"[{run.trait.name}] generate",
@@ -125,38 +120,13 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
     return load_from_disk(str(stage / "dataset"))
 
 
-@dataclass(frozen=True)
-class _Plan:
-    size: int  # examples per shard
-    device: Any
-    layers: list[int] | None  # combined mode: the layers recorded while generating
-    acts_shape: tuple[int, int] | None  # combined mode: [hook, d_model] per response
-
-
-@contextmanager
-def _open_engine(
-    run: RunSettings,
-    get_model: Callable[[], HookedTransformer],
-    tokenizer: Any,
-    longest: int,
-    n_items: int,
-) -> Iterator[tuple[Engine, _Plan]]:
-    """The run's engine for the stage, and how the stage batches for it."""
-    if run.engine.kind == "vllm":
-        size = AUTO_BATCH if run.batch_size == "auto" else run.batch_size
-        log_path = run.stage_dir("generate") / "vllm-server.log"
-        with vllm_engine(run.engine, run.model, run.dtype, tokenizer, longest, log_path) as vllm:
-            yield vllm, _Plan(size, "cpu", None, None)
-        return
-    model = get_model()
+def _model_plan(run: RunSettings, longest: int, n_items: int, model: HookedTransformer) -> Plan:
+    """How the stage batches for the TransformerLens engine on ``model``."""
     capture = Capture.of(run.mode, run.experiment.hook, run.layers, model.cfg.n_layers)
     names = capture.while_generating
-    plan = _Plan(batch_size(run, model, longest, n_items, capture.layers), device_of(model),
-                 list(capture.layers) if names else None,
-                 (len(names), model.cfg.d_model) if names else None)  # fmt: skip
-    # One decode session for the stage: packed weights are checked once, not once per batch.
-    with decode_session(model):
-        yield TLEngine(model, names), plan
+    return Plan(batch_size(run, model, longest, n_items, capture.layers), device_of(model), names,
+                list(capture.layers) if names else None,
+                (len(names), model.cfg.d_model) if names else None)  # fmt: skip
 
 
 def _peak_mib(engine: Engine) -> float | None:

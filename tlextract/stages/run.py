@@ -20,7 +20,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import AutoConfig
 
-from tlextract.engines.base import engine_identity
+from tlextract.engines.registry import engine_identity, starts_server
 from tlextract.errors import TLExtractError, during
 from tlextract.locks import run_lock
 from tlextract.model.load import check_model_name, model_directory
@@ -95,8 +95,7 @@ def layer_count(model: str) -> int:
 def starts_vllm_server(run: RunSettings, stages: Sequence[str]) -> bool:
     """Whether running ``stages`` starts a vLLM server for the generate stage. It asks for most
     of the GPU, so a caller that keeps a model across runs drops it first (:func:`release`)."""
-    managed = run.engine.kind == "vllm" and not run.engine.base_url
-    return managed and "generate" in stages and not is_done(run, "generate")
+    return starts_server(run.engine) and "generate" in stages and not is_done(run, "generate")
 
 
 def release() -> None:
