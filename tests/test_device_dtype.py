@@ -11,7 +11,7 @@ from tlextract.config import load_experiment
 from tlextract.model.cache import TINY_MODEL
 from tlextract.model.load import load_model, model_info
 from tlextract.settings import RunSettings, settings_for
-from tlextract.stages.common import stage_meta
+from tlextract.stages.stage import stage_meta
 from tlextract.stages.responses import responses_key
 
 

@@ -163,7 +163,7 @@ def test_auto_batch_size_follows_the_budget(
     exp = load_experiment("tiny", experiments)
     run = settings_for(exp, "alpha", batch_size="auto", memory_budget_gib=budget_gib)
     assert run_trait(run) is not None
-    meta = json.loads((run.stage_dir("generate") / "meta.json").read_text())
+    meta = json.loads((run.stage_dir("responses") / "meta.json").read_text())
     # A budget too small for anything still runs one at a time; a huge one takes every prompt
     # (6 per polarity) in one batch.
     assert meta["batch_size_requested"] == "auto"

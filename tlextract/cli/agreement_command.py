@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traits = exp.traits if args.traits == "all" else tuple(args.traits.split(","))
         variants = VARIANTS if args.variant == "all" else (args.variant,)
         runs = [settings_for(exp, t, variant=v) for v in variants for t in traits]
-        runs = [r for r in runs if is_done(r, "generate")]
+        runs = [r for r in runs if is_done(r, "responses")]
         if not runs:
             raise TLExtractError(f"{exp.name}: no responses yet; run `make traits` first.")
         model = load_model(args.judge_model) if args.judge_model else None

@@ -25,7 +25,8 @@ from tlextract.stages.common import model_loader
 from tlextract.stages.run import release, run_trait, starts_vllm_server
 from tlextract.traits import VARIANTS
 
-COMMANDS = {**{stage: (stage,) for stage in STAGES}, "run": STAGES}
+# The responses stage's command is ``generate`` (what it does); the others are named as their stage.
+COMMANDS = {"generate": ("responses",), **{s: (s,) for s in STAGES[1:]}, "run": STAGES}
 
 
 def parse_layers(text: str) -> list[int] | str:
