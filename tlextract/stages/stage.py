@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -100,7 +100,7 @@ class Stage(Generic[T]):
     load: Callable[[RunSettings, str], T | None]
     folder: Callable[[RunSettings, str], Path] = in_stage_dir
     record: str = META  # the file whose "fingerprint" says what the output was made from
-    describe: Callable[..., dict[str, Any]] = field(default=stage_meta)
+    describe: Callable[..., dict[str, Any]] = stage_meta  # the record's contents
 
 
 def _recorded(stage: Stage[Any], run: RunSettings) -> Path:
@@ -167,6 +167,5 @@ def run_stage(
     write_json(folder / stage.record, stage.describe(stage.name, key, run, **extra))
     clear_other_shards(folder)
     out = stage.load(run, key)  # what a later run reads back, checked
-    if out is None:
-        raise TLExtractError(f"{folder}: {stage.name} saved an output it cannot read back.")
+    assert out is not None, f"{stage.name}: load refuses what save just wrote"
     return out
