@@ -84,7 +84,7 @@ def test_a_damaged_shard_is_moved_aside_and_its_batch_recomputed(
     DAMAGE[damage](shard, reference_out / foreign)
 
     calls: list[int] = []
-    _spy_batches(monkeypatch, name, lambda: calls.append(1))
+    _spy_batches(monkeypatch, name, lambda chunk: calls.append(1))
     with caplog.at_level(logging.WARNING):
         resumed = _run(experiments, batch_size=2, mode=mode)
 

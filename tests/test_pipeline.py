@@ -91,15 +91,16 @@ class Interrupt(Exception):
     pass
 
 
-def _spy_batches(monkeypatch, stage: str, before_each: Callable[[], None]) -> None:
-    """Call ``before_each`` before every batch ``stage`` computes: its entry in the pipeline
-    table is replaced by one whose computation runs its batches through the spy."""
+def _spy_batches(monkeypatch, stage: str, before_each: Callable[[list[int]], None]) -> None:
+    """Call ``before_each(chunk)`` before every batch (or half batch, after an out-of-memory)
+    ``stage`` computes: its entry in the pipeline table is replaced by one whose computation
+    runs its batches through the spy."""
 
     def spied(entry: Stage) -> Stage:
         def compute(job: Job) -> Any:
             def sharded(lengths, size, work, *rest):
                 def each(chunk):
-                    before_each()
+                    before_each(chunk)
                     return work(chunk)
 
                 return job.sharded(lengths, size, each, *rest)
@@ -115,7 +116,7 @@ def _spy_batches(monkeypatch, stage: str, before_each: Callable[[], None]) -> No
 def _interrupt_after(monkeypatch, stage: str, calls: int) -> None:
     count = {"n": 0}
 
-    def flaky() -> None:
+    def flaky(chunk: list[int]) -> None:
         if count["n"] == calls:
             raise Interrupt
         count["n"] += 1
@@ -142,7 +143,7 @@ def test_interrupted_run_resumes_without_redoing_work_and_matches(
     monkeypatch.undo()
     calls = {"n": 0}
 
-    def counting() -> None:
+    def counting(chunk: list[int]) -> None:
         calls["n"] += 1
 
     _spy_batches(monkeypatch, stage, counting)
