@@ -114,6 +114,6 @@ def test_the_run_records_it_in_the_responses_meta(experiments) -> None:
     model.tokenizer = tokenizer_with(GEMMA2_IT)
     run = settings_for(load_experiment("tiny", experiments), "alpha", variant="instruction")
     dataset = generate_responses(run, lambda: model)
-    meta = json.loads((run.stage_dir("generate") / "meta.json").read_text())
+    meta = json.loads((run.stage_dir("responses") / "meta.json").read_text())
     assert meta["instruction_in_user_turn"] is True
     assert all("<start_of_turn>user\nAnswer" in p for p in dataset["prompt"])

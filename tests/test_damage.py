@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_pipeline import STAGE_OF, Interrupt, _interrupt_after, _run
+from test_pipeline import Interrupt, _interrupt_after, _run, _spy_batches
 
 from tlextract.store import load_tensors, save_tensors
 
@@ -47,11 +47,11 @@ DAMAGE: dict[str, Callable[[Path, Path], None]] = {
     "foreign": _foreign,
     "misshapen": _misshapen,
 }
-# The interrupted stage's work function, the run mode, and another stage's file to plant.
+# The interrupted stage, the run mode, and another stage's file to plant.
 STAGES = {
-    "generate": ("generate_batch", "two-stage", "activations/pos.pt"),
-    "generate-combined": ("generate_batch", "combined", "vectors/mean_diff.pt"),
-    "activations": ("pooled_activations", "two-stage", "vectors/mean_diff.pt"),
+    "responses": ("responses", "two-stage", "activations/pos.pt"),
+    "responses-combined": ("responses", "combined", "vectors/mean_diff.pt"),
+    "activations": ("activations", "two-stage", "vectors/mean_diff.pt"),
 }
 OUT = ("tiny", "alpha", "extraction")
 
@@ -73,20 +73,18 @@ def reference(experiments: Path, tmp_path: Path) -> Callable[[str], tuple[torch.
 def test_a_damaged_shard_is_moved_aside_and_its_batch_recomputed(
     experiments: Path, reference, monkeypatch, caplog, stage: str, damage: str
 ) -> None:
-    fn, mode, foreign = STAGES[stage]
+    name, mode, foreign = STAGES[stage]
     expected, reference_out = reference(mode)
-    _interrupt_after(monkeypatch, fn, calls=2)
+    _interrupt_after(monkeypatch, name, calls=2)
     with pytest.raises(Interrupt):
         _run(experiments, batch_size=2, mode=mode)
     monkeypatch.undo()
-    stage_dir = experiments.joinpath(
-        *OUT, "activations" if fn == "pooled_activations" else "responses"
-    )
+    stage_dir = experiments.joinpath(*OUT, name)
     shard = next(stage_dir.glob("shards-*/batch_00000.pt"))
     DAMAGE[damage](shard, reference_out / foreign)
 
-    real, calls = getattr(STAGE_OF[fn], fn), []
-    monkeypatch.setattr(STAGE_OF[fn], fn, lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls: list[int] = []
+    _spy_batches(monkeypatch, name, lambda chunk: calls.append(1))
     with caplog.at_level(logging.WARNING):
         resumed = _run(experiments, batch_size=2, mode=mode)
 

@@ -11,8 +11,8 @@ from tlextract.config import load_experiment
 from tlextract.model.cache import TINY_MODEL
 from tlextract.model.load import load_model, model_info
 from tlextract.settings import RunSettings, settings_for
-from tlextract.stages.common import stage_meta
 from tlextract.stages.responses import responses_key
+from tlextract.stages.stage import stage_meta
 
 
 def _run(**overrides: object) -> RunSettings:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pipeline import _spy_batches
 
-import tlextract.engines.tl
-import tlextract.stages.compute
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.model.cache import DEFAULT_MODEL
@@ -134,19 +133,12 @@ def test_pipeline_recovers_from_out_of_memory_by_halving(
     shutil.copytree(experiments, clean)
     reference = run_trait(settings_for(load_experiment("tiny", clean), "alpha", batch_size=8))
 
-    stages = {
-        "generate_batch": tlextract.engines.tl,
-        "pooled_activations": tlextract.stages.compute,
-    }
-    for name, stage in stages.items():
-        real = getattr(stage, name)
+    def small_only(chunk: list[int]) -> None:
+        if len(chunk) > 2:
+            raise torch.OutOfMemoryError("out of memory")
 
-        def small_only(model, prompts, *args, _real=real, **kwargs):
-            if len(prompts) > 2:
-                raise torch.OutOfMemoryError("out of memory")
-            return _real(model, prompts, *args, **kwargs)
-
-        monkeypatch.setattr(stage, name, small_only)
+    for stage in ("responses", "activations"):
+        _spy_batches(monkeypatch, stage, small_only)
     vectors = run_trait(settings_for(load_experiment("tiny", experiments), "alpha", batch_size=8))
     assert vectors is not None and reference is not None
     torch.testing.assert_close(vectors.vectors, reference.vectors, rtol=1e-5, atol=1e-5)
@@ -163,7 +155,7 @@ def test_auto_batch_size_follows_the_budget(
     exp = load_experiment("tiny", experiments)
     run = settings_for(exp, "alpha", batch_size="auto", memory_budget_gib=budget_gib)
     assert run_trait(run) is not None
-    meta = json.loads((run.stage_dir("generate") / "meta.json").read_text())
+    meta = json.loads((run.stage_dir("responses") / "meta.json").read_text())
     # A budget too small for anything still runs one at a time; a huge one takes every prompt
     # (6 per polarity) in one batch.
     assert meta["batch_size_requested"] == "auto"

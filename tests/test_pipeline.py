@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from datasets import load_from_disk
 
-import tlextract.engines.tl
-import tlextract.stages.compute
+import tlextract.stages.run
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
@@ -19,6 +21,7 @@ from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import settings_for
 from tlextract.stages.activations import load_activations
 from tlextract.stages.run import run_trait
+from tlextract.stages.stage import Job, Stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,39 +87,52 @@ def test_pos_and_neg_examples_are_matched_by_question(experiments: Path) -> None
         assert pos[i]["instruction"] in pos[i]["prompt"] and pos[i]["question"] in pos[i]["prompt"]
 
 
-# Where each stage looks up the function a test replaces.
-STAGE_OF = {
-    "generate_batch": tlextract.engines.tl,
-    "pooled_activations": tlextract.stages.compute,
-}
-
-
 class Interrupt(Exception):
     pass
 
 
-def _interrupt_after(monkeypatch, name: str, calls: int) -> None:
-    real = getattr(STAGE_OF[name], name)
+def _spy_batches(monkeypatch, stage: str, before_each: Callable[[list[int]], None]) -> None:
+    """Call ``before_each(chunk)`` before every batch (or half batch, after an out-of-memory)
+    ``stage`` computes: its entry in the pipeline table is replaced by one whose computation
+    runs its batches through the spy."""
+
+    def spied(entry: Stage) -> Stage:
+        def compute(job: Job) -> Any:
+            def sharded(lengths, size, work, *rest):
+                def each(chunk):
+                    before_each(chunk)
+                    return work(chunk)
+
+                return job.sharded(lengths, size, each, *rest)
+
+            return entry.compute(replace(job, sharded=sharded))
+
+        return replace(entry, compute=compute)
+
+    table = tuple(spied(s) if s.name == stage else s for s in tlextract.stages.run.PIPELINE)
+    monkeypatch.setattr(tlextract.stages.run, "PIPELINE", table)
+
+
+def _interrupt_after(monkeypatch, stage: str, calls: int) -> None:
     count = {"n": 0}
 
-    def flaky(*args, **kwargs):
+    def flaky(chunk: list[int]) -> None:
         if count["n"] == calls:
             raise Interrupt
         count["n"] += 1
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(STAGE_OF[name], name, flaky)
+    _spy_batches(monkeypatch, stage, flaky)
 
 
-@pytest.mark.parametrize("stage_fn", ["generate_batch", "pooled_activations"])
+@pytest.mark.parametrize("stage", ["responses", "activations"])
 def test_interrupted_run_resumes_without_redoing_work_and_matches(
-    experiments: Path, tmp_path: Path, monkeypatch, stage_fn: str
+    experiments: Path, tmp_path: Path, monkeypatch, stage: str
 ) -> None:
     clean_root = tmp_path / "clean"
     shutil.copytree(experiments, clean_root)
     reference = _run(clean_root, batch_size=2)
 
-    _interrupt_after(monkeypatch, stage_fn, calls=2)
+    _interrupt_after(monkeypatch, stage, calls=2)
     with pytest.raises(Interrupt):
         _run(experiments, batch_size=2)
     out = experiments / "tiny" / "alpha" / "extraction"
@@ -126,13 +142,11 @@ def test_interrupted_run_resumes_without_redoing_work_and_matches(
     assert done_batches == 2
     monkeypatch.undo()
     calls = {"n": 0}
-    real = getattr(STAGE_OF[stage_fn], stage_fn)
 
-    def counting(*args, **kwargs):
+    def counting(chunk: list[int]) -> None:
         calls["n"] += 1
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(STAGE_OF[stage_fn], stage_fn, counting)
+    _spy_batches(monkeypatch, stage, counting)
     resumed = _run(experiments, batch_size=2)
     assert calls["n"] == 6 - 2  # 12 examples in batches of 2; two were finished before
     assert torch.equal(resumed.vectors, reference.vectors)
@@ -195,7 +209,7 @@ def test_activations_stage_alone_asks_for_responses_first(experiments: Path, cap
         ]
     )
     assert code == 2
-    assert "Run the 'generate' stage first" in capsys.readouterr().err
+    assert "Run the 'responses' stage first" in capsys.readouterr().err
 
 
 def test_combined_mode_equals_two_stage(experiments: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from tlextract.config import ENGINE_KINDS, ENGINES, EngineSettings, Experiment, 
 from tlextract.errors import TLExtractError
 from tlextract.traits import VARIANTS, Trait, Variant
 
-STAGES = ("generate", "judge", "activations", "vectors")
+STAGES = ("responses", "judge", "activations", "vectors")  # each writes out_dir/<stage>/
 Mode = Literal["two-stage", "combined"]
 MODES: tuple[Mode, ...] = ("two-stage", "combined")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,7 +67,7 @@ class RunSettings:
         return out.with_name(out.name + ENGINES[self.engine.kind].dir_suffix)
 
     def stage_dir(self, stage: str) -> Path:
-        return self.out_dir / {"generate": "responses"}.get(stage, stage)
+        return self.out_dir / stage
 
 
 def settings_for(

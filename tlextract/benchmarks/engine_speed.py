@@ -102,7 +102,7 @@ def vllm_pipeline_rows(
             start = time.perf_counter()
             run_trait(run, get_model=lambda: model)
             wall = time.perf_counter() - start
-        meta = read_json(run.stage_dir("generate") / "meta.json")
+        meta = read_json(run.stage_dir("responses") / "meta.json")
         tokens = meta["n_generated_tokens"]
         rows.append({"batch": batch, "mode": "two-stage", "engine": "vllm", "wall_s": wall,
                      "tokens": tokens, "tok_s": tokens / wall,

@@ -182,7 +182,7 @@ def pipeline_rows(
                 start = time.perf_counter()
                 run_trait(run, get_model=lambda: model)
                 wall = time.perf_counter() - start
-            tokens = read_json(run.stage_dir("generate") / "meta.json")["n_generated_tokens"]
+            tokens = read_json(run.stage_dir("responses") / "meta.json")["n_generated_tokens"]
             rows.append(
                 {
                     "batch": batch,

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from torch import Tensor
 
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
-from tlextract.evaluation.heldout import KeptRun, load_kept
+from tlextract.evaluation.heldout import KeptRun, kept_activations
 from tlextract.evaluation.surface import BASELINES, surface_scores
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
 from tlextract.ops.folds import (
@@ -50,9 +51,13 @@ from tlextract.ops.methods import METHODS, get_method, run_method
 from tlextract.ops.metrics import auroc
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings, report_dir
-from tlextract.stages.responses import load_responses
+from tlextract.stages.activations import ACTIVATIONS, current_activations_key
+from tlextract.stages.common import model_loader
+from tlextract.stages.judge import JUDGE, load_selection
+from tlextract.stages.responses import RESPONSES
+from tlextract.stages.stage import Job, Stage, key_only, run_stage
 from tlextract.stages.vectors import vectors_key
-from tlextract.store import META, fingerprint, read_json, write_json, write_text
+from tlextract.store import META, fingerprint, read_json, write_text
 
 log = logging.getLogger(__name__)
 HEADLINE = "mean_diff"  # the method the nulls and the verdict are about
@@ -120,10 +125,11 @@ def _nulls(x: Tensor, y: Tensor, groups: list[int], fold: Tensor, columns: list[
     ]  # fmt: skip
 
 
-def _rows(kept: KeptRun) -> tuple[Tensor, Tensor, list[int], list[str], list[int]]:
+def _rows(
+    kept: KeptRun, responses: Dataset
+) -> tuple[Tensor, Tensor, list[int], list[str], list[int]]:
     """Activations, labels, example indices, texts and lengths of every kept row."""
     acts = kept.acts
-    responses, _ = load_responses(kept.run)
     by_key = {(r["polarity"], r["index"]): r for r in responses}
     keys = [("pos", i) for i in acts.pos_index] + [("neg", i) for i in acts.neg_index]
     y = torch.tensor([pol == "pos" for pol, _ in keys])
@@ -143,10 +149,10 @@ def _baseline(name: str, score: Callable[..., Scored], texts: list[str], lengths
         return Scored(name, "baseline", nan, nan, nan, [], unavailable=str(e))
 
 
-def _cross_validate(kept: KeptRun, methods: Sequence[str], folds: int, seed: int,
-                    n_boot: int, folds_arg: str) -> CrossValidation:  # fmt: skip
+def _cross_validate(kept: KeptRun, responses: Dataset, methods: Sequence[str], folds: int,
+                    seed: int, n_boot: int, folds_arg: str) -> CrossValidation:  # fmt: skip
     # long: one pass over methods, baselines and nulls, each scored the same way
-    x, y, groups, texts, lengths = _rows(kept)
+    x, y, groups, texts, lengths = _rows(kept, responses)
     fold = fold_of(groups, folds, seed, arg=folds_arg)
     layers = list(kept.acts.layers)
     score = partial(_score, y=y, groups=groups, seed=seed, n_boot=n_boot)
@@ -188,29 +194,58 @@ def cross_validate(
     ``folds_arg``: how the caller sets ``folds``, named when there are too few examples."""
     for name in methods:
         get_method(name)
-    kept = load_kept(run)
-    out = report_dir(run)
-    # Methods are not in the key: each is scored alone, so a saved file with more methods holds
-    # these ones' figures too (the run's result card reads what the report wrote, and the other
-    # way round the report recomputes and keeps them all).
-    key = _key(kept.acts.key, folds, seed, n_boot)
-    path = out / "crossval.json"
-    saved = _saved(path, key, methods)
-    if saved is not None:
-        return saved
-    cv = _cross_validate(kept, methods, folds, seed, n_boot, folds_arg)
-    write_json(path, {"fingerprint": key, **asdict(cv)})
-    write_text(out / "crossval.md", crossval_markdown(cv))
-    head = cv.get(HEADLINE) if HEADLINE in methods else cv.scored[0]
-    base = cv.get(cv.best_baseline)
-    log.info("[%s] cross-validated %s AUROC %s (best baseline %s %s)", run.trait.name,
-             head.name, format(head.auroc), base.name, format(base.auroc))  # fmt: skip
-    return cv
+    return run_stage(crossval_stage(methods, folds, seed, n_boot, folds_arg), run,
+                     model_loader(run))  # fmt: skip
+
+
+def crossval_stage(methods: Sequence[str], folds: int, seed: int, n_boot: int,
+                   folds_arg: str) -> Stage[CrossValidation]:  # fmt: skip
+    """The cross-validation as a stage of its own, run and reused by the stages' runner; its
+    record is ``crossval.json`` itself. Methods are not in the key: each is scored alone, so a
+    saved file with more methods holds these ones' figures too (the run's result card reads what
+    the report wrote, and the other way round the report recomputes and keeps them all)."""
+    return Stage(
+        "crossval", (RESPONSES, JUDGE, ACTIVATIONS), "report/crossval.json, crossval.md",
+        key=partial(crossval_key, folds=folds, seed=seed, n_boot=n_boot),
+        compute=partial(compute_crossval, methods=methods, folds=folds, seed=seed,
+                        n_boot=n_boot, folds_arg=folds_arg),
+        save=save_crossval, load=partial(read_crossval, methods=methods),
+        folder=in_report_dir, record="crossval.json", describe=key_only,
+    )  # fmt: skip
+
+
+def in_report_dir(run: RunSettings, stage: str) -> Path:
+    return report_dir(run)
+
+
+def crossval_key(run: RunSettings, folds: int, seed: int, n_boot: int) -> str:
+    """The key of the kept rows' cross-validation (those rows keyed as :func:`load_kept` does)."""
+    rows = fingerprint([current_activations_key(run), load_selection(run).kept])
+    return _key(rows, folds, seed, n_boot)
 
 
 def _key(activations_key: str, folds: int, seed: int, n_boot: int) -> str:
     return fingerprint({"activations": activations_key, "folds": folds, "seed": seed,
                         "n_boot": n_boot, "version": 4})  # fmt: skip
+
+
+def compute_crossval(job: Job, methods: Sequence[str], folds: int, seed: int, n_boot: int,
+                     folds_arg: str) -> CrossValidation:  # fmt: skip
+    selection = job.inputs["judge"]
+    kept = KeptRun(job.run, kept_activations(job.inputs["activations"], selection),
+                   selection.summary["judge"])  # fmt: skip
+    return _cross_validate(kept, job.inputs["responses"], methods, folds, seed, n_boot,
+                           folds_arg)  # fmt: skip
+
+
+def save_crossval(job: Job, cv: CrossValidation) -> dict[str, Any]:
+    """Writes crossval.md; crossval.json, the record, holds the figures."""
+    write_text(job.dir / "crossval.md", crossval_markdown(cv))
+    head = cv.get(HEADLINE) if HEADLINE in cv.layer else cv.scored[0]
+    base = cv.get(cv.best_baseline)
+    log.info("[%s] cross-validated %s AUROC %s (best baseline %s %s)", job.run.trait.name,
+             head.name, format(head.auroc), base.name, format(base.auroc))  # fmt: skip
+    return asdict(cv)
 
 
 def chosen_layers(
@@ -254,17 +289,9 @@ def _fitted_on(run: RunSettings, vectors: TraitVectors, saved: dict[str, Any]) -
     return saved["fingerprint"] == _key(rows, saved["folds"], saved["seed"], saved["n_boot"])
 
 
-def _saved(path: Path, key: str, methods: Sequence[str]) -> CrossValidation | None:
-    """The saved figures of ``methods`` under ``key``, or None when they are not all there."""
-    if not path.exists():
-        return None
-    try:
-        if read_json(path).get("fingerprint") != key:
-            return None
-        cv = load_crossval(path)
-    except (TLExtractError, KeyError, TypeError, ValueError):
-        log.info("%s: unreadable, recomputed", path)
-        return None
+def read_crossval(run: RunSettings, key: str, methods: Sequence[str]) -> CrossValidation | None:
+    """The saved figures of ``methods``, or None when they are not all there."""
+    cv = load_crossval(report_dir(run) / "crossval.json")
     if not set(methods) <= set(cv.layer):
         return None
     return replace(

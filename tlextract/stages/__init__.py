@@ -1,2 +1,2 @@
-"""The stages of a trait run (generate, judge, activations, vectors), each with its key, run and
-load."""
+"""The stages of a trait run (responses, judge, activations, vectors), each a module of its key,
+compute, save and load, run by the one runner in ``stage.py``."""

@@ -6,33 +6,23 @@ over prompt + response; combined mode takes what the responses stage recorded wh
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import device_of
 from tlextract.ops.pool import hook_name
 from tlextract.settings import RunSettings
-from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
+from tlextract.stages.common import batch_size
 from tlextract.stages.compute import Capture, pool_records
-from tlextract.stages.responses import load_pooled, load_responses, responses_key
-from tlextract.store import (
-    META,
-    clear_other_shards,
-    fingerprint,
-    load_tensors,
-    read_json,
-    save_tensors,
-    write_json,
-)
+from tlextract.stages.responses import RESPONSES, load_pooled, responses_key
+from tlextract.stages.stage import GetModel, Job, Stage, need, run_stage
+from tlextract.store import META, fingerprint, load_tensors, read_json, save_tensors
 from tlextract.traits import POLARITIES
 
 log = logging.getLogger(__name__)
@@ -69,8 +59,9 @@ def current_activations_key(run: RunSettings) -> str:
     return activations_key(run, responses_key(run))
 
 
-def _load(stage: Path, key: str) -> Activations:
+def read_activations(run: RunSettings, key: str) -> Activations:
     """The stage's activations, checked against its meta.json (rows, layers, index)."""
+    stage = run.stage_dir("activations")
     meta = read_json(stage / META)
     data = {p: load_tensors(stage / f"{p}.pt") for p in POLARITIES}
     for p in POLARITIES:
@@ -89,39 +80,28 @@ def _load(stage: Path, key: str) -> Activations:
     )
 
 
-def extract_activations(
-    run: RunSettings,
-    get_model: Callable[[], HookedTransformer],
-    responses: Dataset | None = None,
-) -> Activations:
-    """The pooled activations; ``responses``: the generate stage's output when the caller
-    has it."""
-    responses = responses if responses is not None else load_responses(run)[0]
-    stage, key = run.stage_dir("activations"), current_activations_key(run)
-    done = reuse(stage, key, lambda: _load(stage, key), f"[{run.trait.name}] activations")
-    if done is not None:
-        log.info("[%s] activations: up to date, skipped (%s)", run.trait.name, stage)
-        return done
+# The layers pooled at, and each response's pooled activations by (polarity, index).
+Pooled = tuple[tuple[int, ...], dict[tuple[str, int], Float[Tensor, "layer d_model"]]]
+
+
+def compute_activations(job: Job) -> Pooled:
+    run = job.run
     if run.mode == "combined":  # recorded while generating: the responses stage has them
         pooled, layers = load_pooled(run)
-        return _write(run, key, layers, pooled)
-    model = get_model()
+        return layers, pooled
+    model = job.get_model()
     capture = Capture.of(run.mode, run.experiment.hook, run.layers, model.cfg.n_layers)
-    rows = [r for r in responses if r["n_response_tokens"] > 0]
+    rows = [r for r in job.inputs["responses"] if r["n_response_tokens"] > 0]
     longest = max(len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows)
     size = batch_size(run, model, longest, len(rows), capture.layers)
-    pooled = pool_records(model, rows, capture, size, partial(run_sharded, stage, key),
+    pooled = pool_records(model, rows, capture, size, job.sharded,
                           device_of(model), f"[{run.trait.name}] activations")  # fmt: skip
-    result = _write(run, key, capture.layers, pooled)
-    clear_other_shards(stage)
-    return result
+    return capture.layers, pooled
 
 
-def _write(
-    run: RunSettings, key: str, layers: tuple[int, ...], pooled: dict[tuple[str, int], Tensor]
-) -> Activations:
-    """Save pooled activations per polarity (rows ordered by example index) and the stage meta."""
-    stage = run.stage_dir("activations")
+def save_activations(job: Job, out: Pooled) -> dict[str, Any]:
+    """Pooled activations per polarity (rows ordered by example index); what meta.json adds."""
+    run, stage, (layers, pooled) = job.run, job.dir, out
     counts = {}
     for pol in POLARITIES:
         index = sorted(i for p, i in pooled if p == pol)
@@ -136,23 +116,30 @@ def _write(
     n_empty = 2 * run.n_examples - len(pooled)
     if n_empty:
         log.warning("%d empty responses have no tokens to pool over and are left out", n_empty)
-    write_json(stage / META, stage_meta(
-        "activations", key, run, mode=run.mode, layers=list(layers), hook=run.experiment.hook,
+    log.info("[%s] activations (%s): %s x %d layers -> %s", run.trait.name, run.mode, counts,
+             len(layers), stage)  # fmt: skip
+    return dict(
+        mode=run.mode, layers=list(layers), hook=run.experiment.hook,
         hook_names=[hook_name(run.experiment.hook, layer) for layer in layers],
         pooling="mean over response tokens (the residual at each response token position)",
         counts=counts, n_empty_responses_left_out=n_empty, d_model=acts.shape[-1],
-    ))  # fmt: skip
-    log.info("[%s] activations (%s): %s x %d layers -> %s", run.trait.name, run.mode, counts,
-             len(layers), stage)  # fmt: skip
-    return _load(stage, key)
+    )  # fmt: skip
+
+
+ACTIVATIONS: Stage[Activations] = Stage(
+    "activations", (RESPONSES,), "pos.pt, neg.pt", key=current_activations_key,
+    compute=compute_activations, save=save_activations, load=read_activations,
+)  # fmt: skip
+
+
+def extract_activations(
+    run: RunSettings, get_model: GetModel, responses: Dataset | None = None
+) -> Activations:
+    """Run the activations stage alone; ``responses``: the responses stage's output when the
+    caller has it."""
+    got = {} if responses is None else {"responses": responses}
+    return run_stage(ACTIVATIONS, run, get_model, got)
 
 
 def load_activations(run: RunSettings) -> Activations:
-    _, responses_fp = load_responses(run)
-    stage, key = run.stage_dir("activations"), activations_key(run, responses_fp)
-    acts = reuse(stage, key, lambda: _load(stage, key), f"[{run.trait.name}] activations")
-    if acts is None:
-        raise TLExtractError(
-            f"{stage}: no activations for these settings yet. Run the 'activations' stage first."
-        )
-    return acts
+    return need(ACTIVATIONS, run)

@@ -1,17 +1,16 @@
-"""What every stage shares: loading the model once, stage metadata, batch sizes, and the one
-loop that runs work in batches, saves each batch as a shard, resumes from saved shards, and
-halves the batch on out-of-memory."""
+"""What every stage's computation shares: loading the model once, batch sizes, and the one loop
+that runs work in batches, saves each batch as a shard, resumes from saved shards, and halves
+the batch on out-of-memory. How a stage as a whole runs is :mod:`tlextract.stages.stage`'s."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -19,45 +18,19 @@ from transformer_lens import HookedTransformer
 from tlextract.errors import during
 from tlextract.model.load import load_model
 from tlextract.model.memory import GiB, HalvingBatches
-from tlextract.settings import RunSettings, pick_device
+from tlextract.settings import RunSettings
 from tlextract.stages.autobatch import auto_batch_size
 from tlextract.store import (
-    META,
-    clear_other_shards,
-    fingerprint,
     load_tensors,
-    read_json,
     save_tensors,
-    shard_dir,
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def model_loader(run: RunSettings) -> Callable[[], HookedTransformer]:
     """Load the model on first use only, so a run with nothing left to do starts instantly."""
     return cache(lambda: load_model(run.model, device=run.device, dtype=run.dtype))
-
-
-def versions() -> dict[str, str]:
-    pkgs = ("tlextract", "torch", "transformer-lens", "transformers")
-    return {p: importlib.metadata.version(p) for p in pkgs}
-
-
-def stage_meta(stage: str, key: str, run: RunSettings, **extra: Any) -> dict[str, Any]:
-    return {
-        "stage": stage,
-        "fingerprint": key,
-        "experiment": run.experiment.name,
-        "trait": run.trait.name,
-        "variant": run.variant,
-        "model": run.model,
-        "dtype": run.dtype,  # resolved: "auto" became bfloat16 on CUDA, float32 elsewhere
-        "device": pick_device(run.device),
-        "versions": versions(),
-        **extra,
-    }
 
 
 def batch_size(
@@ -93,27 +66,7 @@ def move_aside(path: Path, stage: Path) -> Path:
     return aside
 
 
-def reuse(stage: Path, key: str, load: Callable[[], T], what: str) -> T | None:
-    """A finished stage's output read back, or None when the stage must run: not finished with
-    these settings, or finished but damaged (a torn meta.json, or any failure to read back and
-    check what it wrote: its meta.json is moved aside, said in one line, and the stage
-    recomputes)."""
-    meta = stage / META
-    if not meta.exists():
-        return None
-    try:
-        if read_json(meta).get("fingerprint") != key:
-            return None
-        return load()
-    except Exception as e:  # a torn, truncated or foreign file: redo the stage, never fail
-        log.warning("%s: damaged output in %s (%s); recomputing (old meta.json: %s)", what,
-                    stage, first_line(e), move_aside(meta, stage))  # fmt: skip
-        return None
-
-
-def _read_shard(
-    stage: Path, path: Path, idx: list[int], valid: Callable[[list[int], Any], bool]
-) -> Any:
+def _read_shard(path: Path, idx: list[int], valid: Callable[[list[int], Any], bool]) -> Any:
     """The saved shard of batch ``idx``, or None when it is damaged (moved aside, said)."""
     try:
         shard = load_tensors(path)
@@ -123,13 +76,12 @@ def _read_shard(
     except Exception as e:  # torn, empty or not a torch file at all
         problem = first_line(e)
     log.warning("damaged shard %s (%s): moved aside to %s; recomputing its batch", path, problem,
-                move_aside(path, stage))  # fmt: skip
+                move_aside(path, path.parent.parent))  # fmt: skip
     return None
 
 
 def run_sharded(
-    stage: Path | None,
-    key: str,
+    shards: Callable[[int], Path] | None,
     lengths: Sequence[int],
     size: int,
     compute: Callable[[list[int]], list],
@@ -141,24 +93,23 @@ def run_sharded(
     """Items grouped into batches of ``size`` (see :func:`batches`); ``compute`` maps a chunk of
     item indices to one result each (a chunk that runs out of memory is retried at half size,
     which then sticks), ``to_shard`` turns a batch's indices and results into what is saved.
-    Shards of these settings saved before an interruption are reused when they load and
-    ``valid(indices, shard)`` holds (a damaged one is moved aside and its batch recomputed),
-    shards of other settings removed. Returns the contents of every shard, in batch order, and
-    the halving state. ``stage`` None: the same batches, kept in memory, nothing written
-    (``tx.extract``)."""
+    ``shards(size)`` is the folder of the stage's shards (``stage.shard_folder``): those saved
+    before an interruption are reused when they load and ``valid(indices, shard)`` holds (a
+    damaged one is moved aside and its batch recomputed). Returns the contents of every shard,
+    in batch order, and the halving state. ``shards`` None: the same batches, kept in memory,
+    nothing written (``tx.extract``)."""
     halving = HalvingBatches(size, device)
     contents: list[Any] = []
     todo = batches(lengths, size)
-    if stage is None:
+    if shards is None:
         for idx in tqdm(todo, desc=desc, unit="batch", leave=False):
             contents.append(to_shard(idx, halving.run(idx, compute)))
         return contents, halving
-    shards = shard_dir(stage, fingerprint([key, size]))
-    clear_other_shards(stage, keep=shards.name.removeprefix("shards-"))
+    where = shards(size)
     with during(lambda: f"{desc} ({len(contents)} of {len(todo)} batches finished and kept)"):
         for b, idx in enumerate(tqdm(todo, desc=desc, unit="batch")):
-            path = shards / f"batch_{b:05d}.pt"
-            shard = _read_shard(stage, path, idx, valid) if path.exists() else None
+            path = where / f"batch_{b:05d}.pt"
+            shard = _read_shard(path, idx, valid) if path.exists() else None
             if shard is None:
                 save_tensors(path, to_shard(idx, halving.run(idx, compute)))
                 shard = load_tensors(path)  # what a resumed run would read: CPU tensors

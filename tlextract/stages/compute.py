@@ -56,11 +56,11 @@ class Capture:
 
 # Runs ``compute`` over items grouped in batches (lengths, size, compute, to_shard, device, desc,
 # valid): returns what ``to_shard`` made of each batch, in batch order, and the halving state.
-# :func:`tlextract.stages.common.run_sharded` bound to a stage and key, or to none (in memory).
+# :func:`tlextract.stages.common.run_sharded` bound to a stage's shards, or to none (in memory).
 Shards = Callable[..., tuple[list[Any], HalvingBatches]]
 
 
-in_memory: Shards = partial(run_sharded, None, "")  # the stages' batches, nothing written
+in_memory: Shards = partial(run_sharded, None)  # the stages' batches, nothing written
 
 
 def generate_records(

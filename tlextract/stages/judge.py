@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
-from transformer_lens import HookedTransformer
 
-from tlextract.errors import TLExtractError
 from tlextract.judge.keep import Selection, select
 from tlextract.settings import RunSettings
-from tlextract.stages.common import reuse, stage_meta
-from tlextract.stages.responses import load_responses, responses_key
+from tlextract.stages.responses import RESPONSES, responses_key
+from tlextract.stages.stage import GetModel, Job, Stage, need, run_stage
 from tlextract.store import META, fingerprint, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -26,37 +23,35 @@ def judge_key(run: RunSettings, responses_fp: str) -> str:
     )
 
 
-def select_responses(
-    run: RunSettings,
-    get_model: Callable[[], HookedTransformer],
-    responses: Dataset | None = None,
-) -> Selection:
-    """The kept examples; ``responses``: the generate stage's output when the caller has it."""
-    responses = responses if responses is not None else load_responses(run)[0]
-    stage, key = run.stage_dir("judge"), current_judge_key(run)
-    done = reuse(stage, key, lambda: _load(stage), f"[{run.trait.name}] judge")
-    if done is not None:
-        log.info("[%s] judge: up to date, skipped (%s)", run.trait.name, stage)
-        return done
-    sel = select(
-        list(responses),
+def current_judge_key(run: RunSettings) -> str:
+    """The key judgments of these settings have (whether or not they exist yet)."""
+    return judge_key(run, responses_key(run))
+
+
+def compute_judgments(job: Job) -> Selection:
+    run = job.run
+    return select(
+        list(job.inputs["responses"]),
         run.trait.eval_prompt,
         run.judge,
-        stage / "judge_cache.jsonl",
-        get_model,
+        job.dir / "judge_cache.jsonl",
+        job.get_model,
         where=f"{run.experiment.config_path} ({run.trait.name})",
     )
-    write_json(stage / "judgments.json", sel.judgments)
-    write_json(stage / META, stage_meta("judge", key, run, kept_index=sel.kept, **sel.summary))
+
+
+def save_judgments(job: Job, sel: Selection) -> dict[str, Any]:
+    write_json(job.dir / "judgments.json", sel.judgments)
     s = sel.summary
     log.info("[%s] judge (%s): kept %s of %s, missing %s, mean trait score %s -> %s",
-             run.trait.name, s["judge"], s["kept"], s["generated"], s["missing"],
-             s["mean_score"], stage)  # fmt: skip
-    return sel
+             job.run.trait.name, s["judge"], s["kept"], s["generated"], s["missing"],
+             s["mean_score"], job.dir)  # fmt: skip
+    return {"kept_index": sel.kept, **sel.summary}
 
 
-def _load(stage: Path) -> Selection:
+def read_judgments(run: RunSettings, key: str) -> Selection:
     """The stage's selection, its judgments checked against the count in meta.json."""
+    stage = run.stage_dir("judge")
     meta = read_json(stage / META)
     keys = ("judge", "rules", "generated", "judged", "missing", "kept", "mean_score")
     judgments = read_json(stage / "judgments.json")
@@ -67,14 +62,19 @@ def _load(stage: Path) -> Selection:
     )
 
 
-def current_judge_key(run: RunSettings) -> str:
-    """The key judgments of these settings have (whether or not they exist yet)."""
-    return judge_key(run, responses_key(run))
+JUDGE: Stage[Selection] = Stage(
+    "judge", (RESPONSES,), "judgments.json, the kept examples",
+    key=current_judge_key, compute=compute_judgments, save=save_judgments, load=read_judgments,
+)  # fmt: skip
+
+
+def select_responses(
+    run: RunSettings, get_model: GetModel, responses: Dataset | None = None
+) -> Selection:
+    """Run the judge stage alone; ``responses``: the responses stage's output when the caller
+    has it."""
+    return run_stage(JUDGE, run, get_model, {} if responses is None else {"responses": responses})
 
 
 def load_selection(run: RunSettings) -> Selection:
-    stage, key = run.stage_dir("judge"), current_judge_key(run)
-    selection = reuse(stage, key, lambda: _load(stage), f"[{run.trait.name}] judge")
-    if selection is None:
-        raise TLExtractError(f"{stage}: responses not judged yet. Run the 'judge' stage first.")
-    return selection
+    return need(JUDGE, run)

@@ -9,10 +9,9 @@ activations stage). Sharding, resuming and damage checks are the same for both.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset, load_from_disk
@@ -24,18 +23,17 @@ from tlextract.engines.registry import Plan, engine_identity, engine_tokenizer, 
 from tlextract.errors import TLExtractError
 from tlextract.model.tokens import device_of, tokenize
 from tlextract.settings import RunSettings, pick_device
-from tlextract.stages.common import batch_size, reuse, run_sharded, stage_meta
+from tlextract.stages.common import batch_size
 from tlextract.stages.compute import Capture, generate_records
+from tlextract.stages.stage import GetModel, Job, Stage, need, run_stage
 from tlextract.store import (
     META,
     atomic_dir,
-    clear_other_shards,
     derive_seed,
     fingerprint,
     load_tensors,
     read_json,
     save_tensors,
-    write_json,
 )
 from tlextract.traits import POLARITIES, build_examples, instruction_in_user_turn
 
@@ -72,13 +70,21 @@ def responses_key(run: RunSettings) -> str:
     )
 
 
-def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransformer]) -> Dataset:
-    stage, key = run.stage_dir("generate"), responses_key(run)
-    done = reuse(stage, key, lambda: _read_back(run, stage), f"[{run.trait.name}] responses")
-    if done is not None:
-        log.info("[%s] responses: up to date, skipped (%s)", run.trait.name, stage)
-        return done
-    tokenizer = engine_tokenizer(run, get_model)
+@dataclass(frozen=True)
+class Generated:
+    """What the engine made, sorted by (polarity, index), and how the batches went."""
+
+    records: list[dict[str, Any]]
+    pooled: dict[tuple[str, int], Tensor | None]  # combined mode: recorded while generating
+    plan: Plan
+    size_after_oom: int
+    peak_mib: float | None
+    instruction_in_user_turn: bool
+
+
+def compute_responses(job: Job) -> Generated:
+    run = job.run
+    tokenizer = engine_tokenizer(run, job.get_model)
     examples = build_examples(
         run.trait, run.n_examples, tokenizer, run.experiment.prompt_style, run.variant
     )
@@ -88,36 +94,39 @@ def generate_responses(run: RunSettings, get_model: Callable[[], HookedTransform
              for e in examples]  # fmt: skip
     longest = max(len(p) for p in prompt_ids) + gen.max_new_tokens
     model_plan = partial(_model_plan, run, longest, len(prompt_ids))
-    with open_engine(run, get_model, tokenizer, longest, stage, model_plan) as (engine, plan):
+    with open_engine(run, job.get_model, tokenizer, longest, job.dir, model_plan) as (engine, plan):
         records, halving = generate_records(
             engine, tokenizer, prompt_ids, [asdict(e) for e in examples], seeds, gen, plan.size,
-            partial(run_sharded, stage, key), plan.device, f"[{run.trait.name}] generate",
+            job.sharded, plan.device, f"[{run.trait.name}] generate",
             plan.acts_shape,
         )  # fmt: skip
     records.sort(key=lambda r: (POLARITIES.index(r["polarity"]), r["index"]))
     pooled = {(r["polarity"], r["index"]): r.pop("acts") for r in records}
+    in_user_turn = instruction_in_user_turn(tokenizer, run.experiment.prompt_style, run.variant)
+    return Generated(records, pooled, plan, halving.size, _peak_mib(engine), in_user_turn)
+
+
+def save_responses(job: Job, out: Generated) -> dict[str, Any]:
+    run, stage, records, plan = job.run, job.dir, out.records, out.plan
     with atomic_dir(stage / "dataset") as tmp:
         Dataset.from_list(records).save_to_disk(str(tmp))
     if plan.layers is not None:
-        save_tensors(stage / POOLED, {k: v for k, v in pooled.items() if v is not None})
+        save_tensors(stage / POOLED, {k: v for k, v in out.pooled.items() if v is not None})
     n_tokens = sum(r["n_response_tokens"] for r in records)
-    write_json(stage / META, stage_meta(
-        "responses", key, run, n_examples_per_polarity=run.n_examples,
+    log.info("[%s] responses: %d (%d tokens) -> %s", run.trait.name, len(records), n_tokens,
+             stage)  # fmt: skip
+    return dict(
+        n_examples_per_polarity=run.n_examples,
         counts={p: sum(r["polarity"] == p for r in records) for p in POLARITIES},
         n_generated_tokens=n_tokens,
         n_empty_responses=sum(r["n_response_tokens"] == 0 for r in records),
-        prompt_style=run.experiment.prompt_style, generation=asdict(gen),
-        instruction_in_user_turn=instruction_in_user_turn(
-            tokenizer, run.experiment.prompt_style, run.variant),
+        prompt_style=run.experiment.prompt_style, generation=asdict(run.experiment.generation),
+        instruction_in_user_turn=out.instruction_in_user_turn,
         seed=run.experiment.seed, batch_size=plan.size, batch_size_requested=run.batch_size,
-        batch_size_after_oom=halving.size if halving.size != plan.size else None, mode=run.mode,
-        layers=plan.layers, engine=engine_identity(run.engine) or {"kind": "tl"},
-        engine_peak_rss_mib=_peak_mib(engine),
-    ))  # fmt: skip
-    clear_other_shards(stage)
-    log.info("[%s] responses: %d (%d tokens) -> %s", run.trait.name, len(records), n_tokens,
-             stage)  # fmt: skip
-    return load_from_disk(str(stage / "dataset"))
+        batch_size_after_oom=out.size_after_oom if out.size_after_oom != plan.size else None,
+        mode=run.mode, layers=plan.layers, engine=engine_identity(run.engine) or {"kind": "tl"},
+        engine_peak_rss_mib=out.peak_mib,
+    )  # fmt: skip
 
 
 def _model_plan(run: RunSettings, longest: int, n_items: int, model: HookedTransformer) -> Plan:
@@ -135,9 +144,10 @@ def _peak_mib(engine: Engine) -> float | None:
     return round(peak / 2**20, 1) if peak else None
 
 
-def _read_back(run: RunSettings, stage: Path) -> Dataset:
+def read_responses(run: RunSettings, key: str) -> Dataset:
     """The finished stage's dataset, checked against its meta.json (and the pooled activations
     of combined mode, which the next stage reads)."""
+    stage = run.stage_dir("responses")
     responses = load_from_disk(str(stage / "dataset"))
     expected = sum(read_json(stage / META)["counts"].values())
     if len(responses) != expected:
@@ -147,23 +157,27 @@ def _read_back(run: RunSettings, stage: Path) -> Dataset:
     return responses
 
 
+RESPONSES: Stage[Dataset] = Stage(
+    "responses", (), "dataset/ (+ pooled.pt in combined mode)",
+    key=responses_key, compute=compute_responses, save=save_responses, load=read_responses,
+)  # fmt: skip
+
+
+def generate_responses(run: RunSettings, get_model: GetModel) -> Dataset:
+    """Run the responses stage alone (or read it back when up to date)."""
+    return run_stage(RESPONSES, run, get_model)
+
+
 def load_responses(run: RunSettings) -> tuple[Dataset, str]:
-    stage, key = run.stage_dir("generate"), responses_key(run)
-    responses = reuse(stage, key, lambda: _read_back(run, stage), f"[{run.trait.name}] responses")
-    if responses is None:
-        raise TLExtractError(
-            f"{stage}: no responses for these settings yet. Run the 'generate' stage first "
-            f"(python -m tlextract generate --experiment {run.experiment.name} "
-            f"--traits {run.trait.name})."
-        )
-    return responses, key
+    """The up-to-date responses and their key."""
+    return need(RESPONSES, run), responses_key(run)
 
 
 def load_pooled(run: RunSettings) -> tuple[dict[tuple[str, int], Tensor], tuple[int, ...]]:
     """Combined mode: the activations recorded while generating, per (polarity, index), and
     the layers they were recorded at."""
     load_responses(run)
-    path = run.stage_dir("generate") / POOLED
+    path = run.stage_dir("responses") / POOLED
     if not path.exists():  # combined runs of tlextract before 0.2 wrote activations directly
         raise TLExtractError(
             f"{path}: missing; these responses were generated by an older tlextract. Delete "

@@ -1,5 +1,6 @@
-"""One trait run: the stages, each declared once, run in order by one runner, each skipped
-when its output is up to date.
+"""One trait run: the stages, each declared once in its module (a :class:`Stage` naming its
+key, compute, save and load functions) and listed here in order, run by the one runner
+(:func:`tlextract.stages.stage.run_stage`), each skipped when its output is up to date.
 
 Each stage writes into ``experiments/<exp>/<trait>/extraction/<stage>/`` and finishes by writing
 ``meta.json`` with a fingerprint of everything its output depends on (its key). A rerun with the
@@ -12,12 +13,10 @@ missing batch. The computation inside the stages is :mod:`tlextract.stages.compu
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer
 from transformers import AutoConfig
 
 from tlextract.engines.registry import engine_identity, starts_server
@@ -27,58 +26,21 @@ from tlextract.model.load import check_model_name, model_directory
 from tlextract.ops.pool import resolve_layers
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import STAGES, RunSettings
-from tlextract.stages.activations import (
-    current_activations_key,
-    extract_activations,
-    load_activations,
-)
+from tlextract.stages.activations import ACTIVATIONS
 from tlextract.stages.common import model_loader
-from tlextract.stages.judge import current_judge_key, load_selection, select_responses
-from tlextract.stages.responses import generate_responses, responses_key
-from tlextract.stages.vectors import current_vectors_key, extract_vectors
-from tlextract.store import stage_done
+from tlextract.stages.judge import JUDGE
+from tlextract.stages.responses import RESPONSES
+from tlextract.stages.stage import GetModel, Stage, run_stage, up_to_date
+from tlextract.stages.vectors import VECTORS
 
-GetModel = Callable[[], HookedTransformer]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """An on-disk stage: what it reads (earlier stages' outputs, handed over by the runner
-    when they ran in this call, read back otherwise), what it writes, its key under the run's
-    settings, and how it runs (checking and reusing what a finished run of it wrote)."""
-
-    name: str
-    reads: tuple[str, ...]
-    writes: str
-    key: Callable[[RunSettings], str]
-    run: Callable[[RunSettings, GetModel, Mapping[str, Any]], Any]
-
-
-PIPELINE: tuple[Stage, ...] = (
-    Stage("generate", (), "dataset/ (+ pooled.pt in combined mode)", responses_key,
-          lambda run, model, got: generate_responses(run, model)),
-    Stage("judge", ("generate",), "judgments.json, the kept examples", current_judge_key,
-          lambda run, model, got: select_responses(run, model, got.get("generate"))),
-    Stage("activations", ("generate",), "pos.pt, neg.pt", current_activations_key,
-          lambda run, model, got: extract_activations(run, model, got.get("generate"))),
-    Stage("vectors", ("judge", "activations"), "mean_diff.pt, mean_diff.safetensors",
-          current_vectors_key,
-          lambda run, model, got: extract_vectors(
-              run, got.get("activations") or load_activations(run),
-              got.get("judge") or load_selection(run))),
-)  # fmt: skip
+PIPELINE: tuple[Stage[Any], ...] = (RESPONSES, JUDGE, ACTIVATIONS, VECTORS)
 BY_NAME = {s.name: s for s in PIPELINE}
 assert tuple(BY_NAME) == STAGES, "settings.STAGES names the stages in PIPELINE order"
 
 
 def is_done(run: RunSettings, name: str) -> bool:
-    """Whether stage ``name`` finished with these settings (and the stages it reads)."""
-    stage = BY_NAME[name]
-    try:
-        key = stage.key(run)
-    except TLExtractError:  # an earlier stage it needs for its key has not run
-        return False
-    return stage_done(run.stage_dir(name), key) and all(is_done(run, r) for r in stage.reads)
+    """Whether stage ``name`` is up to date with these settings (and the stages it reads)."""
+    return up_to_date(BY_NAME[name], run)
 
 
 def layer_count(model: str) -> int:
@@ -93,9 +55,9 @@ def layer_count(model: str) -> int:
 
 
 def starts_vllm_server(run: RunSettings, stages: Sequence[str]) -> bool:
-    """Whether running ``stages`` starts a vLLM server for the generate stage. It asks for most
+    """Whether running ``stages`` starts a vLLM server for the responses stage. It asks for most
     of the GPU, so a caller that keeps a model across runs drops it first (:func:`release`)."""
-    return starts_server(run.engine) and "generate" in stages and not is_done(run, "generate")
+    return starts_server(run.engine) and "responses" in stages and not is_done(run, "responses")
 
 
 def release() -> None:
@@ -117,14 +79,14 @@ def run_trait(
 
     One process at a time writes a trait run: another run of it waits for this one to finish,
     or with ``wait=False`` raises TLExtractError naming the holder. Nothing here loads the model
-    before the generate stage; a caller passing a ``get_model`` that already holds one drops it
+    before the responses stage; a caller passing a ``get_model`` that already holds one drops it
     first when :func:`starts_vllm_server`."""
     get_model = get_model or model_loader(run)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TLExtractError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}.")
     check_model_name(run.model)
-    if "generate" in stages:
+    if "responses" in stages:
         engine_identity(run.engine)  # vLLM installed, or its server reachable: before any file
     if "activations" in stages and run.layers != "all" and not is_done(run, "activations"):
         # Fail on impossible layers before any stage (or the lock) writes a file.
@@ -137,5 +99,5 @@ def run_trait(
                 if stage.name == "judge":
                     what += " (answered judge calls are cached)"
                 with during(what):
-                    got[stage.name] = stage.run(run, get_model, got)
+                    got[stage.name] = run_stage(stage, run, get_model, got)
         return got.get("vectors")
