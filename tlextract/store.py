@@ -193,15 +193,6 @@ def load_tensors(path: PathArg) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def stage_done(stage_dir: Path, key: str) -> bool:
-    """True when the stage in ``stage_dir`` finished with the settings fingerprint ``key``."""
-    meta = stage_dir / META
-    try:
-        return meta.exists() and read_json(meta).get("fingerprint") == key
-    except (OSError, ValueError, AttributeError):  # torn or foreign meta.json: not finished
-        return False
-
-
 def shard_dir(stage_dir: Path, key: str) -> Path:
     """Where a stage keeps per-batch results while running; named by fingerprint so a changed
     setting never resumes from results made with the old one."""

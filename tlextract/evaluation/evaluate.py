@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
-from tlextract.evaluation.crossval import chosen_layers
+from tlextract.evaluation.crossval import chosen_layers, in_report_dir
 from tlextract.evaluation.heldout import (
     KeptRun,
     Pair,
@@ -49,7 +50,9 @@ from tlextract.ops.metrics import (
 from tlextract.ops.pool import hook_name
 from tlextract.settings import RunSettings, report_dir
 from tlextract.stages.activations import Activations
-from tlextract.store import META, fingerprint, read_json, stage_done, write_json, write_text
+from tlextract.stages.common import model_loader
+from tlextract.stages.stage import Job, Stage, run_stage
+from tlextract.store import fingerprint, read_json, write_json, write_text
 from tlextract.traits import POLARITIES
 
 BEST_TEXT = "the method's cross-validated layer (crossval.md), not chosen on this split"
@@ -224,42 +227,59 @@ def evaluate_trait(
     Uses the examples the judge kept, splits them by example index (seeded), fits each method
     on train, scores on test, and writes
     ``<run.out_dir>/report/{metrics.json,metrics.md,meta.json}``; an identical rerun reads
-    ``metrics.json`` back instead. ``layers``: each method's cross-validated layer when the
-    caller has it (computed here otherwise).
+    ``metrics.json`` back instead (the stages' runner decides, as for every stage). ``layers``:
+    each method's cross-validated layer when the caller has it (computed here otherwise).
     """
     _check_request(methods)
     loaded = load_kept(run)
     at = _layers_of(loaded, methods, seed, layers)
-    out = report_dir(run)
-    key = evaluation_key(loaded.acts, methods, test_fraction, seed, {"crossval": at})
-    if stage_done(out, key) and (out / "metrics.json").exists():
-        log.info("[%s] evaluation: up to date, skipped (%s)", run.trait.name, out)
-        return load_evaluation(out / "metrics.json")
-    ev = _evaluate(loaded, loaded, methods, test_fraction, seed, at)
-    write_json(out / "metrics.json", asdict(ev))
-    write_text(out / "metrics.md", metrics_markdown(ev))
-    write_json(
-        out / META,
-        {
-            "stage": "evaluation",
-            "fingerprint": key,
-            "kept_activations_fingerprint": loaded.acts.key,
-            "judge": ev.judge,
-            "experiment": run.experiment.name,
-            "trait": run.trait.name,
-            "variant": run.variant,
-            "model": run.model,
-            "methods": list(methods),
-            "test_fraction": test_fraction,
-            "seed": seed,
-            "best_at_crossval_layers": at,
-            "n_train": ev.n_train,
-            "n_test": ev.n_test,
-        },
-    )
+    req = HeldOutRequest(loaded, methods, test_fraction, seed, at)
+    return run_stage(heldout_stage(req), run, model_loader(run))
+
+
+@dataclass(frozen=True)
+class HeldOutRequest:
+    """What one held-out report is of: the kept rows (loaded once, by :func:`evaluate_trait`),
+    the methods, the split and each method's layer its "best" row is read at."""
+
+    loaded: KeptRun
+    methods: Sequence[str]
+    test_fraction: float
+    seed: int
+    at: dict[str, int]
+
+
+def heldout_stage(req: HeldOutRequest) -> Stage[TraitEvaluation]:
+    """The held-out report as a stage, run and reused by the stages' runner."""
+    return Stage(
+        "evaluation", (), "report/metrics.json, metrics.md, meta.json",
+        key=partial(heldout_key, req=req), compute=partial(compute_evaluation, req=req),
+        save=partial(save_evaluation, req=req), load=read_evaluation, folder=in_report_dir,
+    )  # fmt: skip
+
+
+def heldout_key(run: RunSettings, req: HeldOutRequest) -> str:
+    at = {"crossval": req.at}
+    return evaluation_key(req.loaded.acts, req.methods, req.test_fraction, req.seed, at)
+
+
+def compute_evaluation(job: Job, req: HeldOutRequest) -> TraitEvaluation:
+    return _evaluate(req.loaded, req.loaded, req.methods, req.test_fraction, req.seed, req.at)
+
+
+def save_evaluation(job: Job, ev: TraitEvaluation, req: HeldOutRequest) -> dict[str, Any]:
+    """Writes metrics.json and metrics.md; returns what meta.json records beside the key."""
+    write_json(job.dir / "metrics.json", asdict(ev))
+    write_text(job.dir / "metrics.md", metrics_markdown(ev))
     summary = ", ".join(f"{m} L{b.layer} AUROC {b.auroc:.2f}" for m, b in ev.best.items())
-    log.info("[%s] evaluation: %s -> %s", run.trait.name, summary, out)
-    return ev
+    log.info("[%s] evaluation: %s -> %s", job.run.trait.name, summary, job.dir)
+    return dict(kept_activations_fingerprint=req.loaded.acts.key, judge=ev.judge,
+                methods=list(req.methods), test_fraction=req.test_fraction, seed=req.seed,
+                best_at_crossval_layers=req.at, n_train=ev.n_train, n_test=ev.n_test)  # fmt: skip
+
+
+def read_evaluation(run: RunSettings, key: str) -> TraitEvaluation:
+    return load_evaluation(report_dir(run) / "metrics.json")
 
 
 def cross_evaluate(
