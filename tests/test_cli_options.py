@@ -12,6 +12,7 @@ from tlextract.cli.main import COMMANDS, build_parser, main
 from tlextract.cli.options import FLAG_OF, flag_message
 from tlextract.config import ENGINE_KINDS, load_experiment
 from tlextract.errors import TLExtractError
+from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import DTYPE_CHOICES, JUDGE_OVERRIDES, STAGES, settings_for
 
 
@@ -62,12 +63,13 @@ def test_only_the_named_parameters_become_flags() -> None:
 
 
 def test_every_translated_parameter_is_a_library_parameter() -> None:
+    from tlextract.judge.draft import check_destination
     from tlextract.report.summary import build_report
+    from tlextract.steering.autosteer import auto_steer
+    from tlextract.steering.sweep import alpha_sweep
 
-    names = {
-        *inspect.signature(settings_for).parameters,
-        *inspect.signature(build_report).parameters,
-    }
+    functions = (settings_for, build_report, auto_steer, alpha_sweep, check_destination)
+    names = {p for f in functions for p in inspect.signature(f).parameters}
     assert set(FLAG_OF) <= names
 
 
@@ -75,3 +77,37 @@ def test_agreement_is_a_subcommand_with_the_shared_error_handling(tmp_path, caps
     write_experiment(tmp_path)
     code = main(["agreement", "--experiment", "tiny", "--experiments-dir", str(tmp_path)])
     assert code == 2 and "tiny: no responses yet" in capsys.readouterr().err
+
+
+def _raised(call) -> TLExtractError:
+    with pytest.raises(TLExtractError) as e:
+        call()
+    return e.value
+
+
+def test_the_analyses_errors_name_parameters_too(tmp_path, tiny_model) -> None:
+    import torch
+
+    from tlextract.judge.draft import check_destination
+    from tlextract.ops.folds import fold_of
+    from tlextract.ops.pool import resolve_layers
+    from tlextract.steering.autosteer import auto_steer
+    from tlextract.steering.sweep import held_out_questions
+
+    (tmp_path / "alpha").mkdir()
+    run = settings_for(load_experiment("tiny", write_experiment(tmp_path).parent), "alpha")
+    d = tiny_model.cfg.d_model
+    vectors = TraitVectors("alpha", "mean_diff", "tiny", "resid_post", (0,), torch.ones(1, d))
+    cases = [
+        (lambda: resolve_layers([9], 4), "Fix layers=.", "Fix --layers."),
+        (lambda: fold_of([1, 2], 5), "fewer folds (folds=)", "fewer folds (--folds)"),
+        (lambda: check_destination(tmp_path, "alpha", False), "force=True", "pass --force to"),
+        (lambda: held_out_questions(run, 0), "n_questions must", "--n-questions must"),
+        (lambda: auto_steer(tiny_model, run, vectors, pole="up"), "pole='up'", "--pole 'up'"),
+        (lambda: auto_steer(tiny_model, run, vectors, max_kl=0.0), "max_kl=, max_logprob_drop= and",
+         "--max-kl, --max-logprob-drop and --alphas must"),
+    ]  # fmt: skip
+    for call, library, cli in cases:
+        error = _raised(call)
+        assert library in str(error) and "--" not in str(error)
+        assert cli in flag_message(error)

@@ -75,7 +75,7 @@ def _mean_diff_best(run: RunSettings) -> tuple[int | None, str | None]:
     (:func:`tlextract.evaluation.crossval.cross_validate`, read back when the task or a report
     already wrote them). Computed by the driver from the files the task wrote, after the task."""
     try:
-        cv = cross_validate(run, [HEADLINE], folds_arg="the report command's --folds")
+        cv = cross_validate(run, [HEADLINE])
     except TLExtractError as e:  # e.g. too few kept examples, or outputs not readable here
         print(f"[ray] {task_name(run)}: no cross-validated figures: {e}")
         return None, None

@@ -56,10 +56,10 @@ SAVED_RUN: Group = (
     ENGINE.but(help="the vectors of the run this engine generated for"),
 )  # fmt: skip
 STEER: Group = (
-    option("--alphas", type=parse_floats, default=None,
+    option("--alphas", parameter="alphas", type=parse_floats, default=None,
            help="strengths in typical residual norms, e.g. --alphas=-1,0,1 "
            "(default -1,-0.5,-0.25,0,0.25,0.5,1)"),
-    option("--n-questions", type=int, default=None,
+    option("--n-questions", parameter="n_questions", type=int, default=None,
            help="held-out questions (default 8; --auto: 16 to choose on and 16 others to report "
            "on)"),
     option("--positions", default="all", choices=("all", "prompt", "response")),
@@ -68,11 +68,13 @@ STEER: Group = (
     option("--auto", action="store_true",
            help="choose the layer and alpha: largest classifier-measured shift toward --pole "
            "within the fluency bounds, reported on other questions against a random direction"),
-    option("--pole", default="pos", choices=("pos", "neg"), help="--auto: target"),
-    option("--max-kl", type=float, default=None,
+    option("--pole", parameter="pole", default="pos", choices=("pos", "neg"),
+           help="--auto: target"),
+    option("--max-kl", parameter="max_kl", type=float, default=None,
            help="--auto: bound on KL(steered || unsteered) per neutral token, nats (default "
            "0.3)"),
-    option("--max-logprob-drop", type=float, default=None,
+    option("--max-logprob-drop", parameter="max_logprob_drop",
+           type=float, default=None,
            help="--auto: bound on the fall in log-prob per token of steered answers (default "
            "1.0)"),
     JUDGE.but(help="override the experiment's judge"),

@@ -101,7 +101,6 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
         test_fraction=args.test_fraction,
         seed=args.seed,
         folds=args.folds,
-        folds_arg="--folds",
         **_overrides(args),
     )
     print(f"report: {path}")

@@ -31,7 +31,7 @@ NEW_TRAIT: Group = (
            "OPENAI_API_KEY; '' sends no key)"),
     option("--n-natural", type=int, default=DEFAULT_NATURAL,
            help=f"natural prompt pairs (default {DEFAULT_NATURAL})"),
-    option("--force", action="store_true",
+    option("--force", parameter="force", action="store_true",
            help="replace an existing trait's files (its run outputs are kept)"),
     option("--yes", "-y", action="store_true", help="write after the preview without asking"),
 )  # fmt: skip

@@ -33,7 +33,16 @@ class Option:
         return replace(self, settings={**self.settings, **changes})
 
 
+# The one table from a library parameter to the flag that sets it, filled as each flag is
+# declared (here and in the command modules), so a library error naming ``engine=`` prints
+# ``--engine`` whichever command raised it.
+FLAG_OF: dict[str, str] = {}
+
+
 def option(*flags: str, parameter: str | None = None, **settings: Any) -> Option:
+    """A flag; ``parameter``: the library parameter it sets, entered in :data:`FLAG_OF`."""
+    if parameter is not None:
+        FLAG_OF.setdefault(parameter, flags[0])
     return Option(flags, settings, parameter)
 
 
@@ -173,23 +182,23 @@ BACKEND: Group = (
     option("--cpus-per-task", type=float, default=1.0, help="ray: CPUs per task"),
 )  # fmt: skip
 
-# The one table from a library parameter to the flag that sets it.
-FLAG_OF = {o.parameter: o.flags[0] for o in (*LOADING, *RUN, VARIANT, LAYER, FOLDS) if o.parameter}
-
 
 def flag_message(error: TLExtractError) -> str:
     """``error``'s message with each parameter it names shown as its flag: a leading
-    ``batch_size`` as ``--batch-size``, ``device='tpu'`` as ``--device 'tpu'``, and a value to
-    pass, ``mode="two-stage"``, as ``--mode two-stage``."""
+    ``batch_size`` as ``--batch-size``, ``device='tpu'`` as ``--device 'tpu'``, a value to
+    pass, ``mode="two-stage"``, as ``--mode two-stage``, and ``force=True`` or a bare
+    ``layers=`` as the flag alone."""
     text = str(error)
     for name in error.parameters:
         flag = FLAG_OF.get(name)
         if flag is None:
             continue
         text = re.sub(rf"^{name}(?![\w=])", flag, text)
+        # name=True (a switch) and a bare name= (set it) are the flag alone
+        text = re.sub(rf"(?<![\w.]){name}=(?:True\b|(?=[\s.,;)]|$))", flag, text)
         text = re.sub(rf'(?<![\w.]){name}=(?:"([^"\s]*)")?', _as_flag(flag), text)
     return text
 
 
 def _as_flag(flag: str) -> Callable[[re.Match[str]], str]:
-    return lambda m: f"{flag} {m.group(1) or ''}"
+    return lambda m: f"{flag} {m.group(1)}" if m.group(1) else f"{flag} "

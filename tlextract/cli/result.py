@@ -3,6 +3,7 @@ intervals and the surface baseline beside them), where the files are, and what t
 
 from __future__ import annotations
 
+from tlextract.cli.options import flag_message
 from tlextract.config import DEFAULT_EXPERIMENT
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.crossval import HEADLINE, cross_validate, verdict
@@ -37,9 +38,9 @@ def result_card(run: RunSettings, seconds: float) -> list[str]:
     name = run.trait.name
     lines = [f"[{name}] done in {seconds:.0f} s; results in {run.out_dir}"]
     try:
-        cv = cross_validate(run, [HEADLINE], folds_arg="the report command's --folds")
+        cv = cross_validate(run, [HEADLINE])
     except TLExtractError as e:  # e.g. fewer examples than folds: say so, the run still worked
-        lines.append(f"  no cross-validated figures: {e}")
+        lines.append(f"  no cross-validated figures: {flag_message(e)} (report takes --folds)")
         return lines + _next_commands(run)
     m = cv.get(HEADLINE)
     lines += [

@@ -150,10 +150,10 @@ def _baseline(name: str, score: Callable[..., Scored], texts: list[str], lengths
 
 
 def _cross_validate(kept: KeptRun, responses: Dataset, methods: Sequence[str], folds: int,
-                    seed: int, n_boot: int, folds_arg: str) -> CrossValidation:  # fmt: skip
+                    seed: int, n_boot: int) -> CrossValidation:  # fmt: skip
     # long: one pass over methods, baselines and nulls, each scored the same way
     x, y, groups, texts, lengths = _rows(kept, responses)
-    fold = fold_of(groups, folds, seed, arg=folds_arg)
+    fold = fold_of(groups, folds, seed)
     layers = list(kept.acts.layers)
     score = partial(_score, y=y, groups=groups, seed=seed, n_boot=n_boot)
     scored, chosen, per_layer, layer = [], {}, {}, {}
@@ -186,20 +186,17 @@ def cross_validate(
     folds: int = EVALUATION.folds,
     seed: int = 0,
     n_boot: int = EVALUATION.n_boot,
-    *,
-    folds_arg: str = "cross_validate(folds=...)",
 ) -> CrossValidation:
     """Nested cross-validated figures with intervals, baselines and nulls for ``run`` (kept
-    examples only), written to ``report/crossval.{json,md}``; an identical rerun reads them.
-    ``folds_arg``: how the caller sets ``folds``, named when there are too few examples."""
+    examples only), written to ``report/crossval.{json,md}``; an identical rerun reads them."""
     for name in methods:
         get_method(name)
-    return run_stage(crossval_stage(methods, folds, seed, n_boot, folds_arg), run,
-                     model_loader(run))  # fmt: skip
+    return run_stage(crossval_stage(methods, folds, seed, n_boot), run, model_loader(run))
 
 
-def crossval_stage(methods: Sequence[str], folds: int, seed: int, n_boot: int,
-                   folds_arg: str) -> Stage[CrossValidation]:  # fmt: skip
+def crossval_stage(
+    methods: Sequence[str], folds: int, seed: int, n_boot: int
+) -> Stage[CrossValidation]:
     """The cross-validation as a stage of its own, run and reused by the stages' runner; its
     record is ``crossval.json`` itself. Methods are not in the key: each is scored alone, so a
     saved file with more methods holds these ones' figures too (the run's result card reads what
@@ -208,7 +205,7 @@ def crossval_stage(methods: Sequence[str], folds: int, seed: int, n_boot: int,
         "crossval", (RESPONSES, JUDGE, ACTIVATIONS), "report/crossval.json, crossval.md",
         key=partial(crossval_key, folds=folds, seed=seed, n_boot=n_boot),
         compute=partial(compute_crossval, methods=methods, folds=folds, seed=seed,
-                        n_boot=n_boot, folds_arg=folds_arg),
+                        n_boot=n_boot),
         save=save_crossval, load=partial(read_crossval, methods=methods),
         folder=in_report_dir, record="crossval.json", describe=key_only,
     )  # fmt: skip
@@ -229,13 +226,13 @@ def _key(activations_key: str, folds: int, seed: int, n_boot: int) -> str:
                         "n_boot": n_boot, "version": 4})  # fmt: skip
 
 
-def compute_crossval(job: Job, methods: Sequence[str], folds: int, seed: int, n_boot: int,
-                     folds_arg: str) -> CrossValidation:  # fmt: skip
+def compute_crossval(
+    job: Job, methods: Sequence[str], folds: int, seed: int, n_boot: int
+) -> CrossValidation:
     selection = job.inputs["judge"]
     kept = KeptRun(job.run, kept_activations(job.inputs["activations"], selection),
                    selection.summary["judge"])  # fmt: skip
-    return _cross_validate(kept, job.inputs["responses"], methods, folds, seed, n_boot,
-                           folds_arg)  # fmt: skip
+    return _cross_validate(kept, job.inputs["responses"], methods, folds, seed, n_boot)
 
 
 def save_crossval(job: Job, cv: CrossValidation) -> dict[str, Any]:
@@ -274,7 +271,11 @@ def layer_for(run: RunSettings, vectors: TraitVectors) -> tuple[int, str]:
             return saved["layer"][HEADLINE], f"highest cross-validated {HEADLINE} AUROC in {path}"
     except (TLExtractError, KeyError, TypeError, ValueError):
         log.info("%s: unreadable, cross-validating again", path)
-    layer = cross_validate(run, [HEADLINE], folds_arg="--layer").layer[HEADLINE]
+    try:
+        layer = cross_validate(run, [HEADLINE]).layer[HEADLINE]
+    except TLExtractError as e:  # too few examples for the folds: the caller can name a layer
+        raise TLExtractError(f"{e} Or choose the layer (layer=).",
+                             parameters=(*e.parameters, "layer")) from e  # fmt: skip
     return layer, f"highest cross-validated {HEADLINE} AUROC (as the result card, {path})"
 
 

@@ -196,7 +196,10 @@ def check_destination(traits_dir: Path, name: str, force: bool) -> Path:
     if dest.exists() and not dest.is_dir():
         raise TLExtractError(f"{dest} exists and is not a trait directory; move it away.")
     if dest.exists() and not force:
-        raise TLExtractError(f"{dest} already exists; pass --force to replace its trait files.")
+        raise TLExtractError(
+            f"{dest} already exists; pass force=True to replace its trait files.",
+            parameters=("force",),
+        )
     return dest
 
 

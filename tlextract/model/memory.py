@@ -152,7 +152,8 @@ class HalvingBatches:
                 if len(chunk) == 1:
                     raise TLExtractError(
                         f"out of memory on {self.device} with a single example; use a smaller "
-                        "model, --dtype bfloat16 on a GPU, or fewer generation.max_new_tokens."
+                        'model, dtype="bfloat16" on a GPU, or fewer generation.max_new_tokens.',
+                        parameters=("dtype",),
                     ) from e
             # Out of the except block: the error and its traceback, whose frames hold the failed
             # batch's tensors, are gone, so the cache can hand their memory back.

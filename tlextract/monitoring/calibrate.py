@@ -80,7 +80,6 @@ def held_out_projections(
     folds: int = EVALUATION.folds,
     seed: int = 0,
     method: str = "mean_diff",
-    folds_arg: str = "folds=",
 ) -> tuple[list[float], list[float]]:
     """(pos, neg) out-of-fold projections at ``layer``, in the rows' order: each fold (by example
     index, :func:`fold_of`) projected on the unit vector ``method`` fits on the other folds.
@@ -93,7 +92,7 @@ def held_out_projections(
     column = acts.layers.index(layer)
     x = torch.cat([acts.pos, acts.neg])[:, column : column + 1]
     y = torch.tensor([True] * len(acts.pos_index) + [False] * len(acts.neg_index))
-    fold = fold_of([*acts.pos_index, *acts.neg_index], folds, seed, arg=folds_arg)
+    fold = fold_of([*acts.pos_index, *acts.neg_index], folds, seed)
     proj = torch.empty(len(y))
     for f in range(folds):
         test = fold == f
@@ -101,7 +100,8 @@ def held_out_projections(
         if not len(pos) or not len(neg):
             raise TLExtractError(
                 f"calibration: the folds other than fold {f} have no pos or no neg response; "
-                f"extract more examples or use fewer folds ({folds_arg})."
+                "extract more examples or use fewer folds (folds=).",
+                parameters=("folds",),
             )
         proj[test] = project(x[test], run_method(method, pos, neg, seed=seed))[:, 0]
     return proj[y].tolist(), proj[~y].tolist()
@@ -172,8 +172,6 @@ def calibrate(
     layer: int,
     folds: int = EVALUATION.folds,
     seed: int = 0,
-    *,
-    folds_arg: str = "calibrate(folds=...)",
 ) -> Calibration:
     """The calibration of ``vectors`` at ``layer`` (see the module docstring).
 
@@ -185,7 +183,7 @@ def calibrate(
         raise TLExtractError(
             f"{vectors.hook} vectors cannot be calibrated on {kept.acts.hook} activations."
         )
-    pos, neg = held_out_projections(kept, layer, folds, seed, vectors.method, folds_arg)
+    pos, neg = held_out_projections(kept, layer, folds, seed, vectors.method)
     threshold, tpr, tnr = best_threshold(pos, neg)
     name, unit = unit_direction(model, vectors, layer)
     neutral = neutral_token_scores(model, unit, name, run.experiment.prompt_style)

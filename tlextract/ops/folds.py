@@ -37,12 +37,14 @@ def fold_of(
 ) -> Int[Tensor, " n"]:
     """Fold (0..k-1) of each row: distinct groups in a seeded random order, dealt round-robin,
     so fold sizes differ by at most one group and a group never spans two folds. ``arg``: how
-    the caller's caller sets ``k`` (a keyword or a flag), named in the error."""
+    the caller's caller sets ``k`` (its parameter, e.g. ``evaluate(folds=...)``), named in the
+    error."""
     distinct = sorted(set(groups), key=str)
     if k < 2 or len(distinct) < k:
         raise TLExtractError(
             f"cross-validation: {k} folds need at least {max(k, 2)} examples "
-            f"(got {len(distinct)}); extract more examples or use fewer folds ({arg})."
+            f"(got {len(distinct)}); extract more examples or use fewer folds ({arg}).",
+            parameters=("folds",),
         )
     order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed))
     fold = {distinct[int(j)]: i % k for i, j in enumerate(order)}

@@ -36,7 +36,8 @@ def resolve_layers(spec: Sequence[int] | Literal["all"], n_layers: int) -> tuple
     if bad:
         raise TLExtractError(
             f"layers {bad} do not exist: this model has blocks 0..{n_layers - 1} "
-            "(TransformerLens block indices, 0-based). Fix 'layers' or --layers."
+            "(TransformerLens block indices, 0-based). Fix layers=.",
+            parameters=("layers",),
         )
     return tuple(sorted(set(spec)))
 

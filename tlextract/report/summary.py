@@ -248,7 +248,6 @@ def build_report(
     test_fraction: float = EVALUATION.test_fraction,
     seed: int = 0,
     folds: int = EVALUATION.folds,
-    folds_arg: str = "build_report(folds=...)",
     **overrides: Any,
 ) -> Path:
     # long: one pass over the runs (evaluate, cross-validate, plot), then the experiment pages
@@ -273,7 +272,7 @@ def build_report(
                 not_run.append(run)
                 continue
             cv = cross_validate(run, [HEADLINE, *(m for m in methods if m != HEADLINE)],
-                                folds, seed, folds_arg=folds_arg)  # fmt: skip
+                                folds, seed)  # fmt: skip
             ev = evaluate_trait(run, methods, test_fraction, seed, cv.layer)
             plot_metrics(ev, report_dir(run) / "metrics_by_layer.png")
             plot_projections(ev, report_dir(run) / "projections.png")

@@ -286,9 +286,12 @@ def auto_steer(
     ``classifier`` replaces the bag-of-words one trained on the trait's responses; ``others``
     (trait -> classifier of its pos pole) the experiment's, for the side effects."""
     if pole not in ("pos", "neg"):
-        raise TLExtractError(f"--pole {pole!r}: use pos or neg.")
+        raise TLExtractError(f"pole={pole!r}: use pos or neg.", parameters=("pole",))
     if max_kl <= 0 or max_logprob_drop <= 0 or not alphas or min(alphas) <= 0:
-        raise TLExtractError("--max-kl, --max-logprob-drop and --alphas must be positive.")
+        raise TLExtractError(
+            "max_kl=, max_logprob_drop= and alphas= must be positive.",
+            parameters=("max_kl", "max_logprob_drop", "alphas"),
+        )
     source = "given by the caller"
     if classifier is None:
         classifier, source = trait_classifier(run)

@@ -64,7 +64,9 @@ def held_out_questions(run: RunSettings, n: int) -> tuple[list[str], str]:
     """Up to ``n`` of the trait's questions that the run's responses do not contain, and a
     sentence saying where they come from."""
     if n < 1:
-        raise TLExtractError(f"--n-questions must be at least 1 (got {n}).")
+        raise TLExtractError(
+            f"n_questions must be at least 1 (got {n}).", parameters=("n_questions",)
+        )
     try:
         used, found = set(load_responses(run)[0]["question"]), True
     except TLExtractError:  # no responses of these settings
