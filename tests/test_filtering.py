@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tlextract.judge.keep as filtering
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
 from tlextract.judge.base import Score
@@ -34,13 +33,9 @@ class FakeJudge:
         return [self.rule(p) for p in prompts]
 
 
-def _use(monkeypatch, judge: FakeJudge) -> None:
-    monkeypatch.setattr(filtering, "make_judge", lambda config, model=None: judge)
-
-
-def _settings(experiments: Path, **kw):
+def _settings(experiments: Path, judge: FakeJudge, **kw):
     exp = load_experiment("tiny", experiments)
-    return settings_for(exp, "alpha", judge="local", **kw)
+    return settings_for(exp, "alpha", judge=judge, **kw)
 
 
 def _by_question(high: set[int]):
@@ -58,8 +53,7 @@ def _by_question(high: set[int]):
 def test_vectors_use_only_kept_examples(experiments: Path, monkeypatch) -> None:
     # Questions 0-5 are used (n_examples=6). Score 100 for questions 0-3: pos examples 0-3 are
     # kept, negatives 4-5 (score 0) are kept; the rest fail the rule.
-    _use(monkeypatch, FakeJudge(_by_question({0, 1, 2, 3})))
-    run = _settings(experiments, n_examples=6)
+    run = _settings(experiments, FakeJudge(_by_question({0, 1, 2, 3})), n_examples=6)
     monkeypatch.setitem(run.judge, "min_kept", 2)
     vectors = run_trait(run)
     sel = load_selection(run)
@@ -73,8 +67,7 @@ def test_vectors_use_only_kept_examples(experiments: Path, monkeypatch) -> None:
 
 def test_a_rerun_issues_zero_judge_calls(experiments: Path, monkeypatch) -> None:
     judge = FakeJudge(_by_question(set(range(24))))
-    _use(monkeypatch, judge)
-    run = _settings(experiments, n_examples=6)
+    run = _settings(experiments, judge, n_examples=6)
     monkeypatch.setitem(run.judge, "min_kept", 0)
     run_trait(run)
     assert judge.calls == 2 * 12  # trait + coherence for 12 responses
@@ -85,8 +78,7 @@ def test_a_rerun_issues_zero_judge_calls(experiments: Path, monkeypatch) -> None
 
 def test_failed_judgments_are_never_counted_or_cached(experiments: Path, monkeypatch) -> None:
     flaky = FakeJudge(lambda p: Score.failure("timeout") if "number 2." in p else Score(80.0))
-    _use(monkeypatch, flaky)
-    run = _settings(experiments, n_examples=6)
+    run = _settings(experiments, flaky, n_examples=6)
     with pytest.raises(TLExtractError, match="2 of 12 judgments failed"):
         run_trait(run)
     assert not (run.stage_dir("judge") / "meta.json").exists()
@@ -94,15 +86,14 @@ def test_failed_judgments_are_never_counted_or_cached(experiments: Path, monkeyp
     cached = [json.loads(line) for line in (run.stage_dir("judge") / "judge_cache.jsonl").open()]
     assert len(cached) == 2 * 12 - 4 and all(r["score"] == 80.0 for r in cached)
     healed = FakeJudge(lambda p: Score(80.0))
-    _use(monkeypatch, healed)
+    run = _settings(experiments, healed, n_examples=6)
     monkeypatch.setitem(run.judge, "min_kept", 0)
     run_trait(run)
     assert healed.calls == 4  # only the failed ones are asked again
 
 
-def test_too_few_kept_stops_before_vectors_with_advice(experiments: Path, monkeypatch) -> None:
-    _use(monkeypatch, FakeJudge(_by_question(set())))  # every response scores 0: no positive
-    run = _settings(experiments, n_examples=6)
+def test_too_few_kept_stops_before_vectors_with_advice(experiments: Path) -> None:
+    run = _settings(experiments, FakeJudge(_by_question(set())), n_examples=6)  # all score 0
     with pytest.raises(TLExtractError, match=r"only 0 pos responses kept .*--judge none"):
         run_trait(run)
     assert not run.stage_dir("vectors").exists()
@@ -114,3 +105,16 @@ def test_judge_none_keeps_everything(experiments: Path) -> None:
     sel = load_selection(run)
     assert sel.summary["judge"] == "none"
     assert sel.kept == {p: list(range(6)) for p in ("pos", "neg")}
+
+
+def test_a_given_judge_is_named_in_the_key_and_a_non_judge_is_refused(experiments: Path) -> None:
+    from tlextract.stages.judge import judge_key
+
+    exp = load_experiment("tiny", experiments)
+    given, local = (
+        _settings(experiments, FakeJudge(lambda p: Score(1.0))),
+        settings_for(exp, "alpha", judge="local"),
+    )
+    assert given.judge["name"] == "fake" and judge_key(given, "r") != judge_key(local, "r")
+    with pytest.raises(TLExtractError, match="judge=.*needs a name"):
+        settings_for(exp, "alpha", judge=object())

@@ -58,6 +58,9 @@ class RunSettings:
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     memory_budget_gib: float | None = None  # for batch_size "auto"; None: memory.default_budget
     engine: EngineSettings = field(default_factory=EngineSettings)
+    # A judge object the caller passed (settings_for(judge=...)); its name is in ``judge``, so
+    # in the judge stage's key.
+    judge_given: Any = field(default=None, compare=False, repr=False)
 
     @property
     def out_dir(self) -> Path:
@@ -82,13 +85,14 @@ def settings_for(
     dtype: str = DEFAULT_DTYPE,
     mode: Mode = "two-stage",
     variant: Variant | None = None,
-    judge: Literal["none", "local"] | None = None,
+    judge: Literal["none", "local"] | Any | None = None,
     memory_budget_gib: float | None = None,
     engine: str | None = None,
     vllm_url: str | None = None,
 ) -> RunSettings:
     """Settings for one trait; arguments left as None take the experiment's. ``judge`` switches
-    the experiment's judge off ("none") or to the studied model itself ("local").
+    the experiment's judge off ("none"), to the studied model itself ("local"), or to a judge
+    object of the caller's (a ``tlextract.judge.base.Judge``: a ``name`` and ``score``).
     ``batch_size="auto"`` picks the largest batch that fits ``memory_budget_gib``. ``engine``
     (one of ``config.ENGINE_KINDS``) replaces the experiment's engine kind; ``vllm_url`` is a
     running vLLM server to use (implies engine "vllm")."""
@@ -118,6 +122,7 @@ def settings_for(
         mode=mode,
         variant=variant,
         judge=_judge_override(experiment.judge, judge),
+        judge_given=None if judge is None or isinstance(judge, str) else judge,
         memory_budget_gib=memory_budget_gib,
         engine=_engine_override(experiment.engine, engine, vllm_url, mode),
     )
@@ -177,9 +182,15 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _judge_override(config: dict[str, Any], override: str | None) -> dict[str, Any]:
+def _judge_override(config: dict[str, Any], override: Any) -> dict[str, Any]:
     if override is None:
         return config
+    if not isinstance(override, str):
+        if not (isinstance(getattr(override, "name", None), str) and callable(
+                getattr(override, "score", None))):  # fmt: skip
+            raise TLExtractError(f"judge={override!r}: a judge object needs a name (str) and a "
+                                 "score(prompts) method.", parameters=("judge",))  # fmt: skip
+        return {"kind": "given", "name": override.name, **split_judge(config)[1]}
     if override not in _JUDGE_OVERRIDES:
         raise TLExtractError(f"judge={override!r}: use one of {', '.join(JUDGE_OVERRIDES)} (or "
                              "None: the experiment's).", parameters=("judge",))  # fmt: skip

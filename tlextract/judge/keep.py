@@ -12,7 +12,7 @@ from typing import Any
 from tlextract.config import split_judge
 from tlextract.errors import TLExtractError
 from tlextract.judge.answers import JudgeCache, judge_responses
-from tlextract.judge.base import Judgment, passes_filter
+from tlextract.judge.base import Judge, Judgment, passes_filter
 from tlextract.judge.registry import make_judge
 from tlextract.traits import POLARITIES
 
@@ -33,13 +33,19 @@ def select(
     cache_path: Path,
     get_model: Callable[[], Any],
     where: str,
+    given: Judge | None = None,
 ) -> Selection:
     """Judge ``rows`` (response records) and apply the keep rule. Empty responses are never kept.
-    ``where`` names the place to fix settings in error messages."""
+    ``where`` names the place to fix settings in error messages; ``given``: the caller's judge
+    (then ``config`` holds only its name and the keep rules)."""
     judge_config, rules = split_judge(config)
     kind = judge_config.get("kind", "none")
     needs_model = kind == "local" and judge_config.get("model", "self") == "self"
-    judge = make_judge(judge_config, model=get_model() if needs_model else None)
+    judge = (
+        given
+        if given is not None
+        else make_judge(judge_config, model=get_model() if needs_model else None)
+    )
     if judge is None:
         judgments = [Judgment(trait=None, coherence=None) for _ in rows]
         keep = [r["n_response_tokens"] > 0 for r in rows]

@@ -37,6 +37,7 @@ def compute_judgments(job: Job) -> Selection:
         job.dir / "judge_cache.jsonl",
         job.get_model,
         where=f"{run.experiment.config_path} ({run.trait.name})",
+        given=run.judge_given,
     )
 
 
