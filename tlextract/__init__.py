@@ -5,7 +5,7 @@ The notebook's story, at one level::
     import tlextract as tx
     exp = tx.load_experiment("smollm2_cognitive")
     run = tx.settings_for(exp, "local_global", n_examples=8)
-    vectors = tx.run_trait(run)          # generate -> judge -> activations -> mean_diff vectors
+    vectors = tx.run_trait(run)          # responses -> judge -> activations -> mean_diff vectors
     vectors[16], vectors.hook_name(16)   # direction at block 16, "blocks.16.hook_resid_post"
     cv = tx.cross_validate(run)          # nested CV: figures with 95% intervals, baselines, nulls
     cv.get("mean_diff").auroc, cv.layer["mean_diff"]
