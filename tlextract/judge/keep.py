@@ -39,13 +39,7 @@ def select(
     ``where`` names the place to fix settings in error messages; ``given``: the caller's judge
     (then ``config`` holds only its name and the keep rules)."""
     judge_config, rules = split_judge(config)
-    kind = judge_config.get("kind", "none")
-    needs_model = kind == "local" and judge_config.get("model", "self") == "self"
-    judge = (
-        given
-        if given is not None
-        else make_judge(judge_config, model=get_model() if needs_model else None)
-    )
+    judge = given if given is not None else _judge_of(judge_config, get_model)
     if judge is None:
         judgments = [Judgment(trait=None, coherence=None) for _ in rows]
         keep = [r["n_response_tokens"] > 0 for r in rows]
@@ -88,6 +82,13 @@ def select(
         for r, j, k in zip(rows, judgments, keep, strict=True)
     ]  # fmt: skip
     return Selection(kept=kept, judgments=records, summary=summary)
+
+
+def _judge_of(config: dict[str, Any], get_model: Callable[[], Any]) -> Judge | None:
+    """The configured judge (None: keep every non-empty response); the studied model is
+    loaded only for a local judge that scores with it."""
+    needs_model = config.get("kind", "none") == "local" and config.get("model", "self") == "self"
+    return make_judge(config, model=get_model() if needs_model else None)
 
 
 def _summary(
