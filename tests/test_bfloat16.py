@@ -144,12 +144,17 @@ def test_bf16_accelerated_logits_and_residuals_match_stock(bf16_pair) -> None:
         assert max_rel_diff(ref[name][real], cache[name][real]) <= ACCEL_VS_STOCK, name
 
 
+def _greedy(model) -> tuple[list[list[int]], list[list[int]]]:  # type: ignore[no-untyped-def]
+    """Random prompts and the model's greedy responses to them (none empty)."""
+    prompts = random_prompts()
+    responses = [g.response_ids for g in generate_batch(model, prompts, GREEDY, [0] * len(prompts))]
+    assert all(responses)
+    return prompts, responses
+
+
 def test_bf16_accelerated_greedy_tokens_match_stock(bf16_pair) -> None:
     stock, fast = bf16_pair
-    prompts = random_prompts()
-    gens = generate_batch(fast, prompts, GREEDY, [0] * len(prompts))
-    responses = [g.response_ids for g in gens]
-    assert all(responses)
+    prompts, responses = _greedy(fast)
     assert greedy_disagreements(stock, prompts, responses, ACCEL_VS_STOCK) == []
 
 
@@ -242,8 +247,5 @@ def test_bf16_transformerlens_matches_transformers(tl_hf) -> None:
 
 def test_bf16_greedy_tokens_match_transformers(tl_hf) -> None:
     tl, hf = tl_hf
-    prompts = random_prompts()
-    gens = generate_batch(tl, prompts, GREEDY, [0] * len(prompts))
-    responses = [g.response_ids for g in gens]
-    assert all(responses)
+    prompts, responses = _greedy(tl)
     assert greedy_disagreements(lambda t: hf(t).logits, prompts, responses, TL_VS_HF) == []

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import chat_ids
+from tiny_families import FAMILIES
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -264,16 +265,7 @@ CONFIGS = {
         use_normalization_before_and_after=True,
         act_fn="gelu_pytorch_tanh",
     ),
-    "gemma2-like": dict(
-        n_key_value_heads=2,
-        use_local_attn=True,
-        attn_types=["global", "local"],
-        window_size=4,
-        attn_scores_soft_cap=5.0,
-        output_logits_soft_cap=3.0,
-        use_normalization_before_and_after=True,
-        act_fn="gelu_pytorch_tanh",
-    ),
+    "gemma2-like": FAMILIES["gemma2-like"],
     "gpt2-like": dict(
         normalization_type="LN",
         positional_embedding_type="standard",
