@@ -12,7 +12,14 @@ Names (case-insensitive):
   ``org/name`` of an architecture TransformerLens builds from a config (llama, qwen2, mistral, ...):
   downloaded with huggingface_hub, or read from the local Hugging Face cache only when offline
   (``HF_HUB_OFFLINE=1``, ``--offline``); see :mod:`tlextract.model.hub`.
-* the path of a local directory holding a Hugging Face model.
+* the path of a local directory holding a Hugging Face model, or a LoRA adapter of one (merged
+  into its base on load; needs ``peft``).
+
+Two backends build the model (``backend=``, decided by :func:`resolve_model`): TransformerLens'
+HookedTransformer, accelerated by tlextract, for the embedded models, TransformerLens model names
+and the directory architectures it is proven on; TransformerLens' TransformerBridge around the
+transformers model for every other architecture the bridge supports (:mod:`tlextract.model.bridge`).
+Both have the same hook names; :mod:`tlextract.model.decoding` drives either.
 
 Which of these a name is, and where its files are, is decided once, by
 :func:`tlextract.model.source.resolve_model`; every function here goes through it.
@@ -27,6 +34,7 @@ whose chat template starts with its own ``<|im_start|>``).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -39,9 +47,11 @@ from transformers.utils import logging as hf_logging
 
 from tlextract.errors import TLExtractError
 from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, accelerate, keep_freed_memory
+from tlextract.model.bridge import first_line, is_bridge, load_bridge
 from tlextract.model.cache import DEFAULT_MODEL
 from tlextract.model.fixes import moe_in_model_dtype
 from tlextract.model.source import ModelSource, resolve_model
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import prepare_tokenizer
 from tlextract.settings import (
     DEFAULT_DTYPE,
@@ -51,6 +61,7 @@ from tlextract.settings import (
 )
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the names: settings.DTYPES
+log = logging.getLogger(__name__)
 
 
 def load_model(
@@ -59,8 +70,11 @@ def load_model(
     dtype: str = DEFAULT_DTYPE,
     *,
     fast: bool = True,
-) -> HookedTransformer:
-    """A HookedTransformer with unprocessed weights; ``model.cfg.model_name`` is ``name``.
+    backend: str = "auto",
+) -> Model:
+    """A HookedTransformer with unprocessed weights, or a TransformerBridge (see the module's
+    docstring; ``backend`` is "auto", "hooked" or "bridge"); ``model.cfg.model_name`` is
+    ``name``. Which backend "auto" chose, and why, is logged once when it is the bridge.
 
     ``device=None`` picks CUDA when available, else CPU; ``dtype="auto"`` (default) is bfloat16
     on CUDA, float32 elsewhere. The weights are held once in host RAM while loading (each
@@ -76,23 +90,19 @@ def load_model(
     """
     device = pick_device(device)
     torch_dtype = _torch_dtype(dtype, device)
-    source, directory = _fetched(name)
-    cfg, state_dict, tokenizer = _converted(source, directory, device, torch_dtype)
-    # Attached below instead: TransformerLens would fetch the tokenizer by this name, or reload
-    # ours from disk with add_bos_token=True (5 s for Gemma's) and add BOS on every encode.
-    cfg.tokenizer_name = None
-    # Its parameters are torch.empty: untouched pages, no RAM, until replaced below.
-    model = HookedTransformer(cfg, move_to_device=False)
-    model.tokenizer = tokenizer
-    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
-    # load_and_process_state_dict with every processing flag off does just this, but one key at a
-    # time, walking all modules per key: 7 s instead of 0.5 s for SmolLM2. assign=True makes
-    # the converted tensors, already on the device, the parameters: a copy into TransformerLens'
-    # own ones would hold the weights twice. Then its buffers follow them to the device.
-    model.load_state_dict(_as_parameters(model, state_dict, device), strict=True, assign=True)
-    del state_dict
-    moe_in_model_dtype(model)  # TransformerLens builds MoE routers in float32
-    model.move_model_modules_to_device()
+    source, directory = _fetched(name, backend)
+    if source.backend == "bridge":
+        log.warning("%s: TransformerBridge backend (%s)", source.label, source.reason)
+        hf_model, tokenizer = _load_hf(source, torch_dtype)
+        return load_bridge(hf_model, tokenizer, source.label, device, torch_dtype)
+    try:
+        model = _hooked(source, directory, device, torch_dtype)
+    except RuntimeError as e:  # a converter that does not fit the checkpoint (shapes, keys)
+        raise TLExtractError(
+            f"{source.label}: HookedTransformer cannot convert this checkpoint ({first_line(e)});"
+            " load it with backend='bridge'",
+            parameters=("backend",),
+        ) from e
     model.cfg.model_name = source.label
     if not fast:
         return model
@@ -105,14 +115,24 @@ def load_model(
 def load_hf_model(
     name: str = DEFAULT_MODEL, dtype: str = DEFAULT_DTYPE
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The transformers model (CPU, eval mode) and tokenizer that ``load_model(name)`` converts."""
-    return _load_hf(_fetched(name)[1], _torch_dtype(dtype, "cpu"))
+    """The transformers model (CPU, eval mode) and tokenizer that ``load_model(name)`` converts
+    or wraps (a LoRA adapter merged)."""
+    return _load_hf(_fetched(name)[0], _torch_dtype(dtype, "cpu"))
 
 
 def model_directory(name: str) -> Path:
     """The Hugging Face model directory behind ``name`` (built, read from the cache or
-    downloaded as for :func:`load_model`): what another engine, such as vLLM, loads."""
-    return _fetched(name)[1]
+    downloaded as for :func:`load_model`): what another engine, such as vLLM, loads. A LoRA
+    adapter has none: its weights exist only once merged, in this process."""
+    source, directory = _fetched(name)
+    if source.adapter is not None:
+        raise TLExtractError(
+            f"{name} is a LoRA adapter, merged only when tlextract loads it: engine='vllm' would "
+            "serve its base model; use engine='tl', or save the merged model "
+            "(peft's merge_and_unload, then save_pretrained) and pass that directory",
+            parameters=("engine",),
+        )
+    return directory
 
 
 def check_model_name(name: str) -> None:
@@ -123,19 +143,22 @@ def check_model_name(name: str) -> None:
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer ``load_model(name)`` attaches (left padding, a pad token), alone."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_directory(name), local_files_only=True)
+        directory = _tokenizer_directory(_fetched(name)[0])
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:
         raise TLExtractError(f"could not load the tokenizer of {name}: {e}") from e
     prepare_tokenizer(tokenizer)
     return tokenizer
 
 
-def model_info(model: HookedTransformer) -> dict[str, Any]:
+def model_info(model: Model) -> dict[str, Any]:
     """Facts about a loaded model worth recording next to vectors and activations."""
     cfg, tok = model.cfg, model.tokenizer
+    bridge = is_bridge(model)
     return {
         "name": cfg.model_name,
-        "architecture": cfg.original_architecture,
+        "architecture": cfg.architecture if bridge else cfg.original_architecture,
+        "backend": "bridge" if bridge else "hooked",
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
         "n_heads": cfg.n_heads,
@@ -152,9 +175,32 @@ def model_info(model: HookedTransformer) -> dict[str, Any]:
     }
 
 
-def _fetched(name: str) -> tuple[ModelSource, Path]:
+def _hooked(
+    source: ModelSource, directory: Path, device: str, dtype: torch.dtype
+) -> HookedTransformer:
+    """The HookedTransformer of ``source``, its weights converted one tensor at a time."""
+    cfg, state_dict, tokenizer = _converted(source, directory, device, dtype)
+    # Attached below instead: TransformerLens would fetch the tokenizer by this name, or reload
+    # ours from disk with add_bos_token=True (5 s for Gemma's) and add BOS on every encode.
+    cfg.tokenizer_name = None
+    # Its parameters are torch.empty: untouched pages, no RAM, until replaced below.
+    model = HookedTransformer(cfg, move_to_device=False)
+    model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+    # load_and_process_state_dict with every processing flag off does just this, but one key at a
+    # time, walking all modules per key: 7 s instead of 0.5 s for SmolLM2. assign=True makes
+    # the converted tensors, already on the device, the parameters: a copy into TransformerLens'
+    # own ones would hold the weights twice. Then its buffers follow them to the device.
+    model.load_state_dict(_as_parameters(model, state_dict, device), strict=True, assign=True)
+    del state_dict
+    moe_in_model_dtype(model)  # TransformerLens builds MoE routers in float32
+    model.move_model_modules_to_device()
+    return model
+
+
+def _fetched(name: str, backend: str = "auto") -> tuple[ModelSource, Path]:
     """``name`` resolved with its files available, and their directory."""
-    source = resolve_model(name, fetch_weights=True)
+    source = resolve_model(name, fetch_weights=True, backend=backend)
     assert source.directory is not None  # always set when fetch_weights is True
     return source, source.directory
 
@@ -165,7 +211,7 @@ def _converted(
     """TransformerLens' config and state dict of ``source``, on the CPU. The Hugging Face model
     is gone on return: the state dict's tensors are mostly views of its weights (what the
     converters return), which :func:`_as_parameters` then copies one at a time."""
-    hf_model, tokenizer = _load_hf(directory, dtype)
+    hf_model, tokenizer = _load_hf(source, dtype)
     hf_model.requires_grad_(False)  # no autograd graph from the converters' views to the originals
     cfg, state_dict = source.converted(hf_model, device, dtype)
     del hf_model
@@ -199,19 +245,41 @@ def _torch_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def _load_hf(
-    directory: Path, dtype: torch.dtype
+    source: ModelSource, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The transformers model (eval mode, on the CPU) and tokenizer of ``source``; a LoRA
+    adapter is merged into the weights, and its own tokenizer (if it saved one) wins."""
+    assert source.directory is not None
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a local read of a second or two: no bar on the console
+    where = source.adapter or source.directory
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, local_files_only=True
+        tokenizer = AutoTokenizer.from_pretrained(
+            _tokenizer_directory(source), local_files_only=True
         )
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            source.directory, dtype=dtype, local_files_only=True
+        )
+        if source.adapter is not None:
+            hf_model = _merged(hf_model, source.adapter)
     except (OSError, ValueError) as e:
-        raise TLExtractError(f"could not load a Hugging Face model from {directory}: {e}") from e
+        raise TLExtractError(f"could not load a Hugging Face model from {where}: {e}") from e
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     prepare_tokenizer(tokenizer)
     return hf_model.eval(), tokenizer
+
+
+def _tokenizer_directory(source: ModelSource) -> Path:
+    assert source.directory is not None
+    adapter = source.adapter
+    return adapter if adapter and (adapter / "tokenizer_config.json").is_file() else source.directory
+
+
+def _merged(hf_model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    """``hf_model`` with the LoRA adapter at ``adapter`` merged into its weights."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(hf_model, adapter, is_trainable=False).merge_and_unload()
+    return merged  # type: ignore[no-any-return]

@@ -10,13 +10,24 @@ A name is, in this order (the first that fits):
   architecture TransformerLens builds from a config, downloaded or read from the Hugging Face
   cache (:mod:`tlextract.model.hub`).
 
-Anything else is refused with one line listing what a name may be.
+Anything else is refused with one line listing what a name may be. A local directory may also
+hold a LoRA adapter (``adapter_config.json`` naming its base model): it resolves to its base,
+with :attr:`ModelSource.adapter` set, and is merged into it on load (``peft`` needed).
+
+The backend that builds the model is decided here too (:func:`resolve_model`'s ``backend``):
+``hooked``, TransformerLens' HookedTransformer (accelerated by tlextract), or ``bridge``,
+TransformerLens' TransformerBridge around the transformers model (:mod:`tlextract.model.bridge`).
+``auto`` keeps HookedTransformer wherever it loaded models before the bridge existed (embedded
+models, TransformerLens model names, and directories or hub ids of the architectures it is proven
+on: :data:`HOOKED_DIRECTORY_ARCHITECTURES`) and takes the bridge for every other architecture the
+bridge supports; anything else is one line naming the architecture.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +42,15 @@ from tlextract.model import hub
 from tlextract.model.cache import EMBEDDED_MODELS, TINY_MODEL, embedded, ensure_cached
 
 SourceKind = Literal["embedded", "local", "hub"]
+Backend = Literal["hooked", "bridge"]
+BACKENDS = ("auto", "hooked", "bridge")
+
+# From a directory (or an unlisted hub id), HookedTransformer builds these as transformers does
+# (tests/test_local_models.py); for other architectures its converters refuse, fail in
+# load_state_dict (Phi-3) or drop what they do not know (scaled RoPE, biases).
+HOOKED_DIRECTORY_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,11 @@ class ModelSource:
     tl_name: str | None
     # None keeps TransformerLens' default (True).
     default_prepend_bos: bool | None
+    backend: Backend = "hooked"
+    # Why this backend, said once when the model loads ("" for the HookedTransformer default).
+    reason: str = ""
+    # A LoRA adapter directory to merge into the model at ``directory``.
+    adapter: Path | None = None
 
     def converted(
         self, hf_model: PreTrainedModel, device: str, dtype: torch.dtype
@@ -69,7 +94,9 @@ class ModelSource:
         return cfg, tl_loading.get_pretrained_state_dict(self.tl_name, cfg, hf_model, dtype=dtype)
 
 
-def resolve_model(name: str, *, fetch_weights: bool = True) -> ModelSource:
+def resolve_model(
+    name: str, *, fetch_weights: bool = True, backend: str = "auto"
+) -> ModelSource:
     """What ``name`` is (see the module's docstring), in one pass.
 
     ``fetch_weights`` (default): the model's files are made available: an embedded model built
@@ -77,30 +104,108 @@ def resolve_model(name: str, *, fetch_weights: bool = True) -> ModelSource:
     Face cache), and a directory's or unlisted hub id's architecture checked (an unsupported one
     fails before its weights are downloaded). ``fetch_weights=False`` decides from the name
     alone, building, downloading and reading nothing: ``directory`` is None and ``tl_name`` is
-    known only for embedded and TransformerLens names. Raises TLExtractError (one line) for a
-    name that cannot be a model, and, fetching, for a model that is not available.
+    known only for embedded and TransformerLens names; a directory's backend is then not
+    decided (``hooked`` stands in for ``auto``). Raises TLExtractError (one line) for a name
+    that cannot be a model or a backend that cannot build it, and, fetching, for a model that
+    is not available.
     """
+    if backend not in BACKENDS:
+        raise TLExtractError(
+            f"backend={backend!r} is not a backend: use one of {', '.join(BACKENDS)}",
+            parameters=("backend",),
+        )
     key = name.lower()
     spec = embedded(key)
     if spec is not None:
         directory = ensure_cached(key, spec) if fetch_weights else None
-        return ModelSource("embedded", key, directory, spec.tl_name, spec.default_prepend_bos)
+        source = ModelSource("embedded", key, directory, spec.tl_name, spec.default_prepend_bos)
+        return _asked_for_bridge(source, name) if backend == "bridge" else source
     path = Path(name).expanduser()
     if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+            return _adapter(path, name, fetch_weights, backend)
         if not fetch_weights:
             return ModelSource("local", name, None, None, None)
-        return ModelSource("local", name, path, _converter(path, str(path)), None)
+        return _decided(ModelSource("local", name, path, None, None), path, backend)
     official = _official(name)
     if official is not None:
         directory = hub.fetch(official) if fetch_weights else None
-        return ModelSource("hub", name, directory, official, None)
+        source = ModelSource("hub", name, directory, official, None)
+        return _asked_for_bridge(source, name) if backend == "bridge" else source
     if not hub.is_repo_id(name):
         raise _unknown(name)
     if not fetch_weights:
         return ModelSource("hub", name, None, None, None)
-    _converter(hub.fetch_config(name), name)  # an unsupported architecture fails before the weights
+    # An unsupported architecture fails before the weights are downloaded.
+    _decided(ModelSource("hub", name, None, None, None), hub.fetch_config(name), backend)
     directory = hub.fetch(name)
-    return ModelSource("hub", name, directory, _converter(directory, name), None)
+    return _decided(ModelSource("hub", name, directory, None, None), directory, backend)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _adapter(path: Path, name: str, fetch_weights: bool, backend: str) -> ModelSource:
+    """A LoRA adapter directory: its base model resolved, with the adapter to merge into it."""
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TLExtractError(
+            f"{name}: {ADAPTER_CONFIG} names no base_model_name_or_path ({e}); it is not a LoRA "
+            "adapter directory peft can load"
+        ) from e
+    if importlib.util.find_spec("peft") is None:
+        raise TLExtractError(
+            f"{name} is a LoRA adapter directory: merging it needs peft; install it with "
+            "pip install 'tlextract[lora]'"
+        )
+    source = resolve_model(str(base), fetch_weights=fetch_weights, backend=backend)
+    return replace(source, kind="local", label=name, adapter=path)
+
+
+def _decided(source: ModelSource, directory: Path, backend: str) -> ModelSource:
+    """``source`` (a directory or hub id) with its backend and converter decided from the
+    architecture in ``directory``'s config.json."""
+    config = _config(directory, source.label)
+    arch = (config.get("architectures") or ["(none in config.json)"])[0]
+    if backend == "hooked":
+        return replace(source, tl_name=_converter(directory, source.label, config))
+    refusal = _hooked_refusal(arch, config)
+    if backend == "auto" and refusal is None:
+        return replace(source, tl_name=_converter(directory, source.label, config))
+    if arch not in bridge_architectures():
+        raise TLExtractError(
+            f"{source.label}: architecture {arch} can be loaded neither by HookedTransformer nor "
+            f"by TransformerLens {_tl_version()}'s TransformerBridge; supported: "
+            f"{', '.join(a.removesuffix('ForCausalLM') for a in bridge_architectures())}"
+        )
+    reason = "backend='bridge' was asked for" if backend == "bridge" else f"{refusal}"
+    return replace(source, backend="bridge", reason=reason)
+
+
+def _asked_for_bridge(source: ModelSource, name: str) -> ModelSource:
+    return replace(source, backend="bridge", tl_name=None, reason="backend='bridge' was asked for")
+
+
+def _hooked_refusal(arch: str, config: dict[str, Any]) -> str | None:
+    """Why HookedTransformer does not build this directory's model (None: it does)."""
+    if arch not in HOOKED_DIRECTORY_ARCHITECTURES:
+        return f"HookedTransformer is not proven on {arch} from a directory"
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if arch == "LlamaForCausalLM" and (
+        rope.get("rope_type", rope.get("type", "default")) != "default"
+        or config.get("attention_bias")
+        or config.get("mlp_bias")
+    ):
+        return "HookedTransformer's llama conversion has no scaled RoPE or biases"
+    return None
+
+
+def bridge_architectures() -> list[str]:
+    """The text-generating architectures TransformerBridge has adapters for."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    return sorted(a for a in SUPPORTED_ARCHITECTURES if a.endswith(("ForCausalLM", "LMHeadModel")))
 
 
 def _official(name: str) -> str | None:
@@ -120,15 +225,27 @@ def _unknown(name: str) -> TLExtractError:
     )
 
 
-def _converter(directory: Path, label: str) -> str | None:
+def _config(directory: Path, label: str) -> dict[str, Any]:
+    if not (directory / "config.json").is_file():
+        raise TLExtractError(f"{label} holds no config.json: it is not a Hugging Face model")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TLExtractError(f"{label}: its config.json is not readable JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise TLExtractError(f"{label}: its config.json is not a JSON object")
+    return config
+
+
+def _converter(directory: Path, label: str, config: dict[str, Any]) -> str | None:
     """The ``tl_name`` of a Hugging Face model directory that is not a TransformerLens model
     name: None (our converter) for llama, else the directory itself for TransformerLens' config
     of it; an architecture TransformerLens has no config for is refused here."""
-    if not (directory / "config.json").is_file():
-        raise TLExtractError(f"{label} holds no config.json: it is not a Hugging Face model")
-    config = json.loads((directory / "config.json").read_text())
     arch = (config.get("architectures") or ["(none in config.json)"])[0]
     if arch == "LlamaForCausalLM":
+        refusal = _hooked_refusal(arch, config)
+        if refusal is not None:
+            raise TLExtractError(f"{label}: {refusal}; load it with backend='bridge'")
         return None
     tl_name = str(directory.resolve())
     try:
@@ -137,9 +254,8 @@ def _converter(directory: Path, label: str) -> str | None:
     except (NotImplementedError, AttributeError, ValueError) as e:
         reason = next(iter(str(e).splitlines()), type(e).__name__)
         raise TLExtractError(
-            f"{label}: TransformerLens {_tl_version()} cannot load architecture {arch} ({reason}); "
-            "use a TransformerLens model name or a model of a supported architecture (llama, "
-            "mistral, qwen2, gpt2, gpt_neox, phi, ...)"
+            f"{label}: TransformerLens {_tl_version()} cannot load architecture {arch} as a "
+            f"HookedTransformer ({reason}); load it with backend='bridge' or 'auto'"
         ) from e
     return tl_name
 
@@ -157,18 +273,8 @@ def _llama_config(
     n_heads = hf_config.num_attention_heads
     d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
     n_kv = hf_config.num_key_value_heads
+    # _converter refused scaled RoPE and biases, which convert_llama_weights would drop.
     rope = getattr(hf_config, "rope_parameters", None) or {}
-    # convert_llama_weights drops biases, and TL needs extra settings for scaled rope: refuse
-    # rather than compute wrong activations.
-    if (
-        rope.get("rope_type", "default") != "default"
-        or getattr(hf_config, "attention_bias", False)
-        or getattr(hf_config, "mlp_bias", False)
-    ):
-        raise TLExtractError(
-            "this llama variant (scaled rope or biases) is not supported from a directory; load "
-            "it by its TransformerLens model name instead"
-        )
     return HookedTransformerConfig(
         n_layers=hf_config.num_hidden_layers,
         d_model=hf_config.hidden_size,

@@ -1,4 +1,5 @@
-"""Batched generation on a HookedTransformer with left padding and a KV cache.
+"""Batched generation on a HookedTransformer or a TransformerBridge with left padding and a KV
+cache (:mod:`tlextract.model.decoding` holds what differs between the two).
 
 TransformerLens' own ``generate`` samples every row from the global RNG and keeps finished rows in
 the batch. This loop drives the same forward pass and ``TransformerLensKeyValueCache`` but gives
@@ -18,9 +19,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.model_bridge import TransformerBridge
 
 from tlextract.config import GenerationSettings
 from tlextract.model.accel import decode_session, has_hooks
+from tlextract.model.decoding import (
+    BridgeCache,
+    KVCache,
+    Model,
+    bridge_pass,
+    empty_cache,
+    keep_rows,
+)
 from tlextract.model.tokens import device_of, left_pad, stop_token_ids, tokenizer_of
 
 Hook = tuple[str | Callable[..., object], Callable[..., object]]
@@ -30,12 +40,18 @@ MIN_SHARED_PREFIX = 4
 
 
 def next_token_logits(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     mask: Int[Tensor, "batch pos"],
-    cache: TransformerLensKeyValueCache,
+    cache: KVCache,
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position only: unembedding every prompt position is wasted work."""
+    if isinstance(model, TransformerBridge):
+        assert isinstance(cache, BridgeCache)
+        logits = bridge_pass(model, tokens, mask, cache, last_logits=True)
+        assert logits is not None
+        return logits[:, -1, :].float()
+    assert isinstance(cache, TransformerLensKeyValueCache)
     resid = model(
         tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers
     )
@@ -100,12 +116,12 @@ def sample_with(
 
 
 def prefix_cache(
-    model: HookedTransformer,
+    model: Model,
     seqs: Sequence[Sequence[int]],
     limit: int,
     share: bool,
     stop_at_layer: int | None = None,
-) -> tuple[TransformerLensKeyValueCache, int]:
+) -> tuple[KVCache, int]:
     """A KV cache for ``len(seqs)`` rows holding their longest common prefix (at most ``limit``
     tokens), computed once at batch 1, and the prefix length; the caller feeds each row's
     remaining tokens. Chat prompts share the template's system prompt and turn markers, more
@@ -113,10 +129,13 @@ def prefix_cache(
     work. Positions come from the attention mask, so a row's tokens sit where they would
     without sharing (rotary or learned absolute positions; local attention windows count
     columns, so models with them never share). ``share=False`` (or a prefix under
-    MIN_SHARED_PREFIX, or one row): an empty cache and 0. ``stop_at_layer``: fill only the
+    MIN_SHARED_PREFIX, or one row, or a TransformerBridge, whose transformers cache has no
+    shared rows): an empty cache and 0. ``stop_at_layer``: fill only the
     blocks before it. Callers pass ``share=False`` when hooks are attached: a hook may depend
     on batch rows or positions, and the prefix pass has one row and only the prefix."""
     device = device_of(model)
+    if isinstance(model, TransformerBridge):
+        return empty_cache(model, len(seqs), device), 0
     cfg = model.cfg
     n = 0
     if (
@@ -129,7 +148,7 @@ def prefix_cache(
         while n < limit and all(s[n] == first[n] for s in seqs):
             n += 1
     if n < MIN_SHARED_PREFIX:
-        return TransformerLensKeyValueCache.init_cache(model.cfg, device, len(seqs)), 0
+        return empty_cache(model, len(seqs), device), 0
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
     prefix = torch.tensor([list(seqs[0][:n])], device=device)
     model(
@@ -143,13 +162,6 @@ def prefix_cache(
         entry.past_values = entry.past_values.expand(len(seqs), -1, -1, -1)
     cache.previous_attention_mask = cache.previous_attention_mask.expand(len(seqs), -1)
     return cache, n
-
-
-def _keep_rows(cache: TransformerLensKeyValueCache, keep: Int[Tensor, " kept"]) -> None:
-    for entry in cache.entries:
-        entry.past_keys = entry.past_keys[keep]
-        entry.past_values = entry.past_values[keep]
-    cache.previous_attention_mask = cache.previous_attention_mask[keep]
 
 
 @dataclass(frozen=True)
@@ -196,7 +208,7 @@ class _Capture:
 
 @torch.inference_mode()
 def generate_batch(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     settings: GenerationSettings,
     seeds: Sequence[int],
@@ -235,12 +247,12 @@ class _Batch:
     history: list[tuple[list[int], list[bool]]]  # per step: its rows and which of them ended
 
     def drop(
-        self, done: list[bool], cache: TransformerLensKeyValueCache, recorder: _Capture
+        self, done: list[bool], cache: KVCache, recorder: _Capture
     ) -> Int[Tensor, " kept"]:
         """Drop the finished rows everywhere; the kept rows' indices in the old batch."""
         keep = [j for j, d in enumerate(done) if not d]
         index = torch.tensor(keep, device=self.ones.device)  # host to device: not a sync
-        _keep_rows(cache, index)
+        keep_rows(cache, index)
         recorder.rows = recorder.rows[index]
         self.rows = [self.rows[j] for j in keep]
         self.uniforms = None if self.uniforms is None else self.uniforms[index]
@@ -264,7 +276,7 @@ class _Batch:
 
 
 def _generate(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     settings: GenerationSettings,
     seeds: Sequence[int],
@@ -311,5 +323,9 @@ def _generate(
             # Rows that ran out of budget still have their last token to record.
             recorder.recording = True
             last = max(int(n.split(".")[1]) for n in recorder.names)
-            model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=last + 1)
+            if isinstance(cache, BridgeCache):
+                assert isinstance(model, TransformerBridge)
+                bridge_pass(model, tokens, mask, cache, stop_at_layer=last + 1)
+            else:
+                model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=last + 1)
     return batch.responses(len(prompt_ids))

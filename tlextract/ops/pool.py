@@ -15,11 +15,12 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
+from transformer_lens.model_bridge import TransformerBridge
 
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.model.accel import has_hooks
+from tlextract.model.decoding import Model, bridge_activations
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
 from tlextract.ops.generate import prefix_cache
 
@@ -76,7 +77,7 @@ def masked_mean(
 
 @torch.inference_mode()
 def pooled_activations(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     layers: Sequence[int],
@@ -88,6 +89,12 @@ def pooled_activations(
     are attached: its activations are never pooled, only its keys and values are needed."""
     names = [hook_name(hook, layer) for layer in layers]
     stop = max(layers) + 1  # later blocks cannot change these activations
+    if isinstance(model, TransformerBridge):
+        tokens, attn, response = pack(
+            prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
+        )
+        acts = bridge_activations(model, tokens, attn, names, stop)
+        return torch.cat([masked_mean(acts[n][:, None], response) for n in names], dim=1).cpu()
     limit = min(map(len, prompt_ids))  # the prefix never reaches a response token
     cache, shared = prefix_cache(model, prompt_ids, limit, not has_hooks(model), stop)
     # Only the prefix's keys/values are read: a frozen cache is not appended to (TransformerLens
@@ -107,3 +114,4 @@ def pooled_activations(
     )
     pooled = [masked_mean(acts[n][:, None], response) for n in names]  # no [b, l, p, d] stack
     return torch.cat(pooled, dim=1).cpu()
+
