@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformer_lens import HookedTransformer
 
 from tlextract.engines.registry import starts_server
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.crossval import HEADLINE, cross_validate
+from tlextract.model.decoding import Model
 from tlextract.model.memory import GiB, default_budget
 from tlextract.settings import STAGES, RunSettings, experiment_report_dir
 from tlextract.stages.common import model_loader
@@ -103,7 +103,7 @@ class TraitWorker:
     def __init__(self, threads: int, gpus: float = 0.0):
         torch.set_num_threads(threads)
         self.gpus = gpus
-        self.models: dict[tuple[str, str | None, str], HookedTransformer] = {}
+        self.models: dict[tuple[str, str | None, str], Model] = {}
 
     def run(self, run: RunSettings, stages: Sequence[str]) -> dict[str, Any]:
         """One trait run; its output goes to ``<out_dir>/ray_task.log`` (appended per attempt)."""
@@ -120,7 +120,7 @@ class TraitWorker:
             self.models.clear()
             release()
 
-        def get_model() -> HookedTransformer:
+        def get_model() -> Model:
             nonlocal loaded
             if key not in self.models:
                 self.models[key] = model_loader(run)()
@@ -165,7 +165,7 @@ class TraitWorker:
         }
 
     def _gpu_share(
-        self, run: RunSettings, stages: Sequence[str], get_model: Callable[[], HookedTransformer]
+        self, run: RunSettings, stages: Sequence[str], get_model: Callable[[], Model]
     ) -> RunSettings:
         """With part of a GPU, --batch-size auto budgets that part of the free memory (the
         default gives every actor on the GPU 80% of the same free memory): measured after the

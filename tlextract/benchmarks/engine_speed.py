@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from transformer_lens import HookedTransformer
-
 from tlextract.config import EngineSettings, Experiment, GenerationSettings
 from tlextract.engines.vllm import VLLMEngine, max_model_len, vllm_engine
+from tlextract.model.decoding import Model
 from tlextract.model.load import load_tokenizer
 from tlextract.model.memory import PeakMemory
 from tlextract.model.tokens import device_of
@@ -33,7 +32,7 @@ MiB = 2**20
 
 
 def measure(
-    model: HookedTransformer,
+    model: Model,
     dtype: str,
     prompt_ids: Sequence[Sequence[int]],
     n_new: int,
@@ -88,7 +87,7 @@ def vllm_pipeline_rows(
     trait: str,
     n_examples: int,
     batch_sizes: Sequence[int],
-    model: HookedTransformer,
+    model: Model,
     vllm_url: str | None = None,
 ) -> list[dict]:
     """Table 2's engine=vllm rows; ``experiment_for(batch)`` gives each a fresh output

@@ -273,7 +273,9 @@ def _measure_workload(
     rows."""
     root = work_dir / workload.experiment
     exp = _copy_experiments(root / "prompts", workload.experiment, plan.n_new)
-    model = load_model(exp.model, device=plan.device, dtype=plan.dtype)
+    # The accelerated HookedTransformer is what these tables measure.
+    model = load_model(exp.model, device=plan.device, dtype=plan.dtype, backend="hooked")
+    assert isinstance(model, HookedTransformer)
     prompts = _workload_prompts(model, workload, root / "prompts", max(plan.versus_batch_sizes))
     # Warm-up run: first-call allocations, packed weights, lazy imports.
     warm = _copy_experiments(root / "warmup", workload.experiment, plan.n_new)

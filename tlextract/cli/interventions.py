@@ -22,14 +22,13 @@ from tlextract.cli.options import (
 )
 from tlextract.config import Experiment
 from tlextract.errors import TLExtractError
+from tlextract.model.decoding import Model
 from tlextract.ops.bootstrap import Interval
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import RunSettings, monitor_dir, settings_for, steer_dir
 from tlextract.stages.common import model_loader
 
 if TYPE_CHECKING:  # the commands import their heavy modules lazily
-    from transformer_lens import HookedTransformer
-
     from tlextract.judge.answers import JudgeCache
     from tlextract.judge.base import Judge
     from tlextract.monitoring.alarm import Alarm
@@ -199,7 +198,7 @@ def _auto(
     run: RunSettings,
     vectors: TraitVectors,
     layer: int,
-    model: HookedTransformer,
+    model: Model,
     judge: Judge | None,
     cache: JudgeCache | None,
 ) -> dict[str, Interval] | None:

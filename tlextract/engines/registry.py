@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformer_lens import HookedTransformer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tlextract.config import EngineSettings
@@ -19,6 +18,7 @@ from tlextract.engines.base import Engine
 from tlextract.engines.tl import TLEngine
 from tlextract.engines.vllm import AUTO_BATCH, vllm_engine
 from tlextract.model.accel import decode_session
+from tlextract.model.decoding import Model
 from tlextract.model.load import load_tokenizer
 from tlextract.model.tokens import tokenizer_of
 from tlextract.settings import RunSettings
@@ -36,7 +36,7 @@ class Plan:
 
 
 # The TransformerLens engine's plan for a loaded model (its batch size and what it records).
-ModelPlan = Callable[[HookedTransformer], Plan]
+ModelPlan = Callable[[Model], Plan]
 
 
 def engine_identity(engine: EngineSettings) -> dict[str, Any] | None:
@@ -58,9 +58,7 @@ def starts_server(engine: EngineSettings) -> bool:
     return engine.kind == "vllm" and not engine.base_url
 
 
-def engine_tokenizer(
-    run: RunSettings, get_model: Callable[[], HookedTransformer]
-) -> PreTrainedTokenizerBase:
+def engine_tokenizer(run: RunSettings, get_model: Callable[[], Model]) -> PreTrainedTokenizerBase:
     """The tokenizer the run's prompts are written with: the model's for TransformerLens; for
     vLLM the tokenizer alone, so the TransformerLens model waits for the next stage."""
     return tokenizer_of(get_model()) if run.engine.kind == "tl" else load_tokenizer(run.model)
@@ -69,7 +67,7 @@ def engine_tokenizer(
 @contextmanager
 def open_engine(
     run: RunSettings,
-    get_model: Callable[[], HookedTransformer],
+    get_model: Callable[[], Model],
     tokenizer: PreTrainedTokenizerBase,
     longest: int,
     stage: Path,

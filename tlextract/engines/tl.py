@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformer_lens import HookedTransformer
-
 from tlextract.config import GenerationSettings
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import tokenizer_of
 from tlextract.ops.generate import Generation, generate_batch
 
 
 class TLEngine:
-    def __init__(self, model: HookedTransformer, capture: Sequence[str] = ()) -> None:
+    def __init__(self, model: Model, capture: Sequence[str] = ()) -> None:
         self.model = model
         self.tokenizer = tokenizer_of(model)
         self.capture = list(capture)

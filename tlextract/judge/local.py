@@ -64,6 +64,7 @@ from tlextract.judge.numbers import (
     next_token_stats,
     number_probs,
 )
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, left_pad
 from tlextract.ops.generate import final_logits
 
@@ -115,12 +116,19 @@ class LocalJudge:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: Model,
         batch_size: int = 8,
         min_mass: float = DEFAULT_MIN_MASS,
         chat: bool = True,
         packed: bool | None = None,
     ) -> None:
+        if not isinstance(model, HookedTransformer):
+            # Its packed scoring pass drives TransformerLens' own KV cache entries.
+            raise TLExtractError(
+                f"the local judge runs on a HookedTransformer, and {model.cfg.model_name} loaded "
+                "as a TransformerBridge: judge with an embedded or TransformerLens model, or an "
+                "OpenAI-compatible server"
+            )
         if model.tokenizer is None:
             raise TLExtractError("the local judge model has no tokenizer")
         if batch_size < 1:

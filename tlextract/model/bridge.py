@@ -18,7 +18,7 @@ import gc
 import logging
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -63,9 +63,10 @@ def load_bridge(
     quiet = logging.getLogger("transformer_lens")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its notes on eager attention and missing aliases: noise here
+    cast(torch.nn.Module, hf_model).to(device)  # in place: a module's .to returns itself
     try:
         bridge = TransformerBridge.boot_transformers(
-            label, hf_model=hf_model.to(device), tokenizer=tokenizer, device=device, dtype=dtype
+            label, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
     except (ValueError, NotImplementedError, KeyError) as e:
         raise TLExtractError(

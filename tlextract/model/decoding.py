@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from jaxtyping import Float, Int
@@ -19,7 +20,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 
 # What tlextract loads (tlextract.load_model): either backend, the same hook names.
 Model = HookedTransformer | TransformerBridge
@@ -38,7 +39,7 @@ KVCache = TransformerLensKeyValueCache | BridgeCache
 
 def empty_cache(model: Model, batch: int, device: str | torch.device) -> KVCache:
     if isinstance(model, TransformerBridge):
-        config = model.original_model.config
+        config = cast(PretrainedConfig, model.original_model.config)
         return BridgeCache(
             DynamicCache(config=config), torch.zeros(batch, 0, dtype=torch.long, device=device)
         )

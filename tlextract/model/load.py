@@ -41,17 +41,18 @@ from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tlextract.errors import TLExtractError
 from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, accelerate, keep_freed_memory
-from tlextract.model.bridge import first_line, is_bridge, load_bridge
+from tlextract.model.bridge import first_line, load_bridge
 from tlextract.model.cache import DEFAULT_MODEL
+from tlextract.model.decoding import Model
 from tlextract.model.fixes import moe_in_model_dtype
 from tlextract.model.source import ModelSource, resolve_model
-from tlextract.model.decoding import Model
 from tlextract.model.tokens import prepare_tokenizer
 from tlextract.settings import (
     DEFAULT_DTYPE,
@@ -154,10 +155,10 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def model_info(model: Model) -> dict[str, Any]:
     """Facts about a loaded model worth recording next to vectors and activations."""
     cfg, tok = model.cfg, model.tokenizer
-    bridge = is_bridge(model)
+    bridge = isinstance(model, TransformerBridge)
     return {
         "name": cfg.model_name,
-        "architecture": cfg.architecture if bridge else cfg.original_architecture,
+        "architecture": cfg.architecture if bridge else cfg.original_architecture,  # type: ignore[union-attr]
         "backend": "bridge" if bridge else "hooked",
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
@@ -257,7 +258,7 @@ def _load_hf(
         tokenizer = AutoTokenizer.from_pretrained(
             _tokenizer_directory(source), local_files_only=True
         )
-        hf_model = AutoModelForCausalLM.from_pretrained(
+        hf_model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             source.directory, dtype=dtype, local_files_only=True
         )
         if source.adapter is not None:
@@ -274,12 +275,16 @@ def _load_hf(
 def _tokenizer_directory(source: ModelSource) -> Path:
     assert source.directory is not None
     adapter = source.adapter
-    return adapter if adapter and (adapter / "tokenizer_config.json").is_file() else source.directory
+    return (
+        adapter if adapter and (adapter / "tokenizer_config.json").is_file() else source.directory
+    )
 
 
 def _merged(hf_model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
     """``hf_model`` with the LoRA adapter at ``adapter`` merged into its weights."""
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(hf_model, adapter, is_trainable=False).merge_and_unload()
-    return merged  # type: ignore[no-any-return]
+    merged: PreTrainedModel = PeftModel.from_pretrained(
+        hf_model, adapter, is_trainable=False
+    ).merge_and_unload()
+    return merged

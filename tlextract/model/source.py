@@ -94,9 +94,7 @@ class ModelSource:
         return cfg, tl_loading.get_pretrained_state_dict(self.tl_name, cfg, hf_model, dtype=dtype)
 
 
-def resolve_model(
-    name: str, *, fetch_weights: bool = True, backend: str = "auto"
-) -> ModelSource:
+def resolve_model(name: str, *, fetch_weights: bool = True, backend: str = "auto") -> ModelSource:
     """What ``name`` is (see the module's docstring), in one pass.
 
     ``fetch_weights`` (default): the model's files are made available: an embedded model built

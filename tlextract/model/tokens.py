@@ -7,17 +7,17 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tlextract.errors import TLExtractError
+from tlextract.model.decoding import Model
 from tlextract.traits import render_prompt
 
 # End-of-turn markers of chat templates; generation stops at these as well as at eos.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 
-def tokenizer_of(model: HookedTransformer | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def tokenizer_of(model: Model | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """The model's tokenizer (a tokenizer is its own: engines other than TransformerLens
     prepare prompts without loading the TransformerLens model)."""
     if isinstance(model, PreTrainedTokenizerBase):
@@ -29,11 +29,11 @@ def tokenizer_of(model: HookedTransformer | PreTrainedTokenizerBase) -> PreTrain
     return model.tokenizer
 
 
-def device_of(model: HookedTransformer) -> str | torch.device:
+def device_of(model: Model) -> str | torch.device:
     return model.cfg.device or "cpu"
 
 
-def stop_token_ids(model: HookedTransformer | PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(model: Model | PreTrainedTokenizerBase) -> list[int]:
     tok = tokenizer_of(model)
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     for marker in END_OF_TURN:  # one lookup each: get_vocab() builds a 49k-entry dict (20 ms)
@@ -44,7 +44,7 @@ def stop_token_ids(model: HookedTransformer | PreTrainedTokenizerBase) -> list[i
 
 
 def tokenize(
-    model: HookedTransformer | PreTrainedTokenizerBase, texts: Sequence[str], style: str
+    model: Model | PreTrainedTokenizerBase, texts: Sequence[str], style: str
 ) -> list[list[int]]:
     """Chat-template text already holds its special tokens; completion text gets the tokenizer's
     own (e.g. BOS)."""
@@ -52,13 +52,13 @@ def tokenize(
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def text_ids(model: HookedTransformer, texts: Sequence[str]) -> list[list[int]]:
+def text_ids(model: Model, texts: Sequence[str]) -> list[list[int]]:
     """Plain text (an answer, a reference sentence) as token ids, no special tokens added."""
     enc = tokenizer_of(model)(list(texts), add_special_tokens=False)
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def user_prompts(model: HookedTransformer, texts: Sequence[str], style: str) -> list[list[int]]:
+def user_prompts(model: Model, texts: Sequence[str], style: str) -> list[list[int]]:
     """Each text as a user message with no instruction, rendered in ``style`` and tokenized as
     the pipeline's prompts are."""
     tok = tokenizer_of(model)

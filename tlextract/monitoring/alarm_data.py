@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformer_lens import HookedTransformer
-
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.heldout import load_kept
+from tlextract.model.decoding import Model
 from tlextract.monitoring.alarm import (
     DEFAULT_FORMULATION,
     DEFAULT_RATE,
@@ -31,7 +30,7 @@ from tlextract.stages.responses import load_responses
 
 
 def load_token_data(
-    model: HookedTransformer, run: RunSettings, layers: Sequence[int] | None = None
+    model: Model, run: RunSettings, layers: Sequence[int] | None = None
 ) -> tuple[TokenData, list[str]]:
     """The run's TokenData at ``layers`` (default: every layer of its activations) and the
     hook name of each layer."""
@@ -69,7 +68,7 @@ def load_token_data(
 
 
 def monitor_alarm(
-    model: HookedTransformer,
+    model: Model,
     run: RunSettings,
     rate: float = DEFAULT_RATE,
     folds: int = EVALUATION.folds,
@@ -83,7 +82,7 @@ def monitor_alarm(
 
 
 def compare_formulations(
-    model: HookedTransformer,
+    model: Model,
     run: RunSettings,
     rate: float = DEFAULT_RATE,
     folds: int = EVALUATION.folds,

@@ -26,11 +26,11 @@ from statistics import fmean
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.heldout import KeptRun, load_kept
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, tokenizer_of
 from tlextract.ops.fluency import neutral_answers
 from tlextract.ops.folds import fold_of
@@ -133,7 +133,7 @@ def best_threshold(pos: Sequence[float], neg: Sequence[float]) -> tuple[float, f
 
 @torch.inference_mode()
 def neutral_token_scores(
-    model: HookedTransformer,
+    model: Model,
     unit: Float[Tensor, " d_model"],
     name: str,
     style: str,
@@ -166,7 +166,7 @@ def false_alarms(scores: Sequence[Sequence[float]], threshold: float) -> tuple[f
 
 
 def calibrate(
-    model: HookedTransformer,
+    model: Model,
     run: RunSettings,
     vectors: TraitVectors,
     layer: int,

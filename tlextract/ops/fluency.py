@@ -14,15 +14,15 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, text_ids, tokenizer_of, user_prompts
 from tlextract.ops.neutral import NEUTRAL_QUESTIONS, NEUTRAL_TEXTS
 from tlextract.ops.pool import pack
 
 
 def neutral_answers(
-    model: HookedTransformer, style: str, texts: Sequence[str] = NEUTRAL_TEXTS
+    model: Model, style: str, texts: Sequence[str] = NEUTRAL_TEXTS
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, answer ids): each text as the answer to a neutral question, in turn,
     rendered as the pipeline renders prompts."""
@@ -35,7 +35,7 @@ def neutral_answers(
 
 @torch.inference_mode()
 def answer_logprobs(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]],
 ) -> Float[Tensor, "n_answer_tokens vocab"]:
@@ -60,7 +60,7 @@ def mean_logprobs(
 
 @torch.inference_mode()
 def answer_logprob(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]],
 ) -> list[float | None]:
@@ -70,7 +70,7 @@ def answer_logprob(
 
 
 def _read_answers(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]],
 ) -> tuple[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:

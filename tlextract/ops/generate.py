@@ -17,7 +17,6 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -60,7 +59,7 @@ def next_token_logits(
 
 
 def final_logits(
-    model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]
+    model: Model, resid: Float[Tensor, "batch pos d_model"]
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits from final-block residuals: final norm, unembedding, the model's logit soft-cap
     (Gemma 2), in float32."""
@@ -246,9 +245,7 @@ class _Batch:
     picked: list[Int[Tensor, " batch"]]  # one tensor per step, over that step's rows
     history: list[tuple[list[int], list[bool]]]  # per step: its rows and which of them ended
 
-    def drop(
-        self, done: list[bool], cache: KVCache, recorder: _Capture
-    ) -> Int[Tensor, " kept"]:
+    def drop(self, done: list[bool], cache: KVCache, recorder: _Capture) -> Int[Tensor, " kept"]:
         """Drop the finished rows everywhere; the kept rows' indices in the old batch."""
         keep = [j for j, d in enumerate(done) if not d]
         index = torch.tensor(keep, device=self.ones.device)  # host to device: not a sync

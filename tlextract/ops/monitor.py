@@ -27,10 +27,10 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import tokenizer_of, user_prompts
 from tlextract.ops.generate import Generation, generate_batch
 from tlextract.ops.steer import unit_direction
@@ -157,7 +157,7 @@ def _per_token(
 
 
 def _generate_scored(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     settings: GenerationSettings,
     seeds: Sequence[int],
@@ -182,7 +182,7 @@ def _generate_scored(
 
 
 def monitor(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str],
     vectors: Mapping[str, TraitVectors] | Sequence[TraitVectors] | TraitVectors,
     layer: int | Mapping[str, int] | None = None,

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.model_bridge import TransformerBridge
 
 from tlextract.config import DEFAULT_HOOK
@@ -93,13 +94,14 @@ def pooled_activations(
         tokens, attn, response = pack(
             prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
         )
-        acts = bridge_activations(model, tokens, attn, names, stop)
-        return torch.cat([masked_mean(acts[n][:, None], response) for n in names], dim=1).cpu()
+        by_name = bridge_activations(model, tokens, attn, names, stop)
+        return torch.cat([masked_mean(by_name[n][:, None], response) for n in names], dim=1).cpu()
     limit = min(map(len, prompt_ids))  # the prefix never reaches a response token
     cache, shared = prefix_cache(model, prompt_ids, limit, not has_hooks(model), stop)
     # Only the prefix's keys/values are read: a frozen cache is not appended to (TransformerLens
     # then concatenates per layer and drops the result), and with no prefix there is no cache,
     # so the pass does not keep every token's keys and values (as large as the residuals).
+    assert isinstance(cache, TransformerLensKeyValueCache)
     cache.freeze()
     tokens, attn, response = pack(
         prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model), shared
@@ -114,4 +116,3 @@ def pooled_activations(
     )
     pooled = [masked_mean(acts[n][:, None], response) for n in names]  # no [b, l, p, d] stack
     return torch.cat(pooled, dim=1).cpu()
-

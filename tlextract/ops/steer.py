@@ -39,10 +39,10 @@ from typing import Literal, get_args
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, left_pad, text_ids, tokenizer_of
 from tlextract.ops.neutral import NEUTRAL_TEXTS
 from tlextract.ops.pool import hook_name
@@ -59,7 +59,7 @@ Edit = Callable[[Tensor], Tensor]
 
 
 def unit_direction(
-    model: HookedTransformer,
+    model: Model,
     vector: TraitVectors | Float[Tensor, " d_model"],
     layer: int,
     hook: str = DEFAULT_HOOK,
@@ -100,7 +100,7 @@ def _hook_of(vector: TraitVectors | Tensor, hook: str) -> str:
 
 @torch.inference_mode()
 def residual_norm(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     texts: Sequence[str] = REFERENCE_TEXTS,
     hook: str = DEFAULT_HOOK,
@@ -150,7 +150,7 @@ class Intervention:
 
 @contextmanager
 def steer(
-    model: HookedTransformer,
+    model: Model,
     vector: TraitVectors | Float[Tensor, " d_model"],
     layer: int,
     alpha: float,
@@ -179,7 +179,7 @@ def steer(
 
 @contextmanager
 def ablate(
-    model: HookedTransformer,
+    model: Model,
     vector: TraitVectors | Float[Tensor, " d_model"],
     layer: int,
     positions: Positions = "all",

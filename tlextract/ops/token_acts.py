@@ -13,15 +13,15 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, tokenizer_of
 from tlextract.ops.pool import pack
 
 
 @torch.inference_mode()
 def answer_residuals(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]],
     hook_names: Sequence[str],

@@ -7,10 +7,9 @@ import logging
 import weakref
 from collections.abc import Sequence
 
-from transformer_lens import HookedTransformer
-
 from tlextract.config import GenerationSettings
 from tlextract.model.accel import decode_session
+from tlextract.model.decoding import Model
 from tlextract.model.memory import GiB, MemoryModel, PeakMemory, default_budget, fit_memory_model
 from tlextract.model.tokens import tokenizer_of
 from tlextract.ops.generate import generate_batch
@@ -24,11 +23,11 @@ PROBE_NEW_TOKENS = 2
 MAX_AUTO_BATCH = 64
 # Fitted once per model, layers and hook: a run asks in every stage of every trait.
 _Fits = dict[tuple[tuple[int, ...], str], MemoryModel]
-_FITTED: weakref.WeakKeyDictionary[HookedTransformer, _Fits] = weakref.WeakKeyDictionary()
+_FITTED: weakref.WeakKeyDictionary[Model, _Fits] = weakref.WeakKeyDictionary()
 
 
 def measure_peaks(
-    model: HookedTransformer,
+    model: Model,
     layers: Sequence[int],
     hook: str,
     probes: Sequence[tuple[int, int]] = PROBES,
@@ -59,7 +58,7 @@ def measure_peaks(
 
 
 def auto_batch_size(
-    model: HookedTransformer,
+    model: Model,
     length: int,
     n_items: int,
     layers: Sequence[int],

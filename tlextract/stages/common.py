@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tlextract.errors import during
+from tlextract.model.decoding import Model
 from tlextract.model.load import load_model
 from tlextract.model.memory import GiB, HalvingBatches
 from tlextract.settings import RunSettings
@@ -28,13 +28,13 @@ from tlextract.store import (
 log = logging.getLogger(__name__)
 
 
-def model_loader(run: RunSettings) -> Callable[[], HookedTransformer]:
+def model_loader(run: RunSettings) -> Callable[[], Model]:
     """Load the model on first use only, so a run with nothing left to do starts instantly."""
     return cache(lambda: load_model(run.model, device=run.device, dtype=run.dtype))
 
 
 def batch_size(
-    run: RunSettings, model: HookedTransformer, length: int, n_items: int, layers: Sequence[int]
+    run: RunSettings, model: Model, length: int, n_items: int, layers: Sequence[int]
 ) -> int:
     """The run's batch size; for "auto", the largest that fits the memory budget for rows of
     ``length`` tokens (from peaks measured on this model)."""

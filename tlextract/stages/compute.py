@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.engines.base import Engine
+from tlextract.model.decoding import Model
 from tlextract.model.memory import HalvingBatches
 from tlextract.ops.pool import hook_name, pooled_activations, resolve_layers
 from tlextract.settings import Mode
@@ -128,7 +128,7 @@ def _records_check(
 
 
 def pool_records(
-    model: HookedTransformer,
+    model: Model,
     records: Sequence[Mapping[str, Any]],
     capture: Capture,
     size: int,

@@ -27,12 +27,12 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.config import DEFAULT_HOOK, EVALUATION, GenerationSettings
 from tlextract.engines.tl import TLEngine
 from tlextract.errors import TLExtractError
 from tlextract.inputs import PathArg
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, text_ids, tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, bootstrap_rows
 from tlextract.ops.folds import fold_of, nested
@@ -110,7 +110,7 @@ class _Options:
 
 
 def _records(
-    model: HookedTransformer,
+    model: Model,
     examples: Examples,
     polarity: str,
     opts: _Options,
@@ -142,7 +142,7 @@ def _records(
 
 
 def _side(
-    model: HookedTransformer,
+    model: Model,
     examples: Examples,
     polarity: str,
     opts: _Options,
@@ -165,7 +165,7 @@ def _side(
 
 
 def extract(
-    model: HookedTransformer,
+    model: Model,
     pos: Examples,
     neg: Examples,
     *,

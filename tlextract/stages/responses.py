@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from datasets import Dataset, load_from_disk
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.engines.base import Engine
 from tlextract.engines.registry import Plan, engine_identity, engine_tokenizer, open_engine
 from tlextract.errors import TLExtractError
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, tokenize
 from tlextract.settings import RunSettings, pick_device
 from tlextract.stages.common import batch_size
@@ -129,7 +129,7 @@ def save_responses(job: Job, out: Generated) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _model_plan(run: RunSettings, longest: int, n_items: int, model: HookedTransformer) -> Plan:
+def _model_plan(run: RunSettings, longest: int, n_items: int, model: Model) -> Plan:
     """How the stage batches for the TransformerLens engine on ``model``."""
     capture = Capture.of(run.mode, run.experiment.hook, run.layers, model.cfg.n_layers)
     names = capture.while_generating

@@ -20,9 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from transformer_lens import HookedTransformer
-
 from tlextract.errors import TLExtractError
+from tlextract.model.decoding import Model
 from tlextract.settings import RunSettings, pick_device
 from tlextract.stages.common import first_line, move_aside, run_sharded
 from tlextract.stages.compute import Shards
@@ -30,7 +29,7 @@ from tlextract.store import META, clear_other_shards, fingerprint, read_json, sh
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-GetModel = Callable[[], HookedTransformer]
+GetModel = Callable[[], Model]
 
 
 def versions() -> dict[str, str]:

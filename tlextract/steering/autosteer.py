@@ -24,12 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import HookedTransformer
 
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.surface import TextClassifier, TextScorer
 from tlextract.judge.answers import JudgeCache, judge_responses
 from tlextract.judge.base import Judge
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import tokenizer_of, user_prompts
 from tlextract.ops.bootstrap import Interval, mean_interval
 from tlextract.ops.fluency import answer_logprob, answer_logprobs, kl_divergence, neutral_answers
@@ -103,7 +103,7 @@ class AutoSteer:
 class _Setup:
     """Everything the candidates share."""
 
-    model: HookedTransformer
+    model: Model
     run: RunSettings
     classifier: TextScorer
     pole: str
@@ -262,7 +262,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def auto_steer(
-    model: HookedTransformer,
+    model: Model,
     run: RunSettings,
     vectors: TraitVectors,
     pole: str = "pos",

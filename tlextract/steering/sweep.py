@@ -31,12 +31,12 @@ from typing import Any, cast
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.judge.answers import JudgeCache, judge_responses
 from tlextract.judge.base import Judge
+from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, tokenizer_of, user_prompts
 from tlextract.ops.fluency import mean_logprobs
 from tlextract.ops.generate import generate_batch
@@ -103,7 +103,7 @@ def pole_means(
 
 @torch.inference_mode()
 def reread(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     name: str,
@@ -178,7 +178,7 @@ class Sweep:
 
 
 def _measure(
-    model: HookedTransformer,
+    model: Model,
     kind: str,
     alpha: float,
     questions: Sequence[str],
@@ -250,7 +250,7 @@ def _summarise(intervention: str, alpha: float, answers: list[Answer], judged: b
 
 
 def question_prompts(
-    model: HookedTransformer, run: RunSettings, questions: Sequence[str]
+    model: Model, run: RunSettings, questions: Sequence[str]
 ) -> tuple[list[list[int]], list[int]]:
     """The questions as user prompts in the experiment's style, and one seed per question,
     shared by every condition of a steering comparison: they differ only by the intervention."""
@@ -259,7 +259,7 @@ def question_prompts(
 
 
 def generate_answers(
-    model: HookedTransformer,
+    model: Model,
     prompt_ids: list[list[int]],
     gen: GenerationSettings,
     seeds: list[int],
@@ -274,7 +274,7 @@ def generate_answers(
 
 
 def alpha_sweep(
-    model: HookedTransformer,
+    model: Model,
     run: RunSettings,
     vectors: TraitVectors,
     layer: int,

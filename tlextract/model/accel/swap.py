@@ -202,7 +202,7 @@ def is_accelerated(model: nn.Module) -> bool:
     return any(hasattr(type(m), "_tlx_base") for m in model.modules())
 
 
-def decode_session(model: HookedTransformer) -> AbstractContextManager[None]:
+def decode_session(model: nn.Module) -> AbstractContextManager[None]:
     """Context for many forward passes with fixed weights (a generation): an accelerated model's
     products use oneDNN's packed weights inside (see fused.packed_weights); any other model runs
     as it is."""
