@@ -36,7 +36,8 @@ def test_the_model_comes_first_wherever_one_runs() -> None:
     for name in tx.__all__:
         fn = getattr(tx, name)
         params = list(inspect.signature(fn).parameters.values()) if inspect.isfunction(fn) else []
-        if any("HookedTransformer" in str(p.annotation) for p in params):
+        # Model: either backend (tlextract.model.decoding.Model); accelerate/restore: hooked only.
+        if any(str(p.annotation) in ("Model", "HookedTransformer") for p in params):
             running.append(name)
             assert params[0].name == "model", name
     assert {"extract", "steer", "monitor", "auto_steer", "calibrate"} <= set(running)

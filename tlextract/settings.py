@@ -20,7 +20,14 @@ from typing import Any, Literal
 
 import torch
 
-from tlextract.config import ENGINE_KINDS, ENGINES, EngineSettings, Experiment, split_judge
+from tlextract.config import (
+    ENGINE_KINDS,
+    ENGINES,
+    MODEL_BACKENDS,
+    EngineSettings,
+    Experiment,
+    split_judge,
+)
 from tlextract.errors import TLExtractError
 from tlextract.traits import VARIANTS, Trait, Variant
 
@@ -58,6 +65,7 @@ class RunSettings:
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     memory_budget_gib: float | None = None  # for batch_size "auto"; None: memory.default_budget
     engine: EngineSettings = field(default_factory=EngineSettings)
+    model_backend: str = "auto"  # config.MODEL_BACKENDS: what builds the model
     # A judge object the caller passed (settings_for(judge=...)); its name is in ``judge``, so
     # in the judge stage's key.
     judge_given: Any = field(default=None, compare=False, repr=False)
@@ -89,13 +97,15 @@ def settings_for(
     memory_budget_gib: float | None = None,
     engine: str | None = None,
     vllm_url: str | None = None,
+    model_backend: str | None = None,
 ) -> RunSettings:
     """Settings for one trait; arguments left as None take the experiment's. ``judge`` switches
     the experiment's judge off ("none"), to the studied model itself ("local"), or to a judge
     object of the caller's (a ``tlextract.judge.base.Judge``: a ``name`` and ``score``).
     ``batch_size="auto"`` picks the largest batch that fits ``memory_budget_gib``. ``engine``
     (one of ``config.ENGINE_KINDS``) replaces the experiment's engine kind; ``vllm_url`` is a
-    running vLLM server to use (implies engine "vllm")."""
+    running vLLM server to use (implies engine "vllm"). ``model_backend`` ("auto", "hooked",
+    "bridge") replaces the experiment's: what builds the model (``tlextract.load_model``)."""
     _check_sizes(n_examples, batch_size, memory_budget_gib)
     if mode not in MODES:
         raise TLExtractError(f"mode={mode!r} is not a mode; use one of {', '.join(MODES)}.",
@@ -108,10 +118,18 @@ def settings_for(
         raise TLExtractError('model must name a model, e.g. model="smollm2-135m-instruct".',
                              parameters=("model",))  # fmt: skip
     check_device(device)
+    model_backend = model_backend or experiment.model_backend
+    if model_backend not in MODEL_BACKENDS:
+        raise TLExtractError(
+            f"model_backend={model_backend!r} is not a backend; use one of "
+            f"{', '.join(MODEL_BACKENDS)}.",
+            parameters=("model_backend",),
+        )
     return RunSettings(
         experiment=experiment,
         trait=experiment.trait(trait),
         model=model or experiment.model,
+        model_backend=model_backend,
         n_examples=n_examples or experiment.n_examples,
         batch_size=batch_size or experiment.batch_size,
         layers=experiment.layers

@@ -103,7 +103,7 @@ class TraitWorker:
     def __init__(self, threads: int, gpus: float = 0.0):
         torch.set_num_threads(threads)
         self.gpus = gpus
-        self.models: dict[tuple[str, str | None, str], Model] = {}
+        self.models: dict[tuple[str, str, str | None, str], Model] = {}
 
     def run(self, run: RunSettings, stages: Sequence[str]) -> dict[str, Any]:
         """One trait run; its output goes to ``<out_dir>/ray_task.log`` (appended per attempt)."""
@@ -114,7 +114,7 @@ class TraitWorker:
             run = replace(run, device=run.device or "cpu")
         device = run.device or f"gpu {','.join(map(str, gpus))}"
         host = socket.gethostname()
-        key = (run.model, run.device, run.dtype)
+        key = (run.model, run.model_backend, run.device, run.dtype)
         loaded = False
         if starts_vllm_server(run, stages):  # it asks for most of the GPU: the kept models go
             self.models.clear()

@@ -15,6 +15,7 @@ from tlextract.cli.options import (
     JUDGE,
     LAYER,
     MODEL,
+    MODEL_BACKEND,
     VARIANT,
     Group,
     option,
@@ -46,6 +47,7 @@ def parse_floats(text: str) -> list[float]:
 SAVED_RUN: Group = (
     *COMMON,
     MODEL,
+    MODEL_BACKEND,
     VARIANT.but(help="whose vectors: the instruction or the natural run (default: the "
                 "experiment's)"),
     LAYER.but(help="block index (default: each trait's cross-validated mean_diff layer in its "
@@ -104,6 +106,7 @@ def _saved_run(
         experiment,
         trait,
         model=args.model,
+        model_backend=args.model_backend,
         variant=args.variant,
         device=args.device,
         dtype=args.dtype,

@@ -12,7 +12,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tlextract.config import DEFAULT_EXPERIMENT, ENGINE_KINDS, EVALUATION, Experiment
+from tlextract.config import (
+    DEFAULT_EXPERIMENT,
+    ENGINE_KINDS,
+    EVALUATION,
+    MODEL_BACKENDS,
+    Experiment,
+)
 from tlextract.errors import TLExtractError
 from tlextract.ops.methods import METHODS
 from tlextract.settings import DEFAULT_DTYPE, DTYPE_CHOICES, JUDGE_OVERRIDES, MODES
@@ -118,6 +124,13 @@ ENGINE = option("--engine", parameter="engine", default=None, choices=ENGINE_KIN
 JUDGE = option("--judge", parameter="judge", default=None, choices=JUDGE_OVERRIDES,
                help="override the experiment's judge: none keeps every response; local scores "
                "with the studied model itself")  # fmt: skip
+# parameter: load_model's name for it, which the library's errors use.
+MODEL_BACKEND = option("--model-backend", dest="model_backend", parameter="backend", default=None,
+                       choices=MODEL_BACKENDS,
+                       help="what builds the model: hooked (HookedTransformer, accelerated), "
+                       "bridge (TransformerBridge around the transformers model), or auto: "
+                       "hooked where it loads the model, else bridge (default: the "
+                       "experiment's \"model_backend\", else auto)")  # fmt: skip
 DEVICE = option("--device", parameter="device", default=None,
                 help="cuda, cpu, ... (default: cuda if available)")  # fmt: skip
 DTYPE = option("--dtype", parameter="dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES,
@@ -154,12 +167,13 @@ NO_WAIT = option("--no-wait", dest="no_wait", action="store_true",
                  "waiting")  # fmt: skip
 
 COMMON: Group = (EXPERIMENT, TRAITS, EXPERIMENTS_DIR)
-LOADING: Group = (MODEL, DEVICE, DTYPE)
+LOADING: Group = (MODEL, MODEL_BACKEND, DEVICE, DTYPE)
 # What selects and overrides a trait run (every stage command and the report take these).
 RUN: Group = (N_EXAMPLES, BATCH_SIZE, MEMORY_BUDGET, LAYERS, MODE, ENGINE, VLLM_URL,
               JUDGE, OFFLINE, NO_WAIT)  # fmt: skip
 # The settings_for overrides of a stage command, by parameter (the run's outputs depend on them).
-OVERRIDES = ("model", "n_examples", "layers", "mode", "dtype", "judge", "engine", "vllm_url")
+OVERRIDES = ("model", "model_backend", "n_examples", "layers", "mode", "dtype", "judge", "engine",
+             "vllm_url")  # fmt: skip
 
 REPORT: Group = (
     option("--methods", default=",".join(METHODS), help="comma-separated"),

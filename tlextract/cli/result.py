@@ -7,7 +7,10 @@ from tlextract.cli.options import flag_message
 from tlextract.config import DEFAULT_EXPERIMENT
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.crossval import HEADLINE, cross_validate, verdict
+from tlextract.model.source import backend_of
 from tlextract.settings import RunSettings, report_dir
+
+BACKEND_NAMES = {"hooked": "HookedTransformer", "bridge": "TransformerBridge"}
 
 
 def _next_commands(run: RunSettings) -> list[str]:
@@ -36,7 +39,11 @@ def _next_commands(run: RunSettings) -> list[str]:
 def result_card(run: RunSettings, seconds: float) -> list[str]:
     """Lines to print once ``run``'s vectors exist."""
     name = run.trait.name
-    lines = [f"[{name}] done in {seconds:.0f} s; results in {run.out_dir}"]
+    backend = BACKEND_NAMES[backend_of(run.model, run.model_backend)]
+    lines = [
+        f"[{name}] done in {seconds:.0f} s; results in {run.out_dir}",
+        f"  model {run.model} on {backend}",
+    ]
     try:
         cv = cross_validate(run, [HEADLINE])
     except TLExtractError as e:  # e.g. fewer examples than folds: say so, the run still worked

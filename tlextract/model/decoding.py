@@ -10,6 +10,7 @@ mask, and each pass gets the whole mask and positions counted from it, as transf
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -28,10 +29,13 @@ Model = HookedTransformer | TransformerBridge
 
 @dataclass
 class BridgeCache:
-    """A transformers cache and the attention mask of the tokens it holds."""
+    """A transformers cache, the attention mask of the tokens it holds, and the name the
+    model's forward takes it by (``cache`` from transformers 5.24, ``past_key_values`` before;
+    the old name still works there, with a deprecation warning at every step)."""
 
     hf: DynamicCache
     mask: Int[Tensor, "batch pos"]
+    kwarg: str
 
 
 KVCache = TransformerLensKeyValueCache | BridgeCache
@@ -39,9 +43,13 @@ KVCache = TransformerLensKeyValueCache | BridgeCache
 
 def empty_cache(model: Model, batch: int, device: str | torch.device) -> KVCache:
     if isinstance(model, TransformerBridge):
-        config = cast(PretrainedConfig, model.original_model.config)
+        hf_model = model.original_model
+        config = cast(PretrainedConfig, hf_model.config)
+        params = inspect.signature(hf_model.forward).parameters
         return BridgeCache(
-            DynamicCache(config=config), torch.zeros(batch, 0, dtype=torch.long, device=device)
+            DynamicCache(config=config),
+            torch.zeros(batch, 0, dtype=torch.long, device=device),
+            "cache" if "cache" in params else "past_key_values",
         )
     return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
 
@@ -66,7 +74,7 @@ def bridge_pass(
     *,
     last_logits: bool = False,
     stop_at_layer: int | None = None,
-) -> Float[Tensor, "batch pos vocab"] | None:
+) -> Float[Tensor, "batch 1 vocab"] | None:
     """One pass of the transformers model under the bridge's hooks, appending to ``cache``;
     the logits at the last position only when ``last_logits`` (unembedding every prompt
     position is wasted work), else none (``stop_at_layer``: the blocks before it only)."""
@@ -74,7 +82,7 @@ def bridge_pass(
     positions = mask_positions(full)[:, -tokens.shape[1] :]
     extra: dict[str, object] = {"use_cache": False}  # a teacher-forced pass keeps no cache
     if cache is not None:
-        extra = {"past_key_values": cache.hf, "use_cache": True}
+        extra = {cache.kwarg: cache.hf, "use_cache": True}
     if last_logits:
         extra["logits_to_keep"] = 1
     out = model(

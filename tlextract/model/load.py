@@ -101,7 +101,7 @@ def load_model(
     except RuntimeError as e:  # a converter that does not fit the checkpoint (shapes, keys)
         raise TLExtractError(
             f"{source.label}: HookedTransformer cannot convert this checkpoint ({first_line(e)});"
-            " load it with backend='bridge'",
+            ' load it with backend="bridge"',
             parameters=("backend",),
         ) from e
     model.cfg.model_name = source.label
@@ -123,22 +123,15 @@ def load_hf_model(
 
 def model_directory(name: str) -> Path:
     """The Hugging Face model directory behind ``name`` (built, read from the cache or
-    downloaded as for :func:`load_model`): what another engine, such as vLLM, loads. A LoRA
-    adapter has none: its weights exist only once merged, in this process."""
-    source, directory = _fetched(name)
-    if source.adapter is not None:
-        raise TLExtractError(
-            f"{name} is a LoRA adapter, merged only when tlextract loads it: engine='vllm' would "
-            "serve its base model; use engine='tl', or save the merged model "
-            "(peft's merge_and_unload, then save_pretrained) and pass that directory",
-            parameters=("engine",),
-        )
-    return directory
+    downloaded as for :func:`load_model`): what another engine, such as vLLM, loads. For a
+    LoRA adapter, its base model's (the adapter is merged only when tlextract loads it)."""
+    return _fetched(name)[1]
 
 
-def check_model_name(name: str) -> None:
-    """Fail, without loading or downloading anything, on a name that cannot be a model at all."""
-    resolve_model(name, fetch_weights=False)
+def check_model_name(name: str, backend: str = "auto") -> ModelSource:
+    """Fail, without loading or downloading anything, on a name that cannot be a model at all
+    or a backend that is not one; what the name alone says (see :func:`resolve_model`)."""
+    return resolve_model(name, fetch_weights=False, backend=backend)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -158,7 +151,7 @@ def model_info(model: Model) -> dict[str, Any]:
     bridge = isinstance(model, TransformerBridge)
     return {
         "name": cfg.model_name,
-        "architecture": cfg.architecture if bridge else cfg.original_architecture,  # type: ignore[union-attr]
+        "architecture": getattr(cfg, "architecture" if bridge else "original_architecture"),
         "backend": "bridge" if bridge else "hooked",
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,

@@ -37,13 +37,13 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import PreTrainedModel
 
+from tlextract.config import MODEL_BACKENDS as BACKENDS
 from tlextract.errors import TLExtractError
 from tlextract.model import hub
 from tlextract.model.cache import EMBEDDED_MODELS, TINY_MODEL, embedded, ensure_cached
 
 SourceKind = Literal["embedded", "local", "hub"]
 Backend = Literal["hooked", "bridge"]
-BACKENDS = ("auto", "hooked", "bridge")
 
 # From a directory (or an unlisted hub id), HookedTransformer builds these as transformers does
 # (tests/test_local_models.py); for other architectures its converters refuse, fail in
@@ -109,7 +109,7 @@ def resolve_model(name: str, *, fetch_weights: bool = True, backend: str = "auto
     """
     if backend not in BACKENDS:
         raise TLExtractError(
-            f"backend={backend!r} is not a backend: use one of {', '.join(BACKENDS)}",
+            f"backend={backend!r} is not a backend; use one of {', '.join(BACKENDS)}",
             parameters=("backend",),
         )
     key = name.lower()
@@ -206,6 +206,23 @@ def bridge_architectures() -> list[str]:
     return sorted(a for a in SUPPORTED_ARCHITECTURES if a.endswith(("ForCausalLM", "LMHeadModel")))
 
 
+def backend_of(name: str, backend: str = "auto") -> Backend:
+    """The backend ``load_model(name, backend=backend)`` builds, decided from config.json alone
+    (an unlisted hub id's is fetched: a few kB), loading and downloading no weights."""
+    source = resolve_model(name, fetch_weights=False, backend=backend)
+    if backend != "auto":
+        return "bridge" if backend == "bridge" else "hooked"
+    if source.kind == "embedded" or source.tl_name is not None:
+        return "hooked"
+    if source.adapter is not None:  # resolved to its base, whose backend it shares
+        base = json.loads((source.adapter / ADAPTER_CONFIG).read_text())
+        return backend_of(str(base["base_model_name_or_path"]))
+    directory = Path(name).expanduser() if source.kind == "local" else hub.fetch_config(name)
+    config = _config(directory, source.label)
+    arch = (config.get("architectures") or [""])[0]
+    return "hooked" if _hooked_refusal(arch, config) is None else "bridge"
+
+
 def _official(name: str) -> str | None:
     try:
         return tl_loading.get_official_model_name(name)
@@ -243,7 +260,9 @@ def _converter(directory: Path, label: str, config: dict[str, Any]) -> str | Non
     if arch == "LlamaForCausalLM":
         refusal = _hooked_refusal(arch, config)
         if refusal is not None:
-            raise TLExtractError(f"{label}: {refusal}; load it with backend='bridge'")
+            raise TLExtractError(
+                f'{label}: {refusal}; load it with backend="bridge"', parameters=("backend",)
+            )
         return None
     tl_name = str(directory.resolve())
     try:
@@ -253,7 +272,8 @@ def _converter(directory: Path, label: str, config: dict[str, Any]) -> str | Non
         reason = next(iter(str(e).splitlines()), type(e).__name__)
         raise TLExtractError(
             f"{label}: TransformerLens {_tl_version()} cannot load architecture {arch} as a "
-            f"HookedTransformer ({reason}); load it with backend='bridge' or 'auto'"
+            f'HookedTransformer ({reason}); load it with backend="bridge"',
+            parameters=("backend",),
         ) from e
     return tl_name
 

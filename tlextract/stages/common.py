@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 def model_loader(run: RunSettings) -> Callable[[], Model]:
     """Load the model on first use only, so a run with nothing left to do starts instantly."""
-    return cache(lambda: load_model(run.model, device=run.device, dtype=run.dtype))
+    return cache(
+        lambda: load_model(run.model, device=run.device, dtype=run.dtype, backend=run.model_backend)
+    )
 
 
 def batch_size(

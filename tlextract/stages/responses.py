@@ -21,6 +21,7 @@ from tlextract.engines.base import Engine
 from tlextract.engines.registry import Plan, engine_identity, engine_tokenizer, open_engine
 from tlextract.errors import TLExtractError
 from tlextract.model.decoding import Model
+from tlextract.model.source import backend_of
 from tlextract.model.tokens import device_of, tokenize
 from tlextract.settings import RunSettings, pick_device
 from tlextract.stages.common import batch_size
@@ -48,6 +49,7 @@ def responses_key(run: RunSettings) -> str:
     # another device must not mix them. Left out on a CPU, so CPU keys stay what they were (the
     # dtype is in the key already); vLLM's samples come from its server, named by ``engine``.
     device = torch.device(pick_device(run.device)).type
+    backend = backend_of(run.model, run.model_backend)
     return fingerprint(
         {
             "model": run.model,
@@ -66,6 +68,9 @@ def responses_key(run: RunSettings) -> str:
             "capture": [run.layers, exp.hook] if run.mode == "combined" else None,
             **({"engine": engine} if engine else {}),
             **({"device": device} if engine is None and device != "cpu" else {}),
+            # TransformerBridge runs transformers' own kernels (float32 rounding differs from
+            # HookedTransformer's); left out for HookedTransformer, so earlier keys stay.
+            **({"backend": "bridge"} if backend == "bridge" else {}),
         }
     )
 

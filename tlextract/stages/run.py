@@ -85,8 +85,15 @@ def run_trait(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TLExtractError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}.")
-    check_model_name(run.model)
+    source = check_model_name(run.model, run.model_backend)
     if "responses" in stages:
+        if source.adapter is not None and starts_server(run.engine):
+            raise TLExtractError(
+                f"{run.model} is a LoRA adapter, merged only when tlextract loads it: a vLLM "
+                "server would serve its base model. Use engine='tl', or save the merged model "
+                "(peft's merge_and_unload, then save_pretrained) and pass that directory",
+                parameters=("engine",),
+            )
         engine_identity(run.engine)  # vLLM installed, or its server reachable: before any file
     if "activations" in stages and run.layers != "all" and not is_done(run, "activations"):
         # Fail on impossible layers before any stage (or the lock) writes a file.

@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from tlextract.errors import TLExtractError
 from tlextract.model.decoding import Model
+from tlextract.model.source import backend_of
 from tlextract.settings import RunSettings, pick_device
 from tlextract.stages.common import first_line, move_aside, run_sharded
 from tlextract.stages.compute import Shards
@@ -46,6 +47,7 @@ def stage_meta(stage: str, key: str, run: RunSettings, **extra: Any) -> dict[str
         "trait": run.trait.name,
         "variant": run.variant,
         "model": run.model,
+        "backend": backend_of(run.model, run.model_backend),
         "dtype": run.dtype,  # resolved: "auto" became bfloat16 on CUDA, float32 elsewhere
         "device": pick_device(run.device),
         "versions": versions(),
