@@ -152,7 +152,7 @@ def test_the_backend_is_in_the_keys_but_embedded_keys_are_unchanged(
         (
             {"model_backend": "transformers"},
             [],
-            "field 'model_backend' must be one of auto, hooked, bridge",
+            "'model_backend' must be one of auto, hooked",
         ),
         ({}, ["--model-backend", "hooked"], "load it with --model-backend bridge"),
         ({}, ["--engine", "vllm"], "is a LoRA adapter, merged only when tlextract loads it"),
