@@ -168,3 +168,29 @@ def test_impossible_backend_settings_exit_2_before_any_file(
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and message in errors[0], out
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_bridge_shares_a_prompt_prefix_and_still_equals_transformers(checkpoints) -> None:
+    from tlextract.config import GenerationSettings
+    from tlextract.model.load import load_model
+    from tlextract.ops.generate import generate_batch, prefix_cache
+    from tlextract.ops.pool import pooled_activations
+
+    directory = checkpoints / "llama3"
+    model = load_model(str(directory), dtype="float32")
+    prefix = [5, 6, 7, 8, 9, 10, 11]
+    prompts = [prefix + [20, 21, 22], prefix + [30], prefix + [40, 41, 42, 43, 44]]
+    assert prefix_cache(model, prompts, 8, share=True)[1] == len(prefix)
+    greedy = GenerationSettings(max_new_tokens=6, do_sample=False)
+    shared = generate_batch(model, prompts, greedy, seeds=[0, 1, 2])
+    alone = generate_batch(model, prompts, greedy, seeds=[0, 1, 2], share_prefix=False)
+    hf = AutoModelForCausalLM.from_pretrained(directory).eval()
+    for p, a, b in zip(prompts, shared, alone, strict=True):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p) :]
+        assert a.response_ids == b.response_ids == ref.tolist()[: len(a.response_ids)]
+    responses = [g.response_ids for g in shared]
+    pooled = pooled_activations(model, prompts, responses, [0])
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        with torch.no_grad():
+            hidden = hf(torch.tensor([p + r]), output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(pooled[i, 0], hidden[0, -len(r) :].mean(0), atol=1e-5, rtol=1e-4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -52,6 +52,51 @@ def empty_cache(model: Model, batch: int, device: str | torch.device) -> KVCache
             "cache" if "cache" in params else "past_key_values",
         )
     return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+
+
+def shares_prefix(model: Model) -> bool:
+    """Whether rows may share a prompt prefix's keys and values, with padding between it and
+    each row's rest: positions come from the mask, but a sliding window counts cache columns,
+    pads included, and ALiBi or learned-offset schemes are not checked; rotary models without a
+    window share."""
+    if isinstance(model, TransformerBridge):
+        config = cast(PretrainedConfig, model.original_model.config).get_text_config()
+        rotary = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
+        types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        return (
+            bool(rotary)
+            and not getattr(config, "sliding_window", None)
+            and types == {"full_attention"}
+        )
+    cfg = model.cfg
+    return cfg.positional_embedding_type in ("rotary", "standard") and not cfg.use_local_attn
+
+
+def prefix_filled(
+    model: Model, prefix: Int[Tensor, "1 n"], rows: int, stop_at_layer: int | None
+) -> KVCache:
+    """A cache for ``rows`` rows holding ``prefix``'s keys and values (computed once, at batch
+    1; only the blocks before ``stop_at_layer``), every row a view of them until appended to."""
+    device = prefix.device
+    ones = torch.ones_like(prefix)
+    cache = empty_cache(model, 1, device)
+    if isinstance(cache, BridgeCache):
+        assert isinstance(model, TransformerBridge)
+        bridge_pass(model, prefix, ones, cache, stop_at_layer=stop_at_layer)
+        cache.hf.batch_repeat_interleave(rows)  # a copy: the first append would copy anyway
+        cache.mask = cache.mask.expand(rows, -1)
+        return cache
+    model(
+        prefix,
+        attention_mask=ones,
+        past_kv_cache=cache,
+        stop_at_layer=stop_at_layer or model.cfg.n_layers,  # the residual, not logits
+    )
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys.expand(rows, -1, -1, -1)
+        entry.past_values = entry.past_values.expand(rows, -1, -1, -1)
+    cache.previous_attention_mask = cache.previous_attention_mask.expand(rows, -1)
+    return cache
 
 
 def keep_rows(cache: KVCache, keep: Int[Tensor, " kept"]) -> None:
@@ -104,17 +149,23 @@ def bridge_activations(
     attn: Int[Tensor, "batch pos"],
     names: Sequence[str],
     stop: int,
+    cache: BridgeCache | None = None,
 ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
     """The named hooks' activations of one teacher-forced pass of a bridge, with positions
-    counted from the attention mask (as for generation: a left pad does not shift a row)."""
+    counted from the attention mask (as for generation: a left pad does not shift a row),
+    after the tokens already in ``cache`` (a shared prefix) if one is given."""
+    full = attn if cache is None else torch.cat([cache.mask, attn], dim=1)
+    extra: dict[str, Any] = {"use_cache": False}
+    if cache is not None:
+        extra = {cache.kwarg: cache.hf, "use_cache": True}
     _, acts = model.run_with_cache(
         tokens,
-        attention_mask=attn,
-        position_ids=mask_positions(attn),
-        use_cache=False,
+        attention_mask=full,
+        position_ids=mask_positions(full)[:, -tokens.shape[1] :],
         names_filter=list(names),
         return_type=None,
         stop_at_layer=stop,
+        **extra,
     )
     return {n: acts[n] for n in names}
 

@@ -29,6 +29,8 @@ from tlextract.model.decoding import (
     bridge_pass,
     empty_cache,
     keep_rows,
+    prefix_filled,
+    shares_prefix,
 )
 from tlextract.model.tokens import device_of, left_pad, stop_token_ids, tokenizer_of
 
@@ -126,41 +128,21 @@ def prefix_cache(
     remaining tokens. Chat prompts share the template's system prompt and turn markers, more
     than half of a short prompt, so batched prefill and teacher-forced passes do that much less
     work. Positions come from the attention mask, so a row's tokens sit where they would
-    without sharing (rotary or learned absolute positions; local attention windows count
-    columns, so models with them never share). ``share=False`` (or a prefix under
-    MIN_SHARED_PREFIX, or one row, or a TransformerBridge, whose transformers cache has no
-    shared rows): an empty cache and 0. ``stop_at_layer``: fill only the
-    blocks before it. Callers pass ``share=False`` when hooks are attached: a hook may depend
-    on batch rows or positions, and the prefix pass has one row and only the prefix."""
+    without sharing (where :func:`tlextract.model.decoding.shares_prefix` says positions and
+    attention allow it). ``share=False`` (or a prefix under MIN_SHARED_PREFIX, or one row): an
+    empty cache and 0. ``stop_at_layer``: fill only the blocks before it. Callers pass
+    ``share=False`` when hooks are attached: a hook may depend on batch rows or positions, and
+    the prefix pass has one row and only the prefix."""
     device = device_of(model)
-    if isinstance(model, TransformerBridge):
-        return empty_cache(model, len(seqs), device), 0
-    cfg = model.cfg
     n = 0
-    if (
-        share
-        and len(seqs) > 1
-        and cfg.positional_embedding_type in ("rotary", "standard")
-        and not cfg.use_local_attn
-    ):
+    if share and len(seqs) > 1 and shares_prefix(model):
         first = seqs[0]
         while n < limit and all(s[n] == first[n] for s in seqs):
             n += 1
     if n < MIN_SHARED_PREFIX:
         return empty_cache(model, len(seqs), device), 0
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
     prefix = torch.tensor([list(seqs[0][:n])], device=device)
-    model(
-        prefix,
-        attention_mask=torch.ones_like(prefix),
-        past_kv_cache=cache,
-        stop_at_layer=stop_at_layer or model.cfg.n_layers,  # the residual, not logits
-    )
-    for entry in cache.entries:  # rows share the prefix's keys/values until they are appended to
-        entry.past_keys = entry.past_keys.expand(len(seqs), -1, -1, -1)
-        entry.past_values = entry.past_values.expand(len(seqs), -1, -1, -1)
-    cache.previous_attention_mask = cache.previous_attention_mask.expand(len(seqs), -1)
-    return cache, n
+    return prefix_filled(model, prefix, len(seqs), stop_at_layer), n
 
 
 @dataclass(frozen=True)

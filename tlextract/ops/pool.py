@@ -21,7 +21,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.model.accel import has_hooks
-from tlextract.model.decoding import Model, bridge_activations
+from tlextract.model.decoding import BridgeCache, Model, bridge_activations
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
 from tlextract.ops.generate import prefix_cache
 
@@ -90,14 +90,15 @@ def pooled_activations(
     are attached: its activations are never pooled, only its keys and values are needed."""
     names = [hook_name(hook, layer) for layer in layers]
     stop = max(layers) + 1  # later blocks cannot change these activations
-    if isinstance(model, TransformerBridge):
-        tokens, attn, response = pack(
-            prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
-        )
-        by_name = bridge_activations(model, tokens, attn, names, stop)
-        return torch.cat([masked_mean(by_name[n][:, None], response) for n in names], dim=1).cpu()
     limit = min(map(len, prompt_ids))  # the prefix never reaches a response token
     cache, shared = prefix_cache(model, prompt_ids, limit, not has_hooks(model), stop)
+    if isinstance(cache, BridgeCache):
+        assert isinstance(model, TransformerBridge)
+        tokens, attn, response = pack(
+            prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model), shared
+        )
+        by_name = bridge_activations(model, tokens, attn, names, stop, cache if shared else None)
+        return torch.cat([masked_mean(by_name[n][:, None], response) for n in names], dim=1).cpu()
     # Only the prefix's keys/values are read: a frozen cache is not appended to (TransformerLens
     # then concatenates per layer and drops the result), and with no prefix there is no cache,
     # so the pass does not keep every token's keys and values (as large as the residuals).
