@@ -64,11 +64,13 @@ def test_only_the_named_parameters_become_flags() -> None:
 
 def test_every_translated_parameter_is_a_library_parameter() -> None:
     from tlextract.judge.draft import check_destination
+    from tlextract.model.load import load_model
     from tlextract.report.summary import build_report
     from tlextract.steering.autosteer import auto_steer
     from tlextract.steering.sweep import alpha_sweep
 
-    functions = (settings_for, build_report, auto_steer, alpha_sweep, check_destination)
+    # load_model: its backend= is what --model-backend's errors name.
+    functions = (settings_for, build_report, auto_steer, alpha_sweep, check_destination, load_model)
     names = {p for f in functions for p in inspect.signature(f).parameters}
     assert set(FLAG_OF) <= names
 

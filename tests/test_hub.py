@@ -30,7 +30,7 @@ SERVER_SCRIPT = Path(__file__).with_name("fake_hub_server.py")
 TINY = "tiny-org/tiny-model"
 GATED = "tiny-org/gated-model"
 QWEN = "tiny-org/tiny-qwen"
-BIGCODE = "tiny-org/tiny-bigcode"  # an architecture TransformerLens does not support
+EXOTIC = "tiny-org/tiny-exotic"  # an architecture neither backend supports
 BIN_ONLY = "tiny-org/bin-only"
 GGUF_ONLY = "tiny-org/gguf-only"
 MISSING = "tiny-org/no-such-model"
@@ -62,11 +62,11 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Qwen2ForCausalLM(config).save_pretrained(qwen)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / name, qwen)
-    bigcode = root / "bigcode"
-    bigcode.mkdir()
-    config_json = {"model_type": "gpt_bigcode", "architectures": ["GPTBigCodeForCausalLM"]}
-    (bigcode / "config.json").write_text(json.dumps(config_json))
-    (bigcode / "model.safetensors").write_bytes(b"must not be downloaded")
+    exotic = root / "exotic"
+    exotic.mkdir()
+    config_json = {"model_type": "exotic", "architectures": ["ExoticForCausalLM"]}
+    (exotic / "config.json").write_text(json.dumps(config_json))
+    (exotic / "model.safetensors").write_bytes(b"must not be downloaded")
     bin_only = root / "bin-only"
     bin_only.mkdir()
     shutil.copy(tiny / "config.json", bin_only)
@@ -78,7 +78,7 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         TINY: tiny,
         GATED: tiny,
         QWEN: qwen,
-        BIGCODE: bigcode,
+        EXOTIC: exotic,
         BIN_ONLY: bin_only,
         GGUF_ONLY: gguf_only,
     }
@@ -243,8 +243,8 @@ def test_unreachable_hub_is_named(cache: Path) -> None:
 
 
 def test_unsupported_architecture_fails_before_the_weights(online: str) -> None:
-    message = _error(BIGCODE)
-    assert "GPTBigCodeForCausalLM" in message
+    message = _error(EXOTIC)
+    assert "ExoticForCausalLM" in message and "TransformerBridge" in message
     requests = control(online, "/_requests")
     assert any(r.endswith("/config.json") for r in requests)
     assert not any(r.endswith("/model.safetensors") for r in requests)

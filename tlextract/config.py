@@ -108,8 +108,7 @@ ENGINES = {
     "vllm": EngineKind(served=True, captures=False, dir_suffix="-vllm"),
 }
 ENGINE_KINDS = tuple(ENGINES)
-# What builds the model (tlextract.model.source): auto, HookedTransformer or TransformerBridge.
-MODEL_BACKENDS = ("auto", "hooked", "bridge")
+MODEL_BACKENDS = ("auto", "hooked", "bridge")  # what builds the model (tlextract.model.source)
 
 
 @dataclass(frozen=True)
@@ -319,7 +318,8 @@ def load_experiment(name: str, root: PathArg | None = None) -> Experiment:
         "engine": validate_engine, "traits": lambda traits, _: tuple(traits),
     }  # fmt: skip
     given = {k: checked[k](v, path) if k in checked else v for k, v in data.items()}
-    given["model"] = _model_path(given["model"], path.parent)
+    if given["model"].startswith(("./", "../")):  # relative to the experiment, wherever we run
+        given["model"] = os.path.abspath(path.parent / given["model"])  # a symlink keeps its name
     exp = Experiment(name=name, path=path.parent, **given)
     _check_traits(exp, root, path)
     return exp
@@ -334,14 +334,6 @@ def _layers(layers: Any, path: Path) -> tuple[int, ...] | Literal["all"]:
     return tuple(sorted(set(layers)))
 
 
-def _model_path(model: str, experiment_dir: Path) -> str:
-    """A model written as a relative path (``./ckpt``, ``../models/x``) is relative to the
-    experiment's directory, wherever tlextract runs; any other name is kept as written."""
-    if model.startswith(("./", "../")):
-        return os.path.abspath(experiment_dir / model)  # a symlink stays the name it was given
-    return model
-
-
 def _check_fields(data: dict[str, Any], path: Path) -> None:
     require(
         isinstance(data.get("model"), str) and bool(data["model"]),
@@ -349,13 +341,9 @@ def _check_fields(data: dict[str, Any], path: Path) -> None:
         "model",
         'must name a model, e.g. "smollm2-135m-instruct".',
     )
-    require(
-        data.get("model_backend", "auto") in MODEL_BACKENDS,
-        path,
-        "model_backend",
-        f"must be one of {', '.join(MODEL_BACKENDS)}: what builds the model (auto: "
-        "HookedTransformer where it loads the model, else TransformerBridge).",
-    )
+    require(data.get("model_backend", "auto") in MODEL_BACKENDS, path, "model_backend",
+            f"must be one of {', '.join(MODEL_BACKENDS)}: what builds the model (auto: "
+            "HookedTransformer where it loads the model, else TransformerBridge).")  # fmt: skip
     hook = data.get("hook", "resid_post")
     require(
         hook in HOOKS,

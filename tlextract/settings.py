@@ -118,18 +118,11 @@ def settings_for(
         raise TLExtractError('model must name a model, e.g. model="smollm2-135m-instruct".',
                              parameters=("model",))  # fmt: skip
     check_device(device)
-    model_backend = model_backend or experiment.model_backend
-    if model_backend not in MODEL_BACKENDS:
-        raise TLExtractError(
-            f"model_backend={model_backend!r} is not a backend; use one of "
-            f"{', '.join(MODEL_BACKENDS)}.",
-            parameters=("model_backend",),
-        )
     return RunSettings(
         experiment=experiment,
         trait=experiment.trait(trait),
         model=model or experiment.model,
-        model_backend=model_backend,
+        model_backend=_model_backend(model_backend or experiment.model_backend),
         n_examples=n_examples or experiment.n_examples,
         batch_size=batch_size or experiment.batch_size,
         layers=experiment.layers
@@ -228,6 +221,15 @@ def resolve_dtype(dtype: str, device: str | None) -> str:
     if dtype != AUTO_DTYPE:
         return dtype
     return "bfloat16" if torch.device(pick_device(device)).type == "cuda" else "float32"
+
+
+def _model_backend(backend: str) -> str:
+    if backend not in MODEL_BACKENDS:
+        raise TLExtractError(
+            f"model_backend={backend!r} is not a backend; use one of {', '.join(MODEL_BACKENDS)}.",
+            parameters=("model_backend",),
+        )
+    return backend
 
 
 def check_device(device: str | None) -> None:

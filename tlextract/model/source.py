@@ -18,9 +18,10 @@ The backend that builds the model is decided here too (:func:`resolve_model`'s `
 ``hooked``, TransformerLens' HookedTransformer (accelerated by tlextract), or ``bridge``,
 TransformerLens' TransformerBridge around the transformers model (:mod:`tlextract.model.bridge`).
 ``auto`` keeps HookedTransformer wherever it loaded models before the bridge existed (embedded
-models, TransformerLens model names, and directories or hub ids of the architectures it is proven
-on: :data:`HOOKED_DIRECTORY_ARCHITECTURES`) and takes the bridge for every other architecture the
-bridge supports; anything else is one line naming the architecture.
+models, TransformerLens model names, and directories or hub ids of architectures TransformerLens
+converts, except llama with scaled RoPE or biases and :data:`HOOKED_MISFITS`) and takes the
+bridge for every other architecture the bridge supports; anything else is one line naming the
+architecture.
 """
 
 from __future__ import annotations
@@ -45,12 +46,9 @@ from tlextract.model.cache import EMBEDDED_MODELS, TINY_MODEL, embedded, ensure_
 SourceKind = Literal["embedded", "local", "hub"]
 Backend = Literal["hooked", "bridge"]
 
-# From a directory (or an unlisted hub id), HookedTransformer builds these as transformers does
-# (tests/test_local_models.py); for other architectures its converters refuse, fail in
-# load_state_dict (Phi-3) or drop what they do not know (scaled RoPE, biases).
-HOOKED_DIRECTORY_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
-)
+# Architectures TransformerLens converts from a directory into a HookedTransformer whose state
+# dict then does not fit (load_state_dict fails): auto takes the bridge for them.
+HOOKED_MISFITS = frozenset({"Phi3ForCausalLM"})
 
 
 @dataclass(frozen=True)
@@ -166,37 +164,55 @@ def _decided(source: ModelSource, directory: Path, backend: str) -> ModelSource:
     architecture in ``directory``'s config.json."""
     config = _config(directory, source.label)
     arch = (config.get("architectures") or ["(none in config.json)"])[0]
-    if backend == "hooked":
-        return replace(source, tl_name=_converter(directory, source.label, config))
-    refusal = _hooked_refusal(arch, config)
-    if backend == "auto" and refusal is None:
-        return replace(source, tl_name=_converter(directory, source.label, config))
+    refusal = None
+    if backend != "bridge":
+        tl_name, refusal = _hooked_build(directory, source.label, arch, config)
+        if refusal is None:
+            return replace(source, tl_name=tl_name)
+        if backend == "hooked":
+            raise TLExtractError(
+                f'{source.label}: {refusal}; load it with backend="bridge"', parameters=("backend",)
+            )
     if arch not in bridge_architectures():
         raise TLExtractError(
             f"{source.label}: architecture {arch} can be loaded neither by HookedTransformer nor "
             f"by TransformerLens {_tl_version()}'s TransformerBridge; supported: "
             f"{', '.join(a.removesuffix('ForCausalLM') for a in bridge_architectures())}"
         )
-    reason = "backend='bridge' was asked for" if backend == "bridge" else f"{refusal}"
-    return replace(source, backend="bridge", reason=reason)
+    return replace(source, backend="bridge", reason=refusal or "backend='bridge' was asked for")
 
 
 def _asked_for_bridge(source: ModelSource, name: str) -> ModelSource:
     return replace(source, backend="bridge", tl_name=None, reason="backend='bridge' was asked for")
 
 
-def _hooked_refusal(arch: str, config: dict[str, Any]) -> str | None:
-    """Why HookedTransformer does not build this directory's model (None: it does)."""
-    if arch not in HOOKED_DIRECTORY_ARCHITECTURES:
-        return f"HookedTransformer is not proven on {arch} from a directory"
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if arch == "LlamaForCausalLM" and (
-        rope.get("rope_type", rope.get("type", "default")) != "default"
-        or config.get("attention_bias")
-        or config.get("mlp_bias")
-    ):
-        return "HookedTransformer's llama conversion has no scaled RoPE or biases"
-    return None
+def _hooked_build(
+    directory: Path, label: str, arch: str, config: dict[str, Any]
+) -> tuple[str | None, str | None]:
+    """How HookedTransformer builds this directory's model: ``(tl_name, None)``, its
+    converter (None: ours, for llama); or ``(None, why it cannot)``."""
+    if arch in HOOKED_MISFITS:
+        return None, f"HookedTransformer's conversion of {arch} does not fit its weights"
+    if arch == "LlamaForCausalLM":
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if (
+            rope.get("rope_type", rope.get("type", "default")) != "default"
+            or config.get("attention_bias")
+            or config.get("mlp_bias")
+        ):
+            return None, "HookedTransformer's llama conversion has no scaled RoPE or biases"
+        return None, None
+    tl_name = str(directory.resolve())
+    try:
+        tl_loading.convert_hf_model_config(tl_name, local_files_only=True)
+    # AttributeError: TransformerLens guessed llama or gemma from the path and read no config.
+    except (NotImplementedError, AttributeError, ValueError) as e:
+        reason = next(iter(str(e).splitlines()), type(e).__name__)
+        return (
+            None,
+            f"TransformerLens {_tl_version()} has no HookedTransformer for {arch} ({reason})",
+        )
+    return tl_name, None
 
 
 def bridge_architectures() -> list[str]:
@@ -220,7 +236,7 @@ def backend_of(name: str, backend: str = "auto") -> Backend:
     directory = Path(name).expanduser() if source.kind == "local" else hub.fetch_config(name)
     config = _config(directory, source.label)
     arch = (config.get("architectures") or [""])[0]
-    return "hooked" if _hooked_refusal(arch, config) is None else "bridge"
+    return "hooked" if _hooked_build(directory, name, arch, config)[1] is None else "bridge"
 
 
 def _official(name: str) -> str | None:
@@ -252,32 +268,6 @@ def _config(directory: Path, label: str) -> dict[str, Any]:
     return config
 
 
-def _converter(directory: Path, label: str, config: dict[str, Any]) -> str | None:
-    """The ``tl_name`` of a Hugging Face model directory that is not a TransformerLens model
-    name: None (our converter) for llama, else the directory itself for TransformerLens' config
-    of it; an architecture TransformerLens has no config for is refused here."""
-    arch = (config.get("architectures") or ["(none in config.json)"])[0]
-    if arch == "LlamaForCausalLM":
-        refusal = _hooked_refusal(arch, config)
-        if refusal is not None:
-            raise TLExtractError(
-                f'{label}: {refusal}; load it with backend="bridge"', parameters=("backend",)
-            )
-        return None
-    tl_name = str(directory.resolve())
-    try:
-        tl_loading.convert_hf_model_config(tl_name, local_files_only=True)
-    # AttributeError: TransformerLens guessed llama or gemma from the path and read no config.
-    except (NotImplementedError, AttributeError, ValueError) as e:
-        reason = next(iter(str(e).splitlines()), type(e).__name__)
-        raise TLExtractError(
-            f"{label}: TransformerLens {_tl_version()} cannot load architecture {arch} as a "
-            f'HookedTransformer ({reason}); load it with backend="bridge"',
-            parameters=("backend",),
-        ) from e
-    return tl_name
-
-
 def _tl_version() -> str:
     from importlib.metadata import version
 
@@ -291,7 +281,7 @@ def _llama_config(
     n_heads = hf_config.num_attention_heads
     d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
     n_kv = hf_config.num_key_value_heads
-    # _converter refused scaled RoPE and biases, which convert_llama_weights would drop.
+    # _hooked_build refused scaled RoPE and biases, which convert_llama_weights would drop.
     rope = getattr(hf_config, "rope_parameters", None) or {}
     return HookedTransformerConfig(
         n_layers=hf_config.num_hidden_layers,
