@@ -66,7 +66,7 @@ def bridge_pass(
     *,
     last_logits: bool = False,
     stop_at_layer: int | None = None,
-) -> Float[Tensor, "batch pos vocab"] | None:
+) -> Float[Tensor, "batch 1 vocab"] | None:
     """One pass of the transformers model under the bridge's hooks, appending to ``cache``;
     the logits at the last position only when ``last_logits`` (unembedding every prompt
     position is wasted work), else none (``stop_at_layer``: the blocks before it only)."""
