@@ -206,6 +206,14 @@ def test_auto_backend(checkpoint: Callable[[str], Path], arch: str) -> None:
     assert source.backend == ("hooked" if _hooked(arch) else "bridge")
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if not _hooked(a)])
+def test_hooked_refuses_what_it_cannot_build(checkpoint: Callable[[str], Path], arch: str) -> None:
+    """One line pointing to the bridge, whether TransformerLens has no config for the
+    architecture or its converter does not fit the checkpoint (Phi-3)."""
+    with pytest.raises(TLExtractError, match="backend='bridge'"):
+        tlextract.load_model(str(checkpoint(arch)), dtype="float32", backend="hooked")
+
+
 def test_llama3_scaled_rope_is_the_bridges(checkpoint: Callable[[str], Path]) -> None:
     """HookedTransformer's llama conversion has no scaled RoPE: refused, and auto takes the
     bridge."""
