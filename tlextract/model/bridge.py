@@ -9,7 +9,7 @@ One repair is needed: from transformers 5.24 on, decoder layers hand their KV ca
 ``cache=``, while the bridge's attention reads only ``past_key_values`` (and ``layer_past``), so
 the cache never fills and every decode step attends to itself alone: generation is silently wrong.
 :func:`install_cache_shim` passes ``cache`` on under the name the bridge reads. It is tested
-against transformers' ``generate`` on every run of the suite (tests/test_bridge.py).
+against transformers' ``generate`` on every run of the suite (tests/test_local_models.py).
 """
 
 from __future__ import annotations

@@ -225,6 +225,8 @@ def _as_parameters(
     state_dict = model.fill_missing_keys(state_dict)
     for key in list(state_dict):
         tensor = state_dict[key]
+        if key not in own:  # a converter that does not fit the model: load_state_dict says so
+            continue
         if tensor.data_ptr() != own[key].data_ptr():
             # The converted shape: a wrong one fails in load_state_dict, never broadcasts.
             copy = torch.empty(tensor.shape, dtype=own[key].dtype, device=device)
