@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from tlextract.model.load import model_directory
 
@@ -75,11 +74,6 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
 }
 ARCHITECTURES = tuple(CONFIGS)
-
-
-def architecture(arch: str) -> str:
-    """The ``architectures[0]`` its config.json will name (e.g. ``LlamaForCausalLM``)."""
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[CONFIGS[arch][0]]
 
 
 def save_checkpoint(arch: str, directory: Path) -> Path:
