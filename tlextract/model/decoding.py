@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -66,7 +66,7 @@ def bridge_pass(
     *,
     last_logits: bool = False,
     stop_at_layer: int | None = None,
-) -> Float[Tensor, "batch pos vocab"] | None:
+) -> Float[Tensor, "batch 1 vocab"] | None:
     """One pass of the transformers model under the bridge's hooks, appending to ``cache``;
     the logits at the last position only when ``last_logits`` (unembedding every prompt
     position is wasted work), else none (``stop_at_layer``: the blocks before it only)."""
@@ -90,25 +90,33 @@ def bridge_pass(
     return out if last_logits else None
 
 
-def bridge_activations(
-    model: TransformerBridge,
+def teacher_forced(
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     attn: Int[Tensor, "batch pos"],
-    names: Sequence[str],
-    stop: int,
-) -> dict[str, Float[Tensor, "batch pos d_model"]]:
-    """The named hooks' activations of one teacher-forced pass of a bridge, with positions
-    counted from the attention mask (as for generation: a left pad does not shift a row)."""
-    _, acts = model.run_with_cache(
+    names: Sequence[str] = (),
+    *,
+    stop_at_layer: int | None = None,
+    logits: bool = False,
+) -> tuple[Float[Tensor, "batch pos vocab"] | None, dict[str, Float[Tensor, "batch pos d_model"]]]:
+    """One teacher-forced pass (no KV cache) over left-padded ``tokens`` on either backend: the
+    logits when ``logits`` (then no ``stop_at_layer``), and the named hooks' activations. A
+    bridge gets positions counted from the mask (a left pad does not shift a row), as for
+    generation; a HookedTransformer derives them from the mask itself."""
+    extra: dict[str, Any] = {}
+    if isinstance(model, TransformerBridge):
+        extra = {"position_ids": mask_positions(attn), "use_cache": False}
+    if not names:  # logits alone: a plain forward pass, nothing to cache
+        return model(tokens, attention_mask=attn, return_type="logits", **extra), {}
+    out, acts = model.run_with_cache(
         tokens,
         attention_mask=attn,
-        position_ids=mask_positions(attn),
-        use_cache=False,
         names_filter=list(names),
-        return_type=None,
-        stop_at_layer=stop,
+        return_type="logits" if logits else None,
+        stop_at_layer=stop_at_layer,
+        **extra,
     )
-    return {n: acts[n] for n in names}
+    return (out if logits else None), {n: acts[n] for n in names}
 
 
 def mask_positions(mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:

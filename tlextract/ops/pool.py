@@ -21,7 +21,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.model.accel import has_hooks
-from tlextract.model.decoding import Model, bridge_activations
+from tlextract.model.decoding import Model, teacher_forced
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
 from tlextract.ops.generate import prefix_cache
 
@@ -94,7 +94,7 @@ def pooled_activations(
         tokens, attn, response = pack(
             prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
         )
-        by_name = bridge_activations(model, tokens, attn, names, stop)
+        _, by_name = teacher_forced(model, tokens, attn, names, stop_at_layer=stop)
         return torch.cat([masked_mean(by_name[n][:, None], response) for n in names], dim=1).cpu()
     limit = min(map(len, prompt_ids))  # the prefix never reaches a response token
     cache, shared = prefix_cache(model, prompt_ids, limit, not has_hooks(model), stop)
