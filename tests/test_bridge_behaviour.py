@@ -30,6 +30,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from tlextract import accelerate, is_accelerated, restore
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
+from tlextract.judge.local import LocalJudge
 from tlextract.model.bridge import is_bridge
 from tlextract.model.load import load_model, model_directory, model_info
 from tlextract.monitoring.calibrate import neutral_token_scores
@@ -222,13 +223,28 @@ def test_steer_and_ablate_forward_equal_transformers_hook(model, hf) -> None:
     assert (after - plain).abs().max() < TOL
 
 
-def test_steered_generation_equals_transformers_generate(model, hf) -> None:
+def hf_positions(positions: str, delta: Tensor) -> Callable[[Tensor], Tensor]:
+    """steer's positions rule, written for transformers' generate of one row: its prompt pass
+    has the whole prompt, each decode step one token."""
+
+    def edit(x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            return x if positions == "prompt" else x + delta
+        if positions == "response":
+            return torch.cat([x[:, :-1], x[:, -1:] + delta], dim=1)
+        return x + delta
+
+    return edit
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response"])
+def test_steered_generation_equals_transformers_generate(model, hf, positions) -> None:
     prompts = ids(model, PROMPTS)
     u, scale = unit(), 3.0
     greedy = GenerationSettings(max_new_tokens=8, do_sample=False)
-    with steer(model, u, LAYER, 0.7, scale=scale):
+    with steer(model, u, LAYER, 0.7, positions, scale=scale):
         gens = generate_batch(model, prompts, greedy, seeds=range(len(prompts)))
-    with hf_edit(hf, LAYER, lambda x: x + 0.7 * scale * u):
+    with hf_edit(hf, LAYER, hf_positions(positions, 0.7 * scale * u)):
         ref = [hf_greedy(hf, p, 8, eos=-1) for p in prompts]
     assert [g.response_ids for g in gens] == ref
     plain = [g.response_ids for g in generate_batch(model, prompts, greedy, seeds=[0] * 4)]
@@ -246,6 +262,20 @@ def test_monitor_scores_equal_transformers(model, hf) -> None:
         for text in mon.texts:
             ref = hf_run(hf, text.token_ids)[1][layer] @ tv[layer]
             assert torch.tensor(text.scores["t"]).sub(ref).abs().max() < TOL
+
+
+def test_capture_while_generating_equals_transformers(model, hf) -> None:
+    """Combined mode: each response's residuals averaged while generating (sampled, prompts
+    sharing a long prefix) are transformers' on prompt + response."""
+    prompts = ids(model, [f"Tell me about topic number {i}{'!' * i}" for i in range(4)])
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.0)
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    gens = generate_batch(model, prompts, settings, [5, 6, 7, 8], capture=names)
+    for g, p in zip(gens, prompts, strict=True):
+        assert g.pooled is not None and len(g.response_ids) == 6
+        outs = hf_run(hf, p + g.response_ids)[1]
+        ref = torch.stack([o[len(p) :].mean(0) for o in outs])
+        assert (g.pooled - ref).abs().max() < TOL
 
 
 def test_sampling_per_row_seed_ignores_batch_partners(model) -> None:
@@ -297,3 +327,9 @@ def test_accelerator_on_a_bridge(model, hf) -> None:
     with pytest.raises(TLExtractError, match="TransformerBridge"):
         accelerate(model)
     assert model_info(model)["architecture"] == type(hf).__name__
+
+
+def test_local_judge_refuses_a_bridge(model) -> None:
+    """Its packed scoring drives TransformerLens' own KV cache: HookedTransformer only."""
+    with pytest.raises(TLExtractError, match="HookedTransformer"):
+        LocalJudge(model)
