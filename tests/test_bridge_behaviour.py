@@ -264,6 +264,20 @@ def test_monitor_scores_equal_transformers(model, hf) -> None:
             assert torch.tensor(text.scores["t"]).sub(ref).abs().max() < TOL
 
 
+def test_monitor_inside_steer_scores_the_steered_residual(model, hf) -> None:
+    """The steering hook at the monitored hook point runs first: scores include the vector, as
+    in transformers with the edit on that layer."""
+    tv = TraitVectors("t", "test", "tiny", "resid_post", (LAYER,), unit(2)[None])
+    u, scale = unit(), 3.0
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1.0)
+    with steer(model, u, LAYER, 0.7, scale=scale):
+        mon = monitor(model, PROMPTS, tv, LAYER, style="completion", settings=settings)
+    with hf_edit(hf, LAYER, lambda x: x + 0.7 * scale * u):
+        for text in mon.texts:
+            ref = hf_run(hf, text.token_ids)[1][LAYER] @ tv[LAYER]
+            assert torch.tensor(text.scores["t"]).sub(ref).abs().max() < TOL
+
+
 def test_capture_while_generating_equals_transformers(model, hf) -> None:
     """Combined mode: each response's residuals averaged while generating (sampled, prompts
     sharing a long prefix) are transformers' on prompt + response."""
