@@ -143,31 +143,39 @@ def bridge_pass(
     return out if last_logits else None
 
 
-def bridge_activations(
-    model: TransformerBridge,
+def teacher_forced(
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     attn: Int[Tensor, "batch pos"],
-    names: Sequence[str],
-    stop: int,
+    names: Sequence[str] = (),
+    *,
+    stop_at_layer: int | None = None,
+    logits: bool = False,
     cache: BridgeCache | None = None,
-) -> dict[str, Float[Tensor, "batch pos d_model"]]:
-    """The named hooks' activations of one teacher-forced pass of a bridge, with positions
-    counted from the attention mask (as for generation: a left pad does not shift a row),
-    after the tokens already in ``cache`` (a shared prefix) if one is given."""
-    full = attn if cache is None else torch.cat([cache.mask, attn], dim=1)
-    extra: dict[str, Any] = {"use_cache": False}
-    if cache is not None:
-        extra = {cache.kwarg: cache.hf, "use_cache": True}
-    _, acts = model.run_with_cache(
+) -> tuple[Float[Tensor, "batch pos vocab"] | None, dict[str, Float[Tensor, "batch pos d_model"]]]:
+    """One teacher-forced pass over left-padded ``tokens`` on either backend: the logits when
+    ``logits`` (then no ``stop_at_layer``), and the named hooks' activations. A bridge gets
+    positions counted from the mask (a left pad does not shift a row), as for generation, after
+    the tokens already in ``cache`` (a shared prefix) if one is given; a HookedTransformer
+    derives them from the mask itself."""
+    extra: dict[str, Any] = {}
+    mask = attn
+    if isinstance(model, TransformerBridge):
+        mask = attn if cache is None else torch.cat([cache.mask, attn], dim=1)
+        extra = {"position_ids": mask_positions(mask)[:, -tokens.shape[1] :], "use_cache": False}
+        if cache is not None:
+            extra.update({cache.kwarg: cache.hf, "use_cache": True})
+    if not names:  # logits alone: a plain forward pass, nothing to cache
+        return model(tokens, attention_mask=mask, return_type="logits", **extra), {}
+    out, acts = model.run_with_cache(
         tokens,
-        attention_mask=full,
-        position_ids=mask_positions(full)[:, -tokens.shape[1] :],
+        attention_mask=mask,
         names_filter=list(names),
-        return_type=None,
-        stop_at_layer=stop,
+        return_type="logits" if logits else None,
+        stop_at_layer=stop_at_layer,
         **extra,
     )
-    return {n: acts[n] for n in names}
+    return (out if logits else None), {n: acts[n] for n in names}
 
 
 def mask_positions(mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:

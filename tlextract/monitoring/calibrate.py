@@ -30,7 +30,7 @@ from torch import Tensor
 from tlextract.config import EVALUATION
 from tlextract.errors import TLExtractError
 from tlextract.evaluation.heldout import KeptRun, load_kept
-from tlextract.model.decoding import Model
+from tlextract.model.decoding import Model, teacher_forced
 from tlextract.model.tokens import device_of, tokenizer_of
 from tlextract.ops.fluency import neutral_answers
 from tlextract.ops.folds import fold_of
@@ -151,10 +151,8 @@ def neutral_token_scores(
         tokens, attn, response = pack(
             prompt_ids[chunk], response_ids[chunk], tok.pad_token_id, device_of(model)
         )
-        _, cache = model.run_with_cache(
-            tokens, attention_mask=attn, names_filter=name, return_type=None
-        )
-        proj = (cache[name].float() @ unit.to(cache[name].device).float()).cpu()
+        _, acts = teacher_forced(model, tokens, attn, [name])
+        proj = (acts[name].float() @ unit.to(acts[name].device).float()).cpu()
         scores += [row[mask].tolist() for row, mask in zip(proj, response.cpu(), strict=True)]
     return scores
 

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tlextract.model.decoding import Model
+from tlextract.model.decoding import Model, teacher_forced
 from tlextract.model.tokens import device_of, text_ids, tokenizer_of, user_prompts
 from tlextract.ops.neutral import NEUTRAL_QUESTIONS, NEUTRAL_TEXTS
 from tlextract.ops.pool import pack
@@ -79,7 +79,9 @@ def _read_answers(
     tokens, attn, answer = pack(
         prompt_ids, answer_ids, tokenizer_of(model).pad_token_id, device_of(model)
     )
-    return model(tokens, attention_mask=attn), tokens, answer
+    logits, _ = teacher_forced(model, tokens, attn, logits=True)
+    assert logits is not None
+    return logits, tokens, answer
 
 
 def kl_divergence(

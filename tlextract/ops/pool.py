@@ -21,7 +21,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
 from tlextract.model.accel import has_hooks
-from tlextract.model.decoding import BridgeCache, Model, bridge_activations
+from tlextract.model.decoding import BridgeCache, Model, teacher_forced
 from tlextract.model.tokens import device_of, left_pad, tokenizer_of
 from tlextract.ops.generate import prefix_cache
 
@@ -97,7 +97,8 @@ def pooled_activations(
         tokens, attn, response = pack(
             prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model), shared
         )
-        by_name = bridge_activations(model, tokens, attn, names, stop, cache if shared else None)
+        prefix = cache if shared else None
+        _, by_name = teacher_forced(model, tokens, attn, names, stop_at_layer=stop, cache=prefix)
         return torch.cat([masked_mean(by_name[n][:, None], response) for n in names], dim=1).cpu()
     # Only the prefix's keys/values are read: a frozen cache is not appended to (TransformerLens
     # then concatenates per layer and drops the result), and with no prefix there is no cache,

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from tlextract.config import DEFAULT_HOOK
 from tlextract.errors import TLExtractError
-from tlextract.model.decoding import Model
+from tlextract.model.decoding import Model, teacher_forced
 from tlextract.model.tokens import device_of, left_pad, text_ids, tokenizer_of
 from tlextract.ops.neutral import NEUTRAL_TEXTS
 from tlextract.ops.pool import hook_name
@@ -114,10 +114,8 @@ def residual_norm(
     tok = tokenizer_of(model)
     tokens, mask = left_pad(text_ids(model, texts), tok.pad_token_id, device_of(model))
     name = hook_name(hook, layer)
-    _, cache = model.run_with_cache(
-        tokens, attention_mask=mask, names_filter=name, return_type=None, stop_at_layer=layer + 1
-    )
-    norms = cache[name].float().norm(dim=-1)[mask.bool()]
+    _, acts = teacher_forced(model, tokens, mask, [name], stop_at_layer=layer + 1)
+    norms = acts[name].float().norm(dim=-1)[mask.bool()]
     return float(norms.median())
 
 

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tlextract.model.decoding import Model
+from tlextract.model.decoding import Model, teacher_forced
 from tlextract.model.tokens import device_of, tokenizer_of
 from tlextract.ops.pool import pack
 
@@ -35,9 +35,7 @@ def answer_residuals(
     for start in range(0, len(prompt_ids), batch_size):
         chunk = slice(start, start + batch_size)
         tokens, attn, answer = pack(prompt_ids[chunk], answer_ids[chunk], pad, device_of(model))
-        _, cache = model.run_with_cache(
-            tokens, attention_mask=attn, names_filter=names, return_type=None
-        )
-        stacked = torch.stack([cache[n].float() for n in names], dim=2).cpu()  # batch pos hook d
+        _, acts = teacher_forced(model, tokens, attn, names)
+        stacked = torch.stack([acts[n].float() for n in names], dim=2).cpu()  # batch pos hook d
         out += [row[mask] for row, mask in zip(stacked, answer.cpu(), strict=True)]
     return out

@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from statistics import mean, stdev
-from typing import Any, cast
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -36,7 +36,7 @@ from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.judge.answers import JudgeCache, judge_responses
 from tlextract.judge.base import Judge
-from tlextract.model.decoding import Model
+from tlextract.model.decoding import Model, teacher_forced
 from tlextract.model.tokens import device_of, tokenizer_of, user_prompts
 from tlextract.ops.fluency import mean_logprobs
 from tlextract.ops.generate import generate_batch
@@ -115,10 +115,11 @@ def reread(
     tokens, attn, response = pack(
         prompt_ids, response_ids, tokenizer_of(model).pad_token_id, device_of(model)
     )
-    out, cache = model.run_with_cache(tokens, attention_mask=attn, names_filter=name)
+    out, acts = teacher_forced(model, tokens, attn, [name], logits=True)
+    assert out is not None
     weights = response.float()
-    proj = ((cache[name].float() @ unit) * weights).sum(1) / weights.sum(1)
-    logprobs = mean_logprobs(cast(Tensor, out), tokens, response)
+    proj = ((acts[name].float() @ unit) * weights).sum(1) / weights.sum(1)
+    logprobs = mean_logprobs(out, tokens, response)
     return proj.tolist(), [float(x) for x in logprobs if x is not None]
 
 

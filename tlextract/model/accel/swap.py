@@ -52,7 +52,9 @@ from transformer_lens.components import (
     Unembed,
 )
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
+from transformer_lens.model_bridge import TransformerBridge
 
+from tlextract.errors import TLExtractError
 from tlextract.model.accel.attention import FastAttention, FastGroupedQueryAttention
 from tlextract.model.accel.components import (
     _FastGatedMLP,
@@ -99,7 +101,7 @@ def _fuse(module: nn.Module) -> None:
 
 
 def accelerate(
-    model: HookedTransformer, *, sdpa: bool = True, untested: bool = False
+    model: HookedTransformer | TransformerBridge, *, sdpa: bool = True, untested: bool = False
 ) -> HookedTransformer:
     """Make ``model``'s forward passes fast, in place; returns ``model``. :func:`restore` undoes it.
 
@@ -118,7 +120,13 @@ def accelerate(
     self-check on a tiny model like this one decides (selfcheck.py): accelerated when it agrees,
     else one warning and nothing changed, unless ``untested`` (the user's risk: the numbers are
     then unchecked). A component that does not match what its fast forward expects (see
-    guard.py) stays stock, with one warning for the whole model."""
+    guard.py) stays stock, with one warning for the whole model. A TransformerBridge runs
+    transformers' own forward, which this cannot speed up: TLExtractError."""
+    if isinstance(model, TransformerBridge):
+        raise TLExtractError(
+            f"{model.cfg.model_name}: a TransformerBridge runs transformers' own forward pass; "
+            "accelerate applies to a HookedTransformer only (leave the bridge as it is)"
+        )
     if not isinstance(model, HookedTransformer):
         raise TypeError(f"accelerate expects a HookedTransformer, got {type(model).__name__}")
     if model.cfg.n_devices != 1:
@@ -174,14 +182,17 @@ def _swap(model: HookedTransformer, memo: ForwardMemo) -> dict[str, list[str]]:
     return refused
 
 
-def restore(model: HookedTransformer) -> HookedTransformer:
+def restore(model: HookedTransformer | TransformerBridge) -> HookedTransformer | TransformerBridge:
     """Undo :func:`accelerate` in place; returns ``model``.
 
     Every component gets its TransformerLens class back and every parameter storage of its own
     (contiguous, the same values, the same ``Parameter`` objects), the forward pre-hook and
     every ``_tlx_`` attribute go: the model then computes exactly what a freshly loaded stock
     model computes. A model that was never accelerated is left as is. Key/value caches filled
-    while accelerated stay usable. The process-wide malloc setting stays (glibc cannot undo it)."""
+    while accelerated stay usable. The process-wide malloc setting stays (glibc cannot undo it).
+    A TransformerBridge is never accelerated: left as is."""
+    if isinstance(model, TransformerBridge):
+        return model
     handle = model.__dict__.get("_tlx_reset")
     if handle is not None:
         handle.remove()
