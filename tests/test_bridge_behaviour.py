@@ -16,23 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoints import save_checkpoint
 from torch import Tensor
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    LlamaConfig,
-    PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tlextract import accelerate, is_accelerated, restore
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.judge.local import LocalJudge
 from tlextract.model.bridge import is_bridge
-from tlextract.model.load import load_model, model_directory, model_info
+from tlextract.model.load import load_model, model_info
 from tlextract.monitoring.calibrate import neutral_token_scores
 from tlextract.ops.fluency import answer_logprob, answer_logprobs, neutral_answers
 from tlextract.ops.generate import generate_batch
@@ -50,34 +46,9 @@ PROMPTS = ["Hi", "Tell me a long story about a cat.", "2+2?", "What is the capit
 ANSWERS = ["Yes.", "Once upon a time", "4", "Paris, of course."]
 
 
-def config(arch: str, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
-    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id, tie_word_embeddings=True)  # fmt: skip
-    if arch == "gpt2":
-        return GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=4,
-                          **special)  # fmt: skip
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
-    return LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rope_parameters=rope, **special,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module", params=["llama3", "gpt2"])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp(request.param)
-    tok = AutoTokenizer.from_pretrained(model_directory("tiny-random"))
-    cfg = config(request.param, tok)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)  # so greedy tokens vary
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +211,7 @@ def hf_positions(positions: str, delta: Tensor) -> Callable[[Tensor], Tensor]:
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
 def test_steered_generation_equals_transformers_generate(model, hf, positions) -> None:
     prompts = ids(model, PROMPTS)
-    u, scale = unit(), 3.0
+    u, scale = unit(), 10.0
     greedy = GenerationSettings(max_new_tokens=8, do_sample=False)
     with steer(model, u, LAYER, 0.7, positions, scale=scale):
         gens = generate_batch(model, prompts, greedy, seeds=range(len(prompts)))

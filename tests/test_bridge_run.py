@@ -12,19 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_experiment
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from tiny_checkpoints import save_checkpoint
+from transformers import AutoModelForCausalLM
 
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
-from tlextract.model.load import model_directory
 from tlextract.settings import settings_for
 from tlextract.stages.activations import load_activations
 from tlextract.stages.responses import load_responses, responses_key
 
-LLAMA3_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
-}  # fmt: skip
 # The tiny experiment's responses key for trait alpha, computed on main at 9b0a0b8 (before
 # backends existed).
 BEFORE_BACKENDS = "54dcd666e86eae29"
@@ -32,26 +28,14 @@ BEFORE_BACKENDS = "54dcd666e86eae29"
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
-    """``llama3/``: a tiny random Llama 3 with scaled RoPE, saved by transformers with the
-    tiny-random tokenizer; ``lora/``: a LoRA adapter of it whose weights change its outputs."""
+    """``llama3/``: a tiny random Llama 3 with scaled RoPE (tests/tiny_checkpoints.py);
+    ``lora/``: a LoRA adapter of it whose weights change its outputs."""
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("checkpoints")
-    tok = AutoTokenizer.from_pretrained(model_directory("tiny-random"))
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+    save_checkpoint("llama3", root / "llama3")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.3)  # far from the init's near-uniform logits: varied tokens
-        model.save_pretrained(root / "llama3")
-        tok.save_pretrained(root / "llama3")
         base = AutoModelForCausalLM.from_pretrained(root / "llama3")
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                           init_lora_weights=False)  # fmt: skip
