@@ -36,7 +36,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
 BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP)) $(if $(filter vllm,$(engine)),$(VLLM_STAMP))
 
-.PHONY: FORCE install vllm run traits report steer test test-fast bench bench-gpu gpu-wheels gpu-check check clean-venv
+.PHONY: FORCE install vllm run traits report steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -104,6 +104,10 @@ test-fast: $(STAMP)
 # into .venv first), writes docs/benchmarks/gpu-pipeline.md.
 bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests/benchmarks/test_pipeline_speed.py --benchmark-only -m bench
+
+# Which backend serves each architecture, and its speed against transformers (docs/benchmarks/backends.md).
+bench-backends: $(STAMP)
+	$(PY) -m pytest tests/benchmarks/test_backend_speed.py --benchmark-only -m bench
 
 bench-gpu: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests/benchmarks/test_gpu_speed.py --benchmark-only -m bench -rs

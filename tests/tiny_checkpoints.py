@@ -76,13 +76,14 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 ARCHITECTURES = tuple(CONFIGS)
 
 
-def save_checkpoint(arch: str, directory: Path) -> Path:
+def save_checkpoint(arch: str, directory: Path, **overrides: Any) -> Path:
     """Write ``arch``'s tiny checkpoint (config.json, model.safetensors, tokenizer) into
-    ``directory`` (created) and return it."""
+    ``directory`` (created) and return it; ``overrides``: config fields to change (sizes)."""
     model_type, kwargs = CONFIGS[arch]
     config = AutoConfig.for_model(
-        model_type, vocab_size=259, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, **kwargs
-    )
+        model_type, vocab_size=259, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        **(kwargs | overrides),
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config)
