@@ -251,3 +251,19 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path: Path, backend:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(TLExtractError, match="NoSuchForCausalLM"):
         tlextract.load_model(str(tmp_path), dtype="float32", backend=backend)
+
+
+def test_bfloat16_bridge_greedy_equals_transformers(checkpoint: Callable[[str], Path]) -> None:
+    """The bridge in bfloat16 (what a GPU run loads) decodes as transformers does in bfloat16."""
+    directory = checkpoint("llama3")
+    model = tlextract.load_model(str(directory), dtype="bfloat16")
+    assert model_info(model)["backend"] == "bridge" and model.cfg.dtype == torch.bfloat16
+    hf = AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", dtype=torch.bfloat16
+    ).eval()
+    greedy = GenerationSettings(max_new_tokens=8, do_sample=False)
+    gens = generate_batch(model, PROMPTS, greedy, seeds=[0] * len(PROMPTS))
+    for prompt, gen in zip(PROMPTS, gens, strict=True):
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+        assert gen.response_ids == out[0, len(prompt) :].tolist()[: len(gen.response_ids)]

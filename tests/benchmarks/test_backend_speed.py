@@ -3,9 +3,12 @@ each backend against transformers' own ``generate``, all in one run on this mach
 ``docs/benchmarks/backends.md`` (docs/models.md quotes it). No timing is asserted.
 
 Every architecture of tests/tiny_checkpoints.py at a small size (4 layers, d_model 512, random
-weights: speed only), then the two embedded models. Greedy, 32 new tokens, prompts left-padded;
-tlextract records every layer's ``hook_resid_post`` while generating (what the pipeline's combined
-mode does); transformers runs with no hooks, forced to 32 tokens. Best of 2 rounds after a warm-up.
+weights: speed only), then the two embedded models. Greedy, at most 32 new tokens, prompts
+left-padded; tlextract records every layer's ``hook_resid_post`` while generating (what the
+pipeline's combined mode does); transformers runs with no hooks. Both stop a row at the same
+tokens (tlextract's stop tokens), and each counts the tokens its rows produced up to their stop,
+so finished rows kept in transformers' batch count for nothing. Best of 2 rounds after a
+warm-up.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.model.load import load_hf_model, load_model
 from tlextract.model.source import backend_of
-from tlextract.model.tokens import left_pad, tokenize
+from tlextract.model.tokens import left_pad, stop_token_ids, tokenize
 from tlextract.ops.generate import generate_batch
 from tlextract.ops.pool import hook_name
 
@@ -34,7 +37,9 @@ NEW, ROUNDS, BATCHES = 32, 2, (1, 8)
 EMBEDDED = ("smollm2-135m-instruct", "gemma-3-270m")
 LLAMA_SIZE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4, head_dim=64)  # fmt: skip
-SIZES = {"gpt2": dict(n_embd=512, n_layer=4, n_head=8),
+GEMMA_SIZE = LLAMA_SIZE | dict(layer_types=["sliding_attention", "full_attention"] * 2)
+SIZES = {"gpt2": dict(n_embd=512, n_layer=4, n_head=8), "gemma2": GEMMA_SIZE,
+         "gemma3": GEMMA_SIZE,
          "qwen3_moe": LLAMA_SIZE | dict(moe_intermediate_size=384)}  # fmt: skip
 TEXTS = ["What is a spark plug?", "Tell me about the sea, the moon and the tides at night.",
          "Name a colour.", "Why do cats purr when they are happy or hurt?"] * 2  # fmt: skip
@@ -70,13 +75,16 @@ def _ours(name: str, backend: str) -> Generate | None:
 def _transformers(name: str) -> tuple[Generate, Callable[[list[str]], list[list[int]]]]:
     hf_model, tok = load_hf_model(name, dtype="float32")
 
+    stops = stop_token_ids(tok)
+
     def generate(ids: list[list[int]]) -> int:
         tokens, mask = left_pad(ids, tok.pad_token_id, "cpu")
         with torch.inference_mode():
             out = hf_model.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=NEW,
-                                    min_new_tokens=NEW, do_sample=False,
+                                    do_sample=False, eos_token_id=stops,
                                     pad_token_id=tok.pad_token_id)  # fmt: skip
-        return (out.shape[1] - tokens.shape[1]) * out.shape[0]
+        new = out[:, tokens.shape[1] :].tolist()
+        return sum(next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in new)
 
     return generate, lambda texts: tokenize(tok, texts, "completion")
 
