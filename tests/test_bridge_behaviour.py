@@ -27,6 +27,7 @@ from tlextract import accelerate, is_accelerated, restore
 from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.judge.local import LocalJudge
+from tlextract.model.accel import has_hooks
 from tlextract.model.bridge import is_bridge
 from tlextract.model.load import load_model, model_info
 from tlextract.monitoring.calibrate import neutral_token_scores
@@ -261,6 +262,26 @@ def test_capture_while_generating_equals_transformers(model, hf) -> None:
         outs = hf_run(hf, p + g.response_ids)[1]
         ref = torch.stack([o[len(p) :].mean(0) for o in outs])
         assert (g.pooled - ref).abs().max() < TOL
+
+
+def test_capture_inside_steering_leaves_only_the_steering_hook(model, hf) -> None:
+    """generate_batch's capture hooks (added to the bridge's hook points directly) come off
+    after it, the steering hook on the same hook point stays until its own block ends, and a
+    name the model lacks is one line."""
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    greedy = GenerationSettings(max_new_tokens=4, do_sample=False)
+    prompts = ids(model, PROMPTS[:2])
+    point = model.hook_dict[names[0]]
+    with steer(model, unit(), LAYER, 0.7, "all", scale=10.0):
+        assert len(point.fwd_hooks) == 1
+        steered = generate_batch(model, prompts, greedy, [0, 1], capture=names)
+        assert len(point.fwd_hooks) == 1
+        again = generate_batch(model, prompts, greedy, [0, 1])
+    assert not has_hooks(model)
+    assert [g.response_ids for g in steered] == [g.response_ids for g in again]
+    with pytest.raises(TLExtractError, match="has no hook named blocks.0.hook_nothing"):
+        generate_batch(model, prompts, greedy, [0, 1], capture=["blocks.0.hook_nothing"])
+    assert not has_hooks(model)
 
 
 def test_sampling_per_row_seed_ignores_batch_partners(model) -> None:

@@ -156,12 +156,17 @@ def test_impossible_backend_settings_exit_2_before_any_file(
 
 def test_the_bridge_shares_a_prompt_prefix_and_still_equals_transformers(checkpoints) -> None:
     from tlextract.config import GenerationSettings
+    from tlextract.model.accel import has_hooks
     from tlextract.model.load import load_model
     from tlextract.ops.generate import generate_batch, prefix_cache
     from tlextract.ops.pool import pooled_activations
 
     directory = checkpoints / "llama3"
     model = load_model(str(directory), dtype="float32")
+    model(torch.tensor([[5, 6, 7]]))
+    # The bridge's own pre-hooks on the norms, wired at its first pass, are not a caller's
+    # hooks: they must not switch prefix sharing off.
+    assert not has_hooks(model)
     prefix = [5, 6, 7, 8, 9, 10, 11]
     prompts = [prefix + [20, 21, 22], prefix + [30], prefix + [40, 41, 42, 43, 44]]
     assert prefix_cache(model, prompts, 8, share=True)[1] == len(prefix)

@@ -11,7 +11,9 @@ mask, and each pass gets the whole mask and positions counted from it, as transf
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -22,6 +24,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache, PretrainedConfig
+
+from tlextract.errors import TLExtractError
 
 # What tlextract loads (tlextract.load_model): either backend, the same hook names.
 Model = HookedTransformer | TransformerBridge
@@ -52,6 +56,34 @@ def empty_cache(model: Model, batch: int, device: str | torch.device) -> KVCache
             "cache" if "cache" in params else "past_key_values",
         )
     return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+
+
+# Context levels for forward_hooks' own hooks: one per use, so nested uses remove only theirs.
+_LEVELS = itertools.count(1 << 20)
+
+
+@contextmanager
+def forward_hooks(
+    model: Model, hooks: Sequence[tuple[str, Callable[..., object]]]
+) -> Iterator[None]:
+    """``model.hooks(fwd_hooks=hooks)`` for named hooks, with each name looked up once on a
+    bridge: its ``hooks()`` rebuilds the table of hook points for every hook it adds (7 ms each
+    on SmolLM2: 0.2 s per batch for capture on all 30 layers)."""
+    if not isinstance(model, TransformerBridge):
+        with model.hooks(fwd_hooks=list(hooks)):
+            yield
+        return
+    points, level, added = model.hook_dict, next(_LEVELS), []
+    try:
+        for name, fn in hooks:
+            if name not in points:
+                raise TLExtractError(f"{model.cfg.model_name} has no hook named {name}")
+            points[name].add_hook(fn, dir="fwd", level=level)
+            added.append(points[name])
+        yield
+    finally:
+        for point in added:
+            point.remove_hooks("fwd", level=level)
 
 
 def shares_prefix(model: Model) -> bool:

@@ -28,13 +28,14 @@ from tlextract.model.decoding import (
     Model,
     bridge_pass,
     empty_cache,
+    forward_hooks,
     keep_rows,
     prefix_filled,
     shares_prefix,
 )
 from tlextract.model.tokens import device_of, left_pad, stop_token_ids, tokenizer_of
 
-Hook = tuple[str | Callable[..., object], Callable[..., object]]
+Hook = tuple[str, Callable[..., object]]  # a hook name and its function
 
 # A common prefix shorter than this is not worth a pass of its own.
 MIN_SHARED_PREFIX = 4
@@ -203,7 +204,7 @@ def generate_batch(
     prompts' common prefix once (see :func:`prefix_cache`; never while hooks are attached)."""
     recorder = _Capture(capture, len(prompt_ids), model.cfg.d_model, device_of(model))
     share = share_prefix and not has_hooks(model)  # before our recorder's hooks are attached
-    with model.hooks(fwd_hooks=recorder.hooks()), decode_session(model):
+    with forward_hooks(model, recorder.hooks()), decode_session(model):
         gens = _generate(model, prompt_ids, settings, seeds, recorder, share)
     if not capture:
         return gens

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
 
 from tlextract.model.accel.fused import no_type_check
 
@@ -48,7 +49,11 @@ def run_hook(hook: HookPoint, x: Tensor) -> Tensor:
 @no_type_check
 def has_hooks(m: nn.Module) -> bool:
     """Whether any hook is attached to ``m`` or a module inside it, apart from the forward
-    pre-hook :func:`accelerate` puts on the model (it only resets per-pass memos)."""
+    pre-hook :func:`accelerate` puts on the model (it only resets per-pass memos). On a
+    TransformerBridge, only its hook points count: from its first pass on, it keeps pre-hooks of
+    its own on the wrapped model's norms (BlockBridge's capture wiring)."""
+    if isinstance(m, TransformerBridge):
+        return any(is_hooked(sub) for sub in m.modules() if isinstance(sub, HookPoint))
     memo = m.__dict__.get("_tlx_memo")
     only_ours = memo is not None and all(h == memo.reset for h in m._forward_pre_hooks.values())
     return is_hooked(m, pre_hooks=not only_ours) or any(
