@@ -18,19 +18,21 @@ import pytest
 import torch
 from conftest import write_experiment
 from local_server import started
+from tiny_checkpoints import save_checkpoint
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tlextract.cli.main import main
 from tlextract.errors import TLExtractError
 from tlextract.model import hub
 from tlextract.model.cache import MANIFEST, TINY_MODEL
-from tlextract.model.load import load_model, model_directory
+from tlextract.model.load import load_model, model_directory, model_info
 
 SERVER_SCRIPT = Path(__file__).with_name("fake_hub_server.py")
 TINY = "tiny-org/tiny-model"
 GATED = "tiny-org/gated-model"
 QWEN = "tiny-org/tiny-qwen"
 EXOTIC = "tiny-org/tiny-exotic"  # an architecture neither backend supports
+GEMMA2 = "tiny-org/tiny-gemma2"  # one only TransformerBridge builds
 BIN_ONLY = "tiny-org/bin-only"
 GGUF_ONLY = "tiny-org/gguf-only"
 MISSING = "tiny-org/no-such-model"
@@ -79,6 +81,7 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         GATED: tiny,
         QWEN: qwen,
         EXOTIC: exotic,
+        GEMMA2: save_checkpoint("gemma2", root / "gemma2"),
         BIN_ONLY: bin_only,
         GGUF_ONLY: gguf_only,
     }
@@ -259,6 +262,17 @@ def test_other_architectures_go_through_transformer_lens(
     tokens = torch.tensor([[5, 70, 80, 90, 100, 3]])
     with torch.no_grad():
         assert (model(tokens) - reference(tokens).logits).abs().max() < 1e-4
+
+
+def test_a_hub_id_only_the_bridge_builds_downloads_and_runs_on_it(
+    online: str, repos: dict[str, Path]
+) -> None:
+    model = load_model(GEMMA2, device="cpu", dtype="float32")
+    assert model_info(model)["backend"] == "bridge"
+    reference = AutoModelForCausalLM.from_pretrained(repos[GEMMA2], attn_implementation="eager")
+    tokens = torch.tensor([[5, 70, 80, 90, 100, 3]])
+    with torch.no_grad():
+        assert (model(tokens) - reference.eval()(tokens).logits).abs().max() < 1e-4
 
 
 def test_a_repo_without_config_is_not_a_transformers_model(online: str) -> None:
