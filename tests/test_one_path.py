@@ -38,8 +38,8 @@ def _layers_named(run) -> dict[str, int]:
         trait=run.trait.name, method=HEADLINE, model=run.model, hook=acts.hook,
         layers=acts.layers, vectors=acts.pos[0] * 0, metadata={}, pos=acts.pos, neg=acts.neg,
     )  # fmt: skip
-    args = argparse.Namespace(model=None, variant=run.variant, device=None, dtype=run.dtype,
-                              judge=None, engine=None, layer=None)  # fmt: skip
+    args = argparse.Namespace(model=None, model_backend=None, variant=run.variant, device=None,
+                              dtype=run.dtype, judge=None, engine=None, layer=None)  # fmt: skip
     card = next(line for line in result_card(run, 1.0) if "use layer" in line)
     return {
         "result card": int(card.split("use layer ")[1].split()[0]),
