@@ -13,6 +13,7 @@ The notebook's story, at one level::
     auto = tx.auto_steer(model, run, vectors)   # layer and alpha within fluency bounds
     with tx.steer(model, vectors, auto.chosen.layer, alpha=auto.chosen.alpha):
         ...
+    tx.vector_tokens(model, vectors, cv.layer["mean_diff"]).promoted   # its logit lens
     vectors.save("trait.gguf", format="gguf")   # or "pt", "safetensors", "persona_vectors"
     tx.restore(model)                    # stock TransformerLens again; tx.accelerate(model) undoes
 
@@ -21,9 +22,9 @@ The top level holds one name per step of that story, and only those: load (``loa
 evaluate (``cross_validate``: the figures to quote; ``evaluate_trait``, ``cross_evaluate``: the
 one-split and cross-variant tables), steer (``steer``, ``ablate``, ``auto_steer``,
 ``alpha_sweep``), monitor (``monitor``, ``calibrate``, ``monitor_alarm``), the vectors
-(``TraitVectors``: save and load in every format), speed (``accelerate``, ``restore``,
-``is_accelerated``) and the one error type (``TLExtractError``). Every model-running function
-takes the model first. Below that:
+(``TraitVectors``: save and load in every format; ``vector_tokens``: the tokens one
+promotes and suppresses), speed (``accelerate``, ``restore``, ``is_accelerated``) and the one
+error type (``TLExtractError``). Every model-running function takes the model first. Below that:
 
 - ``tx.plots``: every plot and rendered page (matplotlib is imported when one is first used);
 - ``tx.ops``: the low-level helpers on a loaded model or on tensors (generation, pooling,
@@ -44,6 +45,7 @@ from tlextract.monitoring.calibrate import calibrate
 from tlextract.ops.monitor import monitor
 from tlextract.ops.steer import ablate, steer
 from tlextract.ops.trait_vectors import TraitVectors
+from tlextract.ops.vector_tokens import vector_tokens
 from tlextract.settings import settings_for
 from tlextract.stages.extract import extract
 from tlextract.stages.run import run_trait
@@ -72,4 +74,5 @@ __all__ = [
     "run_trait",
     "settings_for",
     "steer",
+    "vector_tokens",
 ]

@@ -4,12 +4,16 @@ Per trait run, next to ``metrics.json`` in ``<run.out_dir>/report/``:
 
 - ``metrics_by_layer.png``: held-out accuracy, AUROC and Cohen's d against layer, one line per
   method, the best layer starred;
-- ``projections.png``: held-out projections, pos vs neg, at each method's best layer.
+- ``projections.png``: held-out projections, pos vs neg, at each method's best layer;
+- ``vector_tokens.json``: the tokens the mean_diff vector promotes and suppresses at its
+  cross-validated layer (the logit lens, :func:`tlextract.vector_tokens`; report/lens_view.py).
 
 Per experiment, in ``experiments/<exp>/report/`` (``report-<model>`` for another model):
 
 - ``summary.md``: one row per trait and variant with each method's best layer and its metrics;
 - ``cosine_<variant>_layer<L>.{png,json}``: cosine similarity of the traits' mean_diff vectors.
+
+The report loads the model once, for the logit lens, when some trait run has vectors.
 
 Figures are drawn on an Agg canvas directly, never through pyplot, so importing this module does
 not change the matplotlib backend of a notebook that imports it.
@@ -45,6 +49,7 @@ from tlextract.ops.methods import METHODS
 from tlextract.ops.pool import hook_name
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.report.figures import plot_cosine, plot_metrics, plot_projections, pos_neg
+from tlextract.report.lens_view import lens_section, save_vector_tokens
 from tlextract.report.measured import measured_section
 from tlextract.report.trust import crossval_section, plot_intervals
 from tlextract.settings import RunSettings, experiment_report_dir, report_dir, settings_for
@@ -300,6 +305,10 @@ def build_report(
     summary = summary_markdown(experiment, runs, not_run, matrices, out, crossval_section(cvs))
     if comparisons:
         summary += "\n" + "\n".join(comparison_markdown(comparisons)) + "\n"
+    lens = save_vector_tokens(
+        [(run, cv.layer[HEADLINE]) for (run, _), (cv, _) in zip(runs, cvs, strict=True)]
+    )
+    summary += "\n".join(lens_section(lens, lambda label, to: _link(label, to, out)))
     summary += "\n" + "\n".join(measured_section([run for run, _ in runs]))
     write_text(path, summary)
     log.info("[%s] report: %d trait runs -> %s", experiment.name, len(runs), path)
