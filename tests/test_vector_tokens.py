@@ -63,6 +63,12 @@ def test_a_planted_token_direction_comes_first_and_its_negative_last(loaded):
     up = tx.vector_tokens(model, planted, layer=1, k=K)
     down = tx.vector_tokens(model, -planted, layer=1, k=K)
     assert up.promoted[0][0] == t and down.suppressed[0][0] == t
+    # The norm maps it to w_u[:, t] / rms(planted) (eps inside the root), whose logit for t is
+    # known: a lens that skipped the norm or its weight would not give it.
+    rms = (planted.square().mean() + norm.variance_epsilon).sqrt()
+    expected = float(w_u[:, t].square().sum() / rms)
+    assert up.promoted[0][2] == pytest.approx(expected, rel=1e-4)
+    assert down.suppressed[0][2] == pytest.approx(-expected, rel=1e-4)
     assert up.promoted[0][1] == model.tokenizer.decode([t])
     assert (up.trait, up.method, up.layer) == (None, None, 1)
     # One token's column is not every token's: a different column puts t first no longer.
