@@ -189,6 +189,9 @@ def test_report_writes_every_file_and_a_rerun_skips(tiny_experiment, monkeypatch
         assert metrics["methods"] == list(methods) and len(metrics["rows"]) == 2 * 3
         assert metrics["n_test"] == {"pos": 2, "neg": 2}  # round(6 * 0.25) held-out examples
         assert "**best**" in (out / "metrics.md").read_text()
+        lens = json.loads((out / "vector_tokens.json").read_text())  # tests/test_vector_tokens.py
+        layer = json.loads((out / "crossval.json").read_text())["layer"]["mean_diff"]
+        assert lens["layer"] == layer and len(lens["promoted"]) == 10
     text = summary.read_text()
     assert "| alpha | instruction | none | 6/6 | 2/2 |" in text
     assert "| beta | instruction | none | 6/6 | 2/2 |" in text

@@ -111,6 +111,7 @@ def test_bad_input_is_one_clear_error(tiny_model):
         tx.vector_tokens(tiny_model, torch.ones(tiny_model.cfg.d_model), 0, k=0)
 
 
+@pytest.mark.slow  # a trait run and a report: 5-10 s on a busy 2-core machine
 def test_the_report_saves_the_lens_at_the_cross_validated_layer(tmp_path: Path):
     write_experiment(tmp_path)
     run = tx.settings_for(tx.load_experiment("tiny", tmp_path), "alpha")
