@@ -141,6 +141,8 @@ def test_the_page_renders_in_chromium_without_console_errors(explored) -> None:
     dom = done.stdout
     for view in ("overview", "cosines", "trait-alpha", "tokens-alpha", "steer-beta"):
         assert f'id="{view}"' in dom
-    n_tokens = sum(len(r.get("scores", [])) for v in data["runs"] for r in v["ranking"]["responses"])
+    n_tokens = sum(
+        len(r.get("scores", [])) for v in data["runs"] for r in v["ranking"]["responses"]
+    )
     assert len(re.findall(r'<span class="tok" data-score="', dom)) == n_tokens
     assert 'data-missing="steering"' in dom

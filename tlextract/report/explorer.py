@@ -50,7 +50,9 @@ def make_command(run: RunSettings, target: str) -> str:
     return " ".join(parts)
 
 
-def trait_runs(experiment: Experiment, traits: Sequence[str], **overrides: Any) -> list[RunSettings]:
+def trait_runs(
+    experiment: Experiment, traits: Sequence[str], **overrides: Any
+) -> list[RunSettings]:
     """Each trait's runs on disk (every variant and engine), and its default run when none is."""
     runs = []
     for trait in traits:
@@ -58,8 +60,9 @@ def trait_runs(experiment: Experiment, traits: Sequence[str], **overrides: Any) 
             run
             for variant in VARIANTS
             for engine in ENGINE_KINDS
-            if (run := settings_for(experiment, trait, variant=variant, engine=engine,
-                                    **overrides)).out_dir.is_dir()  # fmt: skip
+            if (
+                run := settings_for(experiment, trait, variant=variant, engine=engine, **overrides)
+            ).out_dir.is_dir()  # fmt: skip
         ]
         runs += found or [settings_for(experiment, trait, **overrides)]
     return runs
@@ -173,4 +176,6 @@ def build_explorer(
     names = list(traits or experiment.traits)
     get_model = model_loader(settings_for(experiment, names[0], **overrides))
     data = explorer_data(experiment, names, get_model, **overrides)
-    return write_page(data, experiment_report_dir(experiment, overrides.get("model")) / "explorer.html")
+    return write_page(
+        data, experiment_report_dir(experiment, overrides.get("model")) / "explorer.html"
+    )

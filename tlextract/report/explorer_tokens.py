@@ -59,8 +59,9 @@ def ranked_responses(
     for rank, (pol, i, p) in enumerate(projections):
         row = by_key[(pol, i)]
         text = row["response"]
-        item: dict[str, Any] = {"rank": rank, "polarity": pol, "index": i, "projection": _sig(p),
-                                "question": row.get("question", ""), "text": text[:SNIPPET]}  # fmt: skip
+        item: dict[str, Any] = {"rank": rank, "polarity": pol, "index": i,
+                                "projection": _sig(p), "question": row.get("question", ""),
+                                "text": text[:SNIPPET]}  # fmt: skip
         if rank in coloured:
             resid = residuals[coloured.index(rank)][:, 0]
             ids = [int(t) for t in row["response_ids"]]
