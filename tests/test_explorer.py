@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -128,17 +129,43 @@ def test_an_unknown_experiment_exits_2_with_one_line(tmp_path, capsys) -> None:
     assert not (tmp_path / "nope").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium to render the page")
-def test_the_page_renders_in_chromium_without_console_errors(explored) -> None:
-    _, page, data = explored
+def _render(page: Path) -> str:
+    """The page's DOM after its script ran in headless chromium; fails on any console message."""
     done = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
          "--v=0", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert "CONSOLE" not in done.stderr, done.stderr
-    dom = done.stdout
+    return done.stdout
+
+
+def _save_extras(root: Path, model) -> None:
+    """A real alarm, steer --auto run (tiny: one layer, two strengths, two questions) and
+    cosine matrix for alpha, saved where the monitor, steer and report commands save them."""
+    from tlextract.monitoring.alarm_data import monitor_alarm
+    from tlextract.report.autosteer_view import write_autosteer
+    from tlextract.report.summary import cosine_matrix
+    from tlextract.settings import monitor_dir, steer_dir
+    from tlextract.steering.autosteer import auto_steer
+
+    exp = load_experiment("tiny", root)
+    run = settings_for(exp, "alpha")
+    write_json(monitor_dir(run) / "calibration.json", {"alpha": asdict(monitor_alarm(model, run))})
+    vectors = TraitVectors.load(run.stage_dir("vectors") / "mean_diff.pt")
+    steered = auto_steer(model, run, vectors, layers=[1], alphas=(0.1, 0.4), n_questions=2)
+    write_autosteer(steered, steer_dir(run))
+    cosine_matrix(exp, 1)
+
+
+chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium")
+
+
+@pytest.mark.slow
+@chromium
+def test_the_page_renders_in_chromium_without_console_errors(explored) -> None:
+    _, page, data = explored
+    dom = _render(page)
     for view in ("overview", "cosines", "trait-alpha", "tokens-alpha", "steer-beta"):
         assert f'id="{view}"' in dom
     n_tokens = sum(
@@ -146,3 +173,25 @@ def test_the_page_renders_in_chromium_without_console_errors(explored) -> None:
     )
     assert len(re.findall(r'<span class="tok" data-score="', dom)) == n_tokens
     assert 'data-missing="steering"' in dom
+
+
+@pytest.mark.slow
+@chromium
+def test_saved_steering_alarm_and_cosines_render(explored, tmp_path, tiny_model) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(explored[0], root)
+    _save_extras(root, tiny_model)
+    page = _explore(root)
+    view = _run(_data(page), "alpha")
+    assert not {"steering", "alarm"} & set(view["missing"])
+    dom = _render(page)
+    steer = dom[dom.index('id="steer-alpha"') :]
+    assert all(name in steer for name in ("unsteered", "steered", "random direction"))
+    assert "wrong-way share" in steer and 'data-missing="cosines"' not in dom
+    titles = re.findall(
+        r'<span class="tok" data-score="[^"]*" data-token-id="[^"]*"[^>]*title="([^"]*)"',
+        dom[dom.index('id="tokens-alpha"') : dom.index('id="trait-beta"')],
+    )
+    assert titles and all(
+        "alarm threshold" in t and f"(L{view['alarm']['layer']})" in t for t in titles
+    )
