@@ -122,7 +122,6 @@ def run_view(run: RunSettings, get_model: Callable[[], Model]) -> dict[str, Any]
             f'--traits {run.trait.name} --variant {run.variant} --prompt "..."'
         )
     view["steering"] = _optional(steer_dir(run) / "auto.json")
-    view["sweep"] = _optional(steer_dir(run) / "sweep.json")
     if view["steering"] is None:
         missing["steering"] = f"no steering run: {make_command(run, 'steer')}"
     view["vector_tokens"] = _optional(report_dir(run) / "vector_tokens.json")
