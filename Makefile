@@ -36,7 +36,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
 BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP)) $(if $(filter vllm,$(engine)),$(VLLM_STAMP))
 
-.PHONY: FORCE install vllm run traits report steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
+.PHONY: FORCE install vllm run traits report explore steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -86,6 +86,10 @@ traits: $(STAMP) $(BACKEND_DEPS)
 
 report: $(STAMP)
 	$(PY) -m tlextract report --traits $(or $(trait),all) $(ARGS)
+
+# One self-contained HTML page (no server, no network) of what the runs saved: report/explorer.html.
+explore: $(STAMP)
+	$(PY) -m tlextract explore --traits $(or $(trait),all) --experiment $(experiment) $(if $(model),--model $(model)) $(EXTRA)
 
 # steer --auto: the layer and strength that move the text most toward the positive pole within
 # the fluency bounds, reported on other questions against a random direction.

@@ -106,6 +106,17 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
     print(f"report: {path}")
 
 
+def explore(args: argparse.Namespace, experiment: Experiment) -> None:
+    """The explorer page (:mod:`tlextract.report.explorer`): one HTML file, data inline."""
+    from tlextract.report.explorer import build_explorer
+
+    start = time.perf_counter()
+    loading = {k: getattr(args, k) for k in ("model", "model_backend", "device", "dtype")}
+    path = build_explorer(experiment, trait_names(args, experiment), **loading)
+    size = path.stat().st_size
+    print(f"explorer: {path} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s)")
+
+
 AGREEMENT: Group = (
     option("--min-mass", type=float, default=DEFAULT_MIN_MASS,
            help="a judgment counts when the judge's probabilities on 0-100 sum to at least "
@@ -181,6 +192,8 @@ COMMANDS = {
                          "responses: report/judge_agreement.{md,json}",
                          (COMMON, (ALL_VARIANTS.but(default="all"), *AGREEMENT)),
                          run=agreement),
+    "explore": Command("write one self-contained HTML page to explore the experiment's saved "
+                       "results: report/explorer.html", (COMMON, LOADING), run=explore),
     "new-trait": Command("draft a complete trait with an OpenAI-compatible chat model, then "
                          "review it", (NEW_TRAIT,), run=new_trait),
 }  # fmt: skip
