@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_experiment
 
-from tests.conftest import write_experiment
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.evaluation.crossval import HEADLINE, cross_validate
 from tlextract.ops.trait_vectors import TraitVectors
+from tlextract.ops.vector_tokens import vector_tokens
 from tlextract.settings import report_dir, settings_for
 from tlextract.stages.responses import load_responses
 from tlextract.stages.run import run_trait
@@ -106,7 +107,21 @@ def test_missing_parts_name_their_command(explored) -> None:
     missing = _run(data, "alpha")["missing"]
     assert missing["steering"] == "no steering run: make steer experiment=tiny trait=alpha"
     assert "make report experiment=tiny" in data["missing"]["cosines"]
-    assert "vector_tokens" in missing and "alarm" in missing
+    assert "alarm" in missing and "vector_tokens" not in missing
+
+
+def test_unsaved_vector_tokens_are_computed_at_the_chosen_layer(explored, tiny_model) -> None:
+    """Without the report's vector_tokens.json the page still shows what the vector means:
+    tx.vector_tokens of the saved vector at the chosen layer."""
+    root, _, data = explored
+    view = _run(data, "alpha")
+    run = settings_for(load_experiment("tiny", root), "alpha")
+    vectors = TraitVectors.load(run.stage_dir("vectors") / "mean_diff.pt")
+    lens = vector_tokens(tiny_model, vectors, view["layer"], 10)
+    shown = view["vector_tokens"]
+    assert shown["layer"] == view["layer"]
+    assert [t[0] for t in shown["promoted"]] == [t[0] for t in lens.promoted]
+    assert [t[0] for t in shown["suppressed"]] == [t[0] for t in lens.suppressed]
 
 
 def test_saved_extras_are_shown_and_no_longer_missing(explored) -> None:
@@ -118,7 +133,7 @@ def test_saved_extras_are_shown_and_no_longer_missing(explored) -> None:
         view = _run(_data(_explore(root)), "beta")
     finally:
         (report_dir(run) / "vector_tokens.json").unlink()
-    assert view["vector_tokens"] == tokens and "vector_tokens" not in view["missing"]
+    assert view["vector_tokens"] == tokens
 
 
 def test_runs_of_every_variant_and_engine_on_disk_are_shown(explored) -> None:

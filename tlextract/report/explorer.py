@@ -21,8 +21,10 @@ from tlextract.errors import TLExtractError
 from tlextract.evaluation.crossval import HEADLINE, layer_for, load_crossval, verdict
 from tlextract.model.decoding import Model
 from tlextract.ops.trait_vectors import TraitVectors
+from tlextract.ops.vector_tokens import vector_tokens
 from tlextract.report.explorer_page import write_page
 from tlextract.report.explorer_tokens import ranked_responses
+from tlextract.report.lens_view import LENS_FILE, K
 from tlextract.settings import (
     RunSettings,
     experiment_report_dir,
@@ -124,11 +126,10 @@ def run_view(run: RunSettings, get_model: Callable[[], Model]) -> dict[str, Any]
     view["steering"] = _optional(steer_dir(run) / "auto.json")
     if view["steering"] is None:
         missing["steering"] = f"no steering run: {make_command(run, 'steer')}"
-    view["vector_tokens"] = _optional(report_dir(run) / "vector_tokens.json")
-    if view["vector_tokens"] is None:
-        missing["vector_tokens"] = (
-            f"no {report_dir(run) / 'vector_tokens.json'}: write it with tx.vector_tokens"
-        )
+    view["vector_tokens"] = _optional(report_dir(run) / LENS_FILE)
+    if view["vector_tokens"] is None:  # the model is loaded already: seconds, not a command
+        lens = vector_tokens(get_model(), vectors, view["layer"], K)
+        view["vector_tokens"] = {**lens.to_json(), "layer_rule": view["layer_why"]}
     return view
 
 
