@@ -7,8 +7,10 @@ its own, and its protocol client drives the distribution's current Chromium (che
 Without the browser the tests fail with a line naming ``make browser``; a local run may set
 ``TLEXTRACT_BROWSER_OPTIONAL=1`` to skip them instead (never set by ``make test``).
 
-The fixtures ``chromium`` (one browser a session) and ``page`` (a fresh :class:`Page` a test,
-checked for errors at teardown) live in ``tests/conftest.py``.
+The fixtures ``chromium`` (one browser a session), ``page`` (a fresh :class:`Page` a test,
+checked for errors at teardown) and ``screenshots`` (the folder a test saves its pictures in:
+``TLEXTRACT_SCREENSHOTS=docs/figures pytest -m browser`` regenerates the docs' ones) live in
+``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from matplotlib.image import imread
 from tlextract.store import atomic_path
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Locator
+    from playwright.sync_api import Browser, ConsoleMessage, Locator
 
 CHROMIUM = Path(os.environ.get("TLEXTRACT_CHROMIUM", "/usr/bin/chromium"))
 OPTIONAL = "TLEXTRACT_BROWSER_OPTIONAL"
+SCREENSHOTS = "TLEXTRACT_SCREENSHOTS"  # the screenshots fixture's folder (tests/conftest.py)
 LOCAL_URLS = ("file://", "http://127.0.0.1", "http://localhost", "http://[::1]")
 # The last element the mouse entered, from the real mouseover events (headless Chromium does not
 # draw native title tooltips, and document.querySelectorAll(':hover') comes back empty in it).
@@ -74,14 +77,17 @@ class Page:
 
     def __init__(self, browser: Browser, width: int = 1280, height: int = 900) -> None:
         self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.context.set_default_timeout(5000)  # local pages: waiting longer only delays failing
         self.context.add_init_script(RECORD_HOVER)
         self.tab = self.context.new_page()
         self.errors: list[str] = []
-        self.tab.on(
-            "console",
-            lambda m: self.errors.append(f"console.error: {m.text}") if m.type == "error" else None,
-        )
+        self.tab.on("console", self._console)
         self.tab.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+    def _console(self, message: ConsoleMessage) -> None:
+        # Chromium asks a served page for /favicon.ico by itself; its 404 is not the page's error.
+        if message.type == "error" and not message.location["url"].endswith("/favicon.ico"):
+            self.errors.append(f"console.error: {message.text}")
 
     def open(self, target: Path | str) -> None:
         """Load a local file or a loopback URL, wait for ``load`` and fail on any error so far."""
@@ -113,7 +119,8 @@ class Page:
         element ``shows`` selects (a tooltip the page draws) once visible, else the hovered
         element's title. Fails if the mouse landed on anything outside ``target``."""
         element = self.tab.locator(target) if isinstance(target, str) else target
-        element.hover()
+        # force: no waiting for the element to be uncovered; the check below says what got it.
+        element.hover(force=True)
         if shows is not None:
             tip = self.tab.locator(shows)
             tip.wait_for(state="visible")

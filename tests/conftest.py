@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from browser import Page, launch
+from browser import SCREENSHOTS, Page, launch
 
 from tlextract.model.load import load_model
 from tlextract.store import load_tensors
@@ -148,3 +149,11 @@ def page(chromium):
     yield tab
     tab.close()
     tab.check_errors()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where browser tests save screenshots: the folder ``TLEXTRACT_SCREENSHOTS`` names (e.g.
+    ``TLEXTRACT_SCREENSHOTS=docs/figures pytest -m browser`` regenerates the docs' pictures from
+    the real pages), else the test's temporary folder."""
+    return Path(os.environ.get(SCREENSHOTS) or tmp_path)

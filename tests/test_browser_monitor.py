@@ -40,7 +40,7 @@ def _scaled(text: dict, poles: dict | None) -> list[float]:
 
 
 def test_monitor_page_renders_and_hover_shows_the_saved_scores(
-    experiments: Path, page, tmp_path: Path
+    experiments: Path, page, screenshots: Path
 ) -> None:
     html = _monitor_page(experiments)
     saved = json.loads((html.parent / "monitor.json").read_text())
@@ -67,5 +67,5 @@ def test_monitor_page_renders_and_hover_shows_the_saved_scores(
             assert float(shown[2]) == pytest.approx(scaled[i], abs=5e-3), f"token {i}"
             hovered += 1
         assert hovered > len(answer) // 2, "too few tokens could be hovered"
-    shot = page.screenshot(tmp_path / "monitor.png")
+    shot = page.screenshot(screenshots / "monitor-page-tiny.png")
     assert shot.read_bytes().startswith(b"\x89PNG")
