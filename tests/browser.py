@@ -64,7 +64,11 @@ def launch() -> Iterator[Browser]:
     except ImportError:
         _unavailable("the playwright package is not installed (the dev extras have it)")
     with sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        # Shared memory in /tmp: a container's /dev/shm (64 MB under Docker) crashes tabs, and
+        # Debian's launcher script, which would add this flag, misreads df on some of them.
+        browser = driver.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--disable-dev-shm-usage"]
+        )
         try:
             yield browser
         finally:
