@@ -36,7 +36,15 @@ RAY_STAMP := $(VENV)/.installed-ray
 RUN_ARGS = $(ARGS) $(if $(backend),--backend $(backend)) $(if $(address),--address $(address))
 BACKEND_DEPS = $(if $(filter ray,$(backend)),$(RAY_STAMP)) $(if $(filter vllm,$(engine)),$(VLLM_STAMP))
 
-.PHONY: FORCE install vllm run traits report explore steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
+# The browser tests (marker browser, tests/browser.py) open the HTML pages in Debian's chromium,
+# driven by Playwright from the dev extras (no browser download of its own). `make browser`
+# installs the package where the binary is missing (sudo only when not root); CI gets it
+# through `make test`. The stamp is redone whenever the binary has gone.
+CHROMIUM := /usr/bin/chromium
+BROWSER_STAMP := $(VENV)/.installed-browser
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: FORCE install vllm browser run traits report explore steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -77,6 +85,14 @@ $(RAY_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[ray]'
 	touch $(RAY_STAMP)
 
+$(BROWSER_STAMP): $(STAMP) $(if $(wildcard $(CHROMIUM)),,FORCE)
+	test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; }
+	$(CHROMIUM) --version 2> /dev/null
+	touch $(BROWSER_STAMP)
+
+browser: $(BROWSER_STAMP)
+
 run: $(STAMP) $(BACKEND_DEPS)
 	@test -n "$(trait)" || { echo "usage: make trait=NAME  (or: make traits)"; exit 2; }
 	$(PY) -m tlextract run --traits $(trait) $(RUN_ARGS)
@@ -96,11 +112,11 @@ explore: $(STAMP)
 steer: $(STAMP)
 	$(PY) -m tlextract steer --auto --traits $(or $(trait),all) $(ARGS)
 
-test: $(STAMP) $(RAY_STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(RAY_STAMP) $(VLLM_STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest
 
 # Skips the model-level tests (embedded models); CI runs everything through `make test`.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -m "not slow"
 
 # Speed benchmarks (pytest-benchmark); not part of make test. bench: this CPU, writes

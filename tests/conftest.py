@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from browser import SCREENSHOTS, Page, launch
 
 from tlextract.model.load import load_model
 from tlextract.store import load_tensors
@@ -131,3 +133,27 @@ def experiments(tmp_path: Path) -> Path:
     """A temporary experiments root holding the 'tiny' experiment with traits alpha and beta."""
     write_experiment(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the session's browser tests (tests/browser.py)."""
+    with launch() as browser:
+        yield browser
+
+
+@pytest.fixture
+def page(chromium):
+    """A fresh tab; the test fails if the page logged a console error or threw."""
+    tab = Page(chromium)
+    yield tab
+    tab.close()
+    tab.check_errors()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where browser tests save screenshots: the folder ``TLEXTRACT_SCREENSHOTS`` names (e.g.
+    ``TLEXTRACT_SCREENSHOTS=docs/figures pytest -m browser`` regenerates the docs' pictures from
+    the real pages), else the test's temporary folder."""
+    return Path(os.environ.get(SCREENSHOTS) or tmp_path)
