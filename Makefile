@@ -44,7 +44,7 @@ CHROMIUM := /usr/bin/chromium
 BROWSER_STAMP := $(VENV)/.installed-browser
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: FORCE install vllm browser run traits report explore steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
+.PHONY: FORCE install vllm browser run traits report explore screenshots steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -104,6 +104,10 @@ report: $(STAMP)
 	$(PY) -m tlextract report --traits $(or $(trait),all) $(ARGS)
 
 # One self-contained HTML page (no server, no network) of what the runs saved: report/explorer.html.
+# The pictures in docs/figures from the real pages (the browser tests save them there).
+screenshots: $(STAMP) $(BROWSER_STAMP)
+	TLEXTRACT_SCREENSHOTS=$(CURDIR)/docs/figures $(PY) -m pytest -q -m browser tests/test_explorer.py tests/test_browser_monitor.py
+
 explore: $(STAMP)
 	$(PY) -m tlextract explore --traits $(or $(trait),all) --experiment $(experiment) $(if $(model),--model $(model)) $(EXTRA)
 

@@ -205,7 +205,8 @@ def test_every_view_renders_and_a_hovered_token_shows_its_saved_score(
     assert float(first.get_attribute("data-score")) == pytest.approx(score, rel=1e-5, abs=1e-6)
     assert shows.startswith(f"score {score:.4f} · token {token_id}"), shows
     assert page.tab.locator('[data-missing="steering"]').count() >= 1
-    page.screenshot(screenshots / "explorer.png")
+    page.screenshot(screenshots / "explorer-overview.png", "#overview")
+    page.screenshot(screenshots / "explorer-trait.png", "#trait-alpha")
 
 
 @pytest.mark.browser
