@@ -11,6 +11,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,18 @@ def test_the_page_is_served_and_other_paths_are_not(served) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(server.url + "nothing", timeout=10)
     assert e.value.code == 404
+
+
+def test_tokens_above_a_saved_alarm_at_the_shown_layer_are_flagged(served) -> None:
+    live = served[2].live
+    alpha = live.traits["alpha"]
+    alarm = {"layer": alpha.layer, "threshold": 0.32, "figures": {"formulation": {"window": 2}}}
+    watched = replace(live, traits={**live.traits, "alpha": replace(alpha, alarm=alarm)})
+    # running means over 2 tokens: 0.1, 0.3, 0.15, 0.35 (raw, 0.5 would be above too)
+    assert watched.above("alpha", [0.1, 0.5, -0.2, 0.9]) == [False, False, False, True]
+    elsewhere = replace(alpha, alarm={**alarm, "layer": alpha.layer + 1})
+    assert replace(live, traits={"alpha": elsewhere}).above("alpha", [0.9]) is None
+    assert live.above("beta", [0.9]) is None  # no alarm saved
 
 
 @pytest.mark.browser
