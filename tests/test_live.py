@@ -138,6 +138,15 @@ def test_bad_input_gets_400_with_one_line(served, body, says) -> None:
     assert says in out["error"] and "\n" not in out["error"]
 
 
+def test_a_bug_is_a_500_with_one_line_not_a_dropped_connection(served, monkeypatch) -> None:
+    def broken(request: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(served[2].live, "generate", broken)
+    assert post(served[2], {"prompt": PROMPT}) == (500, {"error": "a bug in tlextract: "
+                                                         "RuntimeError('boom')"})  # fmt: skip
+
+
 def test_the_page_is_served_and_other_paths_are_not(served) -> None:
     server = served[2]
     with urllib.request.urlopen(server.url, timeout=10) as reply:

@@ -43,9 +43,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.CONFLICT, {"error": str(e)})
         except TLExtractError as e:
             self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except Exception as e:  # a bug: the page says so in one line, the log has the traceback
+            log.exception("live: the request failed")
+            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"a bug in tlextract: {e!r}"})
 
     def _json(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        given = self.headers.get("Content-Length") or "0"
+        if not given.isdigit():
+            raise TLExtractError(f"Content-Length {given!r} is not a byte count.")
+        length = int(given)
         if length > MAX_BODY:
             raise TLExtractError(f"the request has {length} bytes; at most {MAX_BODY}.")
         try:
