@@ -103,13 +103,14 @@ traits: $(STAMP) $(BACKEND_DEPS)
 report: $(STAMP)
 	$(PY) -m tlextract report --traits $(or $(trait),all) $(ARGS)
 
-# One self-contained HTML page (no server, no network) of what the runs saved: report/explorer.html.
 # The pictures in docs/figures from the real pages (the browser tests save them there).
 screenshots: $(STAMP) $(BROWSER_STAMP)
-	TLEXTRACT_SCREENSHOTS=$(CURDIR)/docs/figures $(PY) -m pytest -q -m browser tests/test_explorer.py tests/test_browser_monitor.py
+	TLEXTRACT_SCREENSHOTS=$(CURDIR)/docs/figures $(PY) -m pytest -q -m browser tests/test_explorer.py tests/test_browser_monitor.py tests/test_live.py
 
+# One self-contained HTML page (no server, no network) of what the runs saved: report/explorer.html.
+# serve=1: the live page instead, on a local server (host=, port=; Ctrl-C stops it).
 explore: $(STAMP)
-	$(PY) -m tlextract explore --traits $(or $(trait),all) --experiment $(experiment) $(if $(model),--model $(model)) $(EXTRA)
+	$(PY) -m tlextract explore --traits $(or $(trait),all) --experiment $(experiment) $(if $(model),--model $(model)) $(if $(serve),--serve $(if $(host),--host $(host)) $(if $(port),--port $(port))) $(EXTRA)
 
 # steer --auto: the layer and strength that move the text most toward the positive pole within
 # the fluency bounds, reported on other questions against a random direction.

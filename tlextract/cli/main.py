@@ -106,12 +106,32 @@ def report(args: argparse.Namespace, experiment: Experiment) -> None:
     print(f"report: {path}")
 
 
+LIVE: Group = (
+    option("--serve", action="store_true",
+           help="instead of the HTML file, serve the live page: type a prompt, see each token's "
+           "scores, steer (docs/explorer.md)"),
+    option("--host", default="127.0.0.1",
+           help="--serve: the address to listen on (default %(default)s: this machine only)"),
+    option("--port", type=int, default=8765,
+           help="--serve: the port (default %(default)s; 0 picks a free one)"),
+)  # fmt: skip
+
+
 def explore(args: argparse.Namespace, experiment: Experiment) -> None:
-    """The explorer page (:mod:`tlextract.report.explorer`): one HTML file, data inline."""
+    """The explorer page (:mod:`tlextract.report.explorer`): one HTML file, data inline; with
+    ``--serve`` the live page (:mod:`tlextract.report.live_server`)."""
     from tlextract.report.explorer import build_explorer
 
     start = time.perf_counter()
     loading = {k: getattr(args, k) for k in ("model", "model_backend", "device", "dtype")}
+    if args.serve:
+        from tlextract.report.live import load_live
+        from tlextract.report.live_server import serve
+
+        if not 0 <= args.port <= 65535:
+            raise TLExtractError(f"--port {args.port}: use 0 to 65535 (0 picks a free port).")
+        serve(load_live(experiment, trait_names(args, experiment), **loading), args.host, args.port)
+        return
     path = build_explorer(experiment, trait_names(args, experiment), **loading)
     size = path.stat().st_size
     print(f"explorer: {path} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s)")
@@ -193,7 +213,8 @@ COMMANDS = {
                          (COMMON, (ALL_VARIANTS.but(default="all"), *AGREEMENT)),
                          run=agreement),
     "explore": Command("write one self-contained HTML page to explore the experiment's saved "
-                       "results: report/explorer.html", (COMMON, LOADING), run=explore),
+                       "results: report/explorer.html (--serve: a live page)",
+                       (COMMON, LOADING, LIVE), run=explore),
     "new-trait": Command("draft a complete trait with an OpenAI-compatible chat model, then "
                          "review it", (NEW_TRAIT,), run=new_trait),
 }  # fmt: skip

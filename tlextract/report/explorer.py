@@ -80,7 +80,7 @@ def _crossval(run: RunSettings) -> dict[str, Any] | None:
     return {**read_json(path), "verdict": verdict(cv, method), "verdict_method": method}
 
 
-def _alarm(run: RunSettings) -> dict[str, Any] | None:
+def saved_alarm(run: RunSettings) -> dict[str, Any] | None:
     """This trait's entry in the monitor's saved calibration.json (an Alarm or a Calibration)."""
     path = monitor_dir(run) / "calibration.json"
     saved: dict[str, Any] = read_json(path) if path.exists() else {}
@@ -92,7 +92,8 @@ def _optional(path: Path) -> Any:
     return read_json(path) if path.exists() else None
 
 
-def _layer(run: RunSettings, vectors: TraitVectors) -> tuple[int, str]:
+def chosen_layer(run: RunSettings, vectors: TraitVectors) -> tuple[int, str]:
+    """The layer the page shows ``run`` at, and why (the live page uses the same)."""
     try:  # the one rule steer and monitor use (the report's cross-validated layer)
         return layer_for(run, vectors)
     except TLExtractError as e:  # too few examples to cross-validate: the middle layer, said
@@ -112,12 +113,12 @@ def run_view(run: RunSettings, get_model: Callable[[], Model]) -> dict[str, Any]
         missing["run"] = f"no vectors yet: {make_command(run, 'run')}"
         return view
     vectors = TraitVectors.load(vectors_path)
-    view["layer"], view["layer_why"] = _layer(run, vectors)
+    view["layer"], view["layer_why"] = chosen_layer(run, vectors)
     view["crossval"] = _crossval(run)
     if view["crossval"] is None:
         missing["crossval"] = f"no cross-validation: {make_command(run, 'report')}"
     view["ranking"] = ranked_responses(get_model(), run, vectors, view["layer"])
-    view["alarm"] = _alarm(run)
+    view["alarm"] = saved_alarm(run)
     if view["alarm"] is None:
         missing["alarm"] = (
             f"no alarm: python -m tlextract monitor --experiment {run.experiment.name} "

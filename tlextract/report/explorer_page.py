@@ -20,6 +20,7 @@ from typing import Any
 from tlextract.store import write_text
 
 PLACEHOLDER = "/*DATA*/"
+COMMON = "/*COMMON*/"  # where a template takes page_common.js (shared with the live page)
 
 
 def _finite(x: Any) -> Any:
@@ -33,13 +34,21 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def page_html(data: dict[str, Any]) -> str:
-    """The page with ``data`` inline; every ``<`` (only ever inside a JSON string) written as
-    ``\\u003c`` so no text in the data can close the script."""
+def render(template_name: str, data: dict[str, Any]) -> str:
+    """The package's template ``template_name`` with page_common.js and ``data`` inline; every
+    ``<`` (only ever inside a JSON string) written as ``\\u003c`` so no text in the data can
+    close the script."""
     payload = json.dumps(_finite(data), ensure_ascii=False, separators=(",", ":"))
     payload = payload.replace("<", "\\u003c")
-    template = files("tlextract.report").joinpath("explorer_template.html").read_text("utf-8")
-    return template.replace(PLACEHOLDER, payload, 1)
+    package = files("tlextract.report")
+    template = package.joinpath(template_name).read_text("utf-8")
+    common = package.joinpath("page_common.js").read_text("utf-8")
+    return template.replace(COMMON, common, 1).replace(PLACEHOLDER, payload, 1)
+
+
+def page_html(data: dict[str, Any]) -> str:
+    """The explorer page with ``data`` inline."""
+    return render("explorer_template.html", data)
 
 
 def write_page(data: dict[str, Any], path: Path) -> Path:
