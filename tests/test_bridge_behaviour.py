@@ -18,6 +18,7 @@ import pytest
 import torch
 from tiny_checkpoints import save_checkpoint
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
     AutoModelForCausalLM,
     PreTrainedModel,
@@ -28,7 +29,6 @@ from tlextract.config import GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.judge.local import LocalJudge
 from tlextract.model.accel import has_hooks
-from tlextract.model.bridge import is_bridge
 from tlextract.model.load import load_model, model_info
 from tlextract.monitoring.calibrate import neutral_token_scores
 from tlextract.ops.fluency import answer_logprob, answer_logprobs, neutral_answers
@@ -55,7 +55,7 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="module")
 def model(checkpoint: Path):
     m = load_model(str(checkpoint), dtype="float32")
-    assert is_bridge(m)
+    assert isinstance(m, TransformerBridge)
     return m
 
 

@@ -21,6 +21,12 @@ class TLExtractError(Exception):
         self.parameters = parameters
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type's name when it has no message): a library's
+    multi-line message inside one of ours."""
+    return next(iter(str(e).splitlines()), type(e).__name__)
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM, raised in the main thread by the CLI's handler. A KeyboardInterrupt,
     so whatever cleans up after Ctrl-C (atomic writes, the run lock) does so for SIGTERM too.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import logging
 from functools import wraps
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -26,7 +25,7 @@ from transformer_lens.model_bridge.generalized_components.attention import Atten
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from tlextract.errors import TLExtractError
+from tlextract.errors import TLExtractError, first_line
 
 _SHIM = "_tlx_cache_shim"
 
@@ -84,19 +83,3 @@ def load_bridge(
     # add a second BOS to chat text that already starts with one.
     bridge.cfg.default_prepend_bos = False
     return bridge
-
-
-def is_bridge(model: object) -> bool:
-    return isinstance(model, TransformerBridge)
-
-
-def architecture_of(directory: Path) -> str:
-    """The ``architectures[0]`` of a Hugging Face model directory's config.json."""
-    import json
-
-    config = json.loads((directory / "config.json").read_text())
-    return str((config.get("architectures") or ["(none in config.json)"])[0])
-
-
-def first_line(e: BaseException) -> str:
-    return next(iter(str(e).splitlines()), type(e).__name__)

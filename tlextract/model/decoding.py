@@ -143,11 +143,25 @@ def keep_rows(cache: KVCache, keep: Int[Tensor, " kept"]) -> None:
     cache.previous_attention_mask = cache.previous_attention_mask[keep]
 
 
+def _bridge_inputs(
+    tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"], cache: BridgeCache | None
+) -> tuple[Int[Tensor, "batch total"], dict[str, Any]]:
+    """The whole attention mask (what ``cache`` holds, then ``mask``) and a bridge pass's other
+    arguments: positions counted from that mask, as transformers' ``generate`` counts them (a
+    left pad does not shift a row), and the cache, if any."""
+    full = mask if cache is None else torch.cat([cache.mask, mask], dim=1)
+    kwargs: dict[str, Any] = {"position_ids": mask_positions(full)[:, -tokens.shape[1] :]}
+    kwargs["use_cache"] = cache is not None  # a pass without a cache keeps none
+    if cache is not None:
+        kwargs[cache.kwarg] = cache.hf
+    return full, kwargs
+
+
 def bridge_pass(
     model: TransformerBridge,
     tokens: Int[Tensor, "batch pos"],
     mask: Int[Tensor, "batch pos"],
-    cache: BridgeCache | None,
+    cache: BridgeCache,
     *,
     last_logits: bool = False,
     stop_at_layer: int | None = None,
@@ -155,23 +169,17 @@ def bridge_pass(
     """One pass of the transformers model under the bridge's hooks, appending to ``cache``;
     the logits at the last position only when ``last_logits`` (unembedding every prompt
     position is wasted work), else none (``stop_at_layer``: the blocks before it only)."""
-    full = mask if cache is None else torch.cat([cache.mask, mask], dim=1)
-    positions = mask_positions(full)[:, -tokens.shape[1] :]
-    extra: dict[str, object] = {"use_cache": False}  # a teacher-forced pass keeps no cache
-    if cache is not None:
-        extra = {cache.kwarg: cache.hf, "use_cache": True}
+    full, kwargs = _bridge_inputs(tokens, mask, cache)
     if last_logits:
-        extra["logits_to_keep"] = 1
+        kwargs["logits_to_keep"] = 1
     out = model(
         tokens,
         attention_mask=full,
-        position_ids=positions,
         return_type="logits" if last_logits else None,
         stop_at_layer=stop_at_layer,
-        **extra,
+        **kwargs,
     )
-    if cache is not None:
-        cache.mask = full
+    cache.mask = full
     return out if last_logits else None
 
 
@@ -193,10 +201,7 @@ def teacher_forced(
     extra: dict[str, Any] = {}
     mask = attn
     if isinstance(model, TransformerBridge):
-        mask = attn if cache is None else torch.cat([cache.mask, attn], dim=1)
-        extra = {"position_ids": mask_positions(mask)[:, -tokens.shape[1] :], "use_cache": False}
-        if cache is not None:
-            extra.update({cache.kwarg: cache.hf, "use_cache": True})
+        mask, extra = _bridge_inputs(tokens, attn, cache)
     if not names:  # logits alone: a plain forward pass, nothing to cache
         return model(tokens, attention_mask=mask, return_type="logits", **extra), {}
     out, acts = model.run_with_cache(

@@ -46,9 +46,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from tlextract.errors import TLExtractError
+from tlextract.errors import TLExtractError, first_line
 from tlextract.model.accel import KEEP_FREED_MEMORY_ENV, accelerate, keep_freed_memory
-from tlextract.model.bridge import first_line, load_bridge
+from tlextract.model.bridge import load_bridge
 from tlextract.model.cache import DEFAULT_MODEL
 from tlextract.model.decoding import Model
 from tlextract.model.fixes import moe_in_model_dtype

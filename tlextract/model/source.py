@@ -39,7 +39,7 @@ from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import PreTrainedModel
 
 from tlextract.config import MODEL_BACKENDS as BACKENDS
-from tlextract.errors import TLExtractError
+from tlextract.errors import TLExtractError, first_line
 from tlextract.model import hub
 from tlextract.model.cache import EMBEDDED_MODELS, TINY_MODEL, embedded, ensure_cached
 
@@ -49,6 +49,7 @@ Backend = Literal["hooked", "bridge"]
 # Architectures TransformerLens converts from a directory into a HookedTransformer whose state
 # dict then does not fit (load_state_dict fails): auto takes the bridge for them.
 HOOKED_MISFITS = frozenset({"Phi3ForCausalLM"})
+ASKED = "backend='bridge' was asked for"  # the reason logged when the caller chose the bridge
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def resolve_model(name: str, *, fetch_weights: bool = True, backend: str = "auto
     if spec is not None:
         directory = ensure_cached(key, spec) if fetch_weights else None
         source = ModelSource("embedded", key, directory, spec.tl_name, spec.default_prepend_bos)
-        return _asked_for_bridge(source, name) if backend == "bridge" else source
+        return _asked_for_bridge(source) if backend == "bridge" else source
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
@@ -127,7 +128,7 @@ def resolve_model(name: str, *, fetch_weights: bool = True, backend: str = "auto
     if official is not None:
         directory = hub.fetch(official) if fetch_weights else None
         source = ModelSource("hub", name, directory, official, None)
-        return _asked_for_bridge(source, name) if backend == "bridge" else source
+        return _asked_for_bridge(source) if backend == "bridge" else source
     if not hub.is_repo_id(name):
         raise _unknown(name)
     if not fetch_weights:
@@ -179,11 +180,11 @@ def _decided(source: ModelSource, directory: Path, backend: str) -> ModelSource:
             f"by TransformerLens {_tl_version()}'s TransformerBridge; supported: "
             f"{', '.join(a.removesuffix('ForCausalLM') for a in bridge_architectures())}"
         )
-    return replace(source, backend="bridge", reason=refusal or "backend='bridge' was asked for")
+    return replace(source, backend="bridge", reason=refusal or ASKED)
 
 
-def _asked_for_bridge(source: ModelSource, name: str) -> ModelSource:
-    return replace(source, backend="bridge", tl_name=None, reason="backend='bridge' was asked for")
+def _asked_for_bridge(source: ModelSource) -> ModelSource:
+    return replace(source, backend="bridge", tl_name=None, reason=ASKED)
 
 
 def _hooked_build(
@@ -207,11 +208,8 @@ def _hooked_build(
         tl_loading.convert_hf_model_config(tl_name, local_files_only=True)
     # AttributeError: TransformerLens guessed llama or gemma from the path and read no config.
     except (NotImplementedError, AttributeError, ValueError) as e:
-        reason = next(iter(str(e).splitlines()), type(e).__name__)
-        return (
-            None,
-            f"TransformerLens {_tl_version()} has no HookedTransformer for {arch} ({reason})",
-        )
+        why = first_line(e)
+        return None, f"TransformerLens {_tl_version()} has no HookedTransformer for {arch} ({why})"
     return tl_name, None
 
 
