@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import write_experiment
 
+import tlextract.report.live as live_module
 from tlextract.config import GenerationSettings, load_experiment
 from tlextract.ops.monitor import TokenScores, monitor
 from tlextract.ops.steer import steer
@@ -110,6 +111,118 @@ def test_steering_changes_the_answer_as_steer_does(served, tiny_model) -> None:
     assert answer_part(direct(exp, tiny_model))[0] == out["unsteered"]["token_ids"]
 
 
+def stream(server: LiveServer, body: object) -> tuple[int, object]:
+    """``POST /api/stream``: the status and the reply (open, to read event by event) or, for an
+    error, its JSON."""
+    request = urllib.request.Request(
+        server.url + "api/stream", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        return 200, urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+class Gate:
+    """Holds the live page's generation after ``after`` streamed tokens until :meth:`release`
+    (wrapping the ``on_token`` that :mod:`tlextract.report.live` gives ``monitor``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, after: int) -> None:
+        self.after, self.count = after, 0
+        self.reached, self.opened = threading.Event(), threading.Event()
+        real = live_module.monitor
+
+        def gated(*args, on_token=None, **kwargs):
+            def held(*token) -> None:
+                on_token(*token)
+                self.count += 1
+                if self.count == self.after:
+                    self.reached.set()
+                    assert self.opened.wait(60)
+
+            return real(*args, on_token=held if on_token else None, **kwargs)
+
+        monkeypatch.setattr(live_module, "monitor", gated)
+
+    def release(self) -> None:
+        self.opened.set()
+
+
+def test_a_stream_sends_each_token_before_the_answer_is_done(served, monkeypatch) -> None:
+    _, exp, server = served
+    _, whole = post(server, {"prompt": PROMPT, "steer": "alpha", "strength": STRENGTH})
+    gate = Gate(monkeypatch, after=3)
+    status, reply = stream(server, {"prompt": PROMPT, "steer": "alpha", "strength": STRENGTH})
+    assert status == 200 and reply.headers["Content-Type"] == "application/x-ndjson"
+    first = [json.loads(reply.readline()) for _ in range(4)]
+    assert gate.reached.is_set() and not gate.opened.is_set()  # read while generation waits
+    gate.release()
+    events = first + [json.loads(line) for line in reply]
+    reply.close()
+    assert [e["event"] for e in events[:4]] == ["start", "token", "token", "token"]
+    assert events[-1]["event"] == "done"
+    done = {k: v for k, v in events[-1].items() if k != "event"}
+    assert done == whole  # the same answers as the whole reply
+    for which in ("unsteered", "steered"):
+        tokens = [e for e in events if e["event"] == "token" and e["answer"] == which]
+        answer = whole[which]
+        assert [e["token_id"] for e in tokens] == answer["token_ids"]
+        assert [e["token"] for e in tokens] == answer["tokens"]
+        for t in TRAITS:
+            assert [e["scores"][t] for e in tokens] == answer["scores"][t]
+            flags = [e["above"][t] for e in tokens]
+            assert flags == (answer["above"][t] or [None] * len(tokens))
+    starts = [(i, e["answer"]) for i, e in enumerate(events) if e["event"] == "start"]
+    n = len(whole["unsteered"]["tokens"])
+    assert starts == [(0, "unsteered"), (n + 1, "steered")]  # in order, one after the other
+
+
+def test_a_page_that_leaves_mid_stream_stops_the_generation(served, monkeypatch) -> None:
+    server = served[2]
+    gate = Gate(monkeypatch, after=2)
+    _, reply = stream(server, {"prompt": PROMPT})
+    assert json.loads(reply.readline())["event"] == "start"
+    assert gate.reached.wait(60)
+    reply.close()  # the page is closed mid-answer
+    gate.release()
+    for _ in range(600):  # the server notices at its next writes
+        if server.live.lock.acquire(blocking=False):
+            server.live.lock.release()
+            break
+        threading.Event().wait(0.05)
+    else:
+        pytest.fail("the generation went on after the page left")
+    assert gate.count < BUDGET  # stopped early: not every token was generated
+    assert post(server, {"prompt": PROMPT})[0] == 200
+
+
+def test_a_failure_mid_stream_ends_it_with_one_line(served, monkeypatch) -> None:
+    real, calls = live_module.Live.token_event, []
+
+    def token_event(self, *args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(self, *args)
+
+    monkeypatch.setattr(live_module.Live, "token_event", token_event)
+    status, reply = stream(served[2], {"prompt": PROMPT})
+    events = [json.loads(line) for line in reply]
+    assert status == 200
+    assert [e["event"] for e in events] == ["start", "token", "token", "error"]
+    assert events[-1]["error"] == "a bug in tlextract: RuntimeError('boom')"
+    assert not served[2].live.lock.locked()
+
+
+def test_bad_input_and_a_busy_model_on_the_stream_get_400_and_409(served) -> None:
+    server = served[2]
+    assert stream(server, {"prompt": " "}) == (400, {"error": "the prompt is empty: type "
+                                                             "something to answer."})  # fmt: skip
+    with server.live.lock:
+        status, out = stream(server, {"prompt": PROMPT})
+    assert status == 409 and "another answer is being generated" in out["error"]
+
+
 def test_a_second_request_while_one_runs_gets_409(served) -> None:
     _, _, server = served
     with server.live.lock:  # as if an answer were being generated
@@ -169,6 +282,11 @@ def test_tokens_above_a_saved_alarm_at_the_shown_layer_are_flagged(served) -> No
     assert live.above("beta", [0.9]) is None  # no alarm saved
 
 
+def answered(page) -> None:
+    """Wait for the answer the page asked for (the click set its state to generating)."""
+    page.tab.locator("body[data-state=idle]").wait_for()
+
+
 @pytest.mark.browser
 def test_the_page_colours_steers_and_says_what_is_wrong(served, page, screenshots) -> None:
     server = served[2]
@@ -176,8 +294,8 @@ def test_the_page_colours_steers_and_says_what_is_wrong(served, page, screenshot
     page.open(server.url)
     page.tab.fill("#prompt", PROMPT)
     page.tab.click("#generate")
+    answered(page)
     spans = page.tab.locator("#unsteered .tok")
-    spans.first.wait_for()
     want = api["unsteered"]
     assert spans.count() == len(want["tokens"])
     for i in range(spans.count()):
@@ -191,7 +309,7 @@ def test_the_page_colours_steers_and_says_what_is_wrong(served, page, screenshot
     page.tab.select_option("#steer-trait", "alpha")
     page.tab.fill("#strength", str(STRENGTH))
     page.tab.click("#generate")
-    page.tab.locator("#steered .tok").first.wait_for()
+    answered(page)
     unsteered = page.tab.locator("#unsteered").get_attribute("data-text")
     steered = page.tab.locator("#steered").get_attribute("data-text")
     assert unsteered == want["text"] and steered == api["steered"]["text"] != unsteered
@@ -208,6 +326,35 @@ def test_the_page_colours_steers_and_says_what_is_wrong(served, page, screenshot
         "(Bad Request)"
     ]
     page.errors.clear()
+
+
+@pytest.mark.browser
+def test_the_page_shows_tokens_as_they_stream(served, page, monkeypatch) -> None:
+    server = served[2]
+    _, whole = post(server, {"prompt": PROMPT})
+    want = whole["unsteered"]
+    gate = Gate(monkeypatch, after=3)
+    page.open(server.url)
+    page.tab.fill("#prompt", PROMPT)
+    page.tab.click("#generate")
+    spans = page.tab.locator("#unsteered .tok")
+    try:
+        assert gate.reached.wait(60)
+        spans.nth(2).wait_for()
+        # Three tokens drawn, coloured and scored, while the model waits for the fourth.
+        assert spans.count() == 3 and page.tab.locator("body").get_attribute("data-state") == (
+            "generating"
+        )
+        assert page.tab.locator("#generate").is_disabled()
+        for i in range(3):
+            assert float(spans.nth(i).get_attribute("data-score")) == want["scores"]["alpha"][i]
+        assert f"beta {want['scores']['beta'][1]:.4f}" in page.hover(spans.nth(1), shows="#tip")
+    finally:
+        gate.release()
+    answered(page)
+    assert spans.count() == len(want["tokens"])
+    assert page.tab.locator("#unsteered").get_attribute("data-text") == want["text"]
+    page.assert_rendered("#unsteered .tokens", "#legend")
 
 
 @pytest.mark.slow

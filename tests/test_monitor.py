@@ -115,6 +115,42 @@ def test_scores_do_not_depend_on_the_batch(tiny_model, traits) -> None:
             )
 
 
+def test_streamed_tokens_come_while_generating_and_equal_the_returned_texts(
+    tiny_model, traits
+) -> None:
+    prompts = PROMPTS * 8  # with these seeds, early stops and full budgets in every batch
+    passes = 0  # the model's forward passes so far, counted outside TransformerLens' hooks
+
+    def count(*_: object) -> None:
+        nonlocal passes
+        passes += 1
+
+    streamed: dict[int, list[tuple[int, dict[str, float], int]]] = {}
+    handle = tiny_model.embed.register_forward_hook(count)
+    try:
+        watched = monitor(tiny_model, prompts, traits, LAYERS, settings=HOT, seeds=range(32),
+                          batch_size=12,
+                          on_token=lambda i, t, s: streamed.setdefault(i, []).append(
+                              (t, s, passes)))  # fmt: skip
+    finally:
+        handle.remove()
+    stopped = [t.stopped for t in watched.texts]
+    assert any(stopped) and not all(stopped), "needs early-stopped and full-budget rows"
+    for i, text in enumerate(watched.texts):
+        answer = [k for k, p in enumerate(text.is_prompt) if not p]
+        got = streamed.get(i, [])
+        assert [t for t, _, _ in got] == [text.token_ids[k] for k in answer]
+        assert [s for _, s, _ in got] == [{t: text.scores[t][k] for t in traits} for k in answer]
+    # Answer token k is handed out right after decode step k + 1 reads it, not at the end: in
+    # each batch, after its pass k + 2 (the prompt pass, then k + 1 steps).
+    for first in range(0, len(prompts), 12):
+        rows = [streamed[i] for i in range(first, first + 12) if i in streamed]
+        start = min(row[0][2] for row in rows)
+        assert first > 0 or start == 2
+        for row in rows:
+            assert [p for *_, p in row] == list(range(start, start + len(row)))
+
+
 def test_bad_inputs_are_named(tiny_model, traits) -> None:
     foreign = TraitVectors("f", "mean_diff", "other", "resid_post", (1,), torch.ones(1, 7))
     cases = [

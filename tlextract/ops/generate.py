@@ -36,6 +36,8 @@ from tlextract.model.decoding import (
 from tlextract.model.tokens import device_of, left_pad, stop_token_ids, tokenizer_of
 
 Hook = tuple[str, Callable[..., object]]  # a hook name and its function
+# After each decode step: the prompts (original indices) in the batch and what each sampled.
+OnStep = Callable[[list[int], Int[Tensor, " batch"]], None]
 
 # A common prefix shorter than this is not worth a pass of its own.
 MIN_SHARED_PREFIX = 4
@@ -196,16 +198,19 @@ def generate_batch(
     seeds: Sequence[int],
     capture: Sequence[str] = (),
     share_prefix: bool = True,
+    on_step: OnStep | None = None,
 ) -> list[Generation]:
     """Generate a response for each prompt; ``seeds[i]`` alone decides prompt i's samples.
 
     ``capture`` names hooks (e.g. ``blocks.3.hook_resid_post``) to average over each response's
     tokens while generating, so no second forward pass is needed. ``share_prefix``: compute the
-    prompts' common prefix once (see :func:`prefix_cache`; never while hooks are attached)."""
+    prompts' common prefix once (see :func:`prefix_cache`; never while hooks are attached).
+    ``on_step(rows, tokens)``, after each decode step: the prompts (indices) still in the batch
+    and the token each sampled, on the device (a stop token ends its row)."""
     recorder = _Capture(capture, len(prompt_ids), model.cfg.d_model, device_of(model))
     share = share_prefix and not has_hooks(model)  # before our recorder's hooks are attached
     with forward_hooks(model, recorder.hooks()), decode_session(model):
-        gens = _generate(model, prompt_ids, settings, seeds, recorder, share)
+        gens = _generate(model, prompt_ids, settings, seeds, recorder, share, on_step)
     if not capture:
         return gens
     sums = recorder.pooled()
@@ -262,6 +267,7 @@ def _generate(
     seeds: Sequence[int],
     recorder: _Capture,
     share: bool,
+    on_step: OnStep | None,
 ) -> list[Generation]:
     """The decode loop. It reads the device once per step (which rows ended, one copy) and once
     at the end (the tokens): on a GPU every read waits for the queued kernels."""
@@ -291,6 +297,8 @@ def _generate(
         u = None if batch.uniforms is None else batch.uniforms[:, step]
         new = sample_with(logits, settings, u)
         done: list[bool] = torch.isin(new, stops).tolist()  # the step's one read
+        if on_step is not None:
+            on_step(batch.rows, new)
         batch.picked.append(new)
         batch.history.append((batch.rows, done))
         if all(done):

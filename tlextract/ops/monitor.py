@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -35,6 +36,9 @@ from tlextract.model.tokens import tokenizer_of, user_prompts
 from tlextract.ops.generate import Generation, generate_batch
 from tlextract.ops.steer import unit_direction
 from tlextract.ops.trait_vectors import TraitVectors
+
+# Streaming: prompt index, answer token id, its score per trait.
+OnToken = Callable[[int, int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -156,18 +160,46 @@ def _per_token(
     ]
 
 
+class _Stream:
+    """Hands each answer token and its scores to ``on_token`` as soon as both exist: the token
+    sampled at decode step s is read, and so scored, by step s + 1, so each step completes the
+    previous step's tokens of the rows still in the batch (a stop token leaves it unscored)."""
+
+    def __init__(
+        self, recorder: _Recorder, traits: dict[str, list[str]], on_token: OnToken, first: int
+    ) -> None:
+        self.recorder, self.traits, self.on_token, self.first = recorder, traits, on_token, first
+        self.sampled: dict[int, int] = {}  # row -> its token of the step before
+
+    def __call__(self, rows: list[int], new: Tensor) -> None:
+        if self.sampled:  # the prompt pass scores no answer token
+            # Streaming costs one more read of the device per step; without it there is none.
+            read = {name: p[-1][:, 0].tolist() for name, p in self.recorder.passes.items()}
+            for j, r in enumerate(rows):
+                scores = {
+                    t: read[name][j][k]
+                    for name, ts in self.traits.items()
+                    for k, t in enumerate(ts)
+                }
+                self.on_token(self.first + r, self.sampled[r], scores)
+        self.sampled = dict(zip(rows, new.tolist(), strict=True))
+
+
 def _generate_scored(
     model: Model,
     prompt_ids: Sequence[Sequence[int]],
     settings: GenerationSettings,
     seeds: Sequence[int],
     units: dict[str, Float[Tensor, "trait d_model"]],
+    stream: Callable[[_Recorder], _Stream] | None = None,
 ) -> list[tuple[Generation, dict[str, Float[Tensor, "token trait"]]]]:
-    """Generate one batch with the recorder on; answers trimmed to ``settings.max_new_tokens``."""
+    """Generate one batch with the recorder on; answers trimmed to ``settings.max_new_tokens``.
+    ``stream``: makes the per-step callback that hands out tokens as they are scored."""
     recorder = _Recorder(units)
     one_more = replace(settings, max_new_tokens=settings.max_new_tokens + 1)
+    on_step = None if stream is None else stream(recorder)
     with model.hooks(fwd_hooks=recorder.hooks()):
-        gens = generate_batch(model, prompt_ids, one_more, seeds)
+        gens = generate_batch(model, prompt_ids, one_more, seeds, on_step=on_step)
     scored = {
         name: _per_token([x.cpu() for x in p], prompt_ids, gens)
         for name, p in recorder.passes.items()
@@ -191,6 +223,7 @@ def monitor(
     settings: GenerationSettings | None = None,
     seeds: Sequence[int] | None = None,
     batch_size: int = 8,
+    on_token: OnToken | None = None,
 ) -> Monitoring:
     """Answer each prompt and score every token (prompt and answer) on every trait.
 
@@ -199,7 +232,9 @@ def monitor(
     as a mapping trait -> TraitVectors or a list (named by their trait). ``layer``: one block
     for every trait, a mapping trait -> block, or None for the middle of each trait's layers.
     ``settings`` default to 40 sampled tokens at temperature 1; ``seeds[i]`` (default ``i``)
-    alone decides prompt i's samples, whatever its batch."""
+    alone decides prompt i's samples, whatever its batch. ``on_token(i, token_id, scores)``
+    streams: it gets each answer token of prompt i with its score per trait as soon as the
+    token is scored, before the answer is done (the same floats the returned texts hold)."""
     if not prompts:
         raise TLExtractError("monitor needs at least one prompt.")
     by_trait = _by_trait(vectors)
@@ -217,10 +252,13 @@ def monitor(
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
+        stream = None
+        if on_token is not None:
+            stream = partial(_Stream, traits=groups, on_token=on_token, first=start)
         for p, prompt_ids, (gen, scored) in zip(
             prompts[chunk],
             ids[chunk],
-            _generate_scored(model, ids[chunk], settings, seeds[chunk], units),
+            _generate_scored(model, ids[chunk], settings, seeds[chunk], units, stream),
             strict=True,
         ):
             token_ids = [*prompt_ids, *gen.response_ids]

@@ -9,6 +9,7 @@ same request gives the same answer and steering on vs. off differs only by the s
 Scores come from :func:`tlextract.ops.monitor.monitor`; a steered answer is the same call inside
 :func:`tlextract.ops.steer.steer` at the steered trait's layer, with ``alpha`` in typical
 residual norms (:func:`tlextract.ops.steer.residual_norm`, as ``steer`` and the sweep use).
+Streamed, each token is handed on as soon as ``monitor`` has scored it (``on_token``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 from tlextract.config import Experiment, GenerationSettings
 from tlextract.errors import TLExtractError
 from tlextract.model.decoding import Model
+from tlextract.model.tokens import tokenizer_of
 from tlextract.monitoring.alarm import running_mean
-from tlextract.ops.monitor import TokenScores, monitor
+from tlextract.ops.monitor import OnToken, TokenScores, monitor
 from tlextract.ops.steer import residual_norm, steer, unit_direction
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.report.explorer import chosen_layer, make_command, saved_alarm, trait_runs
@@ -36,6 +38,8 @@ from tlextract.steering.sweep import pole_means
 STRENGTH = 2.0  # the slider's range: -STRENGTH..STRENGTH typical residual norms
 MAX_PROMPT_CHARS = 2000
 MAX_NEW_TOKENS = 40
+
+Emit = Callable[[dict[str, Any]], None]  # one streamed event, as JSON
 
 
 class BadRequest(TLExtractError):
@@ -109,8 +113,9 @@ class Live:
     def settings(self) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=self.max_new_tokens, do_sample=False)
 
-    def answer(self, prompt: str) -> TokenScores:
-        """The greedy answer to ``prompt`` with every token scored on every trait."""
+    def answer(self, prompt: str, on_token: OnToken | None = None) -> TokenScores:
+        """The greedy answer to ``prompt`` with every token scored on every trait;
+        ``on_token`` streams it (:func:`tlextract.ops.monitor.monitor`)."""
         mon = monitor(
             self.model,
             [prompt],
@@ -118,31 +123,68 @@ class Live:
             {t: x.layer for t, x in self.traits.items()},
             style=self.experiment.prompt_style,
             settings=self.settings(),
+            on_token=on_token,
         )
         return mon.texts[0]
 
-    def steered(self, prompt: str, trait: str, strength: float) -> TokenScores:
+    def steered(
+        self, prompt: str, trait: str, strength: float, on_token: OnToken | None = None
+    ) -> TokenScores:
         """:meth:`answer` with ``strength`` typical residual norms of ``trait`` added."""
         x = self.traits[trait]
         with steer(self.model, x.vectors, x.layer, strength, scale=x.scale):
-            return self.answer(prompt)
+            return self.answer(prompt, on_token)
 
-    def generate(self, request: Any) -> dict[str, Any]:
+    def generate(self, request: Any, emit: Emit | None = None) -> dict[str, Any]:
         """Answer a request (the JSON the page posts), unsteered and, when asked, steered;
-        :class:`BadRequest` for bad input, :class:`Busy` while another request runs."""
+        :class:`BadRequest` for bad input, :class:`Busy` while another request runs.
+
+        ``emit`` streams: it gets ``{"event": "start", "answer": "unsteered"|"steered"}``
+        before each answer, then ``{"event": "token", ...}`` for each of its tokens as soon as
+        it is scored (:meth:`token_event`); the returned answers are the same tokens."""
         prompt, trait, strength = self.check(request)
         if not self.lock.acquire(blocking=False):
             raise Busy("another answer is being generated; try again when it is done.")
         try:
             with torch.inference_mode():
-                out = {"unsteered": self.to_json(self.answer(prompt)), "steered": None}
+                unsteered = self.answer(prompt, self.stream("unsteered", emit))
+                out = {"unsteered": self.to_json(unsteered), "steered": None}
                 if trait is not None:
-                    steered = self.steered(prompt, trait, strength)
+                    steered = self.steered(prompt, trait, strength, self.stream("steered", emit))
                     out["steered"] = {**self.to_json(steered), "trait": trait,
                                       "strength": strength}  # fmt: skip
             return out
         finally:
             self.lock.release()
+
+    def stream(self, which: str, emit: Emit | None) -> OnToken | None:
+        """The ``on_token`` that emits one answer's token events (None: no streaming)."""
+        if emit is None:
+            return None
+        emit({"event": "start", "answer": which})
+        so_far: dict[str, list[float]] = {t: [] for t in self.traits}
+
+        def on_token(_: int, token_id: int, scores: dict[str, float]) -> None:
+            for t, score in scores.items():
+                so_far[t].append(score)
+            emit(self.token_event(which, token_id, scores, so_far))
+
+        return on_token
+
+    def token_event(
+        self, which: str, token_id: int, scores: dict[str, float], so_far: dict[str, list[float]]
+    ) -> dict[str, Any]:
+        """One streamed token: its text, id, scores and alarm flags (the windowed score of the
+        answer so far: the alarm's window looks back only, so the flag is final)."""
+        above = {t: self.above(t, s) for t, s in so_far.items()}
+        return {
+            "event": "token",
+            "answer": which,
+            "token": tokenizer_of(self.model).decode([token_id]),
+            "token_id": token_id,
+            "scores": scores,
+            "above": {t: None if a is None else a[-1] for t, a in above.items()},
+        }
 
     def check(self, request: Any) -> tuple[str, str | None, float]:
         """The prompt, the steered trait (None: no steering) and the strength, or BadRequest."""

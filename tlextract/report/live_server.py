@@ -1,10 +1,13 @@
-"""The live page's server: ``GET /`` the page (self-contained, like the explorer's), ``POST
-/api/generate`` a JSON request answered by :meth:`tlextract.report.live.Live.generate` in one
-JSON response (no streaming: an answer of 40 tokens comes whole).
+"""The live page's server: ``GET /`` the page (self-contained, like the explorer's); a JSON
+request answered by :meth:`tlextract.report.live.Live.generate`, either streamed (``POST
+/api/stream``: NDJSON, one event a line as each token is scored, then ``{"event": "done",
+...answers}``; what the page uses) or whole (``POST /api/generate``: one JSON reply, for scripts).
 
 Replies: 200 with the answers; 400 ``{"error": ...}`` for bad input; 409 while another answer
-is being generated (one at a time: the request is refused, never queued); 404 for any other
-path. The server listens on the host it is given only (127.0.0.1 by default).
+is being generated (one at a time: the request is refused, never queued); 500 with one line for
+a bug (``{"event": "error", ...}`` once a stream has begun); 404 for any other path. A page that
+leaves mid-stream stops its generation. The server listens on the host it is given only
+(127.0.0.1 by default).
 """
 
 from __future__ import annotations
@@ -34,18 +37,47 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, body, "text/html; charset=utf-8")
 
     def do_POST(self) -> None:
-        if self.path != "/api/generate":
+        if self.path not in ("/api/generate", "/api/stream"):
             self._reply(HTTPStatus.NOT_FOUND, {"error": f"no endpoint at {self.path}"})
             return
         try:
-            self._reply(HTTPStatus.OK, self.server.live.generate(self._json()))
+            if self.path == "/api/stream":
+                self._stream(self._json())
+            else:
+                self._reply(HTTPStatus.OK, self.server.live.generate(self._json()))
         except Busy as e:
             self._reply(HTTPStatus.CONFLICT, {"error": str(e)})
         except TLExtractError as e:
             self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-        except Exception as e:  # a bug: the page says so in one line, the log has the traceback
-            log.exception("live: the request failed")
-            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"a bug in tlextract: {e!r}"})
+        except Exception as e:
+            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": _bug(e)})
+
+    def _stream(self, request: Any) -> None:
+        """Answer as NDJSON, one event a line as it happens; the status line waits for the
+        first event, so bad input and a busy model still get their 400 or 409."""
+        started = False
+
+        def emit(event: dict[str, Any]) -> None:
+            nonlocal started
+            if not started:
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()  # no length: the answer ends when the connection closes
+                started = True
+            self.wfile.write(json.dumps(event).encode("utf-8") + b"\n")
+
+        try:
+            answers = self.server.live.generate(request, emit)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("live: the page left before its answer was done; generation stopped")
+            return
+        except Exception as e:
+            if not started:
+                raise
+            emit({"event": "error", "error": str(e) if isinstance(e, TLExtractError) else _bug(e)})
+            return
+        emit({"event": "done", **answers})
 
     def _json(self) -> Any:
         given = self.headers.get("Content-Length") or "0"
@@ -72,6 +104,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
         log.debug("live: " + format, *args)
+
+
+def _bug(e: Exception) -> str:
+    """A bug's one line for the page; the log has the traceback."""
+    log.error("live: the request failed", exc_info=e)
+    return f"a bug in tlextract: {e!r}"
 
 
 class LiveServer(ThreadingHTTPServer):
