@@ -99,6 +99,7 @@ def test_the_page_loads_nothing_from_the_network(explored) -> None:
     html = page.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)
     assert "fetch(" not in html and "XMLHttpRequest" not in html
+    assert "/*COMMON" not in html and "#tip {" in html  # the shared script and styles inline
 
 
 def test_missing_parts_name_their_command(explored) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 from tlextract.store import write_text
 
 PLACEHOLDER = "/*DATA*/"
-COMMON = "/*COMMON*/"  # where a template takes page_common.js (shared with the live page)
+# Where a template takes page_common.js and page_common.css (shared with the live page).
+COMMON, COMMON_CSS = "/*COMMON*/", "/*COMMON_CSS*/"
 
 
 def _finite(x: Any) -> Any:
@@ -35,15 +36,16 @@ def _finite(x: Any) -> Any:
 
 
 def render(template_name: str, data: dict[str, Any]) -> str:
-    """The package's template ``template_name`` with page_common.js and ``data`` inline; every
-    ``<`` (only ever inside a JSON string) written as ``\\u003c`` so no text in the data can
-    close the script."""
+    """The package's template ``template_name`` with page_common.js, page_common.css and ``data``
+    inline; every ``<`` (only ever inside a JSON string) written as ``\\u003c`` so no text in the
+    data can close the script."""
     payload = json.dumps(_finite(data), ensure_ascii=False, separators=(",", ":"))
     payload = payload.replace("<", "\\u003c")
     package = files("tlextract.report")
     template = package.joinpath(template_name).read_text("utf-8")
-    common = package.joinpath("page_common.js").read_text("utf-8")
-    return template.replace(COMMON, common, 1).replace(PLACEHOLDER, payload, 1)
+    for placeholder, name in ((COMMON, "page_common.js"), (COMMON_CSS, "page_common.css")):
+        template = template.replace(placeholder, package.joinpath(name).read_text("utf-8"), 1)
+    return template.replace(PLACEHOLDER, payload, 1)
 
 
 def page_html(data: dict[str, Any]) -> str:
