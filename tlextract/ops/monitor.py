@@ -213,6 +213,24 @@ def _generate_scored(
     return out
 
 
+def _text(
+    tok: Any,
+    prompt: str,
+    n_prompt: int,
+    token_ids: list[int],
+    scores: dict[str, list[float]],
+    stopped: bool,
+) -> TokenScores:
+    return TokenScores(
+        prompt=prompt,
+        token_ids=token_ids,
+        tokens=tok.batch_decode([[t] for t in token_ids]),
+        is_prompt=[i < n_prompt for i in range(len(token_ids))],
+        scores=scores,
+        stopped=stopped,
+    )
+
+
 def monitor(
     model: Model,
     prompts: Sequence[str],
@@ -262,17 +280,8 @@ def monitor(
             strict=True,
         ):
             token_ids = [*prompt_ids, *gen.response_ids]
-            texts.append(
-                TokenScores(
-                    prompt=p,
-                    token_ids=token_ids,
-                    tokens=tok.batch_decode([[t] for t in token_ids]),
-                    is_prompt=[i < len(prompt_ids) for i in range(len(token_ids))],
-                    scores={
-                        t: scored[name][:, groups[name].index(t)].tolist()
-                        for t, name in hook_names.items()
-                    },
-                    stopped=gen.stopped,
-                )
-            )
+            scores = {
+                t: scored[name][:, groups[name].index(t)].tolist() for t, name in hook_names.items()
+            }
+            texts.append(_text(tok, p, len(prompt_ids), token_ids, scores, gen.stopped))
     return Monitoring(list(by_trait), layers, hook_names, asdict(settings), texts)
