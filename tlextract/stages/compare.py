@@ -4,7 +4,7 @@ trait's projection per layer and per token (:mod:`tlextract.ops.compare`).
 
 The stage writes ``comparison.pt`` and its ``meta.json`` under ``<run>/compare-<other>/``
 (:func:`tlextract.settings.compare_dir`); its key names both models (a local directory by its
-resolved path, config.json and every file's size and modification time), the responses, the
+resolved path and each of its files' size and modification time), the responses, the
 vectors, the layers, the hook and the dtype, so a second run is up to date, an interrupted one
 resumes from its saved batches and a damaged output is redone.
 """
@@ -40,6 +40,23 @@ from tlextract.store import fingerprint, load_tensors, save_tensors
 OUTPUT = "comparison.pt"
 
 
+def _checked(
+    model: Model, other: Model, vectors: Vectors, layers: Sequence[int] | None, n_prompts: int,
+    n_responses: int,
+) -> tuple[dict[str, TraitVectors], tuple[int, ...]]:  # fmt: skip
+    """The vectors by trait and the layers to read, once every refusal is made."""
+    by_trait = as_mapping(vectors)
+    if not by_trait:
+        raise TLExtractError("compare: no vectors given; pass one trait's or several by name.")
+    if n_prompts != n_responses:
+        raise TLExtractError(f"compare: {n_prompts} prompts but {n_responses} responses.")
+    check_same_family(model, other)
+    asked = check_fit(model, next(iter(by_trait.values())), layers)
+    for tv in by_trait.values():
+        check_fit(model, tv, asked)
+    return by_trait, asked
+
+
 def compare(
     model: Model,
     other: Model,
@@ -60,19 +77,8 @@ def compare(
     trait's, or several by name, all with those layers. Refused in one line when ``other`` is
     not of ``model``'s family or the vectors do not fit (:mod:`tlextract.ops.fit`). ``shards``:
     how the batches run (the stage saves each and resumes; default in memory)."""
-    by_trait = as_mapping(vectors)
-    if not by_trait:
-        raise TLExtractError("compare: no vectors given; pass one trait's or several by name.")
-    if len(prompt_ids) != len(response_ids):
-        raise TLExtractError(
-            f"compare: {len(prompt_ids)} prompts but {len(response_ids)} responses."
-        )
-    check_same_family(model, other)
-    first = next(iter(by_trait.values()))
-    asked = check_fit(model, first, layers)
-    for tv in by_trait.values():
-        check_fit(model, tv, asked)
-    hook = hook or first.hook
+    by_trait, asked = _checked(model, other, vectors, layers, len(prompt_ids), len(response_ids))
+    hook = hook or next(iter(by_trait.values())).hook
     names = [hook_name(hook, layer) for layer in asked]
     units = torch.stack([
         torch.stack([unit_direction(model, tv, layer)[1].cpu() for layer in asked])
@@ -115,15 +121,17 @@ def compare(
 
 def model_identity(name: str) -> Any:
     """What names a model's weights in a key: a local directory (a model or a LoRA adapter) by
-    its resolved path and each file's size and modification time (so weights saved again
-    anew are compared anew); any other name as itself."""
+    its resolved path and each of its files' size and modification time (so weights saved
+    again are compared again); any other name (embedded, hub id) as itself."""
     path = Path(name).expanduser()
     if not path.is_dir():
         return name
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return {"path": str(path.resolve()),
-            "files": {str(p.relative_to(path)): [p.stat().st_size, p.stat().st_mtime_ns]
-                      for p in files}}  # fmt: skip
+    # The directory's own files only: a training folder's checkpoint subfolders are not read.
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return {
+        "path": str(path.resolve()),
+        "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+    }
 
 
 def vectors_identity(vectors: TraitVectors) -> str:
