@@ -101,6 +101,26 @@ def test_a_bias_edit_shifts_nothing_before_its_block_alpha_v_inside_it_and_after
     assert intervals[0].value == 0 and intervals[K].low <= intervals[K].value <= intervals[K].high
 
 
+def test_the_same_on_a_hooked_transformer_whose_b_O_is_edited_in_memory(tiny_model) -> None:
+    """The GPT-2 directory loads as a TransformerBridge; tiny-random is a HookedTransformer
+    (accelerated), whose ``b_O`` is edited in place."""
+    other = load_model("tiny-random")
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        other.blocks[K].attn.b_O.add_(ALPHA * v)
+    vectors = _vectors(v, "tiny-random")
+    mid = tx.compare(tiny_model, other, vectors, PROMPTS, RESPONSES, hook="resid_mid")
+    assert not mid.residual_shift[:, :K].any()
+    torch.testing.assert_close(mid.residual_shift[:, K], (ALPHA * v).expand(3, -1))
+    post = tx.compare(tiny_model, other, vectors, PROMPTS, RESPONSES)
+    unit = vectors[K + 1] / vectors[K + 1].norm()
+    measured = torch.stack(
+        _independent_shift(tiny_model, other, f"blocks.{K + 1}.hook_resid_post", unit)
+    )
+    torch.testing.assert_close(post.shift("t")[:, K + 1], measured, atol=1e-5, rtol=1e-4)
+    assert measured.abs().min() > 1e-3
+
+
 def test_another_family_or_a_missing_layer_is_refused_in_memory(gpt2, tiny_model) -> None:
     base_dir, _, v = gpt2
     base = load_model(str(base_dir))
