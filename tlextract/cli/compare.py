@@ -72,9 +72,11 @@ def compare_command(args: argparse.Namespace, experiment: Experiment) -> None:
     # the run's cross-validation report.
     check_config_family(args.model or experiment.model, args.other)
     saved = {t: _saved_run(args, experiment, t) for t in trait_names(args, experiment)}
-    for run, vectors, layer in saved.values():
+    responses = {}
+    for trait, (run, vectors, layer) in saved.items():
         check_layers(vectors, [layer])
-        load_responses(run)
+        responses[trait] = {(r["polarity"], r["index"]): r["response_ids"]
+                            for r in load_responses(run)[0]}  # fmt: skip
         check_config_fit(run.model, vectors)
         check_config_fit(args.other, vectors)
     first = next(iter(saved.values()))[0]
@@ -87,10 +89,8 @@ def compare_command(args: argparse.Namespace, experiment: Experiment) -> None:
         with run_lock(out, wait=not args.no_wait):
             comparison, examples = run_comparison(plan, run, get_base)
             tokenizer = load_tokenizer(run.model)
-            by_example = {(r["polarity"], r["index"]): r["response_ids"]
-                          for r in load_responses(run)[0]}  # fmt: skip
-            tokens = [tokenizer.batch_decode([[t] for t in by_example[(e["polarity"], e["index"])]])
-                      for e in examples]  # fmt: skip
+            ids = [responses[trait][(e["polarity"], e["index"])] for e in examples]
+            tokens = [tokenizer.batch_decode([[t] for t in row]) for row in ids]
             cos = cosines(vectors, own_vectors(run, args.other, args))
             paths = write_comparison(comparison, trait, examples, tokens, layer, cos, out)
         shift = comparison.intervals(trait)[comparison.layers.index(layer)]

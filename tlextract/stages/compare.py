@@ -179,6 +179,10 @@ def compute_comparison(plan: Plan, job: Job) -> tuple[Comparison, list[dict[str,
     run = job.run
     base, other = job.get_model(), plan.get_other()
     rows = _rows(plan, job.inputs["responses"])
+    if not rows:
+        raise TLExtractError(
+            f"[{run.trait.name}] every response of the run is empty: no token to compare on."
+        )
     longest = max(len(r["prompt_ids"]) + r["n_response_tokens"] for r in rows)
     layers = plan.layers or plan.vectors.layers
     size = batch_size(run, base, longest, len(rows), layers)
