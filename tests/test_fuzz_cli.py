@@ -83,7 +83,17 @@ FLAGS: dict[str, st.SearchStrategy[str]] = {
     "--dtype": st.sampled_from(["float32", "int8"]),
     "--device": st.sampled_from(["cpu", "tpu", "cuda:9", ""]),
 }
-COMMANDS = ["run", "generate", "judge", "activations", "vectors", "report", "steer", "monitor"]
+COMMANDS = [
+    "run",
+    "generate",
+    "judge",
+    "activations",
+    "vectors",
+    "report",
+    "steer",
+    "monitor",
+    "compare",
+]
 
 
 @st.composite
@@ -96,6 +106,8 @@ def command_lines(draw: st.DrawFn) -> list[str]:
         argv += ["--prompt", draw(st.text(min_size=1, max_size=20))]
     if command == "steer":
         argv += ["--n-questions", "2"]
+    if command == "compare":
+        argv += ["--other", draw(st.sampled_from(["tiny-random", "", "no-such-model", "./nope"]))]
     return argv
 
 

@@ -16,12 +16,15 @@ The notebook's story, at one level::
     tx.vector_tokens(model, vectors, cv.layer["mean_diff"]).promoted   # its logit lens
     vectors.save("trait.gguf", format="gguf")   # or "pt", "safetensors", "persona_vectors"
     tx.restore(model)                    # stock TransformerLens again; tx.accelerate(model) undoes
+    tuned = tx.load_model("path/to/fine-tune")  # the same tokens through a fine-tune of it
+    tx.compare(model, tuned, vectors, prompt_ids, response_ids).intervals("local_global")
 
 The top level holds one name per step of that story, and only those: load (``load_experiment``,
 ``settings_for``, ``load_model``), extract (``extract`` in memory, ``run_trait`` cached on disk),
 evaluate (``cross_validate``: the figures to quote; ``evaluate_trait``, ``cross_evaluate``: the
 one-split and cross-variant tables), steer (``steer``, ``ablate``, ``auto_steer``,
-``alpha_sweep``), monitor (``monitor``, ``calibrate``, ``monitor_alarm``), the vectors
+``alpha_sweep``), monitor (``monitor``, ``calibrate``, ``monitor_alarm``), compare a fine-tune
+with its base (``compare``: each trait's projection shift per layer and token), the vectors
 (``TraitVectors``: save and load in every format; ``vector_tokens``: the tokens one
 promotes and suppresses), speed (``accelerate``, ``restore``, ``is_accelerated``) and the one
 error type (``TLExtractError``). Every model-running function takes the model first. Below that:
@@ -47,6 +50,7 @@ from tlextract.ops.steer import ablate, steer
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.ops.vector_tokens import vector_tokens
 from tlextract.settings import settings_for
+from tlextract.stages.compare import compare
 from tlextract.stages.extract import extract
 from tlextract.stages.run import run_trait
 from tlextract.steering.autosteer import auto_steer
@@ -61,6 +65,7 @@ __all__ = [
     "alpha_sweep",
     "auto_steer",
     "calibrate",
+    "compare",
     "cross_evaluate",
     "cross_validate",
     "evaluate_trait",

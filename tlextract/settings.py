@@ -6,12 +6,14 @@ Layout under ``experiments/<exp>/``::
     <trait>/extraction[-natural][-<model>]/   one trait run (variant and model other than the
         responses/ judge/ activations/        experiment's get their own directory)
         vectors/ report/ steer/
+        compare-<other>/                      the run against another model (compare_dir)
     report[-<model>]/                         the experiment's report (and Ray run summaries)
     monitor[-natural][-<model>]/              per-token monitoring pages
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -296,3 +298,15 @@ def experiment_report_dir(experiment: Experiment, model: str | None = None) -> P
 
 def monitor_dir(run: RunSettings) -> Path:
     return run.experiment.path / f"monitor{_suffix(run.experiment, run.model, run.variant)}"
+
+
+def compare_dir(run: RunSettings, other: str) -> Path:
+    """The run compared with ``other`` (``python -m tlextract compare``): ``compare-<other>``,
+    a directory named by its last component and a hash of its resolved path (two checkpoints
+    called ``final`` stay apart), any other name with ``/`` as ``_``."""
+    path = Path(other).expanduser()
+    if path.is_dir():
+        resolved = path.resolve()
+        digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+        return run.out_dir / f"compare-{resolved.name}-{digest}"
+    return run.out_dir / f"compare-{other.replace('/', '_')}"

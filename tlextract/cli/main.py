@@ -1,6 +1,6 @@
 """python -m tlextract <command>: one subcommand per stage, run for all of them, and the
-commands that read what runs made (report, steer, monitor, alarm, agreement) or write a trait
-(new-trait)."""
+commands that read what runs made (report, steer, monitor, compare, alarm, agreement) or write a
+trait (new-trait)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tlextract.cli.compare import COMPARE, compare_command
 from tlextract.cli.faults import guarded
 from tlextract.cli.interventions import (
     ALARM,
@@ -206,6 +207,9 @@ COMMANDS = {
                      "plot", (SAVED_RUN, STEER), run=steer_command),
     "monitor": Command("score every token of the answers to --prompt on each trait's vector",
                        (SAVED_RUN, MONITOR), run=monitor_command),
+    "compare": Command("the run's responses through --other, a model of the same family (a "
+                       "fine-tune): each trait's projection shift per layer and per token",
+                       (SAVED_RUN, COMPARE), run=compare_command),
     "alarm": Command("compare per-token alarm formulations at a false-alarm rate on neutral "
                      "text", (SAVED_RUN, ALARM), run=alarm_command),
     "agreement": Command("measure how well a local judge agrees with the polarity of the "
