@@ -1,0 +1,115 @@
+"""The inputs of the worked example in docs/applications.md (``make applications``): a planted
+screening dataset and a LoRA fine-tune on its trait-showing half.
+
+From a trait's instruction run (made first if missing) it writes, under
+``<experiment>/<trait>/applications/``:
+
+- ``planted.jsonl``: one line per kept response, ``{"prompt": question, "response": the answer
+  given under the positive or negative instruction, "label": true for positive}``. The prompt is
+  the bare question, so the model's own answer to it shows neither pole on purpose, and
+  ``screen`` should put the positive half above the negative half;
+- ``lora-pos/``: a LoRA adapter (peft) trained on the positive half only, as a fine-tune on
+  screened data would be; ``compare`` then measures how far it moved the trait.
+
+The adapter names the embedded base by its tlextract name, so ``--other`` loads it anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+import tlextract as tx
+from tlextract.model.load import load_tokenizer, model_directory
+from tlextract.settings import RunSettings
+from tlextract.stages.responses import load_responses
+from tlextract.store import atomic_dir, write_json, write_text
+
+STEPS, BATCH, LR, RANK = 30, 8, 1e-3, 8
+
+
+def planted(run: RunSettings) -> list[dict[str, object]]:
+    rows = load_responses(run)[0]
+    return [
+        {"prompt": r["question"], "response": r["response"], "label": r["polarity"] == "pos"}
+        for r in rows
+        if r["response"].strip()
+    ]
+
+
+def train_lora(name: str, rows: list[dict[str, object]], out: Path, seed: int) -> float:
+    """A LoRA adapter of ``name`` trained on ``rows`` (loss on the response tokens only);
+    returns the last step's loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = load_tokenizer(name)
+    model = AutoModelForCausalLM.from_pretrained(model_directory(name), dtype=torch.float32)
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "v_proj", "o_proj"])  # fmt: skip
+    model = get_peft_model(model, config)
+    examples = []
+    for r in rows:
+        chat = [{"role": "user", "content": str(r["prompt"])}]
+        text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        answer = tok(str(r["response"]), add_special_tokens=False)["input_ids"]
+        examples.append((prompt, [*answer, tok.eos_token_id]))
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(STEPS):
+        batch = rng.sample(examples, min(BATCH, len(examples)))
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            n = len(p) + len(a)
+            ids[i, :n] = torch.tensor([*p, *a])
+            labels[i, len(p) : n] = torch.tensor(a)  # the prompt teaches nothing
+            mask[i, :n] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    with atomic_dir(out) as tmp:  # an interrupted run leaves no half adapter
+        model.save_pretrained(tmp)
+        adapter = tmp / "adapter_config.json"
+        write_json(adapter, {**json.loads(adapter.read_text()), "base_model_name_or_path": name})
+    return loss.item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="smollm2_cognitive")
+    parser.add_argument("--trait", default="local_global")
+    args = parser.parse_args(argv)
+    exp = tx.load_experiment(args.experiment)
+    run = tx.settings_for(exp, args.trait, variant="instruction")
+    tx.run_trait(run)  # cached: nothing to do when the instruction run exists
+    out = run.out_dir.parent / "applications"
+    rows = planted(run)
+    write_text(out / "planted.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{out / 'planted.jsonl'}: {len(rows)} samples, "
+          f"{sum(bool(r['label']) for r in rows)} written under the positive instruction")  # fmt: skip
+    adapter = out / "lora-pos"
+    if (adapter / "adapter_config.json").exists():
+        print(f"{adapter}: exists (delete it to train again)")
+        return 0
+    pos = [r for r in rows if r["label"]]
+    loss = train_lora(run.model, pos, adapter, exp.seed)
+    print(f"{adapter}: LoRA r={RANK} on {len(pos)} positive samples, {STEPS} steps of {BATCH}, "
+          f"last loss {loss:.3f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
