@@ -17,7 +17,7 @@ from conftest import write_experiment
 
 import tlextract.ops.folds as crossval_ops
 from tlextract.backends.ray import _mean_diff_best
-from tlextract.cli.interventions import _saved_run
+from tlextract.cli.interventions import saved_run
 from tlextract.cli.result import result_card
 from tlextract.config import load_experiment
 from tlextract.evaluation.crossval import HEADLINE, cross_validate
@@ -47,7 +47,7 @@ def _layers_named(run) -> dict[str, int]:
         "report (one-split best row)": evaluate_trait(run, [HEADLINE]).best[HEADLINE].layer,
         "ray summary": _mean_diff_best(run)[0],
         "tx.extract evaluate": extraction.evaluate().layer,
-        "steer/monitor default": _saved_run(args, run.experiment, run.trait.name)[2],
+        "steer/monitor default": saved_run(args, run.experiment, run.trait.name)[2],
     }
 
 

@@ -296,3 +296,9 @@ def experiment_report_dir(experiment: Experiment, model: str | None = None) -> P
 
 def monitor_dir(run: RunSettings) -> Path:
     return run.experiment.path / f"monitor{_suffix(run.experiment, run.model, run.variant)}"
+
+
+def screen_dir(run: RunSettings, data: str) -> Path:
+    """``screen`` of the data file or directory named ``data``: the model's own responses and
+    the projection differences (all traits of one call)."""
+    return run.experiment.path / f"screen{_suffix(run.experiment, run.model, run.variant)}" / data
