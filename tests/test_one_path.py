@@ -84,11 +84,12 @@ def test_generate_then_pool_exists_once():
     assert _calls("pooled_activations") == {
         "stages/compute.py", "stages/autobatch.py", "benchmarks/gpu_check.py"
     }  # fmt: skip
-    # The stages and tx.extract generate through it (an engine's generate), never alone.
+    # The stages, tx.extract and tx.screen generate through it (an engine's generate), never
+    # alone, and pool through pool_records.
     assert _calls("generate_records") == {
-        "stages/responses.py", "stages/extract.py"
+        "stages/responses.py", "stages/extract.py", "ops/screen.py"
     }  # fmt: skip
-    assert _calls("pool_records") == {"stages/activations.py", "stages/extract.py"}
+    assert _calls("pool_records") == {"stages/activations.py", "stages/extract.py", "ops/screen.py"}
 
 
 def test_one_best_layer_rule():

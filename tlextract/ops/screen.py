@@ -4,10 +4,11 @@ response's mean residual on the trait's unit vector minus that of the model's ow
 the same prompt. Averaged over a dataset it predicts the trait's shift after fine-tuning on it;
 per sample it ranks the samples that push the trait.
 
-Both responses are read by one teacher-forced pass each over prompt + response, averaged over
-the response tokens only (:func:`tlextract.ops.pool.pooled_activations`); the model's own
-responses come from :func:`tlextract.ops.generate.generate_batch` (one seeded generator per
-sample), once for every trait. Scores are in activation units along the unit vector, as in
+Both responses are read by a teacher-forced pass over prompt + response, averaged over the
+response tokens only (the pipeline's pooling, :func:`tlextract.stages.compute.pool_records`);
+the model's own responses come from the TransformerLens engine as the pipeline's do
+(:func:`tlextract.stages.compute.generate_records`: one seeded generator per sample), once for
+every trait. Scores are in activation units along the unit vector, as in
 :func:`tlextract.ops.metrics.project`.
 """
 
@@ -19,21 +20,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from tlextract.config import GenerationSettings
+from tlextract.engines.tl import TLEngine
 from tlextract.errors import TLExtractError
 from tlextract.model.decoding import Model
 from tlextract.model.tokens import device_of, text_ids, tokenize, tokenizer_of
 from tlextract.ops.bootstrap import Interval, bootstrap_rows, mean_interval
-from tlextract.ops.generate import generate_batch
 from tlextract.ops.monitor import layer_per_trait, trait_vectors_by_name
-from tlextract.ops.pool import pooled_activations
 from tlextract.ops.steer import unit_direction
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.screen_data import Sample, as_samples
-from tlextract.stages.compute import Shards, in_memory
+from tlextract.stages.compute import Capture, Shards, generate_records, in_memory, pool_records
 from tlextract.traits import render_prompt
 
 log = logging.getLogger(__name__)
@@ -134,48 +132,12 @@ def own_responses(
     shards: Shards = in_memory,
 ) -> list[list[int]]:
     """The model's own response ids to each prompt, in batches of ``size`` (``shards``: saved
-    and resumed by a stage, or kept in memory)."""
-
-    def compute(chunk: list[int]) -> list:
-        gens = generate_batch(model, [prompt_ids[i] for i in chunk], settings,
-                              [seeds[i] for i in chunk])  # fmt: skip
-        return [g.response_ids for g in gens]
-
-    def valid(idx: list[int], shard: Any) -> bool:
-        return (isinstance(shard, dict) and shard.get("rows") == idx
-                and isinstance(shard.get("responses"), list)
-                and len(shard["responses"]) == len(idx))  # fmt: skip
-
-    contents, _ = shards([len(p) for p in prompt_ids], size, compute,
-                         lambda idx, out: {"rows": idx, "responses": out},
-                         device_of(model), "screen: generate", valid)  # fmt: skip
-    out: list[list[int]] = [[] for _ in prompt_ids]
-    for shard in contents:
-        for i, ids in zip(shard["rows"], shard["responses"], strict=True):
-            out[i] = list(ids)
-    return out
-
-
-def pooled(
-    model: Model,
-    prompt_ids: Sequence[list[int]],
-    response_ids: Sequence[list[int]],
-    layers: list[int],
-    hook: str,
-    size: int,
-) -> Float[Tensor, "n layer d_model"]:
-    """Each (prompt, response)'s residual at ``hook`` averaged over its response tokens, in
-    batches of ``size``, in the order given."""
-
-    def compute(chunk: list[int]) -> list:
-        prompts, responses = [prompt_ids[i] for i in chunk], [response_ids[i] for i in chunk]
-        return list(pooled_activations(model, prompts, responses, layers, hook))
-
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-    contents, _ = in_memory(lengths, size, compute, lambda idx, acts: (idx, acts),
-                            device_of(model), f"screen: pool {hook}")  # fmt: skip
-    rows = {i: a for idx, acts in contents for i, a in zip(idx, acts, strict=True)}
-    return torch.stack([rows[i] for i in range(len(prompt_ids))])
+    and resumed by a stage, or kept in memory), generated as the pipeline generates."""
+    meta = [{"polarity": "own", "index": i} for i in range(len(prompt_ids))]
+    records, _ = generate_records(TLEngine(model), tokenizer_of(model), prompt_ids, meta, seeds,
+                                  settings, size, shards, device_of(model), "screen: generate",
+                                  None)  # fmt: skip
+    return [r["response_ids"] for r in sorted(records, key=lambda r: r["index"])]
 
 
 def score(
@@ -205,18 +167,26 @@ def score(
     for t, tv in vectors.items():
         hooks.setdefault(tv.hook, []).append(layers[t])
     hooks = {h: sorted(set(ls)) for h, ls in hooks.items()}
-    kept_prompts = [prompts[i] for i in keep]
-    kept_data, kept_own = [responses[i] for i in keep], [list(own[i]) for i in keep]
-    data = {h: pooled(model, kept_prompts, kept_data, ls, h, size) for h, ls in hooks.items()}
-    base = {h: pooled(model, kept_prompts, kept_own, ls, h, size) for h, ls in hooks.items()}
+    # The data's and the model's responses pooled together: one teacher-forced pass per batch.
+    records = [
+        {"polarity": side, "index": i, "prompt_ids": prompts[i], "response_ids": list(ids[i]),
+         "n_response_tokens": len(ids[i])}
+        for side, ids in (("data", responses), ("own", own)) for i in keep
+    ]  # fmt: skip
+    acts = {
+        hook: pool_records(model, records, Capture("two-stage", hook, tuple(ls)), size,
+                           in_memory, device_of(model), f"screen: pool {hook}")
+        for hook, ls in hooks.items()
+    }  # fmt: skip
     tok = tokenizer_of(model)
     own_text = tok.batch_decode([own[i] for i in keep], skip_special_tokens=True)
     out = {}
     for t, tv in vectors.items():
         name, unit = unit_direction(model, tv, layers[t])
         at = hooks[tv.hook].index(layers[t])
-        proj = data[tv.hook][:, at].float() @ unit.cpu()
-        own_proj = base[tv.hook][:, at].float() @ unit.cpu()
+        pooled = {side: torch.stack([acts[tv.hook][side, i][at] for i in keep])
+                  for side in ("data", "own")}  # fmt: skip
+        proj, own_proj = (pooled[side].float() @ unit.cpu() for side in ("data", "own"))
         rows = [
             SampleScore(i, samples[i].prompt, samples[i].response, own_text[k], float(p),
                         float(q), float(p - q), samples[i].label)
