@@ -85,7 +85,7 @@ def check_vectors(model: Model, vectors: dict[str, TraitVectors], layers: dict[s
     the layer (before anything is generated)."""
     name = model.cfg.model_name
     for trait, tv in vectors.items():
-        if tv.model and tv.model != name:
+        if tv.model and tv.model.lower() != name.lower():  # embedded names are lower-cased
             raise TLExtractError(
                 f"the {trait} vectors were made on {tv.model}, not {name}: screen with the model "
                 "they were extracted from."

@@ -67,19 +67,24 @@ def screening_markdown(screening: Screening, data: str) -> str:
 def plot_screening(screening: Screening, path: Path) -> Path:
     """Per trait, the samples' differences sorted (coloured by label when the data carry one),
     the mean and its interval as a band."""
+    from matplotlib.patches import Patch
+
     traits = list(screening.traits.values())
-    fig = Figure(figsize=(7, 3.2 * len(traits)), layout="constrained")
+    fig = Figure(figsize=(7, 3.4 * len(traits)), layout="constrained")
     for ax, ts in zip(fig.subplots(len(traits), 1, squeeze=False)[:, 0], traits, strict=True):
         ranked = ts.ranked()[::-1]
         ax.bar(range(len(ranked)), [r.diff for r in ranked],
                color=[LABEL_COLORS[r.label] for r in ranked])  # fmt: skip
-        ax.axhspan(ts.mean.low, ts.mean.high, color="black", alpha=0.15, label="mean, 95% CI")
+        band = ax.axhspan(ts.mean.low, ts.mean.high, color="black", alpha=0.15)
         ax.axhline(ts.mean.value, color="black", linewidth=1)
         ax.axhline(0, color="gray", linewidth=0.5)
-        ax.set(title=summary(ts), xlabel="samples, sorted",
-               ylabel="projection difference")  # fmt: skip
-        ax.title.set_fontsize(8)
-        ax.legend(loc="upper left", fontsize=8)
+        auroc = "" if ts.auroc is None else f" · AUROC (label=true) {ts.auroc:.2f}"
+        ax.set(title=f"{ts.trait} · {ts.hook_name}\nmean {ts.mean:+.3f}{auroc}",
+               xlabel="samples, sorted", ylabel="projection difference")  # fmt: skip
+        handles = [band] + ([Patch(color=LABEL_COLORS[y]) for y in (True, False)]
+                            if ts.auroc is not None else [])  # fmt: skip
+        names = ["mean, 95% interval"] + (["label true", "label false"] if ts.auroc else [])
+        ax.legend(handles, names, loc="upper left", fontsize=8)
     return save_figure(fig, path)
 
 
