@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,50 @@ def test_the_command_refuses_in_one_line_and_writes_nothing(saved, tmp_path, cas
     after = _files(root)
     after[str(vectors.relative_to(root))] = before[str(vectors.relative_to(root))]
     assert after == before
+
+
+# --- the acceptance check on a real model ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_a_planted_trait_half_ranks_first(tmp_path: Path) -> None:
+    """smollm2-135m-instruct, trait local_global: half the samples are the run's responses to
+    the trait's positive prompts, half the model's own answers to the plain question (other
+    seeds than the screen's), all to the plain question; the vectors are the run's."""
+    from dataclasses import replace
+
+    source = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_cognitive"
+    exp = tmp_path / "real"
+    shutil.copytree(source / "local_global", exp / "local_global")
+    config = json.loads((source / "experiment.json").read_text())
+    config.update(variant="instruction", traits=["local_global"], batch_size=16,
+                  generation={"max_new_tokens": 40, "temperature": 1.0})  # fmt: skip
+    (exp / "experiment.json").write_text(json.dumps(config))
+    model = tx.load_model("smollm2-135m-instruct")
+    e = load_experiment("real", tmp_path)
+    run = settings_for(e, "local_global")
+    tv = run_trait(run, get_model=lambda: model)
+    rows = [r for r in load_responses(run)[0] if r["polarity"] == "pos" and r["response"].strip()]
+    questions = [r["question"] for r in rows]
+    gens = generate_batch(model, user_prompts(model, questions, "chat"), e.generation,
+                          [10_000 + i for i in range(len(questions))])  # fmt: skip
+    plain = tokenizer_of(model).batch_decode(
+        [g.response_ids for g in gens], skip_special_tokens=True
+    )
+    samples = [{"prompt": q, "response": r["response"], "label": True}
+               for q, r in zip(questions, rows, strict=True)]  # fmt: skip
+    samples += [{"prompt": q, "response": t, "label": False}
+                for q, t in zip(questions, plain, strict=True) if t.strip()]  # fmt: skip
+    shuffled = [s["label"] for s in samples]
+    random.Random(0).shuffle(shuffled)
+    control = [{**s, "label": y} for s, y in zip(samples, shuffled, strict=True)]
+    layers = (12, 16, 20)  # middle blocks: the last ones' huge norms drown the trait
+    vectors = {f"layer {b}": replace(tv, trait=f"layer {b}") for b in layers}
+    at = {f"layer {b}": b for b in layers}
+    kw = {"settings": e.generation, "batch_size": 16}
+    planted = tx.screen(model, vectors, samples, at, **kw).traits
+    shuffled_labels = tx.screen(model, vectors, control, at, **kw).traits
+    for name in vectors:
+        print(name, planted[name].mean, planted[name].auroc, shuffled_labels[name].auroc)
+        assert planted[name].auroc.low > 0.5 and planted[name].mean.low > 0
+        assert shuffled_labels[name].auroc.covers(0.5)

@@ -169,9 +169,9 @@ def score(
     hooks = {h: sorted(set(ls)) for h, ls in hooks.items()}
     # The data's and the model's responses pooled together: one teacher-forced pass per batch.
     records = [
-        {"polarity": side, "index": i, "prompt_ids": prompts[i], "response_ids": list(ids[i]),
-         "n_response_tokens": len(ids[i])}
-        for side, ids in (("data", responses), ("own", own)) for i in keep
+        {"polarity": side, "index": i, "prompt_ids": prompts[i], "response_ids": list(seqs[i]),
+         "n_response_tokens": len(seqs[i])}
+        for side, seqs in (("data", responses), ("own", own)) for i in keep
     ]  # fmt: skip
     acts = {
         hook: pool_records(model, records, Capture("two-stage", hook, tuple(ls)), size,
