@@ -297,34 +297,70 @@ def test_the_command_refuses_in_one_line_and_writes_nothing(saved, tmp_path, cas
 
 
 # --- the acceptance check on a real model ---------------------------------------------------
+LAYERS = (12, 16, 20)  # middle blocks: the last ones' huge norms drown the trait
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    """smollm2-135m-instruct's local_global run (instruction variant, 48 examples, 40 tokens)."""
+    source = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_cognitive"
+    root = tmp_path_factory.mktemp("real")
+    shutil.copytree(source / "local_global", root / "real" / "local_global")
+    config = json.loads((source / "experiment.json").read_text())
+    config.update(variant="instruction", traits=["local_global"], batch_size=16,
+                  generation={"max_new_tokens": 40, "temperature": 1.0})  # fmt: skip
+    (root / "real" / "experiment.json").write_text(json.dumps(config))
+    model = tx.load_model("smollm2-135m-instruct")
+    run = settings_for(load_experiment("real", root), "local_global")
+    return model, run, run_trait(run, get_model=lambda: model)
+
+
+def _screen_planted(model, run, tv, samples: list[dict]) -> tuple[dict, dict]:
+    """The samples screened at each of LAYERS, and again with their labels shuffled (the
+    figures printed: they are what the report quotes)."""
+    from dataclasses import replace
+
+    shuffled = [s["label"] for s in samples]
+    random.Random(0).shuffle(shuffled)
+    control = [{**s, "label": y} for s, y in zip(samples, shuffled, strict=True)]
+    vectors = {f"layer {b}": replace(tv, trait=f"layer {b}") for b in LAYERS}
+    at = {f"layer {b}": b for b in LAYERS}
+    kw = {"settings": run.experiment.generation, "batch_size": 16}
+    planted = tx.screen(model, vectors, samples, at, **kw).traits
+    again = tx.screen(model, vectors, control, at, **kw).traits
+    for name in vectors:  # all printed first: the figures to report
+        print(f"{name}: mean {planted[name].mean:+.3f}, AUROC {planted[name].auroc:.3f}, "
+              f"shuffled labels AUROC {again[name].auroc:.3f}")  # fmt: skip
+    return planted, again
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_the_positive_half_ranks_above_the_negative(smollm2_run) -> None:
+    """Half the run's responses to the trait's positive prompts, half to its negative ones,
+    all to the plain question: the ranking separates them; shuffled labels do not."""
+    model, run, tv = smollm2_run
+    rows = [r for r in load_responses(run)[0] if r["response"].strip()]
+    samples = [{"prompt": r["question"], "response": r["response"], "label": r["polarity"] == "pos"}
+               for r in rows]  # fmt: skip
+    planted, again = _screen_planted(model, run, tv, samples)
+    for name in planted:
+        assert planted[name].auroc.low > 0.5 and again[name].auroc.covers(0.5)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="not met yet (issue 32): on smollm2-135m-instruct the planted local_global half does "
-    "not rank first at blocks 12-20 (AUROC about 0.5); the mean is positive",
+    reason="not met yet (issue 32): on smollm2-135m-instruct the local_global positive half does "
+    "not rank above the model's own plain answers at blocks 12-20 (AUROC about 0.5)",
 )
-def test_on_the_embedded_model_a_planted_trait_half_ranks_first(tmp_path: Path) -> None:
-    """smollm2-135m-instruct, trait local_global: half the samples are the run's responses to
-    the trait's positive prompts, half the model's own answers to the plain question (other
-    seeds than the screen's), all to the plain question; the vectors are the run's."""
-    from dataclasses import replace
-
-    source = Path(__file__).resolve().parents[1] / "experiments" / "smollm2_cognitive"
-    exp = tmp_path / "real"
-    shutil.copytree(source / "local_global", exp / "local_global")
-    config = json.loads((source / "experiment.json").read_text())
-    config.update(variant="instruction", traits=["local_global"], batch_size=16,
-                  generation={"max_new_tokens": 40, "temperature": 1.0})  # fmt: skip
-    (exp / "experiment.json").write_text(json.dumps(config))
-    model = tx.load_model("smollm2-135m-instruct")
-    e = load_experiment("real", tmp_path)
-    run = settings_for(e, "local_global")
-    tv = run_trait(run, get_model=lambda: model)
+def test_on_the_embedded_model_the_positive_half_ranks_above_plain_answers(smollm2_run) -> None:
+    """Half the run's responses to the trait's positive prompts, half the model's own answers
+    to the plain question (other seeds than the screen's): the positive half ranks first and
+    the mean difference is positive."""
+    model, run, tv = smollm2_run
     rows = [r for r in load_responses(run)[0] if r["polarity"] == "pos" and r["response"].strip()]
     questions = [r["question"] for r in rows]
-    gens = generate_batch(model, user_prompts(model, questions, "chat"), e.generation,
+    gens = generate_batch(model, user_prompts(model, questions, "chat"), run.experiment.generation,
                           [10_000 + i for i in range(len(questions))])  # fmt: skip
     plain = tokenizer_of(model).batch_decode(
         [g.response_ids for g in gens], skip_special_tokens=True
@@ -333,20 +369,7 @@ def test_on_the_embedded_model_a_planted_trait_half_ranks_first(tmp_path: Path) 
                for q, r in zip(questions, rows, strict=True)]  # fmt: skip
     samples += [{"prompt": q, "response": t, "label": False}
                 for q, t in zip(questions, plain, strict=True) if t.strip()]  # fmt: skip
-    shuffled = [s["label"] for s in samples]
-    random.Random(0).shuffle(shuffled)
-    control = [{**s, "label": y} for s, y in zip(samples, shuffled, strict=True)]
-    layers = (12, 16, 20)  # middle blocks: the last ones' huge norms drown the trait
-    vectors = {f"layer {b}": replace(tv, trait=f"layer {b}") for b in layers}
-    at = {f"layer {b}": b for b in layers}
-    kw = {"settings": e.generation, "batch_size": 16}
-    planted = tx.screen(model, vectors, samples, at, **kw).traits
-    shuffled_labels = tx.screen(model, vectors, control, at, **kw).traits
-    for name in vectors:  # all printed first: the figures to report
-        print(
-            f"{name}: mean {planted[name].mean:+.3f}, AUROC {planted[name].auroc:.3f}, "
-            f"shuffled labels AUROC {shuffled_labels[name].auroc:.3f}"
-        )
-    for name in vectors:
+    planted, again = _screen_planted(model, run, tv, samples)
+    for name in planted:
         assert planted[name].auroc.low > 0.5 and planted[name].mean.low > 0
-        assert shuffled_labels[name].auroc.covers(0.5)
+        assert again[name].auroc.covers(0.5)
