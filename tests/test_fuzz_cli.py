@@ -83,16 +83,15 @@ FLAGS: dict[str, st.SearchStrategy[str]] = {
     "--dtype": st.sampled_from(["float32", "int8"]),
     "--device": st.sampled_from(["cpu", "tpu", "cuda:9", ""]),
 }
-COMMANDS = [
-    "run",
-    "generate",
-    "judge",
-    "activations",
-    "vectors",
-    "report",
-    "steer",
-    "monitor",
-    "compare",
+COMMANDS = ["run", "generate", "judge", "activations", "vectors", "report", "steer", "monitor",
+            "screen", "compare"]  # fmt: skip
+# screen's --data: a valid file and broken ones (a missing field, empty, no response, binary).
+DATA = [
+    '{"prompt": "Hi?", "response": "Hello."}\n',
+    '{"prompt": "Hi?"}\n',
+    "",
+    '{"messages": [{"role": "user", "content": "a"}]}\n',
+    "\x00\xff",
 ]
 
 
@@ -108,6 +107,8 @@ def command_lines(draw: st.DrawFn) -> list[str]:
         argv += ["--n-questions", "2"]
     if command == "compare":
         argv += ["--other", draw(st.sampled_from(["tiny-random", "", "no-such-model", "./nope"]))]
+    if command == "screen":
+        argv += ["--data", "data.jsonl", "--max-samples", draw(st.sampled_from(["1", "0", "x"]))]
     return argv
 
 
@@ -118,6 +119,7 @@ cases = st.fixed_dictionaries({
                                                  "alpha/natural_pos.txt", "alpha/natural_neg.txt"]),
                                 file_bodies), max_size=1),
     "argv": command_lines(),
+    "data": st.sampled_from(DATA),
 })  # fmt: skip
 
 
@@ -168,7 +170,7 @@ RAN = {"cases": 0}
 @given(case=cases)
 # Regression cases the fuzzer found (each broke the property before its fix):
 # seed 1: a setting named "\r" split the error line in two.
-@example(case={"experiment": [("set", "\r", None)], "trait": [], "files": [],
+@example(case={"experiment": [("set", "\r", None)], "trait": [], "files": [], "data": "",
                "argv": ["run", "--experiment", "tiny", "--traits", "alpha"]})  # fmt: skip
 def test_every_mutated_input_ends_in_exit_0_or_one_line_and_exit_2(
     case: dict[str, Any], tmp_path_factory, monkeypatch, capsys
@@ -181,11 +183,13 @@ def test_every_mutated_input_ends_in_exit_0_or_one_line_and_exit_2(
     _apply(exp / "alpha" / "trait_definition.json", case["trait"])
     for rel, body in case["files"]:
         (exp / rel).write_bytes(body)
+    argv = [str(root / a) if a == "data.jsonl" else a for a in case["argv"]]
+    (root / "data.jsonl").write_text(case["data"], encoding="utf-8")
     before = _files(root)
     monkeypatch.setattr(cli, "run_trait", _bounded_run_trait)
     capsys.readouterr()
     try:
-        code = cli.main([*case["argv"], "--experiments-dir", str(root)])
+        code = cli.main([*argv, "--experiments-dir", str(root)])
     except SystemExit as e:  # argparse refuses the flag itself
         code = e.code
     _, err = capsys.readouterr()

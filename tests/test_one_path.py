@@ -17,7 +17,7 @@ from conftest import write_experiment
 
 import tlextract.ops.folds as crossval_ops
 from tlextract.backends.ray import _mean_diff_best
-from tlextract.cli.interventions import _saved_run
+from tlextract.cli.interventions import saved_run
 from tlextract.cli.result import result_card
 from tlextract.config import load_experiment
 from tlextract.evaluation.crossval import HEADLINE, cross_validate
@@ -47,7 +47,7 @@ def _layers_named(run) -> dict[str, int]:
         "report (one-split best row)": evaluate_trait(run, [HEADLINE]).best[HEADLINE].layer,
         "ray summary": _mean_diff_best(run)[0],
         "tx.extract evaluate": extraction.evaluate().layer,
-        "steer/monitor default": _saved_run(args, run.experiment, run.trait.name)[2],
+        "steer/monitor default": saved_run(args, run.experiment, run.trait.name)[2],
     }
 
 
@@ -84,11 +84,12 @@ def test_generate_then_pool_exists_once():
     assert _calls("pooled_activations") == {
         "stages/compute.py", "stages/autobatch.py", "benchmarks/gpu_check.py"
     }  # fmt: skip
-    # The stages and tx.extract generate through it (an engine's generate), never alone.
+    # The stages, tx.extract and tx.screen generate through it (an engine's generate), never
+    # alone, and pool through pool_records.
     assert _calls("generate_records") == {
-        "stages/responses.py", "stages/extract.py"
+        "stages/responses.py", "stages/extract.py", "ops/screen.py"
     }  # fmt: skip
-    assert _calls("pool_records") == {"stages/activations.py", "stages/extract.py"}
+    assert _calls("pool_records") == {"stages/activations.py", "stages/extract.py", "ops/screen.py"}
 
 
 def test_one_best_layer_rule():

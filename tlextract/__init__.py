@@ -23,9 +23,10 @@ The top level holds one name per step of that story, and only those: load (``loa
 ``settings_for``, ``load_model``), extract (``extract`` in memory, ``run_trait`` cached on disk),
 evaluate (``cross_validate``: the figures to quote; ``evaluate_trait``, ``cross_evaluate``: the
 one-split and cross-variant tables), steer (``steer``, ``ablate``, ``auto_steer``,
-``alpha_sweep``), monitor (``monitor``, ``calibrate``, ``monitor_alarm``), compare a fine-tune
-with its base (``compare``: each trait's projection shift per layer and token), the vectors
-(``TraitVectors``: save and load in every format; ``vector_tokens``: the tokens one
+``alpha_sweep``), monitor (``monitor``, ``calibrate``, ``monitor_alarm``), put them to work
+(``screen``: each training sample's projection difference from the model's own answer;
+``compare``: each trait's projection shift from a base to its fine-tune, per layer and token),
+the vectors (``TraitVectors``: save and load in every format; ``vector_tokens``: the tokens one
 promotes and suppresses), speed (``accelerate``, ``restore``, ``is_accelerated``) and the one
 error type (``TLExtractError``). Every model-running function takes the model first. Below that:
 
@@ -46,6 +47,7 @@ from tlextract.model.load import load_model
 from tlextract.monitoring.alarm_data import monitor_alarm
 from tlextract.monitoring.calibrate import calibrate
 from tlextract.ops.monitor import monitor
+from tlextract.ops.screen import screen
 from tlextract.ops.steer import ablate, steer
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.ops.vector_tokens import vector_tokens
@@ -77,6 +79,7 @@ __all__ = [
     "monitor_alarm",
     "restore",
     "run_trait",
+    "screen",
     "settings_for",
     "steer",
     "vector_tokens",

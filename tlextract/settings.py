@@ -310,3 +310,9 @@ def compare_dir(run: RunSettings, other: str) -> Path:
         digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
         return run.out_dir / f"compare-{resolved.name}-{digest}"
     return run.out_dir / f"compare-{other.replace('/', '_')}"
+
+
+def screen_dir(run: RunSettings, data: str) -> Path:
+    """``screen`` of the data file or directory named ``data``: the model's own responses and
+    the projection differences (all traits of one call)."""
+    return run.experiment.path / f"screen{_suffix(run.experiment, run.model, run.variant)}" / data

@@ -96,7 +96,7 @@ MONITOR: Group = (
 ALARM: Group = (FALSE_ALARM_RATE, FOLDS.but(help="cross-validation folds"))
 
 
-def _saved_run(
+def saved_run(
     args: argparse.Namespace, experiment: Experiment, trait: str
 ) -> tuple[RunSettings, TraitVectors, int]:
     """The run, its saved mean_diff vectors and the layer to use (said on stdout)."""
@@ -143,7 +143,7 @@ def steer_command(args: argparse.Namespace, experiment: Experiment) -> None:
     for flag, value in bounds.items():
         if value is not None and value <= 0:
             raise TLExtractError(f"{flag} {value}: must be positive (nats per token).")
-    saved = [_saved_run(args, experiment, t) for t in trait_names(args, experiment)]
+    saved = [saved_run(args, experiment, t) for t in trait_names(args, experiment)]
     get_model = model_loader(saved[0][0])
     side: dict[str, dict[str, Interval]] = {}
     for run, vectors, layer in saved:
@@ -264,7 +264,7 @@ def monitor_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.store import write_json
 
     check_rate(args.false_alarm_rate)
-    saved = {t: _saved_run(args, experiment, t) for t in trait_names(args, experiment)}
+    saved = {t: saved_run(args, experiment, t) for t in trait_names(args, experiment)}
     if args.color_trait not in (None, *saved):
         raise TLExtractError(f"--color-trait {args.color_trait!r} is not among {list(saved)}.")
     first = next(iter(saved.values()))[0]
@@ -328,5 +328,5 @@ def alarm_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from tlextract.cli.alarm_table import compare
 
     check_rate(args.false_alarm_rate)
-    saved = {t: _saved_run(args, experiment, t) for t in trait_names(args, experiment)}
+    saved = {t: saved_run(args, experiment, t) for t in trait_names(args, experiment)}
     compare(args, saved)

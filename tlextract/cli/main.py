@@ -1,6 +1,6 @@
 """python -m tlextract <command>: one subcommand per stage, run for all of them, and the
-commands that read what runs made (report, steer, monitor, compare, alarm, agreement) or write a
-trait (new-trait)."""
+commands that read what runs made (report, steer, monitor, compare, alarm, screen, agreement) or
+write a trait (new-trait)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from tlextract.cli.options import (
     trait_names,
 )
 from tlextract.cli.result import result_card
+from tlextract.cli.screen import SCREEN, screen_command
 from tlextract.config import DEFAULT_MIN_MASS, EVALUATION, Experiment, load_experiment
 from tlextract.errors import TLExtractError, during
 from tlextract.inputs import require_directory
@@ -212,6 +213,10 @@ COMMANDS = {
                        (SAVED_RUN, COMPARE), run=compare_command),
     "alarm": Command("compare per-token alarm formulations at a false-alarm rate on neutral "
                      "text", (SAVED_RUN, ALARM), run=alarm_command),
+    "screen": Command("rank the samples of a training dataset by how much they push each trait "
+                      "(projection difference from the model's own responses): "
+                      "screen.{json,md,png}",
+                      (SAVED_RUN, SCREEN), run=screen_command),
     "agreement": Command("measure how well a local judge agrees with the polarity of the "
                          "responses: report/judge_agreement.{md,json}",
                          (COMMON, (ALL_VARIANTS.but(default="all"), *AGREEMENT)),

@@ -73,7 +73,7 @@ class Monitoring:
     texts: list[TokenScores]
 
 
-def _by_trait(
+def trait_vectors_by_name(
     vectors: Mapping[str, TraitVectors] | Sequence[TraitVectors] | TraitVectors,
 ) -> dict[str, TraitVectors]:
     if isinstance(vectors, TraitVectors):
@@ -85,11 +85,11 @@ def _by_trait(
     )
     names = [name for name, _ in items]
     if not items or len(set(names)) != len(names):
-        raise TLExtractError(f"monitor needs trait vectors with distinct names; got {names}.")
+        raise TLExtractError(f"trait vectors need distinct names; got {names}.")
     return dict(items)
 
 
-def _layers(
+def layer_per_trait(
     vectors: dict[str, TraitVectors], layer: int | Mapping[str, int] | None
 ) -> dict[str, int]:
     """None: the middle of each trait's layers; an int: that layer for all; a mapping: per trait."""
@@ -255,8 +255,8 @@ def monitor(
     token is scored, before the answer is done (the same floats the returned texts hold)."""
     if not prompts:
         raise TLExtractError("monitor needs at least one prompt.")
-    by_trait = _by_trait(vectors)
-    layers = _layers(by_trait, layer)
+    by_trait = trait_vectors_by_name(vectors)
+    layers = layer_per_trait(by_trait, layer)
     directions = {t: unit_direction(model, tv, layers[t]) for t, tv in by_trait.items()}
     hook_names = {t: name for t, (name, _) in directions.items()}
     groups = {name: [t for t in by_trait if hook_names[t] == name] for name in hook_names.values()}
