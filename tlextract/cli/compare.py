@@ -10,7 +10,7 @@ from functools import cache
 
 import torch
 
-from tlextract.cli.interventions import _saved_run
+from tlextract.cli.interventions import saved_run
 from tlextract.cli.options import Group, option, trait_names
 from tlextract.config import Experiment
 from tlextract.errors import TLExtractError
@@ -71,7 +71,7 @@ def compare_command(args: argparse.Namespace, experiment: Experiment) -> None:
     # Every refusal before any model loads, the family's first: finding the layer may write
     # the run's cross-validation report.
     check_config_family(args.model or experiment.model, args.other)
-    saved = {t: _saved_run(args, experiment, t) for t in trait_names(args, experiment)}
+    saved = {t: saved_run(args, experiment, t) for t in trait_names(args, experiment)}
     responses = {}
     for trait, (run, vectors, layer) in saved.items():
         check_layers(vectors, [layer])
