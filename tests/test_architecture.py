@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "tlextract"
 # Lowest first. A module may import modules of its own layer or below.
 LAYERS = [
-    ("errors", "store", "inputs", "locks"),
+    ("errors", "store", "inputs", "locks", "screen_data"),
     ("traits",),
     ("config",),
     ("settings",),

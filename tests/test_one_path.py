@@ -87,9 +87,13 @@ def test_generate_then_pool_exists_once():
     # The stages, tx.extract and tx.screen generate through it (an engine's generate), never
     # alone, and pool through pool_records.
     assert _calls("generate_records") == {
-        "stages/responses.py", "stages/extract.py", "ops/screen.py"
+        "stages/responses.py", "stages/extract.py", "stages/screening.py"
     }  # fmt: skip
-    assert _calls("pool_records") == {"stages/activations.py", "stages/extract.py", "ops/screen.py"}
+    assert _calls("pool_records") == {
+        "stages/activations.py",
+        "stages/extract.py",
+        "stages/screening.py",
+    }
 
 
 def test_one_best_layer_rule():

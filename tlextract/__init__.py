@@ -47,7 +47,6 @@ from tlextract.model.load import load_model
 from tlextract.monitoring.alarm_data import monitor_alarm
 from tlextract.monitoring.calibrate import calibrate
 from tlextract.ops.monitor import monitor
-from tlextract.ops.screen import screen
 from tlextract.ops.steer import ablate, steer
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.ops.vector_tokens import vector_tokens
@@ -55,6 +54,7 @@ from tlextract.settings import settings_for
 from tlextract.stages.compare import compare
 from tlextract.stages.extract import extract
 from tlextract.stages.run import run_trait
+from tlextract.stages.screening import screen
 from tlextract.steering.autosteer import auto_steer
 from tlextract.steering.sweep import alpha_sweep
 

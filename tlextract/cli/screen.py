@@ -1,5 +1,5 @@
 """``screen``: the projection difference of every sample of a training dataset on the saved
-vectors of each trait (:mod:`tlextract.ops.screen`), the model's own responses cached as a
+vectors of each trait (:mod:`tlextract.stages.screening`), the model's own responses cached as a
 stage (:mod:`tlextract.stages.screen`)."""
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def screen_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from dataclasses import asdict
 
     from tlextract.locks import run_lock
-    from tlextract.ops.screen import check_vectors, sample_ids, score
     from tlextract.report.screen_view import summary, write_screening
     from tlextract.settings import screen_dir
     from tlextract.stages.common import batch_size, model_loader
     from tlextract.stages.screen import generate_own
+    from tlextract.stages.screening import check_vectors, sample_ids, score
 
     samples = read_samples(args.data, args.max_samples)
     saved = [saved_run(args, experiment, t) for t in trait_names(args, experiment)]

@@ -9,8 +9,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from tlextract.ops.screen import Screening, TraitScreening
 from tlextract.report.figures import save_figure
+from tlextract.stages.screening import Screening, TraitScreening
 from tlextract.store import write_json, write_text
 
 SHOWN = 5  # samples at each end of the markdown table

@@ -2,7 +2,7 @@
 the model, its dtype and backend, the generation settings, the seed and the prompt style;
 generated in batches saved as shards (an interrupted run resumes), read back and checked (a
 damaged output is redone). One generation serves every trait: the responses do not depend on
-the trait. The projection differences themselves are :mod:`tlextract.ops.screen`'s."""
+the trait. The projection differences themselves are :mod:`tlextract.stages.screening`'s."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from tlextract.model.source import backend_of
-from tlextract.ops.screen import own_responses, sample_ids
 from tlextract.screen_data import Sample
 from tlextract.settings import RunSettings, pick_device, screen_dir
 from tlextract.stages.common import batch_size
+from tlextract.stages.screening import own_responses, sample_ids
 from tlextract.stages.stage import GetModel, Job, Stage, run_stage
 from tlextract.store import derive_seed, fingerprint, read_json, write_json
 
