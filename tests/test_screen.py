@@ -88,6 +88,11 @@ def test_a_planted_trait_half_ranks_first_and_the_mean_is_positive(tiny_model, p
     result = result.traits["planted"]
     assert result.auroc is not None and result.auroc.low > 0.5
     assert result.mean.low > 0
+    means = result.by_label()
+    for y in (True, False):  # each label's mean, by hand
+        diffs = [r.diff for r in result.rows if r.label is y]
+        assert means[y].value == pytest.approx(sum(diffs) / len(diffs), rel=1e-6)
+    assert means[True].low > 0 and means[True].value > means[False].value  # the planted push
     shuffled = [s["label"] for s in samples]
     random.Random(0).shuffle(shuffled)
     control = [{**s, "label": y} for s, y in zip(samples, shuffled, strict=True)]

@@ -22,7 +22,8 @@ def summary(ts: TraitScreening) -> str:
     line = (f"[{ts.trait}] layer {ts.layer}: mean projection difference {ts.mean:+.3f} over "
             f"{len(ts.rows)} samples")  # fmt: skip
     if ts.auroc is not None:
-        line += f"; AUROC of the ranking for label=true {ts.auroc:.3f}"
+        means = ", ".join(f"label={str(y).lower()} {m:+.3f}" for y, m in ts.by_label().items())
+        line += f"; AUROC of the ranking for label=true {ts.auroc:.3f}; means {means}"
     return line
 
 
@@ -35,6 +36,8 @@ def screening_json(screening: Screening, data: str) -> dict[str, Any]:
         "traits": {
             t: {"layer": ts.layer, "hook_name": ts.hook_name, "mean_diff": asdict(ts.mean),
                 "auroc": asdict(ts.auroc) if ts.auroc else None,
+                "mean_diff_by_label": {str(y).lower(): asdict(m)
+                                       for y, m in ts.by_label().items()},
                 "ranked": [asdict(r) for r in ts.ranked()]}
             for t, ts in screening.traits.items()
         },

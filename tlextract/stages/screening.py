@@ -59,7 +59,7 @@ class SampleScore:
 class TraitScreening:
     """One trait's screening: every scored sample (data order), the mean projection difference
     with a 95% bootstrap interval over samples, and (labelled data only) the AUROC of ranking
-    the samples labelled true above the others by their difference."""
+    the samples labelled true above the others by their difference and each label's mean."""
 
     trait: str
     layer: int
@@ -67,6 +67,15 @@ class TraitScreening:
     rows: list[SampleScore]
     mean: Interval
     auroc: Interval | None
+
+    def by_label(self) -> dict[bool, Interval]:
+        """The mean difference of the samples labelled true and of those labelled false, each
+        with its interval (a planted half's push, apart from the rest's); empty: no labels."""
+        if self.auroc is None:
+            return {}
+        return {
+            y: mean_interval([r.diff for r in self.rows if r.label is y]) for y in (True, False)
+        }
 
     def ranked(self) -> list[SampleScore]:
         """The rows, largest difference (pushes the trait most) first."""
