@@ -8,8 +8,9 @@ From a trait's instruction run (made first if missing) it writes, under
   given under the positive or negative instruction, "label": true for positive}``. The prompt is
   the bare question, so the model's own answer to it shows neither pole on purpose, and
   ``screen`` should put the positive half above the negative half;
-- ``lora-pos/``: a LoRA adapter (peft) trained on the positive half only, as a fine-tune on
-  screened data would be; ``compare`` then measures how far it moved the trait.
+- ``lora-pos/`` and ``lora-neg/``: LoRA adapters (peft) trained on the positive half only and,
+  as the control, on the negative half only; ``compare`` then measures how far each moved the
+  trait (screening predicts up for the first, down for the second).
 
 The adapter names the embedded base by its tlextract name, so ``--other`` loads it anywhere.
 """
@@ -100,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "planted.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     print(f"{out / 'planted.jsonl'}: {len(rows)} samples, "
           f"{sum(bool(r['label']) for r in rows)} written under the positive instruction")  # fmt: skip
-    adapter = out / "lora-pos"
-    if (adapter / "adapter_config.json").exists():
-        print(f"{adapter}: exists (delete it to train again)")
-        return 0
-    pos = [r for r in rows if r["label"]]
-    loss = train_lora(run.model, pos, adapter, exp.seed)
-    print(f"{adapter}: LoRA r={RANK} on {len(pos)} positive samples, {STEPS} steps of {BATCH}, "
-          f"last loss {loss:.3f}")  # fmt: skip
+    for half, label in (("pos", True), ("neg", False)):
+        adapter = out / f"lora-{half}"
+        if (adapter / "adapter_config.json").exists():
+            print(f"{adapter}: exists (delete it to train again)")
+            continue
+        rows_half = [r for r in rows if r["label"] is label]
+        loss = train_lora(run.model, rows_half, adapter, exp.seed)
+        print(f"{adapter}: LoRA r={RANK} on the {len(rows_half)} {half} samples, {STEPS} steps "
+              f"of {BATCH}, last loss {loss:.3f}")  # fmt: skip
     return 0
 
 

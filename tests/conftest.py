@@ -157,3 +157,24 @@ def screenshots(tmp_path: Path) -> Path:
     ``TLEXTRACT_SCREENSHOTS=docs/figures pytest -m browser`` regenerates the docs' pictures from
     the real pages), else the test's temporary folder."""
     return Path(os.environ.get(SCREENSHOTS) or tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter of tiny-random (its base named by the embedded name) that changes it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tlextract.model.load import model_directory
+
+    root = tmp_path_factory.mktemp("lora")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_pretrained(model_directory("tiny-random"))
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False)  # fmt: skip
+        get_peft_model(hf, lora).save_pretrained(root / "lora")
+    config = root / "lora" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "base_model_name_or_path": "tiny-random"}))  # fmt: skip
+    return root / "lora"

@@ -24,7 +24,7 @@ import tlextract.stages.compare as compare_stage
 from tlextract.cli.main import main
 from tlextract.config import load_experiment
 from tlextract.errors import TLExtractError
-from tlextract.model.load import load_model, model_directory
+from tlextract.model.load import load_model
 from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.settings import compare_dir, settings_for
 from tlextract.stages.responses import load_responses
@@ -135,21 +135,8 @@ def test_another_family_or_a_missing_layer_is_refused_in_memory(gpt2, tiny_model
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    """A LoRA adapter of tiny-random (its base named by the embedded name) that changes it."""
-    from peft import LoraConfig, get_peft_model
-
-    root = tmp_path_factory.mktemp("lora")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_pretrained(model_directory("tiny-random"))
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          init_lora_weights=False)  # fmt: skip
-        get_peft_model(hf, lora).save_pretrained(root / "lora")
-    config = root / "lora" / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()),
-                                  "base_model_name_or_path": "tiny-random"}))  # fmt: skip
-    return root / "lora"
+def adapter(tiny_adapter: Path) -> Path:
+    return tiny_adapter
 
 
 @pytest.fixture(scope="module")

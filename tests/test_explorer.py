@@ -227,3 +227,40 @@ def test_saved_steering_alarm_and_cosines_render(explored, tmp_path, tiny_model,
     assert page.tab.locator('[data-missing="cosines"]').count() == 0
     shows = page.hover(page.tab.locator("#tokens-alpha .tok").first)
     assert "alarm threshold" in shows and f"(L{view['alarm']['layer']})" in shows
+
+
+@pytest.mark.browser
+def test_a_screened_dataset_and_a_compared_fine_tune_render(
+    explored, tmp_path, tiny_adapter, page, capsys
+) -> None:
+    """What ``screen`` and ``compare`` saved is on the page: the figures as saved, the shift
+    curve's points hovered, the ranked samples; and no longer named as missing."""
+    root = tmp_path / "copy"
+    shutil.copytree(explored[0], root)
+    data_file = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer number {i}.", "label": i % 2 == 0}
+            for i in range(6)]  # fmt: skip
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    where = ["--experiment", "tiny", "--experiments-dir", str(root), "--traits", "alpha"]
+    assert main(["screen", *where, "--data", str(data_file)]) == 0
+    assert main(["compare", *where, "--other", str(tiny_adapter)]) == 0
+    capsys.readouterr()
+    path = _explore(root)
+    data, view = _data(path), _run(_data(path), "alpha")
+    assert "compare" not in view["missing"] and "screens" not in data["missing"]
+    saved = json.loads(next(root.rglob("compare.json")).read_text())
+    assert view["comparisons"][0]["layers"] == saved["layers"]
+    screened = json.loads(next(root.rglob("screen.json")).read_text())["traits"]["alpha"]
+    shown = data["screens"][0]["traits"]["alpha"]
+    assert shown["mean_diff"] == screened["mean_diff"] and shown["n"] == len(rows)
+    page.open(path)
+    page.assert_rendered("#screens", "#compare-alpha")
+    point = page.tab.locator("#compare-alpha circle").nth(1)
+    layer = saved["layers"][1]
+    assert float(point.get_attribute("data-score")) == layer["value"]
+    assert f"layer {layer['layer']}: shift {layer['value']:.3f}" in page.hover(point, shows="#tip")
+    table = page.tab.locator('#screens table[data-trait="alpha"] tr[data-diff]')
+    assert table.count() == len(rows)
+    assert [float(table.nth(i).get_attribute("data-diff")) for i in range(len(rows))] == [
+        r["diff"] for r in screened["ranked"]
+    ]

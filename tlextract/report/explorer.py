@@ -5,7 +5,8 @@ Every trait run of the experiment that exists on disk (both variants, both engin
 ``report/crossval.json`` (computed now by :func:`layer_for` when absent, as the result card
 does), the responses ranked on the vector at the chosen layer with per-token scores
 (:mod:`explorer_tokens`), ``steer/auto.json``, the alarm in ``monitor*/calibration.json`` and
-``report/vector_tokens.json``; the experiment adds its cosine matrices and side-effect tables.
+``report/vector_tokens.json`` and its comparisons with fine-tunes (``compare``); the experiment
+adds its cosine matrices, side-effect tables and screened datasets (``screen``).
 What is missing comes with the command that makes it.
 """
 
@@ -24,6 +25,7 @@ from tlextract.ops.trait_vectors import TraitVectors
 from tlextract.ops.vector_tokens import vector_tokens
 from tlextract.report.explorer_page import write_page
 from tlextract.report.explorer_tokens import ranked_responses
+from tlextract.report.explorer_uses import comparisons, screens
 from tlextract.report.lens_view import LENS_FILE, K
 from tlextract.settings import (
     RunSettings,
@@ -127,6 +129,13 @@ def run_view(run: RunSettings, get_model: Callable[[], Model]) -> dict[str, Any]
     view["steering"] = _optional(steer_dir(run) / "auto.json")
     if view["steering"] is None:
         missing["steering"] = f"no steering run: {make_command(run, 'steer')}"
+    view["comparisons"] = comparisons(run)
+    if not view["comparisons"]:
+        missing["compare"] = (
+            f"no fine-tune compared: python -m tlextract compare --experiment "
+            f"{run.experiment.name} --traits {run.trait.name} --variant {run.variant} "
+            "--other MODEL_B"
+        )
     view["vector_tokens"] = _optional(report_dir(run) / LENS_FILE)
     if view["vector_tokens"] is None:  # the model is loaded already: seconds, not a command
         lens = vector_tokens(get_model(), vectors, view["layer"], K)
@@ -141,11 +150,16 @@ def experiment_view(experiment: Experiment, model: str | None = None) -> dict[st
     side = {p.stem.removeprefix("side_effects_"): read_json(p)
             for p in sorted(out.glob("side_effects_*.json"))}  # fmt: skip
     missing = {}
+    if not (found := screens(experiment)):
+        missing["screens"] = (
+            f"no dataset screened: python -m tlextract screen --experiment {experiment.name} "
+            "--data FILE.jsonl"
+        )
     if not cosines:
         missing["cosines"] = f"no cosine matrix: make report experiment={experiment.name}"
     if not side:
         missing["side_effects"] = f"no side-effect table: make steer experiment={experiment.name}"
-    return {"cosines": cosines, "side_effects": side, "missing": missing}
+    return {"cosines": cosines, "side_effects": side, "screens": found, "missing": missing}
 
 
 def explorer_data(
