@@ -44,7 +44,7 @@ CHROMIUM := /usr/bin/chromium
 BROWSER_STAMP := $(VENV)/.installed-browser
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: FORCE install vllm browser run traits report explore screenshots steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
+.PHONY: FORCE install vllm browser run traits report explore screenshots applications steer test test-fast bench bench-backends bench-gpu gpu-wheels gpu-check check clean-venv
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -114,6 +114,17 @@ explore: $(STAMP)
 
 # steer --auto: the layer and strength that move the text most toward the positive pole within
 # the fluency bounds, reported on other questions against a random direction.
+# The worked example of docs/applications.md on one trait (default local_global): a planted
+# dataset from its instruction run screened, LoRA fine-tunes on each half compared with the base,
+# all read at block layer= (default 12, a middle block).
+APPS = experiments/$(experiment)/$(or $(trait),local_global)/applications
+USES = --experiment $(experiment) --traits $(or $(trait),local_global) --variant instruction --layer $(or $(layer),12)
+applications: $(STAMP)
+	$(PY) experiments/applications.py --experiment $(experiment) --trait $(or $(trait),local_global)
+	$(PY) -m tlextract screen $(USES) --data $(APPS)/planted.jsonl
+	$(PY) -m tlextract compare $(USES) --other $(APPS)/lora-pos
+	$(PY) -m tlextract compare $(USES) --other $(APPS)/lora-neg
+
 steer: $(STAMP)
 	$(PY) -m tlextract steer --auto --traits $(or $(trait),all) $(ARGS)
 

@@ -196,6 +196,9 @@ def test_the_command_writes_the_shift_of_the_runs_responses_and_the_vectors_cosi
         assert entry["low"] <= entry["value"] <= entry["high"]
         cosine = torch.nn.functional.cosine_similarity(mine[layer], theirs[layer], dim=0)
         assert entry["cosine"] == pytest.approx(float(cosine), abs=1e-6)
+        # The gap: how far the extraction's pos and neg means lie apart along the unit vector.
+        assert entry["gap"] == pytest.approx(float(mine[layer] @ unit), rel=1e-6)
+        assert f"| {entry['value'] / entry['gap']:+.1%} |" in (out_dir / "compare.md").read_text()
     assert any(abs(e["value"]) > 1e-4 for e in saved["layers"])  # the adapter moved something
     at = saved["token_layer"]
     assert [(e["polarity"], e["index"]) for e in saved["responses"]] == [

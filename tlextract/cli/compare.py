@@ -92,9 +92,11 @@ def compare_command(args: argparse.Namespace, experiment: Experiment) -> None:
             ids = [responses[trait][(e["polarity"], e["index"])] for e in examples]
             tokens = [tokenizer.batch_decode([[t] for t in row]) for row in ids]
             cos = cosines(vectors, own_vectors(run, args.other, args))
-            paths = write_comparison(comparison, trait, examples, tokens, layer, cos, out)
+            gaps = {layer: float(vectors[layer].norm()) for layer in comparison.layers}
+            paths = write_comparison(comparison, trait, examples, tokens, layer, cos, gaps, out)
         shift = comparison.intervals(trait)[comparison.layers.index(layer)]
         print(
             f"[{trait}] shift at layer {layer} ({comparison.hook}): {shift:.3f} over "
-            f"{len(examples)} responses -> {', '.join(map(str, paths))}"
+            f"{len(examples)} responses, {shift.value / gaps[layer]:+.1%} of the pos-neg gap "
+            f"({gaps[layer]:.3f}) -> {', '.join(map(str, paths))}"
         )
