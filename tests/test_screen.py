@@ -33,6 +33,7 @@ from tlextract.screen_data import read_samples
 from tlextract.settings import screen_dir, settings_for
 from tlextract.stages.responses import load_responses
 from tlextract.stages.run import run_trait
+from tlextract.stages.screening import ranking_auroc
 
 GREEDY = GenerationSettings(max_new_tokens=6, do_sample=False)
 SAMPLED = GenerationSettings(max_new_tokens=6)
@@ -321,21 +322,24 @@ def smollm2_run(tmp_path_factory):
 
 
 def _screen_planted(model, run, tv, samples: list[dict]) -> tuple[dict, dict]:
-    """The samples screened at each of LAYERS, and again with their labels shuffled (the
-    figures printed: they are what the report quotes)."""
+    """The samples screened at each of LAYERS, and the ranking's AUROC with the labels shuffled
+    (the differences do not depend on the labels: the tiny test checks that, so the control
+    needs no second screening). The figures are printed: they are what the report quotes."""
     from dataclasses import replace
 
     shuffled = [s["label"] for s in samples]
     random.Random(0).shuffle(shuffled)
-    control = [{**s, "label": y} for s, y in zip(samples, shuffled, strict=True)]
     vectors = {f"layer {b}": replace(tv, trait=f"layer {b}") for b in LAYERS}
     at = {f"layer {b}": b for b in LAYERS}
     kw = {"settings": run.experiment.generation, "batch_size": 16}
     planted = tx.screen(model, vectors, samples, at, **kw).traits
-    again = tx.screen(model, vectors, control, at, **kw).traits
+    again = {
+        name: ranking_auroc([replace(r, label=shuffled[r.index]) for r in t.rows])
+        for name, t in planted.items()
+    }
     for name in vectors:  # all printed first: the figures to report
         print(f"{name}: mean {planted[name].mean:+.3f}, AUROC {planted[name].auroc:.3f}, "
-              f"shuffled labels AUROC {again[name].auroc:.3f}")  # fmt: skip
+              f"shuffled labels AUROC {again[name]:.3f}")  # fmt: skip
     return planted, again
 
 
@@ -349,7 +353,7 @@ def test_on_the_embedded_model_the_positive_half_ranks_above_the_negative(smollm
                for r in rows]  # fmt: skip
     planted, again = _screen_planted(model, run, tv, samples)
     for name in planted:
-        assert planted[name].auroc.low > 0.5 and again[name].auroc.covers(0.5)
+        assert planted[name].auroc.low > 0.5 and again[name].covers(0.5)
 
 
 @pytest.mark.slow
@@ -377,4 +381,4 @@ def test_on_the_embedded_model_the_positive_half_ranks_above_plain_answers(smoll
     planted, again = _screen_planted(model, run, tv, samples)
     for name in planted:
         assert planted[name].auroc.low > 0.5 and planted[name].mean.low > 0
-        assert again[name].auroc.covers(0.5)
+        assert again[name].covers(0.5)
