@@ -10,7 +10,6 @@ from pathlib import Path
 from tlextract.cli.interventions import saved_run
 from tlextract.cli.options import Group, option, trait_names
 from tlextract.config import Experiment
-from tlextract.errors import TLExtractError
 from tlextract.screen_data import read_samples
 
 SCREEN: Group = (
@@ -27,6 +26,7 @@ def screen_command(args: argparse.Namespace, experiment: Experiment) -> None:
     from dataclasses import asdict
 
     from tlextract.locks import run_lock
+    from tlextract.ops.fit import check_layers
     from tlextract.report.screen_view import summary, write_screening
     from tlextract.settings import screen_dir
     from tlextract.stages.common import batch_size, model_loader
@@ -35,23 +35,21 @@ def screen_command(args: argparse.Namespace, experiment: Experiment) -> None:
 
     samples = read_samples(args.data, args.max_samples)
     saved = [saved_run(args, experiment, t) for t in trait_names(args, experiment)]
-    for run, tv, layer in saved:
-        if layer not in tv.layers:
-            raise TLExtractError(
-                f"--layer {layer}: the {run.trait.name} vectors have layers {list(tv.layers)}."
-            )
+    for _, tv, layer in saved:
+        check_layers(tv, [layer])  # before the model loads
     first, name = saved[0][0], Path(args.data).stem
     vectors = {run.trait.name: tv for run, tv, _ in saved}
     layers = {run.trait.name: layer for run, _, layer in saved}
+    blocks = sorted(set(layers.values()))
     get_model = model_loader(first)
     model = get_model()
     check_vectors(model, vectors, layers)  # before anything is generated or written
     out = screen_dir(first, name)
     with run_lock(out):
-        own = generate_own(first, get_model, samples, name, sorted(set(layers.values())))
+        own = generate_own(first, get_model, samples, name, blocks)
         ids = sample_ids(model, samples, experiment.prompt_style)
         longest = max(len(p) + max(len(r), len(o)) for p, r, o in zip(*ids, own, strict=True))
-        size = batch_size(first, model, longest, len(samples), sorted(set(layers.values())))
+        size = batch_size(first, model, longest, len(samples), blocks)
         screening = score(model, vectors, layers, samples, ids, own, size,
                           asdict(experiment.generation))  # fmt: skip
         paths = write_screening(screening, out, str(args.data))
