@@ -35,7 +35,6 @@ from tlextract.stages.responses import load_responses
 from tlextract.stages.run import run_trait
 from tlextract.stages.screening import ranking_auroc
 
-GREEDY = GenerationSettings(max_new_tokens=6, do_sample=False)
 SAMPLED = GenerationSettings(max_new_tokens=6)
 
 
@@ -103,6 +102,32 @@ def test_a_planted_trait_half_ranks_first_and_the_mean_is_positive(tiny_model, p
     assert [r.diff for r in again.ranked()] == [r.diff for r in result.ranked()]
 
 
+def test_the_models_own_sampled_answers_score_zero_by_default(tiny_model) -> None:
+    """The baseline is the model's own answer sampled as it answers, so a dataset of its own
+    answers (other seeds) scores 0 on average: even along the direction where greedy answers
+    differ from sampled ones, which a greedy baseline reads as a push."""
+    questions = [f"Tell me about thing number {i}." for i in range(40)]
+    prompts = user_prompts(tiny_model, questions, "chat")
+    sampled = GenerationSettings()  # what the model writes: temperature 1, 40 tokens
+
+    def answers(settings: GenerationSettings, first_seed: int) -> list[list[int]]:
+        seeds = [first_seed + i for i in range(len(prompts))]
+        return [g.response_ids for g in generate_batch(tiny_model, prompts, settings, seeds)]
+
+    greedy = GenerationSettings(do_sample=False)
+    layers = list(range(tiny_model.cfg.n_layers))
+    mean = {name: pooled_activations(tiny_model, prompts, answers(s, 9000), layers).mean(0)
+            for name, s in (("sampled", sampled), ("greedy", greedy))}  # fmt: skip
+    tv = TraitVectors("typical", "mean_diff", "tiny-random", "resid_post", tuple(layers),
+                      mean["sampled"] - mean["greedy"])  # fmt: skip
+    texts = tokenizer_of(tiny_model).batch_decode(answers(sampled, 5000), skip_special_tokens=True)
+    own = [{"prompt": q, "response": t} for q, t in zip(questions, texts, strict=True) if t.strip()]
+    by_default = tx.screen(tiny_model, tv, own, layer=1).traits["typical"]
+    assert by_default.mean.covers(0.0), by_default.mean
+    against_greedy = tx.screen(tiny_model, tv, own, layer=1, settings=greedy).traits["typical"]
+    assert against_greedy.mean.low > 0  # what the baseline would read if it were greedy
+
+
 def _projection(model, prompt: list[int], response: list[int], layer: int, unit) -> float:
     """A fresh run_with_cache pass: the hook's output averaged over the response positions."""
     tokens = torch.tensor([prompt + response])
@@ -116,16 +141,16 @@ def test_the_difference_is_the_projection_of_the_data_minus_the_own_answer(
 ) -> None:
     samples, tv, _ = planted
     some = samples[:3] + samples[-2:]
-    rows = tx.screen(tiny_model, tv, some, layer=2, settings=GREEDY).traits["planted"].rows
+    rows = tx.screen(tiny_model, tv, some, layer=2, settings=SAMPLED).traits["planted"].rows
     unit = tv[2].float() / tv[2].float().norm()
     prompts = user_prompts(tiny_model, [s["prompt"] for s in some], "chat")
-    gens = generate_batch(tiny_model, prompts, GREEDY, list(range(len(some))))
+    gens = generate_batch(tiny_model, prompts, SAMPLED, list(range(len(some))))
     for row, s, p, g in zip(rows, some, prompts, gens, strict=True):
         data = _projection(tiny_model, p, text_ids(tiny_model, [s["response"]])[0], 2, unit)
-        own = _projection(tiny_model, p, g.response_ids, 2, unit)
-        assert row.own_response == tokenizer_of(tiny_model).decode(
-            g.response_ids, skip_special_tokens=True
-        )
+        own_text = tokenizer_of(tiny_model).decode(g.response_ids, skip_special_tokens=True)
+        # The own answer read back from its text, as the data's response is.
+        own = _projection(tiny_model, p, text_ids(tiny_model, [own_text])[0], 2, unit)
+        assert row.own_response == own_text
         assert row.projection == pytest.approx(data, abs=1e-4)
         assert row.diff == pytest.approx(data - own, abs=1e-4)
 

@@ -37,8 +37,11 @@ from tlextract.traits import render_prompt
 
 log = logging.getLogger(__name__)
 Vectors = Mapping[str, TraitVectors] | Sequence[TraitVectors] | TraitVectors
-# Greedy by default: the model's most typical answer is the baseline a sample is measured from.
-GREEDY = GenerationSettings(do_sample=False)
+# The baseline is the model's own answer *sampled* (temperature 1): what fine-tuning starts from,
+# so the model's own answers score 0 on average. A greedy answer is not a typical one: it sits
+# off that mean (smollm2, block 12: plain sampled answers scored +3.3, -3.1 and +1.3 against
+# greedy ones on three of four traits; docs/applications.md).
+OWN_ANSWER = GenerationSettings()
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,11 @@ def score(
 ) -> Screening:
     """The projection differences of the samples whose own response is not empty, per trait."""
     prompts, responses = ids
+    tok = tokenizer_of(model)
+    own_text = tok.batch_decode(own, skip_special_tokens=True)
+    # Read back from text as the data's responses are: a token sequence that does not survive
+    # its own text (a rare split, a stray special token) would otherwise set the two apart.
+    own = text_ids(model, own_text)
     keep = [i for i, o in enumerate(own) if o]
     empty = [i for i, o in enumerate(own) if not o]
     if empty:
@@ -188,8 +196,6 @@ def score(
                            in_memory, device_of(model), f"screen: pool {hook}")
         for hook, ls in hooks.items()
     }  # fmt: skip
-    tok = tokenizer_of(model)
-    own_text = tok.batch_decode([own[i] for i in keep], skip_special_tokens=True)
     out = {}
     for t, tv in vectors.items():
         name, unit = unit_direction(model, tv, layers[t])
@@ -198,9 +204,9 @@ def score(
                   for side in ("data", "own")}  # fmt: skip
         proj, own_proj = (pooled[side].float() @ unit.cpu() for side in ("data", "own"))
         rows = [
-            SampleScore(i, samples[i].prompt, samples[i].response, own_text[k], float(p),
+            SampleScore(i, samples[i].prompt, samples[i].response, own_text[i], float(p),
                         float(q), float(p - q), samples[i].label)
-            for k, (i, p, q) in enumerate(zip(keep, proj, own_proj, strict=True))
+            for i, p, q in zip(keep, proj, own_proj, strict=True)
         ]  # fmt: skip
         out[t] = TraitScreening(t, layers[t], name, rows, mean_interval([r.diff for r in rows]),
                                 ranking_auroc(rows))  # fmt: skip
@@ -236,12 +242,13 @@ def screen(
     ``vectors``: one TraitVectors, a list (named by their trait) or a mapping trait ->
     TraitVectors; ``layer``: one block for all, a mapping per trait, or None for the middle of
     each trait's layers. The model's own responses are generated with ``settings`` (default:
-    greedy, 40 tokens); ``seeds[i]`` (default ``i``) decides sample i's when sampling."""
+    sampled at temperature 1, 40 tokens, as the pipeline generates); ``seeds[i]`` (default
+    ``i``) decides sample i's."""
     items = as_samples(samples)
     by_trait = trait_vectors_by_name(vectors)
     layers = layer_per_trait(by_trait, layer)
     check_vectors(model, by_trait, layers)
-    settings = settings or GREEDY
+    settings = settings or OWN_ANSWER
     seeds = list(range(len(items))) if seeds is None else list(seeds)
     if len(seeds) != len(items):
         raise TLExtractError(f"{len(seeds)} seeds for {len(items)} samples.")
