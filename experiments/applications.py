@@ -13,6 +13,12 @@ From a trait's instruction run (made first if missing) it writes, under
   trait (screening predicts up for the first, down for the second).
 
 The adapter names the embedded base by its tlextract name, so ``--other`` loads it anywhere.
+
+``--table`` instead prints, for every trait of the experiment, how screening at one block
+treats two planted datasets, as docs/applications.md quotes it: the positive half against the
+model's own plain answers to the same questions (sampled with other seeds), and against the
+negative half; the plain half is scored against the model's sampled answers (the default) and
+against greedy ones, to show which baseline is unbiased.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ from pathlib import Path
 import torch
 
 import tlextract as tx
+from tlextract.config import Experiment, GenerationSettings
+from tlextract.model.decoding import Model
 from tlextract.model.load import load_tokenizer, model_directory
+from tlextract.model.tokens import tokenizer_of, user_prompts
+from tlextract.ops.generate import generate_batch
 from tlextract.settings import RunSettings
 from tlextract.stages.responses import load_responses
 from tlextract.store import atomic_dir, write_json, write_text
@@ -88,19 +98,65 @@ def train_lora(name: str, rows: list[dict[str, object]], out: Path, seed: int) -
     return loss.item()
 
 
+def plain_answers(model: Model, questions: list[str], run: RunSettings) -> list[str]:
+    """The model's own answers to the bare questions, sampled as the run samples, with seeds
+    apart from the ones screen uses for its baseline."""
+    seeds = [10_000 + i for i in range(len(questions))]
+    prompts = user_prompts(model, questions, run.experiment.prompt_style)
+    gens = generate_batch(model, prompts, run.experiment.generation, seeds)
+    return tokenizer_of(model).batch_decode([g.response_ids for g in gens],
+                                            skip_special_tokens=True)  # fmt: skip
+
+
+def table(exp: Experiment, layer: int) -> str:
+    """The markdown table of ``--table`` (module docstring), one row per trait."""
+    model = tx.load_model(exp.model)
+    lines = [
+        f"| trait (block {layer}) | AUROC, pos vs plain | mean, pos + plain | plain half "
+        "| plain half, greedy baseline | AUROC, pos vs neg |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for trait in exp.traits:
+        run = tx.settings_for(exp, trait, variant="instruction")
+        vectors = tx.run_trait(run, get_model=lambda: model)
+        rows = planted(run)
+        pos = [r for r in rows if r["label"]]
+        questions = [str(r["prompt"]) for r in pos]
+        plain = [{"prompt": q, "response": t, "label": False}
+                 for q, t in zip(questions, plain_answers(model, questions, run), strict=True)
+                 if t.strip()]  # fmt: skip
+        kw = {"layer": layer, "settings": run.experiment.generation, "batch_size": 16}
+        vs_plain = tx.screen(model, vectors, pos + plain, **kw).traits[trait]
+        greedy = GenerationSettings(max_new_tokens=run.experiment.generation.max_new_tokens,
+                                    do_sample=False)  # fmt: skip
+        plain_greedy = tx.screen(model, vectors, plain, **{**kw, "settings": greedy}).traits[trait]
+        vs_neg = tx.screen(model, vectors, rows, **kw).traits[trait]
+        lines.append(
+            f"| {trait} | {vs_plain.auroc:.2f} | {vs_plain.mean:+.2f} "
+            f"| {vs_plain.by_label()[False]:+.2f} | {plain_greedy.mean:+.2f} | {vs_neg.auroc:.2f} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="smollm2_cognitive")
     parser.add_argument("--trait", default="local_global")
+    parser.add_argument("--table", action="store_true", help="print the per-trait table")
+    parser.add_argument("--layer", type=int, default=12, help="the block --table reads")
     args = parser.parse_args(argv)
     exp = tx.load_experiment(args.experiment)
+    if args.table:
+        print(table(exp, args.layer))
+        return 0
     run = tx.settings_for(exp, args.trait, variant="instruction")
     tx.run_trait(run)  # cached: nothing to do when the instruction run exists
     out = run.out_dir.parent / "applications"
     rows = planted(run)
     write_text(out / "planted.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    print(f"{out / 'planted.jsonl'}: {len(rows)} samples, "
-          f"{sum(bool(r['label']) for r in rows)} written under the positive instruction")  # fmt: skip
+    n_pos = sum(bool(r["label"]) for r in rows)
+    print(f"{out / 'planted.jsonl'}: {len(rows)} samples, {n_pos} under the positive instruction")
     for half, label in (("pos", True), ("neg", False)):
         adapter = out / f"lora-{half}"
         if (adapter / "adapter_config.json").exists():
