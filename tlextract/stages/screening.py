@@ -166,7 +166,7 @@ def score(
     """The projection differences of the samples whose own response is not empty, per trait."""
     prompts, responses = ids
     tok = tokenizer_of(model)
-    own_text = tok.batch_decode(own, skip_special_tokens=True)
+    own_text = tok.batch_decode(list(own), skip_special_tokens=True)
     # Read back from text as the data's responses are: a token sequence that does not survive
     # its own text (a rare split, a stray special token) would otherwise set the two apart.
     own = text_ids(model, own_text)
